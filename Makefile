@@ -1,0 +1,34 @@
+# `make test` is the one command CI runs: it builds .venv, installs what it needs, and runs pytest.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+# On a machine without CUDA the Triton kernels run under the interpreter.
+HAS_CUDA = $(shell $(BIN)/python -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
+PYTEST_ENV = $(if $(filter 1,$(HAS_CUDA)),,TRITON_INTERPRET=1)
+
+.PHONY: install test bench lint clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q torch==$(TORCH_VERSION)
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PYTEST_ENV) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/pip install -q -e ".[bench]"
+	$(PYTEST_ENV) $(BIN)/python -m pytest benchmarks --benchmark-only -q $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check bcr bcr_kernels tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info
