@@ -1,0 +1,128 @@
+"""Configuration as plain data: a dataclass filled from a YAML file, then ``key=value`` overrides.
+
+Used by every ``bcr`` command::
+
+    cfg = parse_cli(BCRConfig, ["--config", "cfg.yaml", "learning_rate=1e-5", "n_problems={2: 1, 3: 1}"])
+
+Values are parsed as YAML scalars/collections, so ``3``, ``1e-5``, ``true``, ``[1, 2, 4]`` and
+``{2: 0.5, 3: 0.5}`` mean what they look like. Help text for a field comes from
+``field(metadata={"help": ...})``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+from pathlib import Path
+from typing import Any, Sequence, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration the user wrote cannot be used; the message names the key and the fix."""
+
+
+def _field_names(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _check_keys(cls, keys, where: str) -> None:
+    names = _field_names(cls)
+    for key in keys:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=3)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(f"unknown option {key!r} in {where} for {cls.__name__}.{hint}")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"key=value"`` -> ``(key, yaml-parsed value)``."""
+    if "=" not in text:
+        raise ConfigError(f"expected key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    key = key.strip().lstrip("-").replace("-", "_")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def load_dataclass(cls: type[T], config_path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
+    """Build ``cls`` from an optional YAML mapping, then apply ``key=value`` overrides in order."""
+    values: dict[str, Any] = {}
+    if config_path is not None:
+        path = Path(config_path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist; pass an existing YAML file to --config")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from err
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping of option: value, got {type(loaded).__name__}")
+        _check_keys(cls, loaded, str(path))
+        values.update(loaded)
+    for text in overrides:
+        key, value = parse_override(text)
+        _check_keys(cls, [key], "the command line")
+        values[key] = value
+    return cls(**values)
+
+
+def dataclass_help(cls, prog: str = "") -> str:
+    """One line per option: name, default and help text."""
+    lines = [f"usage: {prog} [--config FILE.yaml] [key=value ...]", "", "options (key=value):"]
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        else:
+            default = "(required)"
+        help_text = f.metadata.get("help", "")
+        lines.append(f"  {f.name} = {default!r}" + (f"\n      {help_text}" if help_text else ""))
+    return "\n".join(lines)
+
+
+def parse_cli(cls: type[T], argv: Sequence[str], prog: str) -> T | None:
+    """Parse ``[--config FILE] [key=value ...]``; prints help and returns None for ``--help``."""
+    argv = list(argv)
+    if "-h" in argv or "--help" in argv:
+        print(dataclass_help(cls, prog))
+        return None
+    config_path = None
+    overrides = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("--config", "-c"):
+            if i + 1 >= len(argv):
+                raise ConfigError("--config needs a file path")
+            config_path = argv[i + 1]
+            i += 2
+            continue
+        if arg.startswith("--config="):
+            config_path = arg.split("=", 1)[1]
+        elif arg.startswith("--") and "=" not in arg and i + 1 < len(argv) and "=" not in argv[i + 1]:
+            overrides.append(f"{arg[2:]}={argv[i + 1]}")  # --key value
+            i += 2
+            continue
+        else:
+            overrides.append(arg)
+        i += 1
+    return load_dataclass(cls, config_path, overrides)
+
+
+def to_yaml(obj) -> str:
+    """Dump a config dataclass as YAML that ``load_dataclass`` reads back."""
+    return yaml.safe_dump(dataclasses.asdict(obj), sort_keys=False)
+
+
+def die(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
