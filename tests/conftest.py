@@ -11,6 +11,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("BCR_DATA_DIR", REPO.parent / "shared" / "data"))
 
+# Tiny models decode several times faster on one thread than on two contended ones (CI has 2 cores).
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _deterministic_torch():
