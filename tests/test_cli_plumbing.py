@@ -27,6 +27,13 @@ def test_yaml_then_overrides(tmp_path):
     assert cfg == _Cfg(lr=0.5, steps=7, n_problems={2: 1.0, 3: 2.0}, name="my run", values=[1, 4, 8])
 
 
+def test_scientific_notation_is_a_float(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 1e-4\n")
+    assert load_dataclass(_Cfg, path).lr == 1e-4
+    assert load_dataclass(_Cfg, None, ["lr=3E5", "name=1e2x"]) == _Cfg(lr=3e5, name="1e2x")
+
+
 def test_round_trip_through_yaml(tmp_path):
     cfg = _Cfg(lr=2e-5, values=[3])
     path = tmp_path / "c.yaml"
