@@ -1,0 +1,285 @@
+"""Rollout engines: sample ``num_generations`` completions for each prompt.
+
+Every engine implements the small ``RolloutEngine`` protocol:
+
+- ``generate(prompts, *, num_generations, max_new_tokens, temperature, top_p, seed)`` returns one list of
+  ``Generation`` per prompt; ``max_new_tokens`` is one budget for all prompts or one per prompt;
+  ``seed`` is an int (prompt ``i`` then uses the seed derived from ``(seed, i)``) or one seed per prompt.
+  Each completion is a pure function of (prompt, its seed, its index in the group, the weights): it does
+  not depend on which other prompts share the call. The trainer relies on this for exact resume and
+  for results that do not depend on the number of processes.
+- ``sync_weights(model)`` makes the engine sample from the trainer's current weights.
+
+``HFEngine`` runs ``transformers`` ``generate`` (batched over prompts x G, left padding, KV cache); it
+draws each sampled token itself from a per-row ``torch.Generator`` (a logits processor), so the global
+RNG is never touched. ``VLLMEngine`` (colocated vLLM) is used when vllm is installed.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Generation:
+    prompt_ids: list[int]
+    completion_ids: list[int]  # includes the EOS token when the model stopped by itself
+    text: str  # decoded completion, special tokens skipped
+    truncated: bool  # True when no EOS came within max_new_tokens
+
+
+class RolloutEngine(Protocol):
+    def generate(
+        self,
+        prompts: list[str],
+        *,
+        num_generations: int,
+        max_new_tokens: int | list[int],
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | Sequence[int] = 0,
+    ) -> list[list[Generation]]: ...
+
+    def sync_weights(self, model) -> None: ...
+
+
+def derive_seed(*parts: int) -> int:
+    """A well-mixed 63-bit seed from a tuple of ints (order matters)."""
+    state = np.random.SeedSequence([int(p) & 0xFFFFFFFFFFFFFFFF for p in parts]).generate_state(2, np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1]))
+
+
+def _prompt_seeds(seed: int | Sequence[int], n: int) -> list[int]:
+    if isinstance(seed, (int, np.integer)):
+        return [derive_seed(int(seed), i) for i in range(n)]
+    seeds = [int(s) for s in seed]
+    if len(seeds) != n:
+        raise ValueError(f"got {len(seeds)} seeds for {n} prompts; pass one seed per prompt or a single int")
+    return seeds
+
+
+def _budgets(max_new_tokens: int | Sequence[int], n: int) -> list[int]:
+    budgets = [int(max_new_tokens)] * n if isinstance(max_new_tokens, (int, np.integer)) else list(max_new_tokens)
+    if len(budgets) != n:
+        raise ValueError(f"got {len(budgets)} max_new_tokens values for {n} prompts")
+    if any(b < 1 for b in budgets):
+        raise ValueError(f"max_new_tokens must be >= 1, got {budgets}")
+    return budgets
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a completion: the tokenizer's EOS and the model's generation_config EOS."""
+    ids: list[int] = []
+    for value in (getattr(getattr(model, "generation_config", None), "eos_token_id", None), tokenizer.eos_token_id):
+        if value is None:
+            continue
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v not in ids:
+                ids.append(int(v))
+    if not ids:
+        raise ValueError("the tokenizer has no eos_token; set tokenizer.eos_token so completions can end")
+    return ids
+
+
+class _SeededSampler:
+    """A logits processor that samples each row's next token from that row's own ``torch.Generator``.
+
+    It applies temperature and top-p, draws the token, and returns scores that are -inf everywhere but
+    at the drawn token, so greedy decoding (``do_sample=False``) emits exactly that token.
+    """
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float):
+        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+        self.temperature = temperature
+        self.top_p = top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        if self.top_p < 1.0:
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            cum = sorted_p.cumsum(-1)
+            drop = (cum - sorted_p) >= self.top_p  # keep the smallest prefix whose mass reaches top_p
+            sorted_p = sorted_p.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+            probs = probs / probs.sum(-1, keepdim=True)
+        u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in self.generators])
+        cdf = probs.double().cumsum(-1)
+        cdf = cdf / cdf[:, -1:]
+        tokens = torch.searchsorted(cdf, u.to(cdf.device)[:, None]).clamp(max=probs.shape[-1] - 1)
+        tokens = torch.where(probs.gather(-1, tokens) > 0, tokens, probs.argmax(-1, keepdim=True))
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter(-1, tokens, 0.0)
+
+
+class HFEngine:
+    """Sampling with ``model.generate`` on the trainer's own model (so ``sync_weights`` is a no-op)."""
+
+    def __init__(self, model, tokenizer, *, max_prompt_length: int | None = None, batch_size: int | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_prompt_length = max_prompt_length
+        self.batch_size = batch_size
+        self.eos_ids = eos_token_ids(model, tokenizer)
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(pad) if pad is not None else self.eos_ids[0]
+        self._warned_truncation = False
+
+    def sync_weights(self, model) -> None:
+        self.model = model
+
+    def _encode(self, prompt: str) -> list[int]:
+        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if self.max_prompt_length is not None and len(ids) > self.max_prompt_length:
+            if not self._warned_truncation:
+                warnings.warn(
+                    f"a prompt of {len(ids)} tokens is longer than max_prompt_length={self.max_prompt_length}; "
+                    "it is cut from the left (raise max_prompt_length or lower n_problems)",
+                    stacklevel=3,
+                )
+                self._warned_truncation = True
+            ids = ids[-self.max_prompt_length :]
+        return ids
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[str],
+        *,
+        num_generations: int,
+        max_new_tokens: int | list[int],
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | Sequence[int] = 0,
+    ) -> list[list[Generation]]:
+        seeds = _prompt_seeds(seed, len(prompts))
+        budgets = _budgets(max_new_tokens, len(prompts))
+        prompt_ids = [self._encode(p) for p in prompts]
+        # One row per (prompt, sample); rows with the same budget are generated together.
+        rows = [(p, g) for p in range(len(prompts)) for g in range(num_generations)]
+        by_budget: dict[int, list[tuple[int, int]]] = defaultdict(list)
+        for p, g in rows:
+            by_budget[budgets[p]].append((p, g))
+        results: dict[tuple[int, int], Generation] = {}
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for budget, group in by_budget.items():
+                step = self.batch_size or len(group)
+                for start in range(0, len(group), step):
+                    chunk = group[start : start + step]
+                    row_seeds = [derive_seed(seeds[p], g) for p, g in chunk]
+                    outs = self._generate_rows([prompt_ids[p] for p, _ in chunk], row_seeds, budget, temperature, top_p)
+                    results.update(zip(chunk, outs))
+        finally:
+            self.model.train(was_training)
+        return [[results[(p, g)] for g in range(num_generations)] for p in range(len(prompts))]
+
+    def _generate_rows(self, prompts: list[list[int]], seeds: list[int], budget: int, temperature: float, top_p: float):
+        from transformers import GenerationConfig, LogitsProcessorList
+
+        device = next(self.model.parameters()).device
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, ids in enumerate(prompts):  # left padding
+            if ids:
+                input_ids[i, width - len(ids) :] = torch.tensor(ids)
+                attention_mask[i, width - len(ids) :] = 1
+        config = GenerationConfig(
+            do_sample=False,  # _SeededSampler draws the token; greedy then picks it
+            num_beams=1,
+            max_new_tokens=budget,
+            eos_token_id=self.eos_ids,
+            pad_token_id=self.pad_id,
+            use_cache=True,
+        )
+        out = self.model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            generation_config=config,
+            logits_processor=LogitsProcessorList([_SeededSampler(seeds, temperature, top_p)]),
+        )
+        new = out[:, width:].tolist()
+        generations = []
+        for ids, completion in zip(prompts, new):
+            completion, truncated = _cut_at_eos(completion, self.eos_ids)
+            text = self.tokenizer.decode(completion, skip_special_tokens=True)
+            generations.append(Generation(list(ids), completion, text, truncated))
+        return generations
+
+
+def _cut_at_eos(ids: list[int], eos_ids: list[int]) -> tuple[list[int], bool]:
+    for i, t in enumerate(ids):
+        if t in eos_ids:
+            return ids[: i + 1], False
+    return ids, True
+
+
+class VLLMEngine:
+    """Colocated vLLM: the engine runs in this process and gets the trainer's weights after each update."""
+
+    def __init__(self, model, tokenizer, *, gpu_memory_utilization: float = 0.3, max_model_len: int | None = None,
+                 seed: int = 0, **llm_kwargs):
+        try:
+            from vllm import LLM
+        except ImportError as err:  # pragma: no cover - depends on the environment
+            raise ImportError("rollout_engine='vllm' needs vllm: pip install 'bcr[vllm]' or use rollout_engine=hf") from err
+        path = model if isinstance(model, str) else getattr(model, "name_or_path", None)
+        if not path:
+            raise ValueError("VLLMEngine needs the model's local path (model.name_or_path) to start vLLM")
+        self.tokenizer = tokenizer
+        self.llm = LLM(model=str(path), gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+                       seed=seed, **llm_kwargs)
+
+    def sync_weights(self, model) -> None:  # pragma: no cover - needs vllm and a GPU
+        state = model.state_dict() if not hasattr(model, "merge_and_unload") else _merged_state_dict(model)
+        runner = self.llm.llm_engine.model_executor.driver_worker.worker.model_runner
+        runner.model.load_weights(state.items())
+        if hasattr(self.llm, "reset_prefix_cache"):
+            self.llm.reset_prefix_cache()
+
+    def generate(self, prompts, *, num_generations, max_new_tokens, temperature=1.0, top_p=1.0, seed=0):  # pragma: no cover
+        from vllm import SamplingParams
+
+        seeds = _prompt_seeds(seed, len(prompts))
+        budgets = _budgets(max_new_tokens, len(prompts))
+        params = [
+            SamplingParams(n=num_generations, temperature=temperature, top_p=top_p, max_tokens=b, seed=s)
+            for b, s in zip(budgets, seeds)
+        ]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        results = []
+        for out in outputs:
+            prompt_ids = list(out.prompt_token_ids)
+            group = []
+            for c in out.outputs:
+                ids = list(c.token_ids)
+                group.append(Generation(prompt_ids, ids, c.text, c.finish_reason == "length"))
+            results.append(group)
+        return results
+
+
+def _merged_state_dict(peft_model) -> dict:  # pragma: no cover - needs peft
+    peft_model.merge_adapter()
+    try:
+        state = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
+                 for k, v in peft_model.state_dict().items() if "lora_" not in k}
+    finally:
+        peft_model.unmerge_adapter()
+    return state
+
+
+def make_engine(name: str, model, tokenizer, **kw) -> RolloutEngine:
+    """``"hf"`` -> ``HFEngine``; ``"vllm"`` -> ``VLLMEngine`` (raises a clear ImportError without vllm)."""
+    if name == "hf":
+        return HFEngine(model, tokenizer, **kw)
+    if name == "vllm":
+        return VLLMEngine(model, tokenizer, **kw)
+    raise ValueError(f"unknown rollout engine {name!r}; use 'hf' or 'vllm'")
