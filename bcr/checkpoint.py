@@ -7,6 +7,14 @@
 - ``trainer_state.json``: step, epoch, bundle position, the config, the metrics of the last step;
 - ``optimizer.pt``, ``scheduler.pt`` and ``rng_state.pt`` (torch, CUDA, numpy and Python RNGs).
 
+Distributed runs (torchrun): with plain data parallel every rank holds the same state and rank 0
+writes the files above. With FSDP2 (sharded parameters and optimizer state) every rank takes part:
+the model is gathered into a full state dict that rank 0 writes as the same HF directory
+(``from_pretrained`` opens it), and the optimizer state is written by all ranks through
+``torch.distributed.checkpoint`` (DCP) into ``optimizer/`` (a shared file system is needed across
+nodes). Either kind resumes at any world size and with either strategy: DCP reshards on load, and a
+full ``optimizer.pt`` is scattered into the shards.
+
 A checkpoint is written to a hidden temporary directory, then renamed into place, so a crash never
 leaves a half-written ``checkpoint-<step>``. Parameters that are not finite are never written.
 Only the newest ``save_total_limit`` checkpoints are kept.
@@ -19,6 +27,7 @@ import os
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -80,9 +89,10 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _check_finite(model) -> None:
-    for name, p in model.named_parameters():
-        if not torch.isfinite(p).all():
+def _check_finite(model, state_dict: dict | None = None) -> None:
+    items = state_dict.items() if state_dict is not None else model.named_parameters()
+    for name, p in items:
+        if torch.is_floating_point(p) and not torch.isfinite(p).all():
             raise NonFiniteCheckpointError(
                 f"parameter {name} holds NaN/inf; refusing to write a checkpoint (lower learning_rate, "
                 "check max_grad_norm, or resume from an earlier checkpoint)"
@@ -90,17 +100,27 @@ def _check_finite(model) -> None:
 
 
 def save_checkpoint(output_dir: str | Path, step: int, *, model, optimizer=None, scheduler=None, tokenizer=None,
-                    state: dict | None = None, save_total_limit: int | None = None) -> Path:
-    """Write ``output_dir/checkpoint-<step>`` atomically and prune old checkpoints. Returns its path."""
-    _check_finite(model)
+                    state: dict | None = None, save_total_limit: int | None = None,
+                    model_state_dict: dict | None = None, staging: Path | None = None) -> Path:
+    """Write ``output_dir/checkpoint-<step>`` atomically and prune old checkpoints. Returns its path.
+
+    ``model_state_dict``: the full weights to write instead of ``model.state_dict()`` (FSDP2 gathers
+    them first). ``staging``: an existing temporary directory already holding files written by
+    other ranks (DCP optimizer shards); it is completed and renamed into place.
+    """
+    _check_finite(model, model_state_dict)
     root = Path(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step}"
-    tmp = root / f".tmp-{PREFIX}{step}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = staging if staging is not None else root / f".tmp-{PREFIX}{step}-{os.getpid()}"
+    if staging is None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
     try:
-        model.save_pretrained(tmp)
+        if model_state_dict is not None:
+            model.save_pretrained(tmp, state_dict=model_state_dict)
+        else:
+            model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if optimizer is not None:
@@ -125,11 +145,22 @@ def save_checkpoint(output_dir: str | Path, step: int, *, model, optimizer=None,
     return final
 
 
+def is_sharded(model) -> bool:
+    """True when ``model`` holds FSDP2-sharded (DTensor) parameters."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
 def load_model_weights(model, path: str | Path) -> None:
-    """Load the weights of a checkpoint directory into ``model`` in place (full model or LoRA adapter)."""
+    """Load the weights of a checkpoint directory into ``model`` in place (full model or LoRA adapter).
+    An FSDP2-sharded model takes the full weights and keeps its own shard of them."""
     from safetensors.torch import load_file
 
     path = Path(path)
+    if is_sharded(model):
+        _load_sharded_model_weights(model, path)
+        return
     if (path / "adapter_model.safetensors").is_file() and hasattr(model, "peft_config"):
         from peft import set_peft_model_state_dict
 
@@ -156,12 +187,93 @@ def load_model_weights(model, path: str | Path) -> None:
         )
 
 
+def _safetensors_state(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"no model.safetensors in {path}; is it a checkpoint written by bcr?")
+    state: dict = {}
+    for name in files:
+        state.update(load_file(str(path / name)))
+    return state
+
+
+def _load_sharded_model_weights(model, path: Path) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if (path / "adapter_model.safetensors").is_file():
+        raise NotImplementedError(f"{path}: resuming a LoRA adapter under FSDP2 is not supported; "
+                                  "use distributed_strategy=ddp for LoRA runs")
+    state = _safetensors_state(path)
+    names = dict(model.named_parameters(remove_duplicate=False))
+    missing = [k for k in names if k not in state and not _is_tied(model, k)]
+    if missing:
+        raise RuntimeError(f"checkpoint {path} does not match the model: missing {missing[:5]}; "
+                           "resume with the same model architecture")
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def _is_tied(model, name: str) -> bool:
+    config = getattr(model, "config", None)
+    return bool(getattr(config, "tie_word_embeddings", False)) and name.endswith("lm_head.weight")
+
+
+def save_optimizer_dcp(model, optimizer, directory: Path) -> None:
+    """All ranks: write the (sharded) optimizer state with torch.distributed.checkpoint."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(directory))
+
+
+def load_optimizer_state(path: Path, model, optimizer) -> None:
+    """Restore the optimizer from ``optimizer/`` (DCP, any world size) or ``optimizer.pt`` (full state)."""
+    if (path / "optimizer").is_dir():
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+        template = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+        with warnings.catch_warnings():  # one process reading a checkpoint written by several is intended
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
+            dcp.load(template, checkpoint_id=str(path / "optimizer"))
+        set_optimizer_state_dict(model, optimizer, template["optimizer"])
+        return
+    if not (path / "optimizer.pt").is_file():
+        return
+    full = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
+    if not is_sharded(model):
+        optimizer.load_state_dict(full)
+        return
+    # A full, index-keyed state (data-parallel checkpoint) into FSDP2 shards: key it by parameter name.
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    index_to_name = {}
+    i = 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            index_to_name[i] = names[id(p)]
+            i += 1
+    by_name = {"state": {index_to_name[int(k)]: v for k, v in full["state"].items()},
+               "param_groups": [{**g, "params": [index_to_name[int(k)] for k in g["params"]]}
+                                for g in full["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+
+
 def load_checkpoint(path: str | Path, *, model, optimizer=None, scheduler=None, restore_rng: bool = True) -> dict:
-    """Restore model weights, optimizer, scheduler and RNGs from ``path``; returns trainer_state.json."""
+    """Restore model weights, optimizer, scheduler and RNGs from ``path``; returns trainer_state.json.
+
+    Works for a plain or an FSDP2-sharded ``model`` and for checkpoints written by either, at any
+    world size (every rank reads ``path``)."""
     path = Path(path)
     load_model_weights(model, path)
-    if optimizer is not None and (path / "optimizer.pt").is_file():
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
+    if optimizer is not None:
+        load_optimizer_state(path, model, optimizer)
     if scheduler is not None and (path / "scheduler.pt").is_file():
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     if restore_rng and (path / "rng_state.pt").is_file():

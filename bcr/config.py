@@ -34,6 +34,7 @@ SCALE_REWARDS = ("group", "batch", "none")
 ADVANTAGE_MODES = ("instance", "sequence")
 SHARED_ADVANTAGES = ("mean", "zero")
 ROLLOUT_ENGINES = ("hf", "vllm")
+DISTRIBUTED_STRATEGIES = ("auto", "fsdp2", "ddp")
 REPORT_TO = ("tensorboard", "wandb")
 
 
@@ -128,6 +129,15 @@ class BCRConfig:
     attn_implementation: str | None = _help(
         "attention for the packed training forward (None: 'bcr_varlen' when registered, else 'sdpa')", default=None
     )
+    distributed_strategy: str = _help(
+        "with several processes (torchrun): 'fsdp2' shards parameters, gradients and optimizer state "
+        "(torch.distributed.fsdp.fully_shard), 'ddp' keeps a full replica per rank and all-reduces gradients, "
+        "'auto' = fsdp2 on CUDA, ddp on CPU. Ignored in a single process",
+        default="auto",
+    )
+    distributed_timeout: float = _help(
+        "seconds a collective may wait for the other ranks before the job fails (instead of hanging)", default=1800.0
+    )
     use_peft: bool = _help("train a LoRA adapter (needs peft)", default=False)
     lora_r: int = _help("LoRA rank", default=16)
     lora_alpha: int = _help("LoRA alpha", default=32)
@@ -184,6 +194,9 @@ class BCRConfig:
         choice("advantage_mode", ADVANTAGE_MODES)
         choice("shared_advantage", SHARED_ADVANTAGES)
         choice("rollout_engine", ROLLOUT_ENGINES)
+        choice("distributed_strategy", DISTRIBUTED_STRATEGIES)
+        if not self.distributed_timeout > 0:
+            fail("distributed_timeout", "must be > 0 seconds")
         for name in self.report_to:
             if name not in REPORT_TO:
                 raise ConfigError(f"report_to={self.report_to!r}: {name!r} is not one of {list(REPORT_TO)}")

@@ -41,6 +41,11 @@ Run directory (``output_dir``)
   own prompt and seed, so a resumed sweep - or one whose batches are split across ranks and merged
   by key - writes the same records as an uninterrupted one. Batches are a fixed partition of the
   bundle indices. When the sweep finishes, the file is rewritten in key order.
+- ``results.rank<r>.jsonl`` (only while a ``torchrun`` sweep runs): with several processes each rank
+  takes every world-th pending batch (``pending[rank::world]``) and appends to its own shard file;
+  after a barrier rank 0 merges the shards into ``results.jsonl`` (by key, in canonical order) and
+  writes the summaries, so the run directory is identical to a single-process run with the same
+  seed. Shards left by a crashed run are merged at the next start (at any world size).
 - ``eval_config.json``: the settings that give records their meaning; a restart with different
   settings in the same directory is refused (use a new ``output_dir`` or ``resume=false``).
 - ``summary.json`` / ``summary.csv`` / ``report.md`` / PNG plots: see :mod:`bcr.report`.
@@ -52,6 +57,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -109,6 +115,9 @@ class EvalConfig:
     plots: bool = field(default=True, metadata=_help("write PNG plots"))
     progress: bool = field(default=True, metadata=_help("show a progress bar"))
     verify_timeout: float = field(default=2.0, metadata=_help("seconds allowed to check one answer"))
+    distributed_timeout: float = field(
+        default=1800.0, metadata=_help("torchrun: seconds a rank waits for the others before the job fails")
+    )
 
     def __post_init__(self):
         if isinstance(self.n_values, int):
@@ -185,6 +194,36 @@ def read_results(path: str | Path, *, repair: bool = False) -> list[dict]:
             f.flush()
             os.fsync(f.fileno())
     return list(records.values())
+
+
+def shard_path(out: str | Path, rank: int) -> Path:
+    """The results file rank ``rank`` appends to during a multi-process sweep."""
+    return Path(out) / f"results.rank{rank}.jsonl"
+
+
+def _shard_files(out: Path) -> list[Path]:
+    return sorted(out.glob("results.rank*.jsonl"))
+
+
+def merge_shards(out: str | Path, *, models: Sequence[str], n_values: Sequence[int]) -> list[dict]:
+    """Fold every ``results.rank*.jsonl`` of ``out`` into ``results.jsonl`` (sorted, atomic) and delete
+    the shards; returns all records. A no-op rewrite-free read when there are no shards."""
+    out = Path(out)
+    results = out / RESULTS_FILE
+    shards = _shard_files(out)
+    records = read_results(results, repair=True)
+    if not shards:
+        return records
+    seen = {record_key(r) for r in records}
+    for shard in shards:
+        for r in read_results(shard):
+            if record_key(r) not in seen:
+                seen.add(record_key(r))
+                records.append(r)
+    write_results_sorted(results, records, models=models, n_values=n_values)
+    for shard in shards:
+        shard.unlink()
+    return records
 
 
 def append_records(path: str | Path, records: Iterable[Mapping]) -> None:
@@ -510,23 +549,53 @@ def evaluate_scaling(
     bundles = {n: bundle_sequential(problems, n) for n in cfg.n_values}
     plan = plan_batches(list(models), cfg.n_values, {n: len(b) for n, b in bundles.items()}, cfg.batch_size)
 
+    from bcr.distributed import barrier, broadcast_object, fail_together
+    from bcr.metrics import dist_info
+
+    rank, world = dist_info()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / RESULTS_FILE
-    if not cfg.resume and results_path.exists():
-        results_path.unlink()
-    _check_resume(out, _fingerprint(cfg, problems, models), cfg)
-    existing = read_results(results_path, repair=True)
+    with fail_together("evaluation setup"):
+        if rank == 0:
+            if not cfg.resume:
+                for stale in [results_path, *_shard_files(out)]:
+                    stale.unlink(missing_ok=True)
+            _check_resume(out, _fingerprint(cfg, problems, models), cfg)
+            merge_shards(out, models=list(models), n_values=cfg.n_values)  # shards of an interrupted run
+        barrier()
+    # every rank reads the same merged file, so every rank computes the same pending list
+    existing = read_results(results_path, repair=world == 1)
     done = {record_key(r) for r in existing}
+    barrier()
+    with fail_together("evaluation"):
+        _sweep(models, cfg, tokenizer, on_batch, plan, bundles, existing, done, rank, world)
+        barrier()
+        summary = None
+        if rank == 0:
+            existing = merge_shards(out, models=list(models), n_values=cfg.n_values)
+            summary = _finish(out, existing, models, problems, cfg)
+    return broadcast_object(summary)
+
+
+def _sweep(models, cfg: EvalConfig, tokenizer, on_batch, plan, bundles, existing, done, rank, world):
+    """This rank's share of the pending batches, appended to its results file."""
+    from bcr.distributed import maybe_inject_failure
+
+    out = Path(cfg.output_dir)
+    target = out / RESULTS_FILE if world == 1 else shard_path(out, rank)
 
     def keys_of(spec: BatchSpec):
         return [(spec.model, spec.n_problems, b, s) for b in spec.bundle_indices for s in range(cfg.samples_per_bundle)]
 
     pending = [spec for spec in plan if any(key not in done for key in keys_of(spec))]
     total_bundles = sum(len(spec.bundle_indices) for spec in plan)
-    with _progress(cfg.progress) as bar:
-        task = bar.add_task("eval", total=total_bundles,
-                            completed=total_bundles - sum(len(s.bundle_indices) for s in pending))
+    completed = total_bundles - sum(len(s.bundle_indices) for s in pending)
+    pending = pending[rank::world]
+    if world > 1:  # rank 0's bar shows its own share
+        total_bundles, completed = sum(len(s.bundle_indices) for s in pending), 0
+    with _progress(cfg.progress and rank == 0) as bar:
+        task = bar.add_task("eval", total=total_bundles, completed=completed)
         for name, model in models.items():
             mine = [spec for spec in pending if spec.model == name]
             if not mine:
@@ -536,7 +605,8 @@ def evaluate_scaling(
             for spec in mine:
                 bar.update(task, description=f"{name} N={spec.n_problems}")
                 records = _run_batch(engine, tok, spec, bundles[spec.n_problems], cfg, done)
-                append_records(results_path, records)
+                maybe_inject_failure(f"evaluation batch {spec.model} N={spec.n_problems} #{spec.batch_index}")
+                append_records(target, records)
                 done.update(record_key(r) for r in records)
                 existing.extend(records)
                 bar.advance(task, len(spec.bundle_indices))
@@ -546,7 +616,10 @@ def evaluate_scaling(
             del engine
             _release_memory()
 
-    write_results_sorted(results_path, existing, models=list(models), n_values=cfg.n_values)
+
+def _finish(out: Path, existing: list[dict], models, problems, cfg: EvalConfig) -> dict:
+    """Rewrite results.jsonl in key order, summarise, write the summaries, report and plots."""
+    write_results_sorted(out / RESULTS_FILE, existing, models=list(models), n_values=cfg.n_values)
     wanted = [r for r in existing if r["model"] in models and r["n_problems"] in cfg.n_values]
     summary = summarize_records(
         wanted,
@@ -565,7 +638,7 @@ def evaluate_scaling(
 def _summary_config(cfg: EvalConfig, problems, models) -> dict:
     """The settings shown in summary.json: everything that decides the numbers, nothing machine-local."""
     skip = {"output_dir", "progress", "plots", "resume", "model", "models", "tokenizer", "data_dir", "engine_kwargs",
-            "batch_size"}
+            "batch_size", "distributed_timeout"}
     conf = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}
     conf["benchmark"] = cfg.benchmark if isinstance(cfg.benchmark, str) else str(cfg.benchmark)
     conf["num_problems"] = len(problems)
@@ -602,12 +675,23 @@ def _load(source, cfg: EvalConfig) -> list:
 def cli_main(argv: Sequence[str]) -> int:
     """``bcr eval [--config FILE.yaml] [key=value ...]``; ``--help`` lists the options."""
     from bcr.dataclass_cli import parse_cli
+    from bcr.distributed import RankFailedError, init_distributed, teardown_distributed
+    from bcr.metrics import dist_info
 
     cfg = parse_cli(EvalConfig, argv, prog="bcr eval")
     if cfg is None:
         return 0
-    summary = evaluate_scaling(config=cfg)
-    _print_summary(summary, cfg.output_dir)
+    init_distributed(cfg.distributed_timeout)  # a no-op unless launched by torchrun with several processes
+    try:
+        summary = evaluate_scaling(config=cfg)
+    except RankFailedError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        rank = dist_info()[0]
+        teardown_distributed()
+    if rank == 0:
+        _print_summary(summary, cfg.output_dir)
     return 0
 
 

@@ -217,6 +217,7 @@ def compute_advantages(
     scale_rewards: str = "group",
     advantage_mode: str = "instance",
     eps: float = 1e-4,
+    batch_std: Optional[float] = None,
 ) -> list[torch.Tensor]:
     """Group-relative advantages for each prompt's ``[G, N_b]`` reward matrix.
 
@@ -231,6 +232,9 @@ def compute_advantages(
     ``advantage_mode="sequence"`` (the ordinary GRPO baseline on a bundle): the per-sample mean
     reward over the N instances, ``m[g] = mean_n r[g, n]``, is normalised over G the same way (batch
     std over all ``m`` values of all prompts) and broadcast to ``[G, N_b]``.
+    ``batch_std`` (``"batch"`` scaling only) replaces the std computed from ``rewards``: a data-parallel
+    trainer passes the std over the rewards of *all* ranks (the global batch), so the advantages do not
+    depend on how the batch is split.
     Returns float32 tensors of the input shapes.
     """
     if scale_rewards not in _SCALES:
@@ -247,7 +251,10 @@ def compute_advantages(
     else:
         vals = rs
     if scale_rewards == "batch":
-        batch_std = _std(torch.cat([v.reshape(-1) for v in vals]))
+        if batch_std is None:
+            batch_std = _std(torch.cat([v.reshape(-1) for v in vals]))
+        elif not (math.isfinite(batch_std) and batch_std >= 0):
+            raise ValueError(f"compute_advantages: batch_std must be a finite number >= 0, got {batch_std!r}")
     out = []
     for r, v in zip(rs, vals):
         centred = v - v.mean(dim=0, keepdim=True)

@@ -14,6 +14,12 @@ Each training step:
    kernel; scatter each instance's advantage onto its tokens; clipped policy loss (+ KL);
 5. backward (micro-batches share one global normaliser), clip the gradient norm, AdamW, LR schedule.
 
+Several processes (``torchrun --nproc-per-node K -m bcr train ...``): the global batch
+(``bundles_per_step``) and every sample are the same whatever the world size; gradients are averaged
+over ranks by FSDP2 (``distributed_strategy``: sharded parameters, gradients and optimizer state; the
+default on CUDA) or by a plain all-reduce (``ddp``: the default on CPU/gloo). Metrics are
+all-reduced before logging; only rank 0 prints and writes. See ``bcr.distributed``.
+
 ``num_iterations`` > 1 repeats step 4-5 on the same rollouts (old log-probs computed once, before the
 first update). ``beta`` > 0 adds a KL term to a frozen reference (a copy of the initial model, or the
 base model with the LoRA adapter disabled).
@@ -37,8 +43,17 @@ from bcr_kernels import fused_linear_logprobs, policy_loss, scatter_instance_adv
 from bcr_kernels.varlen_attention import packed_model_kwargs
 
 from .bundling import Bundler
-from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import _check_finite, find_checkpoint, load_checkpoint, save_checkpoint, save_optimizer_dcp
 from .config import BCRConfig
+from .distributed import (
+    RankFailedError,
+    all_reduce_max,
+    barrier,
+    fail_together,
+    global_std,
+    maybe_inject_failure,
+    resolve_strategy,
+)
 from .metrics import MetricsLogger, StepStats, TrainProgress, all_reduce_sum, dist_info
 from .packing import PackedBatch, Sample, pack_samples
 from .rollout import derive_seed, make_engine
@@ -97,6 +112,67 @@ def completion_logprobs(model, batch: PackedBatch, *, temperature: float = 1.0, 
     bias = getattr(head, "bias", None)
     return fused_linear_logprobs(hidden, weight, batch.completion_targets, bias=bias, temperature=temperature,
                                  chunk_tokens=chunk_tokens, return_entropy=return_entropy)
+
+
+class PackedLogprobs(torch.nn.Module):
+    """``completion_logprobs`` of ``model`` as one module: FSDP2 shards it as the root, so its hooks
+    gather the embedding, final norm and LM head (used outside the decoder's forward) as well."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: PackedBatch, **kwargs):
+        return completion_logprobs(self.model, batch, **kwargs)
+
+
+def _decoder_layers(model) -> list[torch.nn.Module]:
+    """The repeated transformer blocks (one FSDP2 unit each)."""
+    decoder = model.get_decoder()
+    layers = getattr(decoder, "layers", None) or getattr(decoder, "h", None)
+    if layers is None:
+        raise ValueError(f"distributed_strategy=fsdp2: cannot find the decoder layers of {type(model).__name__}; "
+                         "use distributed_strategy=ddp")
+    return list(layers)
+
+
+def shard_fsdp2(model, device: torch.device) -> torch.nn.Module:
+    """Apply FSDP2 (``fully_shard``) to each decoder layer and to a ``PackedLogprobs`` root around
+    ``model``; returns the root. ``model`` keeps working as an HF model (its parameters become
+    DTensor shards; ``full_weights`` gathers them for generation)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    for layer in _decoder_layers(model):
+        fully_shard(layer, mesh=mesh)
+    root = PackedLogprobs(model)
+    fully_shard(root, mesh=mesh)
+    # FSDP2 picks its root at the first forward; generation calls the layers directly, so fix it now.
+    root._get_fsdp_state()._lazy_init()
+    return root
+
+
+@contextlib.contextmanager
+def full_weights(root):
+    """Every FSDP2 unit of ``root`` unsharded for the duration (generation runs the HF model forward
+    many times, a different number of times on each rank: no collective may happen inside). A no-op
+    for ``None``."""
+    if root is None:
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in root.modules() if isinstance(m, FSDPModule)]
+    for m in units:
+        m.unshard()
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for m in units:
+            m.reshard()
+            m.set_reshard_after_forward(True, recurse=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,6 +285,13 @@ class BCRTrainer:
         for m in (self.model, self.ref_model):
             if m is not None and m.config._attn_implementation != self.attn_implementation:
                 m.set_attn_implementation(self.attn_implementation)
+        # Scale-out: FSDP2 units (policy and reference), or a full replica per rank (gradient all-reduce).
+        self.strategy = resolve_strategy(cfg.distributed_strategy, self.world_size, self.device)
+        self.fsdp_root = self.ref_root = None
+        if self.strategy == "fsdp2":
+            self.fsdp_root = shard_fsdp2(self.model, self.device)
+            if self.ref_model is not None:
+                self.ref_root = shard_fsdp2(self.ref_model, self.device)
         use_bf16 = cfg.bf16 if cfg.bf16 is not None else self.device.type == "cuda"
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if use_bf16 \
             else contextlib.nullcontext
@@ -287,13 +370,19 @@ class BCRTrainer:
         bundles = self.step_bundles(step)
         prompts = [render_prompt(problems, self.tokenizer, self.template) for _, problems in bundles]
         seeds = [derive_seed(cfg.seed, step, j) for j, _ in bundles]
-        groups = self.engine.generate(prompts, num_generations=G, max_new_tokens=cfg.max_completion_length,
-                                      temperature=cfg.temperature, top_p=cfg.top_p, seed=seeds)
+        with full_weights(self.fsdp_root):
+            groups = self.engine.generate(prompts, num_generations=G, max_new_tokens=cfg.max_completion_length,
+                                          temperature=cfg.temperature, top_p=cfg.top_p, seed=seeds)
         parsed = [[parse_completion(g.text, len(problems), truncated=g.truncated) for g in group]
                   for (_, problems), group in zip(bundles, groups)]
         correct = [instance_rewards(p, [q.answer for q in problems]) for (_, problems), p in zip(bundles, parsed)]
         rewards = self._rewards(prompts, bundles, groups, parsed) if self.reward_fns else correct
-        advantages = compute_advantages(rewards, scale_rewards=cfg.scale_rewards, advantage_mode=cfg.advantage_mode)
+        batch_std = None
+        if cfg.scale_rewards == "batch" and self.world_size > 1:  # the std of the GLOBAL batch
+            values = rewards if cfg.advantage_mode == "instance" else [r.float().mean(1) for r in rewards]
+            batch_std = global_std(values, self.device)
+        advantages = compute_advantages(rewards, scale_rewards=cfg.scale_rewards, advantage_mode=cfg.advantage_mode,
+                                        batch_std=batch_std)
 
         out = Rollouts()
         st = out.stats
@@ -353,8 +442,10 @@ class BCRTrainer:
     # Update
     # ------------------------------------------------------------------------------------------
     def _logprobs(self, model, row: PackedBatch, return_entropy: bool = False):
+        root = {id(self.model): self.fsdp_root, id(self.ref_model): self.ref_root}.get(id(model))
+        fn = root if root is not None else (lambda row, **kw: completion_logprobs(model, row, **kw))
         with self.autocast():
-            return completion_logprobs(model, row, temperature=self.config.temperature,
+            return fn(row, temperature=self.config.temperature,
                                        chunk_tokens=self.config.chunk_tokens, return_entropy=return_entropy,
                                        attn_implementation=self.attn_implementation)
 
@@ -379,7 +470,7 @@ class BCRTrainer:
         return max(g_seqs, 1.0) * cfg.max_completion_length / self.world_size  # dr_grpo
 
     def _sync_gradients(self) -> None:
-        if self.world_size == 1:
+        if self.world_size == 1 or self.strategy == "fsdp2":  # FSDP2 reduce-scatters in backward
             return
         for p in self.params:  # plain data parallel; FSDP2 replaces this
             if p.grad is None:
@@ -400,17 +491,27 @@ class BCRTrainer:
         advantages = [scatter_instance_advantages(r.instance_advantages, r.completion_segment_ids,
                                                   r.completion_cu_seqlens, num_instances=r.num_instances,
                                                   shared=shared) for r in rows]
+        real = len(rows)
+        if self.strategy == "fsdp2":
+            # Every rank must run as many forwards/backwards (each one gathers and reduce-scatters):
+            # repeat a row with zero weight on ranks that have fewer.
+            most = int(all_reduce_max([len(rows)], self.device)[0])
+            rows += [rows[0]] * (most - real)
+            advantages += [advantages[0]] * (most - real)
         self.model.train()
         old = [None] * len(rows)
         if cfg.num_iterations > 1:
             with torch.no_grad():
                 old = [self._logprobs(self.model, r) for r in rows]
         ref = [self._ref_logprobs(r) for r in rows] if cfg.beta > 0 else [None] * len(rows)
+        old, ref = old + [None] * (len(rows) - len(old)), ref + [None] * (len(rows) - len(ref))
 
         for _ in range(cfg.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
             finite, total_loss = True, 0.0
-            for row, adv, old_logp, ref_logp in zip(rows, advantages, old, ref):
+            for i, (row, adv, old_logp, ref_logp) in enumerate(zip(rows, advantages, old, ref)):
+                if self.fsdp_root is not None:  # reduce-scatter once, after the last micro-batch
+                    self.fsdp_root.set_requires_gradient_sync(i == len(rows) - 1)
                 logp, entropy = self._logprobs(self.model, row, return_entropy=True)
                 mask = torch.ones_like(logp)
                 loss, m = policy_loss(
@@ -419,9 +520,13 @@ class BCRTrainer:
                     loss_type=cfg.kernel_loss_type, max_completion_length=cfg.max_completion_length,
                     normalizer=normalizer,
                 )
-                if not torch.isfinite(loss):
-                    finite = False
-                    break
+                if i >= real or not torch.isfinite(loss):
+                    if i < real:
+                        finite = False
+                    if self.fsdp_root is None:
+                        break
+                    (logp.sum() * 0.0).backward()  # FSDP2: keep the collectives in step with the other ranks
+                    continue
                 loss.backward()
                 total_loss += float(loss.detach())
                 c = row.num_completion_tokens
@@ -429,7 +534,10 @@ class BCRTrainer:
                 for name, value in m.items():
                     stats.add(name, float(value) * c, c)
             self._sync_gradients()
-            if cfg.max_grad_norm > 0:
+            if self.fsdp_root is not None:  # DTensor gradients: the norm is a DTensor too
+                norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm or float("inf"))
+                grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+            elif cfg.max_grad_norm > 0:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
             else:
                 grad_norm = float(torch.linalg.vector_norm(torch.stack(
@@ -453,14 +561,21 @@ class BCRTrainer:
     # The loop
     # ------------------------------------------------------------------------------------------
     def training_step(self) -> dict:
+        """One step (rollout + update) on every rank; a failure on any rank stops all of them."""
+        with fail_together(f"training step {self.step + 1}"):
+            return self._training_step()
+
+    def _training_step(self) -> dict:
         t0 = time.perf_counter()
         torch.manual_seed(derive_seed(self.config.seed, self.step, self.rank, 7))  # dropout etc.
         rollouts = self.rollout(self.step)
+        maybe_inject_failure(f"training step {self.step + 1}", self.step + 1)
         t1 = time.perf_counter()
         self.update(rollouts.samples, rollouts.stats)
         t2 = time.perf_counter()
-        if self.config.rollout_engine != "hf":
-            self.engine.sync_weights(self.model)
+        if self.config.rollout_engine != "hf":  # vLLM: one engine per rank (data parallel), fed full weights
+            with full_weights(self.fsdp_root):
+                self.engine.sync_weights(self.model)
         m = rollouts.stats.reduce(self.device)
         m["reward_std"] = math.sqrt(max(0.0, m.pop("reward_sq") - m["reward"] ** 2))
         generated = all_reduce_sum([rollouts.generated_tokens], self.device)[0]
@@ -474,7 +589,8 @@ class BCRTrainer:
         logger = MetricsLogger(cfg.output_dir, report_to=cfg.report_to, run_name=cfg.run_name,
                                config=cfg.to_dict(), rank=self.rank)
         if cfg.resume_from:
-            self._resume(find_checkpoint(cfg.output_dir, cfg.resume_from))
+            with fail_together("resuming"):
+                self._resume(find_checkpoint(cfg.output_dir, cfg.resume_from))
             logger.truncate_after(self.step)
         last_saved = self.step if cfg.resume_from else -1
         progress = TrainProgress(self.total_steps, start=self.step, enabled=not cfg.disable_progress_bar,
@@ -487,7 +603,8 @@ class BCRTrainer:
                     self._updating = False
                     metrics = {"step": self.step, "epoch": self._epoch_progress(self.step), **metrics}
                     if cfg.eval_steps and self.eval_problems and self.step % cfg.eval_steps == 0:
-                        metrics.update(self.evaluate())
+                        with fail_together(f"evaluation at step {self.step}"):
+                            metrics.update(self.evaluate())
                     self.last_metrics = metrics
                     logger.log(metrics)
                     progress.update(self.step, metrics)
@@ -522,8 +639,10 @@ class BCRTrainer:
         for n in cfg.n_values:
             bundles = bundle_sequential(self.eval_problems, n)[self.rank :: self.world_size]
             prompts = [render_prompt(b, self.tokenizer, self.template) for b in bundles]
-            groups = self.engine.generate(prompts, num_generations=1, max_new_tokens=cfg.max_completion_length,
-                                          temperature=cfg.temperature, top_p=cfg.top_p, seed=derive_seed(cfg.seed, 99))
+            with full_weights(self.fsdp_root):
+                groups = self.engine.generate(prompts, num_generations=1, max_new_tokens=cfg.max_completion_length,
+                                              temperature=cfg.temperature, top_p=cfg.top_p,
+                                              seed=derive_seed(cfg.seed, 99))
             correct = problems = tokens = 0.0
             for b, (g,) in zip(bundles, groups):
                 acc = instance_rewards([parse_completion(g.text, len(b), truncated=g.truncated)], [q.answer for q in b])
@@ -544,12 +663,49 @@ class BCRTrainer:
                 "total_steps": self.total_steps, "config": self.config.to_dict(), "metrics": self.last_metrics}
 
     def save_checkpoint(self) -> Path | None:
-        """``output_dir/checkpoint-<step>`` (rank 0 writes)."""
-        if self.rank != 0:
-            return None
-        return save_checkpoint(self.config.output_dir, self.step, model=self.model, optimizer=self.optimizer,
-                               scheduler=self.scheduler, tokenizer=self.tokenizer, state=self._state(),
-                               save_total_limit=self.config.save_total_limit)
+        """``output_dir/checkpoint-<step>``; every rank must call it. Rank 0 writes the HF directory
+        and returns its path (other ranks: None). With FSDP2 the weights are gathered to rank 0 first
+        and every rank writes its optimizer shard through torch.distributed.checkpoint."""
+        with fail_together(f"saving checkpoint-{self.step}"):
+            return self._save_checkpoint()
+
+    def _save_checkpoint(self) -> Path | None:
+        cfg = self.config
+        kw = {"model": self.model, "scheduler": self.scheduler, "tokenizer": self.tokenizer, "state": self._state(),
+                  "save_total_limit": cfg.save_total_limit}
+        if self.strategy != "fsdp2":  # every rank holds the same state: rank 0 writes it
+            path = save_checkpoint(cfg.output_dir, self.step, optimizer=self.optimizer, **kw) if self.rank == 0 else None
+            barrier()
+            return path
+        full = self._full_state_dict()
+        staging = Path(cfg.output_dir) / f".tmp-checkpoint-{self.step}-dist"
+        if self.rank == 0:
+            import shutil
+
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        barrier()
+        save_optimizer_dcp(self.model, self.optimizer, staging / "optimizer")
+        barrier()
+        path = None
+        if self.rank == 0:
+            path = save_checkpoint(cfg.output_dir, self.step, model_state_dict=full, staging=staging, **kw)
+        barrier()
+        return path
+
+    def _full_state_dict(self) -> dict | None:
+        """FSDP2: the full weights on rank 0 (None elsewhere); every rank checks its shard is finite."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        bad = sum(int(not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())
+                  for p in self.model.parameters())
+        if all_reduce_sum([bad], self.device)[0]:
+            from .checkpoint import NonFiniteCheckpointError
+
+            raise NonFiniteCheckpointError("a parameter holds NaN/inf; refusing to write a checkpoint (lower "
+                                           "learning_rate, check max_grad_norm, or resume from an earlier checkpoint)")
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return full if self.rank == 0 else None
 
     def _resume(self, path: Path) -> None:
         state = load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
@@ -562,20 +718,26 @@ class BCRTrainer:
         self.step = int(state["step"])
 
     def save(self, path: str | Path | None = None) -> Path:
-        """Save the model and tokenizer as an HF directory (default: ``output_dir``)."""
+        """Save the model and tokenizer as an HF directory (default: ``output_dir``). Every rank must
+        call it (FSDP2 gathers the weights); rank 0 writes."""
         import os
         import shutil
 
         path = Path(path or self.config.output_dir)
+        full = None
+        if self.strategy == "fsdp2":  # every rank takes part in gathering the weights
+            with fail_together("saving the final model"):
+                full = self._full_state_dict()
         if self.rank != 0:
             return path
         path.mkdir(parents=True, exist_ok=True)
         tmp = path / f".tmp-final-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        from .checkpoint import _check_finite
-
-        _check_finite(self.model)
-        self.model.save_pretrained(tmp)
+        _check_finite(self.model, full)
+        if full is not None:
+            self.model.save_pretrained(tmp, state_dict=full)
+        else:
+            self.model.save_pretrained(tmp)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(tmp)
         for f in tmp.iterdir():
@@ -642,12 +804,26 @@ def load_train_problems(cfg: BCRConfig, which: str = "train") -> list:
 
 def cli_main(argv: Sequence[str]) -> int:
     from .dataclass_cli import ConfigError, die, parse_cli
-    from .problems import DataError
+    from .distributed import init_distributed, teardown_distributed
 
     try:
         cfg = parse_cli(BCRConfig, argv, prog="bcr train")
         if cfg is None:  # --help
             return 0
+    except (ConfigError, ValueError) as err:
+        return die(str(err))
+    init_distributed(cfg.distributed_timeout)  # a no-op unless launched by torchrun with several processes
+    try:
+        return _train_cli(cfg)
+    finally:
+        teardown_distributed()
+
+
+def _train_cli(cfg: BCRConfig) -> int:
+    from .dataclass_cli import ConfigError, die
+    from .problems import DataError
+
+    try:
         train = load_train_problems(cfg, "train")
         evals = load_train_problems(cfg, "eval") if cfg.eval_data else None
         trainer = BCRTrainer(cfg.model, train, cfg, eval_problems=evals)
@@ -658,5 +834,9 @@ def cli_main(argv: Sequence[str]) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    print(f"done: model and checkpoints in {cfg.output_dir}")
+    except RankFailedError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 1
+    if trainer.rank == 0:
+        print(f"done: model and checkpoints in {cfg.output_dir}")
     return 0
