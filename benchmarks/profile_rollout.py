@@ -1,0 +1,535 @@
+"""Rollout throughput against N (problems per context) with the ``hf`` engine, and ways to speed it up.
+
+    python benchmarks/profile_rollout.py                                # tiny random Qwen2, N = 1, 2, 4, 8
+    python benchmarks/profile_rollout.py --model runs/demo/sft          # a local model dir (the demo's SFT model)
+    python benchmarks/profile_rollout.py --data /path/test.jsonl        # problems from a file / benchmark name
+    python benchmarks/profile_rollout.py --quick                        # seconds; what the smoke test runs
+
+The same ``--num-problems`` problems (synthetic arithmetic from ``bcr.synthetic``, or ``--data``) are
+bundled N at a time (``bcr.bundling.bundle_sequential``), rendered with ``bcr.prompts.render_prompt``
+and sampled ``--num-generations`` times each with a shared budget of ``--per-problem-budget x N`` new
+tokens (KV cache on, temperature ``--temperature``). For every mode and N one untimed warm-up call
+runs, then ``--repeats`` timed calls; the table shows medians and min-max spreads.
+
+- problems/s = problems answered (N per completion, ``G`` completions per prompt) / wall time;
+- tokens/s = generated tokens (up to and including EOS) / wall time.
+
+A random model almost never emits EOS, so every completion runs to its budget and tokens per
+problem stay constant in N; that is reported (``truncated`` column), not hidden. A trained model
+(``--model``) stops by itself, and BCR's claim is that it needs fewer tokens per problem as N grows.
+``--ignore-eos`` forces the random-model behaviour on any model (every completion runs to budget).
+
+Modes (``--modes``), all producing completions for the same prompts, seeds and budgets:
+
+- ``hf``: ``bcr.rollout.make_engine("hf", model, tokenizer)`` exactly as the trainer uses it: one
+  ``generate`` call for all prompts of the step (prompts x G rows, left padding). The baseline.
+- ``hf-sequential``: the same engine with ``batch_size=G``: one bundle per ``generate`` call (what a
+  caller looping over prompts gets).
+- ``hf-static``: ``hf`` with ``cache_implementation="static"`` (a pre-allocated KV cache).
+- ``hf-compile``: ``hf-static`` with the model's forward under ``torch.compile`` (slow first call; the
+  warm-up absorbs it, but each new shape recompiles).
+- ``loop``: a minimal decode loop in this script instead of ``model.generate``: the same left-padded
+  prefill, ``DynamicCache``, the engine's own seeded sampler (``bcr.rollout._SeededSampler``), but no
+  generation-utils machinery per token (logits processors list, stopping criteria, cache checks). Its
+  completions are compared token by token with ``hf`` (``same_as_hf`` column) where both ran.
+
+Output: a table on stdout, ``<out>.json`` (raw timings, versions, command), ``<out>.md`` (markdown
+snippet) and ``<out>.png`` (problems/s and tokens/s vs N, one line per mode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import ClassVar
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+MODES = ("hf", "hf-sequential", "hf-static", "hf-compile", "loop")
+
+
+# --------------------------------------------------------------------------------------------------
+# model, tokenizer, problems
+
+
+def load_model(
+    name: str,
+    *,
+    tokenizer_path: str | None,
+    hidden: int,
+    layers: int,
+    vocab: int,
+    seed: int,
+    problems,
+    device,
+    dtype,
+):
+
+    if name == "tiny-random":
+        from bcr.tiny import build_tokenizer, tiny_model
+
+        corpus = [p.problem for p in problems] + [p.meta.get("solution", "") for p in problems]
+        tok = build_tokenizer(corpus, vocab_size=vocab)
+        model = tiny_model(tok, arch="qwen2", hidden_size=hidden, num_layers=layers, seed=seed, dtype=dtype)
+        return (
+            model.to(device).eval(),
+            tok,
+            f"tiny-random Qwen2 (hidden {hidden}, {layers} layers, vocab {len(tok)})",
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(name)
+    if not path.exists():
+        raise SystemExit(f"--model {name!r}: no such directory (use tiny-random or a local HF model dir)")
+    candidates = [tokenizer_path] if tokenizer_path else [str(path), str(path.parent / "tokenizer")]
+    tok, errors = None, []
+    for c in candidates:
+        try:
+            tok = AutoTokenizer.from_pretrained(c)
+            break
+        except Exception as exc:  # noqa: BLE001
+            errors.append(f"{c}: {type(exc).__name__}")
+    if tok is None:
+        raise SystemExit(f"no tokenizer found ({'; '.join(errors)}); pass --tokenizer DIR")
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
+    return model, tok, f"{path} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params)"
+
+
+def load_problem_set(data: str | None, num: int, seed: int):
+    if data:
+        from bcr.problems import load_problems
+
+        probs = load_problems(data, split="test" if not Path(data).exists() else None, limit=num)
+        if len(probs) < num:
+            raise SystemExit(f"--data {data}: only {len(probs)} problems, need --num-problems {num}")
+        return probs, str(data)
+    from bcr.synthetic import make_arithmetic_problems
+
+    return make_arithmetic_problems(num, seed=seed), f"bcr.synthetic arithmetic (seed {seed})"
+
+
+# --------------------------------------------------------------------------------------------------
+# engines
+
+
+def _cache_kwarg(model) -> str:
+    """The forward's KV-cache argument: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
+def make_mode_engine(mode: str, model, tok, num_generations: int, ignore_eos: bool):
+    import torch
+
+    from bcr.rollout import HFEngine
+
+    class StaticCacheEngine(HFEngine):
+        """HFEngine whose generate uses a static KV cache (and optionally a compiled forward)."""
+
+        extra: ClassVar[dict] = {"cache_implementation": "static"}
+
+        def _generate_rows(self, prompts, seeds, budget, temperature, top_p):
+            from transformers import GenerationConfig
+
+            original = GenerationConfig.__init__
+            extra = self.extra
+
+            def patched(cfg, *a, **kw):  # add the cache option to the engine's own config
+                original(cfg, *a, **{**kw, **extra})
+
+            GenerationConfig.__init__ = patched
+            try:
+                return super()._generate_rows(prompts, seeds, budget, temperature, top_p)
+            finally:
+                GenerationConfig.__init__ = original
+
+    class LoopEngine(HFEngine):
+        """HFEngine with a minimal decode loop in place of ``model.generate`` (same sampler, same seeds)."""
+
+        @torch.no_grad()
+        def _generate_rows(self, prompts, seeds, budget, temperature, top_p):
+            from transformers import DynamicCache
+
+            from bcr.rollout import Generation, _cut_at_eos, _SeededSampler
+
+            model = self.model
+            device = next(model.parameters()).device
+            B, width = len(prompts), max(len(p) for p in prompts)
+            ids = torch.full((B, width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((B, width), dtype=torch.long)
+            for i, p in enumerate(prompts):  # left padding, as the engine does
+                if p:
+                    ids[i, width - len(p) :] = torch.tensor(p)
+                    mask[i, width - len(p) :] = 1
+            ids, mask = ids.to(device), mask.to(device)
+            pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+            sampler = _SeededSampler(seeds, temperature, top_p)
+            eos = torch.tensor(self.eos_ids, device=device)
+            cache = {_cache_kwarg(model): DynamicCache(config=model.config)}
+            out = model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=pos,
+                use_cache=True,
+                logits_to_keep=1,
+                **cache,
+            )
+            done = torch.zeros(B, dtype=torch.bool, device=device)
+            new = []
+            ones = torch.ones((B, 1), dtype=mask.dtype, device=device)
+            last_pos = pos[:, -1:]
+            for _ in range(budget):
+                scores = sampler(ids, out.logits[:, -1, :].float())
+                nxt = scores.argmax(-1)
+                nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
+                new.append(nxt)
+                done = done | torch.isin(nxt, eos)
+                if bool(done.all()) or len(new) == budget:
+                    break
+                mask = torch.cat([mask, ones], dim=1)
+                last_pos = last_pos + 1
+                out = model(
+                    input_ids=nxt[:, None],
+                    attention_mask=mask,
+                    position_ids=last_pos,
+                    use_cache=True,
+                    **cache,
+                )
+            completions = torch.stack(new, dim=1).tolist()
+            gens = []
+            for p, c in zip(prompts, completions):
+                c, truncated = _cut_at_eos(c, self.eos_ids)
+                gens.append(
+                    Generation(list(p), c, self.tokenizer.decode(c, skip_special_tokens=True), truncated)
+                )
+            return gens
+
+    if mode == "hf":
+        engine = HFEngine(model, tok)
+    elif mode == "hf-sequential":
+        engine = HFEngine(model, tok, batch_size=num_generations)
+    elif mode == "hf-static":
+        engine = StaticCacheEngine(model, tok)
+    elif mode == "hf-compile":
+        engine = StaticCacheEngine(model, tok)
+        model.forward = torch.compile(model.forward, dynamic=False)
+    elif mode == "loop":
+        engine = LoopEngine(model, tok)
+    else:
+        raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
+    if ignore_eos:
+        engine.eos_ids = [-1]  # an id no token has: every completion runs to its budget
+    return engine
+
+
+# --------------------------------------------------------------------------------------------------
+# measurement
+
+
+def run_mode(mode: str, model, tok, problems, args) -> list[dict]:
+    from bcr.bundling import bundle_sequential
+    from bcr.prompts import render_prompt
+
+    engine = make_mode_engine(mode, model, tok, args.num_generations, args.ignore_eos)
+    rows = []
+    for n in args.n_values:
+        bundles = bundle_sequential(problems, n)
+        prompts = [render_prompt(b, tok) for b in bundles]
+        kw = {
+            "num_generations": args.num_generations,
+            "max_new_tokens": args.per_problem_budget * n,
+            "temperature": args.temperature,
+            "top_p": args.top_p,
+        }
+        for _ in range(args.warmup):
+            engine.generate(prompts, seed=10_000 + args.seed, **kw)
+        times, outs = [], None
+        for r in range(args.repeats):
+            t0 = time.perf_counter()
+            outs = engine.generate(prompts, seed=args.seed, **kw)
+            times.append(time.perf_counter() - t0)
+        gens = [g for group in outs for g in group]
+        answered = sum(len(b) for b in bundles) * args.num_generations
+        tokens = sum(len(g.completion_ids) for g in gens)
+        prompt_tokens = sum(len(g.prompt_ids) for g in gens)
+        med = statistics.median(times)
+        rows.append(
+            {
+                "mode": mode,
+                "n": n,
+                "prompts": len(prompts),
+                "rows": len(gens),
+                "max_new_tokens": args.per_problem_budget * n,
+                "times_s": times,
+                "time_s": med,
+                "problems_per_s": answered / med,
+                "problems_per_s_min": answered / max(times),
+                "problems_per_s_max": answered / min(times),
+                "tokens_per_s": tokens / med,
+                "generated_tokens": tokens,
+                "prompt_tokens": prompt_tokens,
+                "tokens_per_problem": tokens / answered,
+                "truncated_frac": sum(g.truncated for g in gens) / len(gens),
+                "completions": [g.completion_ids for g in gens],
+            }
+        )
+        print(
+            f"  {mode:13s} N={n}: {med:7.2f} s  {answered / med:7.2f} problems/s  {tokens / med:8.1f} tokens/s  "
+            f"({tokens / answered:.1f} tokens/problem, {100 * rows[-1]['truncated_frac']:.0f} % truncated)",
+            flush=True,
+        )
+    return rows
+
+
+def compare_to_hf(rows: list[dict]) -> None:
+    ref = {r["n"]: r["completions"] for r in rows if r["mode"] == "hf"}
+    for r in rows:
+        if r["n"] in ref and r["mode"] != "hf":
+            a, b = r["completions"], ref[r["n"]]
+            r["same_as_hf"] = sum(x == y for x, y in zip(a, b)) / max(len(b), 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# report
+
+
+def markdown(report: dict) -> str:
+    rows = report["rows"]
+    lines = [
+        (
+            f"**profile_rollout** {report['model']} on {report['device_name']} "
+            f"(torch {report['versions']['torch']}, transformers {report['versions']['transformers']}, "
+            f"{report['torch_threads']} threads), {report['date']}"
+        ),
+        "",
+        f"{report['num_problems']} problems ({report['problems']}), G = {report['num_generations']}, "
+        f"budget {report['per_problem_budget']} tokens/problem x N, temperature {report['temperature']}, "
+        f"{report['repeats']} timed repeats after {report['warmup']} warm-up per point"
+        + (", EOS ignored" if report["ignore_eos"] else "")
+        + ".",
+        "",
+        (
+            "| mode | N | prompts x G | s (median, min-max) | problems/s | tokens/s | tokens/problem | truncated | "
+            "vs hf (same N) | same tokens as hf |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    base = {r["n"]: r for r in rows if r["mode"] == "hf"}
+    for r in rows:
+        b = base.get(r["n"])
+        speed = f"{b['time_s'] / r['time_s']:.2f}x" if b and r["mode"] != "hf" else "-"
+        same = f"{100 * r['same_as_hf']:.0f} %" if "same_as_hf" in r else "-"
+        lines.append(
+            f"| {r['mode']} | {r['n']} | {r['prompts']} x {report['num_generations']} | {r['time_s']:.2f} "
+            f"({min(r['times_s']):.2f}-{max(r['times_s']):.2f}) | {r['problems_per_s']:.2f} | {r['tokens_per_s']:.1f} "
+            f"| {r['tokens_per_problem']:.1f} | {100 * r['truncated_frac']:.0f} % | {speed} | {same} |"
+        )
+    lines += ["", f"Command: `{report['command']}`"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for mode in dict.fromkeys(r["mode"] for r in report["rows"]):
+        rs = [r for r in report["rows"] if r["mode"] == mode]
+        ns = [r["n"] for r in rs]
+        y = [r["problems_per_s"] for r in rs]
+        err = [
+            [r["problems_per_s"] - r["problems_per_s_min"] for r in rs],
+            [r["problems_per_s_max"] - r["problems_per_s"] for r in rs],
+        ]
+        ax1.errorbar(ns, y, yerr=err, marker="o", capsize=3, label=mode)
+        ax2.plot(ns, [r["tokens_per_s"] for r in rs], marker="o", label=mode)
+    for ax, name in ((ax1, "problems/s"), (ax2, "generated tokens/s")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(report["n_values"], [str(n) for n in report["n_values"]])
+        ax.set_xlabel("N (problems per context)")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    ax1.set_ylim(bottom=0)
+    ax2.set_ylim(bottom=0)
+    fig.suptitle(
+        f"rollout throughput vs N: {report['model']}, {report['device_name']}\n"
+        f"G={report['num_generations']}, budget {report['per_problem_budget']} tokens/problem x N",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "triton"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--model", default="tiny-random", help="tiny-random, or a local HF model directory")
+    p.add_argument(
+        "--tokenizer", default=None, help="tokenizer dir (default: the model dir, then its ../tokenizer)"
+    )
+    p.add_argument("--hidden", type=int, default=128, help="tiny-random width (the demo's default)")
+    p.add_argument("--layers", type=int, default=3, help="tiny-random blocks (the demo's default)")
+    p.add_argument("--vocab", type=int, default=1024, help="tiny-random BPE vocabulary")
+    p.add_argument(
+        "--data", default=None, help="problems file or benchmark name (default: synthetic arithmetic)"
+    )
+    p.add_argument(
+        "--num-problems", type=int, default=16, help="the same problems at every N (a multiple of max N)"
+    )
+    p.add_argument("--n-values", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--num-generations", type=int, default=4, help="G, samples per prompt")
+    p.add_argument("--per-problem-budget", type=int, default=40, help="max_new_tokens = this x N")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument(
+        "--ignore-eos", action="store_true", help="never stop at EOS: every completion runs to budget"
+    )
+    p.add_argument(
+        "--modes", default="hf,hf-sequential,hf-static,loop", help=f"comma-separated subset of {MODES}"
+    )
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument(
+        "--quick", action="store_true", help="smoke-test size: 4 problems, N in {1, 2}, budget 4, 1 repeat"
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output prefix (default benchmarks/results/profile_rollout_<model>_<device>)",
+    )
+    args = p.parse_args(argv)
+
+    import torch
+
+    if args.quick:
+        args.num_problems, args.n_values, args.per_problem_budget = 4, [1, 2], 4
+        args.repeats, args.warmup, args.num_generations = 1, 0, 2
+        args.hidden, args.layers, args.vocab = 32, 1, 300
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.num_problems % max(args.n_values):
+        p.error(
+            f"--num-problems {args.num_problems} must be a multiple of max N = {max(args.n_values)} "
+            "(every N must see the same problems in full bundles)"
+        )
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    for m in modes:
+        if m not in MODES:
+            p.error(f"unknown mode {m!r}; choose from {MODES}")
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
+    dtype = getattr(torch, args.dtype)
+    problems, problems_name = load_problem_set(args.data, args.num_problems, args.seed)
+    model, tok, model_name = load_model(
+        args.model,
+        tokenizer_path=args.tokenizer,
+        hidden=args.hidden,
+        layers=args.layers,
+        vocab=args.vocab,
+        seed=args.seed,
+        problems=problems,
+        device=device,
+        dtype=dtype,
+    )
+    device_name = (
+        torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+    )
+    print(
+        f"profile_rollout: {model_name} on {device_name}; {len(problems)} problems, N in {args.n_values}, "
+        f"G={args.num_generations}, {args.per_problem_budget} tokens/problem",
+        flush=True,
+    )
+    rows = []
+    forward = model.forward
+    for mode in modes:
+        rows += run_mode(mode, model, tok, problems, args)
+        model.forward = forward  # undo hf-compile's wrapper
+    compare_to_hf(rows)
+    slug = "tiny-random" if args.model == "tiny-random" else Path(args.model).name
+    out = (
+        Path(args.out)
+        if args.out
+        else REPO / "benchmarks" / "results" / f"profile_rollout_{slug}_{device.type}"
+    )
+    git = subprocess.run(
+        ["git", "rev-parse", "HEAD"], check=False, cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
+    report = {
+        "benchmark": "profile_rollout",
+        "model": model_name,
+        "device": device.type,
+        "device_name": device_name,
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": " ".join(
+            ["python", "benchmarks/profile_rollout.py"] + (sys.argv[1:] if argv is None else list(argv))
+        ),
+        "versions": versions(),
+        "git_commit": git,
+        "torch_threads": torch.get_num_threads(),
+        "problems": problems_name,
+        "num_problems": len(problems),
+        "n_values": args.n_values,
+        "num_generations": args.num_generations,
+        "per_problem_budget": args.per_problem_budget,
+        "temperature": args.temperature,
+        "ignore_eos": args.ignore_eos,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "rows": [{k: v for k, v in r.items() if k != "completions"} for r in rows],
+    }
+    md = markdown(report)
+    _atomic_write(out.with_suffix(".json"), json.dumps(report, indent=1))
+    _atomic_write(out.with_suffix(".md"), md)
+    plot(report, out.with_suffix(".png"))
+    print()
+    print(md)
+    print(f"wrote {out.with_suffix('.json')}, .md, .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
