@@ -1,4 +1,4 @@
-"""Rollout throughput against N (problems per context) with the ``hf`` engine, and ways to speed it up.
+"""Rollout throughput against N (problems per context) with the ``hf`` engine's decoding paths.
 
     python benchmarks/profile_rollout.py                                # tiny random Qwen2, N = 1, 2, 4, 8
     python benchmarks/profile_rollout.py --model runs/demo/sft          # a local model dir (the demo's SFT model)
@@ -21,17 +21,22 @@ problem stay constant in N; that is reported (``truncated`` column), not hidden.
 
 Modes (``--modes``), all producing completions for the same prompts, seeds and budgets:
 
-- ``hf``: ``bcr.rollout.make_engine("hf", model, tokenizer)`` exactly as the trainer uses it: one
-  ``generate`` call for all prompts of the step (prompts x G rows, left padding). The baseline.
-- ``hf-sequential``: the same engine with ``batch_size=G``: one bundle per ``generate`` call (what a
-  caller looping over prompts gets).
+- ``hf``: ``bcr.rollout.HFEngine(decode="generate")``: one ``model.generate`` call for all prompts of
+  the step (prompts x G rows, left padding), the seeded sampler as its logits processor. The baseline
+  (the engine's only path before ``decode="loop"``).
+- ``hf-sequential``: the same with ``batch_size=G``: one bundle per ``generate`` call (what a caller
+  looping over prompts gets).
 - ``hf-static``: ``hf`` with ``cache_implementation="static"`` (a pre-allocated KV cache).
 - ``hf-compile``: ``hf-static`` with the model's forward under ``torch.compile`` (slow first call; the
   warm-up absorbs it, but each new shape recompiles).
-- ``loop``: a minimal decode loop in this script instead of ``model.generate``: the same left-padded
-  prefill, ``DynamicCache``, the engine's own seeded sampler (``bcr.rollout._SeededSampler``), but no
-  generation-utils machinery per token (logits processors list, stopping criteria, cache checks). Its
-  completions are compared token by token with ``hf`` (``same_as_hf`` column) where both ran.
+- ``loop``: ``bcr.rollout.make_engine("hf", model, tokenizer)`` exactly as the trainer uses it: the
+  engine's own decode loop (``decode="loop"``: the same left-padded prefill, ``DynamicCache``, the same
+  seeded sampler, no generation-utils machinery per token) with finished rows dropped from the batch
+  (``compact_finished=True``).
+- ``loop-nocompact``: ``loop`` with ``compact_finished=False`` (finished rows stay in the batch, as in
+  ``generate``).
+
+Every mode's completions are compared token by token with ``hf`` (``same_as_hf`` column).
 
 Output: a table on stdout, ``<out>.json`` (raw timings, versions, command), ``<out>.md`` (markdown
 snippet) and ``<out>.png`` (problems/s and tokens/s vs N, one line per mode).
@@ -55,7 +60,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-MODES = ("hf", "hf-sequential", "hf-static", "hf-compile", "loop")
+MODES = ("hf", "hf-sequential", "hf-static", "hf-compile", "loop", "loop-nocompact")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -122,24 +127,17 @@ def load_problem_set(data: str | None, num: int, seed: int):
 # engines
 
 
-def _cache_kwarg(model) -> str:
-    """The forward's KV-cache argument: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
-
-
 def make_mode_engine(mode: str, model, tok, num_generations: int, ignore_eos: bool):
     import torch
 
-    from bcr.rollout import HFEngine
+    from bcr.rollout import HFEngine, make_engine
 
     class StaticCacheEngine(HFEngine):
         """HFEngine whose generate uses a static KV cache (and optionally a compiled forward)."""
 
         extra: ClassVar[dict] = {"cache_implementation": "static"}
 
-        def _generate_rows(self, prompts, seeds, budget, temperature, top_p):
+        def _decode_generate(self, *args):
             from transformers import GenerationConfig
 
             original = GenerationConfig.__init__
@@ -150,82 +148,24 @@ def make_mode_engine(mode: str, model, tok, num_generations: int, ignore_eos: bo
 
             GenerationConfig.__init__ = patched
             try:
-                return super()._generate_rows(prompts, seeds, budget, temperature, top_p)
+                return super()._decode_generate(*args)
             finally:
                 GenerationConfig.__init__ = original
 
-    class LoopEngine(HFEngine):
-        """HFEngine with a minimal decode loop in place of ``model.generate`` (same sampler, same seeds)."""
-
-        @torch.no_grad()
-        def _generate_rows(self, prompts, seeds, budget, temperature, top_p):
-            from transformers import DynamicCache
-
-            from bcr.rollout import Generation, _cut_at_eos, _SeededSampler
-
-            model = self.model
-            device = next(model.parameters()).device
-            B, width = len(prompts), max(len(p) for p in prompts)
-            ids = torch.full((B, width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((B, width), dtype=torch.long)
-            for i, p in enumerate(prompts):  # left padding, as the engine does
-                if p:
-                    ids[i, width - len(p) :] = torch.tensor(p)
-                    mask[i, width - len(p) :] = 1
-            ids, mask = ids.to(device), mask.to(device)
-            pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-            sampler = _SeededSampler(seeds, temperature, top_p)
-            eos = torch.tensor(self.eos_ids, device=device)
-            cache = {_cache_kwarg(model): DynamicCache(config=model.config)}
-            out = model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=pos,
-                use_cache=True,
-                logits_to_keep=1,
-                **cache,
-            )
-            done = torch.zeros(B, dtype=torch.bool, device=device)
-            new = []
-            ones = torch.ones((B, 1), dtype=mask.dtype, device=device)
-            last_pos = pos[:, -1:]
-            for _ in range(budget):
-                scores = sampler(ids, out.logits[:, -1, :].float())
-                nxt = scores.argmax(-1)
-                nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
-                new.append(nxt)
-                done = done | torch.isin(nxt, eos)
-                if bool(done.all()) or len(new) == budget:
-                    break
-                mask = torch.cat([mask, ones], dim=1)
-                last_pos = last_pos + 1
-                out = model(
-                    input_ids=nxt[:, None],
-                    attention_mask=mask,
-                    position_ids=last_pos,
-                    use_cache=True,
-                    **cache,
-                )
-            completions = torch.stack(new, dim=1).tolist()
-            gens = []
-            for p, c in zip(prompts, completions):
-                c, truncated = _cut_at_eos(c, self.eos_ids)
-                gens.append(
-                    Generation(list(p), c, self.tokenizer.decode(c, skip_special_tokens=True), truncated)
-                )
-            return gens
-
     if mode == "hf":
-        engine = HFEngine(model, tok)
+        engine = HFEngine(model, tok, decode="generate")
     elif mode == "hf-sequential":
-        engine = HFEngine(model, tok, batch_size=num_generations)
+        engine = HFEngine(model, tok, batch_size=num_generations, decode="generate")
     elif mode == "hf-static":
-        engine = StaticCacheEngine(model, tok)
+        engine = StaticCacheEngine(model, tok, decode="generate")
     elif mode == "hf-compile":
-        engine = StaticCacheEngine(model, tok)
+        engine = StaticCacheEngine(model, tok, decode="generate")
         model.forward = torch.compile(model.forward, dynamic=False)
     elif mode == "loop":
-        engine = LoopEngine(model, tok)
+        engine = make_engine("hf", model, tok)
+        assert engine.decode == "loop" and engine.compact_finished
+    elif mode == "loop-nocompact":
+        engine = HFEngine(model, tok, decode="loop", compact_finished=False)
     else:
         raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
     if ignore_eos:

@@ -1,4 +1,4 @@
-"""Rollout engines: shapes, EOS/truncation, seeding, per-prompt budgets, the sampler itself."""
+"""Rollout engines: shapes, EOS/truncation, seeding, per-prompt budgets, the sampler, the decode paths."""
 
 from __future__ import annotations
 
@@ -89,6 +89,55 @@ def test_long_prompts_are_cut_from_the_left_with_a_warning(tiny_tokenizer, tiny_
     with pytest.warns(UserWarning, match="max_prompt_length"):
         out = engine.generate([PROMPTS[1]], num_generations=1, max_new_tokens=2)
     assert out[0][0].prompt_ids == tiny_tokenizer(PROMPTS[1], add_special_tokens=False)["input_ids"][-3:]
+
+
+def _eos_biased(model, eos: int, bias: float):
+    """The model with ``bias`` added to the EOS logit, so completions end at different steps."""
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.zero_()
+        head.bias[eos] = bias
+    model.lm_head = head
+    return model
+
+
+@pytest.mark.parametrize(
+    ("temperature", "top_p", "eos_bias"),
+    [(0.05, 1.0, 0.0), (1.0, 0.9, 3.0), (1.0, 1.0, 4.0)],
+    ids=["near-greedy", "top_p", "early-eos"],
+)
+@pytest.mark.parametrize("compact", [True, False], ids=["compact", "no-compact"])
+def test_decode_loop_matches_generate(tiny_tokenizer, tiny_qwen2, temperature, top_p, eos_bias, compact):
+    """The own decode loop samples exactly the tokens of ``model.generate`` with the same per-row sampler."""
+    model = _eos_biased(tiny_qwen2, tiny_tokenizer.eos_token_id, eos_bias)
+    prompts = [*PROMPTS, "Problem 1: 1 + 1\nProblem 2: 5 * 6\nProblem 3: 9 - 2"]  # unequal lengths: padding
+    kw = {"num_generations": 4, "max_new_tokens": 24, "temperature": temperature, "top_p": top_p,
+          "seed": 11}
+    ref = HFEngine(model, tiny_tokenizer, decode="generate").generate(prompts, **kw)
+    batch_sizes = []
+    hook = model.register_forward_pre_hook(lambda _m, _a, k: batch_sizes.append(k["input_ids"].shape[0]),
+                                           with_kwargs=True)
+    try:
+        loop = HFEngine(model, tiny_tokenizer, decode="loop", compact_finished=compact).generate(prompts, **kw)
+    finally:
+        hook.remove()
+    ids = lambda out: [g.completion_ids for grp in out for g in grp]
+    assert ids(loop) == ids(ref)
+    assert loop == ref  # text and truncation flags too
+    lengths = [len(c) for c in ids(ref)]
+    if eos_bias:  # the case is non-trivial: rows stop at different steps, some run to budget
+        assert len(set(lengths)) > 3
+    else:
+        assert all(g.truncated for grp in ref for g in grp)
+    assert (min(batch_sizes) < max(batch_sizes)) == (compact and eos_bias > 0)  # finished rows left
+
+
+def test_decode_default_and_validation(tiny_tokenizer, tiny_qwen2):
+    assert HFEngine(tiny_qwen2, tiny_tokenizer).decode == "loop"
+    assert make_engine("hf", tiny_qwen2, tiny_tokenizer, decode="generate").decode == "generate"
+    with pytest.raises(ValueError, match="decode"):
+        HFEngine(tiny_qwen2, tiny_tokenizer, decode="beam")
 
 
 def test_make_engine():
