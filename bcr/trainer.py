@@ -39,7 +39,12 @@ from pathlib import Path
 
 import torch
 
-from bcr_kernels import fused_linear_logprobs, policy_loss, scatter_instance_advantages
+from bcr_kernels import (
+    fused_linear_logprobs,
+    fused_linear_policy_loss,
+    policy_loss,
+    scatter_instance_advantages,
+)
 from bcr_kernels.varlen_attention import packed_model_kwargs
 
 from .bundling import Bundler
@@ -93,11 +98,13 @@ def attention_implementation(model, name: str):
 
 
 def completion_logprobs(model, batch: PackedBatch, *, temperature: float = 1.0, chunk_tokens: int | None = None,
-                        return_entropy: bool = False, attn_implementation: str = "sdpa"):
+                        return_entropy: bool = False, attn_implementation: str = "sdpa", loss_kwargs=None):
     """Log-probs (fp32 ``[C]``) of the completion tokens of a packed row (and their entropies).
 
     Runs the backbone on the whole row, keeps the hidden states at the target positions of
     completion tokens, and applies the LM head there only (``fused_linear_logprobs``).
+    With ``loss_kwargs`` (the arguments of ``fused_linear_policy_loss`` after ``targets``), the policy
+    loss at ratio 1 is fused in as well and ``(loss, metrics, logp[, entropy])`` is returned.
     """
     kwargs = {}
     if attn_implementation not in ("sdpa", "eager"):  # flash-style backends take the sequence boundaries
@@ -110,6 +117,9 @@ def completion_logprobs(model, batch: PackedBatch, *, temperature: float = 1.0, 
     head = model.get_output_embeddings()
     weight = head.weight if head.weight.dtype == hidden.dtype else head.weight.to(hidden.dtype)
     bias = getattr(head, "bias", None)
+    if loss_kwargs is not None:
+        return fused_linear_policy_loss(hidden, weight, batch.completion_targets, bias=bias, temperature=temperature,
+                                        chunk_tokens=chunk_tokens, return_entropy=return_entropy, **loss_kwargs)
     return fused_linear_logprobs(hidden, weight, batch.completion_targets, bias=bias, temperature=temperature,
                                  chunk_tokens=chunk_tokens, return_entropy=return_entropy)
 
@@ -441,13 +451,13 @@ class BCRTrainer:
     # ------------------------------------------------------------------------------------------
     # Update
     # ------------------------------------------------------------------------------------------
-    def _logprobs(self, model, row: PackedBatch, return_entropy: bool = False):
+    def _logprobs(self, model, row: PackedBatch, return_entropy: bool = False, loss_kwargs=None):
         root = {id(self.model): self.fsdp_root, id(self.ref_model): self.ref_root}.get(id(model))
         fn = root if root is not None else (lambda row, **kw: completion_logprobs(model, row, **kw))
         with self.autocast():
             return fn(row, temperature=self.config.temperature,
                                        chunk_tokens=self.config.chunk_tokens, return_entropy=return_entropy,
-                                       attn_implementation=self.attn_implementation)
+                                       attn_implementation=self.attn_implementation, loss_kwargs=loss_kwargs)
 
     @torch.no_grad()
     def _ref_logprobs(self, row: PackedBatch) -> torch.Tensor:
@@ -512,20 +522,22 @@ class BCRTrainer:
             for i, (row, adv, old_logp, ref_logp) in enumerate(zip(rows, advantages, old, ref)):
                 if self.fsdp_root is not None:  # reduce-scatter once, after the last micro-batch
                     self.fsdp_root.set_requires_gradient_sync(i == len(rows) - 1)
-                logp, entropy = self._logprobs(self.model, row, return_entropy=True)
-                mask = torch.ones_like(logp)
-                loss, m = policy_loss(
-                    logp, logp.detach() if old_logp is None else old_logp, adv, mask, row.completion_cu_seqlens,
-                    ref_logp=ref_logp, beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
-                    loss_type=cfg.kernel_loss_type, max_completion_length=cfg.max_completion_length,
-                    normalizer=normalizer,
-                )
+                mask = torch.ones_like(adv)
+                loss_kwargs = {"ref_logp": ref_logp, "beta": cfg.beta, "epsilon": cfg.epsilon,
+                               "epsilon_high": cfg.epsilon_high, "loss_type": cfg.kernel_loss_type,
+                               "max_completion_length": cfg.max_completion_length, "normalizer": normalizer}
+                if old_logp is None:  # num_iterations == 1: ratio 1, the LM-head gradients come with the forward
+                    fused = {"advantages": adv, "mask": mask, "cu_seqlens": row.completion_cu_seqlens, **loss_kwargs}
+                    loss, m, _, entropy = self._logprobs(self.model, row, return_entropy=True, loss_kwargs=fused)
+                else:
+                    logp, entropy = self._logprobs(self.model, row, return_entropy=True)
+                    loss, m = policy_loss(logp, old_logp, adv, mask, row.completion_cu_seqlens, **loss_kwargs)
                 if i >= real or not torch.isfinite(loss):
                     if i < real:
                         finite = False
                     if self.fsdp_root is None:
                         break
-                    (logp.sum() * 0.0).backward()  # FSDP2: keep the collectives in step with the other ranks
+                    (loss * 0.0).backward()  # FSDP2: keep the collectives in step with the other ranks
                     continue
                 loss.backward()
                 total_loss += float(loss.detach())

@@ -7,6 +7,7 @@ and a functional entry point that runs Triton on CUDA tensors (or on the CPU und
 
 from . import reference
 from .fused_linear_logprobs import fused_linear_logprobs
+from .fused_linear_policy_loss import fused_linear_policy_loss
 from .packed_targets import packed_targets
 from .policy_loss import policy_loss
 from .scatter_instance_advantages import scatter_instance_advantages
@@ -15,6 +16,7 @@ from .varlen_attention import varlen_attention
 
 __all__ = [
     "fused_linear_logprobs",
+    "fused_linear_policy_loss",
     "packed_targets",
     "policy_loss",
     "reference",

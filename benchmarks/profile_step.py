@@ -22,6 +22,9 @@ Variants (each in a FRESH subprocess: 1+ untimed warm-up steps, then ``--repeats
   ``bcr_kernels.varlen_attention``; backbone hidden states at completion-target positions only ->
   ``bcr_kernels.fused_linear_logprobs`` -> ``scatter_instance_advantages`` -> ``policy_loss``. This is
   ``bcr.trainer.completion_logprobs`` + ``BCRTrainer.update`` written out so each phase is timed.
+- ``packed-fused-loss``: the ``packed`` backbone, then ``bcr_kernels.fused_linear_policy_loss``
+  (what ``BCRTrainer.update`` runs with ``num_iterations=1``): log-probs, loss and the LM-head
+  gradients in one chunked forward (3 big matmuls instead of 4), reported as ``logprobs``.
 - ``padded-eager``: the same sequences right-padded into ``[B, Lmax]`` with an attention mask (the
   model's default ``sdpa`` attention), full ``[B, Lmax, V]`` logits -> ``log_softmax`` -> ``gather``,
   per-token advantages and a masked clipped loss in eager PyTorch. The baseline of the ratios.
@@ -83,7 +86,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-VARIANTS = ("packed", "padded-eager", "packed-liger", "trl", "trl-selective")
+VARIANTS = ("packed", "packed-fused-loss", "padded-eager", "packed-liger", "trl", "trl-selective")
 BASELINE = "padded-eager"
 PHASES = ("prepare", "forward", "logprobs", "loss", "backward", "optimizer")
 MiB = 2**20
@@ -355,7 +358,12 @@ def make_step(variant: str, model, samples: list[dict], device, args: dict):
     import torch
 
     from bcr.packing import Sample, pack_samples
-    from bcr_kernels import fused_linear_logprobs, policy_loss, scatter_instance_advantages
+    from bcr_kernels import (
+        fused_linear_logprobs,
+        fused_linear_policy_loss,
+        policy_loss,
+        scatter_instance_advantages,
+    )
     from bcr_kernels.varlen_attention import packed_model_kwargs
 
     eps = 0.2
@@ -417,6 +425,32 @@ def make_step(variant: str, model, samples: list[dict], device, args: dict):
                         epsilon=eps,
                         loss_type="token_mean",
                         normalizer=float(n_completion),
+                    )
+                with timer("backward"):
+                    loss.backward()
+            return float(loss.detach())
+
+        return step
+
+    if variant == "packed-fused-loss":
+
+        def step(timer):
+            for row in packed_rows(timer):
+                hidden = packed_hidden(row, timer)
+                with timer("logprobs"):  # log-probs + loss + LM-head grads in one fused forward
+                    adv = packed_advantages(row)
+                    loss, _, _ = fused_linear_policy_loss(
+                        hidden,
+                        head.weight,
+                        row.completion_targets,
+                        adv,
+                        torch.ones_like(adv),
+                        row.completion_cu_seqlens,
+                        bias=head.bias,
+                        epsilon=eps,
+                        loss_type="token_mean",
+                        normalizer=float(n_completion),
+                        chunk_tokens=args.get("chunk_tokens"),
                     )
                 with timer("backward"):
                     loss.backward()
@@ -577,7 +611,7 @@ def child_main(spec: dict) -> dict:
     if not ok:
         return {"variant": variant, "skipped": why}
     batch = make_batch_spec(**spec["batch"])
-    attn = "bcr_varlen" if variant in ("packed", "packed-liger") else "sdpa"
+    attn = "bcr_varlen" if variant in ("packed", "packed-fused-loss", "packed-liger") else "sdpa"
     model = build_model(spec["preset"], attn, dtype, device, spec["seed"])
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.0)

@@ -68,7 +68,7 @@ def test_profile_step_tiny_in_process(tmp_path, no_interpreter):
             "--preset",
             "tiny",
             "--variants",
-            "packed,padded-eager,packed-liger,trl,trl-selective",
+            "packed,packed-fused-loss,padded-eager,packed-liger,trl,trl-selective",
             "--repeats",
             "1",
             "--warmup",
@@ -81,7 +81,7 @@ def test_profile_step_tiny_in_process(tmp_path, no_interpreter):
     assert rc == 0
     report = json.loads(out.with_suffix(".json").read_text())
     ran = {r["variant"]: r for r in report["results"] if "runs" in r}
-    assert {"packed", "padded-eager"} <= set(ran)
+    assert {"packed", "packed-fused-loss", "padded-eager"} <= set(ran)
     assert ran["packed"]["attn_implementation"] == "bcr_varlen"
     for r in report["results"]:
         assert "error" not in r, r

@@ -125,6 +125,13 @@ def test_non_finite_loss_skips_the_update_and_writes_no_nan(tmp_path, tiny_token
         return loss * float("nan"), metrics
 
     monkeypatch.setattr(trainer_module, "policy_loss", nan_loss)
+    real_fused = trainer_module.fused_linear_policy_loss  # the num_iterations == 1 path
+
+    def nan_fused(*args, **kwargs):
+        loss, *rest = real_fused(*args, **kwargs)
+        return (loss * float("nan"), *rest)
+
+    monkeypatch.setattr(trainer_module, "fused_linear_policy_loss", nan_fused)
     cfg = _cfg(tmp_path, max_steps=2)
     before = _params(tiny_qwen2)
     trainer = BCRTrainer(tiny_qwen2, problems, cfg, tokenizer=tiny_tokenizer, reward_fn=instance_token_reward)
