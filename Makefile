@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 HAS_CUDA = $(shell $(BIN)/python -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
 PYTEST_ENV = $(if $(filter 1,$(HAS_CUDA)),,TRITON_INTERPRET=1)
 
-.PHONY: install test bench lint clean
+.PHONY: install test bench lint clean demo
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -26,6 +26,11 @@ test: install
 bench: install
 	$(BIN)/pip install -q -e ".[bench]"
 	$(PYTEST_ENV) $(BIN)/python -m pytest benchmarks --benchmark-only -q $(PYTEST_ARGS)
+
+# The embedded CPU demo (about 15 minutes on 2 cores): SFT a tiny verbose reasoner, BCR-train it, sweep N.
+# Pass options through DEMO_ARGS, e.g. make demo DEMO_ARGS="length_baseline=true" or "--from-stage eval".
+demo: install
+	$(BIN)/python -m bcr demo $(DEMO_ARGS)
 
 lint: install
 	$(BIN)/ruff check bcr bcr_kernels tests benchmarks
