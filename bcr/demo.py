@@ -23,9 +23,8 @@ The pipeline, each stage seeded and checkpointed under ``output_dir/<stage>/``:
 
 The default task is deliberately small so that a 0.55M-parameter model learns it on a CPU: two
 operations on one-digit numbers (``+``/``-``), so every operand is found next to a unique anchor of
-the problem text. Why ``arch=llama``: ``AutoTokenizer.from_pretrained`` on a saved *qwen2* model
-directory returns a ``Qwen2Tokenizer`` whose pre-tokenizer splits digits, i.e. not the tokenizer the
-model was trained with (the SFT stage checks the round trip and fails loudly).
+the problem text. The model is a Llama-architecture one (``arch=qwen2`` works too: tokenizers are
+loaded with ``bcr.tokenizer_loading.load_tokenizer``, and the SFT stage checks the round trip).
 
 ``from_stage=bcr`` (or ``--from-stage bcr``) reuses the checkpoints of the stages before it and
 re-runs that stage and the ones after; ``stop_after=sft`` stops early. Every stage writes
@@ -275,17 +274,16 @@ def bundle_solution_sample(problems) -> str:
 
 
 def check_tokenizer_roundtrip(tokenizer, model_dir: Path, text: str) -> None:
-    """The trainer and the evaluator load the tokenizer with ``AutoTokenizer.from_pretrained(model_dir)``;
-    make sure that gives the very tokenization the model was trained with (for some model types,
-    transformers swaps in its own tokenizer class with a different pre-tokenizer)."""
-    from transformers import AutoTokenizer
+    """The trainer and the evaluator load the tokenizer with ``bcr.tokenizer_loading.load_tokenizer``;
+    make sure that gives the very tokenization the model was trained with."""
+    from .tokenizer_loading import load_tokenizer
 
-    loaded = AutoTokenizer.from_pretrained(str(model_dir))
+    loaded = load_tokenizer(model_dir)
     a = tokenizer(text, add_special_tokens=False)["input_ids"]
     b = loaded(text, add_special_tokens=False)["input_ids"]
     if a != b:
-        raise RuntimeError(f"AutoTokenizer.from_pretrained({str(model_dir)!r}) returns a {type(loaded).__name__} that "
-                           "tokenizes differently from the tokenizer the model was trained with; use arch=llama")
+        raise RuntimeError(f"the tokenizer saved in {str(model_dir)!r} loads as a {type(loaded).__name__} that "
+                           "tokenizes differently from the tokenizer the model was trained with")
 
 
 def sft_example(bundle, tokenizer) -> tuple[list[int], int]:

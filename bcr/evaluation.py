@@ -313,18 +313,18 @@ def _tokenizer_for(name: str, model, tokenizer):
     if isinstance(tokenizer, Mapping):
         tokenizer = tokenizer.get(name)
     if isinstance(tokenizer, (str, os.PathLike)):
-        from transformers import AutoTokenizer
+        from .tokenizer_loading import load_tokenizer
 
-        return AutoTokenizer.from_pretrained(str(tokenizer))
+        return load_tokenizer(tokenizer)
     if tokenizer is not None:
         return tokenizer
     if isinstance(model, (str, os.PathLike)):
         path = Path(str(model))
         if not path.exists():
             raise ConfigError(f"model path {str(path)!r} for {name!r} does not exist; pass a local HF model directory")
-        from transformers import AutoTokenizer
+        from .tokenizer_loading import load_tokenizer
 
-        return AutoTokenizer.from_pretrained(str(path))
+        return load_tokenizer(path)
     if _is_engine(model):
         return getattr(model, "tokenizer", None)
     raise ConfigError(f"model {name!r} is an in-memory model: pass its tokenizer (tokenizer=...)")

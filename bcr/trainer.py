@@ -762,7 +762,9 @@ class BCRTrainer:
 # Model loading
 # ----------------------------------------------------------------------------------------------
 def _load_model(model, tokenizer, cfg: BCRConfig):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from .tokenizer_loading import load_tokenizer
 
     if isinstance(model, (str, Path)):
         path = Path(model)
@@ -774,11 +776,11 @@ def _load_model(model, tokenizer, cfg: BCRConfig):
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch.float32).to(device)
         if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+            tokenizer = load_tokenizer(path, local_files_only=True)
     if tokenizer is None:
         name = getattr(model, "name_or_path", "")
         if name and Path(name).is_dir():
-            tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
+            tokenizer = load_tokenizer(name, local_files_only=True)
         else:
             raise ValueError("pass tokenizer=... (the model was given as an object with no local directory)")
     if tokenizer.pad_token is None:

@@ -91,7 +91,9 @@ def load_model(
             tok,
             f"tiny-random Qwen2 (hidden {hidden}, {layers} layers, vocab {len(tok)})",
         )
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from bcr.tokenizer_loading import load_tokenizer
 
     path = Path(name)
     if not path.exists():
@@ -100,7 +102,7 @@ def load_model(
     tok, errors = None, []
     for c in candidates:
         try:
-            tok = AutoTokenizer.from_pretrained(c)
+            tok = load_tokenizer(c)
             break
         except Exception as exc:  # noqa: BLE001
             errors.append(f"{c}: {type(exc).__name__}")
