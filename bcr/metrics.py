@@ -88,14 +88,14 @@ class MetricsLogger:
 
                 self._tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
             except ImportError:
-                warnings.warn("report_to has 'tensorboard' but tensorboard is not installed: pip install tensorboard")
+                warnings.warn("report_to has 'tensorboard' but tensorboard is not installed: pip install tensorboard", stacklevel=2)
         if "wandb" in report_to:
             try:
                 import wandb
 
                 self._wandb = wandb.init(name=run_name or Path(output_dir).name, config=config or {}, reinit=True)
             except ImportError:
-                warnings.warn("report_to has 'wandb' but wandb is not installed: pip install wandb")
+                warnings.warn("report_to has 'wandb' but wandb is not installed: pip install wandb", stacklevel=2)
 
     def truncate_after(self, step: int) -> None:
         """Drop rows logged after ``step`` (a resumed run re-does those steps). Atomic rewrite."""

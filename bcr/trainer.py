@@ -563,7 +563,7 @@ class BCRTrainer:
                 stats.add("grad_norm", grad_norm)
             else:
                 self.optimizer.zero_grad(set_to_none=True)
-                warnings.warn(f"step {self.step}: non-finite loss or gradient; the update was skipped")
+                warnings.warn(f"step {self.step}: non-finite loss or gradient; the update was skipped", stacklevel=2)
             stats.add("skipped_updates", float(not finite))
             with warnings.catch_warnings():  # a skipped update still advances the schedule
                 warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*")
@@ -726,7 +726,7 @@ class BCRTrainer:
             if key in saved and saved[key] != getattr(self.config, key) and not (
                     key == "n_problems" and isinstance(saved[key], dict)):
                 warnings.warn(f"resuming {path} with {key}={getattr(self.config, key)!r} but it was trained with "
-                              f"{saved[key]!r}; the data order will differ from the original run")
+                              f"{saved[key]!r}; the data order will differ from the original run", stacklevel=2)
         self.step = int(state["step"])
 
     def save(self, path: str | Path | None = None) -> Path:
