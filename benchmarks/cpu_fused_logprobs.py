@@ -39,9 +39,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import rss  # noqa: E402  (benchmarks/rss.py, beside this script)
+
 
 VARIANTS = ("ours", "materialised", "trl")
 MiB = 2**20
@@ -51,46 +54,6 @@ MiB = 2**20
 # child: one variant, one shape
 
 
-def _proc_status() -> dict[str, int]:
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                key, val = line.split(":")
-                out[key] = int(val.split()[0]) * 1024
-    return out
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-class _Sampler:
-    """Fallback peak-RSS sampler for systems where VmHWM cannot be reset."""
-
-    def __init__(self, period=0.001):
-        self.period, self.peak, self._stop = period, 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _proc_status()["VmRSS"])
-            time.sleep(self.period)
-
-    def __enter__(self):
-        self.peak = _proc_status()["VmRSS"]
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _proc_status()["VmRSS"])
 
 
 def _make_step(variant: str, chunk_tokens: int | None):
@@ -147,17 +110,17 @@ def child_main(spec: dict) -> dict:
     times, extras, growths, method = [], [], [], None
     for _ in range(spec["repeats"]):
         gc.collect()
-        can_reset = _reset_peak()
-        base = _proc_status()["VmRSS"]
+        can_reset = rss.reset_peak()
+        base = rss.proc_status()["VmRSS"]
         if can_reset:
             method = "VmHWM reset via /proc/self/clear_refs"
             t0 = time.perf_counter()
             grads = step(hidden, weight, targets, upstream)
             dt = time.perf_counter() - t0
-            peak = _proc_status()["VmHWM"]
+            peak = rss.proc_status()["VmHWM"]
         else:
             method = "VmRSS sampled every 1 ms (lower bound)"
-            with _Sampler() as s:
+            with rss.PeakSampler() as s:
                 t0 = time.perf_counter()
                 grads = step(hidden, weight, targets, upstream)
                 dt = time.perf_counter() - t0

@@ -78,9 +78,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import rss  # noqa: E402  (benchmarks/rss.py, beside this script)
+
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -210,46 +213,6 @@ def batch_stats(spec: dict) -> dict:
 # memory probes
 
 
-def _proc_status() -> dict[str, int]:
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                key, val = line.split(":")
-                out[key] = int(val.split()[0]) * 1024
-    return out
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-class _Sampler:
-    """Fallback peak-RSS sampler where VmHWM cannot be reset (a lower bound)."""
-
-    def __init__(self, period=0.001):
-        self.period, self.peak, self._stop = period, 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _proc_status()["VmRSS"])
-            time.sleep(self.period)
-
-    def __enter__(self):
-        self.peak = _proc_status()["VmRSS"]
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _proc_status()["VmRSS"])
 
 
 class MemoryProbe:
@@ -274,15 +237,15 @@ class MemoryProbe:
             peak = torch.cuda.max_memory_allocated()
             result.update(peak_bytes=peak, growth_bytes=peak - base, base_bytes=base)
             return
-        if _reset_peak():
-            base = _proc_status()["VmRSS"]
+        if rss.reset_peak():
+            base = rss.proc_status()["VmRSS"]
             self.method = "VmHWM reset via /proc/self/clear_refs"
             yield result
-            peak = _proc_status()["VmHWM"]
+            peak = rss.proc_status()["VmHWM"]
         else:
             self.method = "VmRSS sampled every 1 ms (lower bound)"
-            with _Sampler() as s:
-                base = _proc_status()["VmRSS"]
+            with rss.PeakSampler() as s:
+                base = rss.proc_status()["VmRSS"]
                 yield result
             peak = s.peak
         result.update(peak_bytes=peak, growth_bytes=peak - base, base_bytes=base)
