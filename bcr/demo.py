@@ -95,7 +95,7 @@ class DemoConfig:
 
     # --- stage 2: BCR RL ----------------------------------------------------------------------
     rl_n_values: list[int] = field(default_factory=lambda: [2, 3, 4], metadata={"help": "N of the BCR training bundles (equal weights)"})
-    rl_steps: int = _help("RL steps of the BCR stage (and of the length baseline)", default=60)
+    rl_steps: int = _help("RL steps of the BCR stage (and of the length baseline)", default=200)
     max_completion_length: int = _help("the shared completion budget of one N-problem completion (tokens)",
                                        default=140)
     num_generations: int = _help("G: completions per prompt", default=4)
