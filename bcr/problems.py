@@ -123,7 +123,6 @@ _MAX_ERRORS_KEPT = 20
 
 
 # ----------------------------------------------------------------------------------------- boxed
-_BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 
 
 def extract_last_boxed(text: str) -> str | None:
@@ -133,35 +132,10 @@ def extract_last_boxed(text: str) -> str | None:
     character, so ``\\{`` and ``\\}`` do not count. The brace-less form ``\\boxed 5`` yields ``5``. A
     last box whose braces never close is skipped in favour of the previous complete one.
     """
-    if not text:
-        return None
-    for m in reversed(list(_BOX_RE.finditer(text))):
-        i = m.end()
-        while i < len(text) and text[i] in " \t":
-            i += 1
-        if i >= len(text):
-            continue
-        if text[i] != "{":
-            if i == m.end():  # "\boxedfoo" cannot happen (regex), but "\boxed{" needs a brace or space
-                continue
-            tok = re.match(r"[^\s$]+", text[i:])
-            if tok:
-                return tok.group(0)
-            continue
-        depth, j, start = 0, i, i + 1
-        while j < len(text):
-            c = text[j]
-            if c == "\\":
-                j += 2
-                continue
-            if c == "{":
-                depth += 1
-            elif c == "}":
-                depth -= 1
-                if depth == 0:
-                    return text[start:j].strip()
-            j += 1
-    return None
+    from .parsing import extract_boxed  # the one brace-balanced box reader
+
+    boxes = extract_boxed(text or "")
+    return boxes[-1][0] if boxes else None
 
 
 # ------------------------------------------------------------------------------------ records
