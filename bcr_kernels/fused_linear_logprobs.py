@@ -106,6 +106,38 @@ def _addmm_fp32_(acc, a, b):
 # PyTorch path
 
 
+def _add_head_grads_torch_(d, h_c, weight, out_h, grad_w, grad_b, buf_low):
+    """Add one chunk's LM-head gradients given ``d`` = d loss / d logits of the chunk (fp32).
+
+    ``out_h`` (the chunk's rows of grad_hidden, or None) is written; ``grad_w`` / ``grad_b`` (fp32, or
+    None) are accumulated. With low-precision inputs ``buf_low`` holds ``d`` cast for the matmul.
+    """
+    if out_h is not None:
+        if buf_low is not None:
+            low = buf_low[: d.shape[0]]
+            low.copy_(d)
+            torch.mm(low, weight, out=out_h)
+        else:
+            torch.mm(d, weight, out=out_h)
+    if grad_w is not None:
+        grad_w.addmm_(d.t(), h_c.float() if buf_low is not None else h_c)
+    if grad_b is not None:
+        grad_b.add_(d.sum(dim=0))
+
+
+def _add_head_grads_triton_(d, h_c, weight, out_h, grad_w, grad_b):
+    """As :func:`_add_head_grads_torch_` for ``d`` in the inputs' dtype (the Triton kernels' output)."""
+    if out_h is not None:
+        torch.mm(d, weight, out=out_h)
+    if grad_w is not None:
+        if d.dtype in _LOW_PRECISION:
+            _addmm_fp32_(grad_w, d.t(), h_c)
+        else:
+            grad_w.addmm_(d.t(), h_c)
+    if grad_b is not None:
+        grad_b.add_(d.sum(dim=0, dtype=torch.float32))
+
+
 def _torch_forward(hidden, weight, bias, targets, temperature, ignore_index, chunk, return_entropy):
     T = hidden.shape[0]
     V = weight.shape[0]
@@ -187,16 +219,7 @@ def _torch_backward(hidden, weight, bias, targets, lse, grad_logp, temperature, 
         d.sub_(lse[c0 : c0 + n].unsqueeze(1)).exp_()  # softmax
         d.mul_(g_c.neg())  # -g * p
         d.scatter_add_(1, safe_all[c0 : c0 + n].unsqueeze(1), g_c)  # + g * onehot
-        if need_h:
-            if lowp:
-                buf_low[:n].copy_(d)
-                torch.mm(buf_low[:n], weight, out=grad_h[c0 : c0 + n])
-            else:
-                torch.mm(d, weight, out=grad_h[c0 : c0 + n])
-        if need_w:
-            grad_w.addmm_(d.t(), h_c.float() if lowp else h_c)
-        if need_b:
-            grad_b.add_(d.sum(dim=0))
+        _add_head_grads_torch_(d, h_c, weight, grad_h[c0 : c0 + n] if need_h else None, grad_w, grad_b, buf_low)
     return grad_h, grad_w, grad_b
 
 
@@ -242,15 +265,7 @@ def _triton_backward(ops, hidden, weight, bias, targets, lse, grad_logp, tempera
         h_c = hidden[c0 : c0 + n]
         d = _chunk_logits(buf[:n], h_c, weight, bias, 1.0)
         bwd(d, targets[c0 : c0 + n], lse[c0 : c0 + n], g[c0 : c0 + n], temperature, ignore_index)
-        if need_h:
-            torch.mm(d, weight, out=grad_h[c0 : c0 + n])
-        if need_w:
-            if lowp:
-                _addmm_fp32_(grad_w, d.t(), h_c)
-            else:
-                grad_w.addmm_(d.t(), h_c)
-        if need_b:
-            grad_b.add_(d.sum(dim=0, dtype=torch.float32))
+        _add_head_grads_triton_(d, h_c, weight, grad_h[c0 : c0 + n] if need_h else None, grad_w, grad_b)
     return grad_h, grad_w, grad_b
 
 

@@ -131,16 +131,8 @@ def _torch_pass(hidden, weight, bias, targets, adv, wd, ref, beta, c_min, temper
         g = torch.where(valid, g * inv_t, torch.zeros_like(g)).unsqueeze(1)
         d.mul_((-g) / s.unsqueeze(1))  # -g * softmax
         d.scatter_add_(1, safe, g)  # + g * onehot
-        if need_h:
-            if lowp:
-                buf_low[:n].copy_(d)
-                torch.mm(buf_low[:n], weight, out=grad_h[c0 : c0 + n])
-            else:
-                torch.mm(d, weight, out=grad_h[c0 : c0 + n])
-        if need_w:
-            grad_w.addmm_(d.t(), h_c.float() if lowp else h_c)
-        if need_b:
-            grad_b.add_(d.sum(dim=0))
+        _fll._add_head_grads_torch_(d, h_c, weight, grad_h[c0 : c0 + n] if need_h else None, grad_w, grad_b,
+                                    buf_low)
     return logp, entropy, grad_h, grad_w, grad_b
 
 
@@ -174,15 +166,7 @@ def _triton_pass(ops, hidden, weight, bias, targets, adv, wd, ref, beta, c_min, 
                          beta, c_min)
         g = torch.where(t != ignore_index, g, torch.zeros_like(g)).contiguous()
         bwd(x, t, lse_c, g, temperature, ignore_index)  # x <- d loss / d logits (chunk)
-        if need_h:
-            torch.mm(x, weight, out=grad_h[c0 : c0 + n])
-        if need_w:
-            if lowp:
-                _fll._addmm_fp32_(grad_w, x.t(), h_c)
-            else:
-                grad_w.addmm_(x.t(), h_c)
-        if need_b:
-            grad_b.add_(x.sum(dim=0, dtype=torch.float32))
+        _fll._add_head_grads_triton_(x, h_c, weight, grad_h[c0 : c0 + n] if need_h else None, grad_w, grad_b)
     return logp, entropy, grad_h, grad_w, grad_b
 
 
