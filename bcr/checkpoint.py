@@ -166,16 +166,7 @@ def load_model_weights(model, path: str | Path) -> None:
 
         set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors")))
         return
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (path / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"no model.safetensors in {path}; is it a checkpoint written by bcr?")
-    state: dict = {}
-    for name in files:
-        state.update(load_file(str(path / name)))
+    state = _safetensors_state(path)
     result = model.load_state_dict(state, strict=False)
     params = dict(model.named_parameters(remove_duplicate=False))  # tied weights appear under both names
     loaded_ptrs = {p.data_ptr() for n, p in params.items() if n in state}
