@@ -71,6 +71,11 @@ class BCRConfig:
         "'sequence': the whole completion gets the advantage of its mean reward",
         default="instance",
     )
+    numbered_single: bool = _help(
+        "N = 1 prompts use the numbered format of N > 1 ('Problem 1:', '### Problem 1', 'Answer 1:') "
+        "instead of the plain single-problem prompt (see bcr.prompts.PromptTemplate.numbered_single)",
+        default=False,
+    )
     shared_advantage: str = _help(
         "advantage of shared tokens (text not attributed to one problem): 'mean' of the instances or 'zero'",
         default="mean",

@@ -100,6 +100,11 @@ class EvalConfig:
     )
     max_completion_length: int = field(default=2048, metadata=_help("new-token budget per prompt (per_prompt mode)"))
     per_problem_budget: int = field(default=1024, metadata=_help("new tokens per problem (per_problem mode)"))
+    numbered_single: bool = field(
+        default=False,
+        metadata=_help("N = 1 prompts use the numbered format of N > 1 ('Problem 1:' ... 'Answer 1:'), "
+                       "so every N pays the same format tokens per problem"),
+    )
     temperature: float = field(default=0.6, metadata=_help("sampling temperature"))
     top_p: float = field(default=0.95, metadata=_help("nucleus sampling top-p"))
     seed: int = field(default=0, metadata=_help("sampling and bootstrap seed; same seed, same files"))
@@ -378,7 +383,7 @@ def _model_identity(model) -> str:
 def _fingerprint(cfg: EvalConfig, problems, models: Mapping[str, Any]) -> dict:
     """What gives existing records their meaning; a restart must match it to reuse them."""
     ids = "\n".join(f"{p.id}\t{p.answer}" for p in problems)
-    return {
+    fingerprint = {
         "problems_sha256": hashlib.sha256(ids.encode("utf-8")).hexdigest(),
         "num_problems": len(problems),
         "samples_per_bundle": cfg.samples_per_bundle,
@@ -391,6 +396,9 @@ def _fingerprint(cfg: EvalConfig, problems, models: Mapping[str, Any]) -> dict:
         "engine": cfg.engine,
         "models": {name: _model_identity(m) for name, m in models.items()},
     }
+    if cfg.numbered_single:  # only when set, so run directories written before the option still resume
+        fingerprint["numbered_single"] = True
+    return fingerprint
 
 
 def _check_resume(out: Path, fingerprint: dict, cfg: EvalConfig) -> None:
@@ -398,7 +406,7 @@ def _check_resume(out: Path, fingerprint: dict, cfg: EvalConfig) -> None:
     path = out / CONFIG_FILE
     if cfg.resume and path.exists():
         old = json.loads(path.read_text())
-        diffs = [k for k in fingerprint if k != "models" and old.get(k) != fingerprint[k]]
+        diffs = [k for k in {**old, **fingerprint} if k != "models" and old.get(k) != fingerprint.get(k)]
         old_models = old.get("models", {})
         diffs += [
             f"models.{name}"
@@ -441,12 +449,13 @@ def _progress(enabled: bool):
 def _run_batch(engine, tokenizer, spec: BatchSpec, bundles, cfg: EvalConfig, done: set) -> list[dict]:
     """Generate, parse and verify one batch; returns the records whose keys are not in ``done``."""
     from bcr.parsing import parse_completion
-    from bcr.prompts import render_prompt
+    from bcr.prompts import PromptTemplate, render_prompt
     from bcr.verify import answers_match
 
     k = cfg.samples_per_bundle
     chosen = [bundles[b] for b in spec.bundle_indices]
-    prompts = [render_prompt(bundle, tokenizer) for bundle in chosen]
+    prompts = [render_prompt(bundle, tokenizer, PromptTemplate(numbered_single=cfg.numbered_single))
+               for bundle in chosen]
     budgets = [cfg.max_new_tokens(len(bundle)) for bundle in chosen]
     started = time.perf_counter()
     generations = engine.generate(

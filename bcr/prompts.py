@@ -91,7 +91,7 @@ HEADER_REGEX = r"^[ \t]*#{1,6}[ \t]*Problem[ \t]+(\d+)[ \t]*:?[ \t]*$"
 ANSWER_PREFIX_REGEX = r"Answer[ \t]*(\d+)[ \t]*:[ \t]*\\boxed[ \t]*\{"
 
 DEFAULT_INSTRUCTION = (
-    "Solve the following {n} problems. Answer every problem, in order. For each problem k, start a "
+    "Solve the following {n} problem{s}. Answer every problem, in order. For each problem k, start a "
     'section with the header line "{header}", show your work, and end the section with the line '
     '"{answer}" holding its final answer.'
 )
@@ -108,6 +108,7 @@ class PromptTemplate:
 
     * ``instruction`` (N > 1): ``{n}`` = number of problems, ``{header}`` / ``{answer}`` = the header
       and answer line with ``k`` and ``...`` filled in (so the instruction follows the formats).
+      ``{s}`` is ``"s"`` for n > 1 and empty for n = 1 (``"{n} problem{s}"``).
     * ``single_instruction`` (N = 1): no placeholders by default (``{header}``/``{answer}`` allowed).
     * ``problem_header``: how problem k is labelled in an N > 1 prompt (``{k}``).
     * ``solution_header``: the header line the model writes for problem k (``{k}``).
@@ -115,6 +116,10 @@ class PromptTemplate:
     * ``single_answer_format``: the final line of an N = 1 target (``{answer}``).
     * ``layout`` / ``single_layout``: how instruction and problems are joined (``{instruction}``,
       ``{problems}`` / ``{problem}``).
+    * ``numbered_single``: False (default) gives N = 1 the ordinary single-problem prompt and target;
+      True gives N = 1 the numbered format of N > 1 (``instruction`` with n = 1, ``Problem 1:``,
+      ``### Problem 1`` ... ``Answer 1: \\boxed{..}``), so the format costs the same tokens per
+      problem at every N (a task-scaling sweep then compares like with like).
     * ``problem_separator``: between listed problems; ``section_separator``: between completion
       sections; ``system_prompt``: optional system message (``build_messages`` argument overrides).
     """
@@ -130,6 +135,7 @@ class PromptTemplate:
     problem_separator: str = "\n\n"
     section_separator: str = "\n\n"
     system_prompt: str | None = None
+    numbered_single: bool = False
 
     # -- pieces ---------------------------------------------------------------------------------
     def header(self, k: int) -> str:
@@ -142,11 +148,15 @@ class PromptTemplate:
             return self.single_answer_format.format(answer=answer)
         return self.answer_format.format(k=k, answer=answer)
 
+    def plain_single(self, n: int) -> bool:
+        """Whether a bundle of ``n`` problems uses the plain single-problem format."""
+        return n == 1 and not self.numbered_single
+
     def instruction_text(self, n: int) -> str:
-        """The instruction for ``n`` problems (``single_instruction`` when n == 1)."""
-        fields = {"n": n, "header": self.solution_header.format(k="k"),
+        """The instruction for ``n`` problems (``single_instruction`` for a plain N = 1 prompt)."""
+        fields = {"n": n, "s": "" if n == 1 else "s", "header": self.solution_header.format(k="k"),
                   "answer": self.answer_format.format(k="k", answer="...")}
-        if n == 1:
+        if self.plain_single(n):
             fields["answer"] = self.single_answer_format.format(answer="...")
             return self.single_instruction.format(**fields)
         return self.instruction.format(**fields)
@@ -178,7 +188,7 @@ def format_prompt(problems: Sequence[ProblemLike] | ProblemLike, template: Promp
     items = _as_list(problems)
     n = len(items)
     instruction = t.instruction_text(n)
-    if n == 1:
+    if t.plain_single(n):
         return t.single_layout.format(problem=_text(items[0]), instruction=instruction)
     listed = t.problem_separator.join(
         f"{t.problem_header.format(k=k)} {_text(p)}" for k, p in enumerate(items, 1)
@@ -257,6 +267,6 @@ def bundle_solution(problems: Sequence[Problem] | Problem, template: PromptTempl
     items = [problems] if isinstance(problems, Problem) else list(problems)
     if not items:
         raise ValueError("bundle_solution needs at least one problem")
-    if len(items) == 1:
+    if t.plain_single(len(items)):
         return format_solution(items[0], None, t)
     return t.section_separator.join(format_solution(p, k, t) for k, p in enumerate(items, 1))

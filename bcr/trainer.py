@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import sys
 import time
@@ -188,6 +189,15 @@ def full_weights(root):
 # ----------------------------------------------------------------------------------------------
 # Rewards
 # ----------------------------------------------------------------------------------------------
+def _template(template, numbered_single: bool):
+    """The prompt template of the run: the one given, with ``config.numbered_single`` applied."""
+    from .prompts import PromptTemplate
+
+    if not numbered_single:
+        return template
+    return dataclasses.replace(template or PromptTemplate(), numbered_single=True)
+
+
 def _as_instance_rewards(value, n: int) -> list[float]:
     """One reward function output for one sample -> N floats. None ("no opinion") counts as 0.0."""
     if value is None:
@@ -250,7 +260,7 @@ class BCRTrainer:
         self.rank, self.world_size = dist_info()
         self.model, self.tokenizer = _load_model(model, tokenizer, cfg)
         self.device = next(self.model.parameters()).device
-        self.template = template
+        self.template = _template(template, cfg.numbered_single)
         self.reward_fns = list(reward_fn) if isinstance(reward_fn, (list, tuple)) else ([reward_fn] if reward_fn else [])
         self.eval_problems = list(eval_problems) if eval_problems else []
 

@@ -12,7 +12,7 @@ import matplotlib.image as mpimg
 import pytest
 
 from bcr.dataclass_cli import ConfigError
-from bcr.evaluation import EvalConfig, cli_main, evaluate_scaling, read_results
+from bcr.evaluation import EvalConfig, cli_main, evaluate_scaling, prompt_hash, read_results
 from bcr.report import PLOT_FILES
 from bcr.rollout import make_engine
 from bcr.scaling import strip_timing
@@ -218,6 +218,21 @@ def test_per_problem_budget_scales_with_bundle_size(tmp_path, tiny_qwen2, tiny_t
         EvalConfig(budget_mode="per_token")
     with pytest.raises(ConfigError, match="n_values"):
         EvalConfig(n_values=[0, 2])
+
+
+def test_numbered_single_changes_the_n1_prompts_and_is_part_of_the_settings(tmp_path, tiny_qwen2, tiny_tokenizer):
+    from bcr.prompts import PromptTemplate, render_prompt
+
+    problems = make_arithmetic_problems(3, seed=2)
+    opts = {**FAST, "samples_per_bundle": 1, "n_values": [1], "max_completion_length": 4}
+    evaluate_scaling(tiny_qwen2, problems, tokenizer=tiny_tokenizer, output_dir=str(tmp_path), numbered_single=True,
+                     **opts)
+    numbered = PromptTemplate(numbered_single=True)
+    hashes = [r["prompt_sha256"] for r in _lines(tmp_path / "results.jsonl")]
+    assert hashes == [prompt_hash(render_prompt([p], tiny_tokenizer, numbered)) for p in problems]
+    assert hashes[0] != prompt_hash(render_prompt([problems[0]], tiny_tokenizer))
+    with pytest.raises(ConfigError, match="numbered_single"):
+        evaluate_scaling(tiny_qwen2, problems, tokenizer=tiny_tokenizer, output_dir=str(tmp_path), **opts)
 
 
 def test_cli_two_models_from_disk_with_free_lunch(tmp_path, tiny_tokenizer, capsys):

@@ -133,3 +133,22 @@ def test_bad_inputs():
         format_prompt([1, 2])
     with pytest.raises(ValueError):
         bundle_solution([])
+
+
+def test_numbered_single_gives_n1_the_multi_problem_format():
+    from bcr.parsing import parse_completion
+
+    t = PromptTemplate(numbered_single=True)
+    text = format_prompt(PROBS[:1], t)
+    instruction, listed = text.split("\n\n", 1)
+    assert instruction.startswith("Solve the following 1 problem. ")  # singular, same instruction otherwise
+    assert instruction[len("Solve the following 1 problem"):] == format_prompt(PROBS[:2]).split("\n\n")[0][
+        len("Solve the following 2 problems"):]
+    assert listed == "Problem 1: What is 2 + 3?"
+    target = bundle_solution(PROBS[2:3], t)
+    assert target == "### Problem 1\n7 * 6 = 42\nAnswer 1: \\boxed{42}"
+    assert parse_completion(target, 1).answers == ["42"]
+    # N > 1 is the same with or without the option, and the default N = 1 stays the plain prompt
+    assert format_prompt(PROBS, t) == format_prompt(PROBS)
+    assert bundle_solution(PROBS, t) == bundle_solution(PROBS)
+    assert "Problem 1" not in format_prompt(PROBS[:1]) and bundle_solution(PROBS[:1]) == "Answer: \\boxed{5}"

@@ -77,6 +77,20 @@ def test_a_tiny_model_learns_a_trivial_behaviour(tmp_path, tiny_tokenizer, tiny_
     assert last > 0.8 and last > first + 0.2, rewards
 
 
+def test_numbered_single_reaches_the_rollout_prompts(tmp_path, tiny_tokenizer, tiny_qwen2, problems):
+    seen = []
+
+    def record_prompts(prompts, completions, **kw):
+        seen.extend(prompts)
+        return [0.0] * len(completions)
+
+    for numbered in (False, True):
+        seen.clear()
+        cfg = _cfg(tmp_path / str(numbered), numbered_single=numbered, max_steps=1)
+        BCRTrainer(tiny_qwen2, problems, cfg, tokenizer=tiny_tokenizer, reward_fn=record_prompts).train()
+        assert seen and all(("Problem 1:" in p) == numbered for p in seen), seen[0]
+
+
 def _params(model):
     return {k: v.detach().clone() for k, v in model.named_parameters()}
 
