@@ -35,6 +35,8 @@ CSV_COLUMNS = [
     "accuracy_ci_low",
     "accuracy_ci_high",
     "tokens_per_problem",
+    "tokens_per_problem_ci_low",
+    "tokens_per_problem_ci_high",
     "completion_tokens_mean",
     "answered_rate",
     "truncation_rate",
@@ -140,7 +142,7 @@ def render_report(summary: Mapping, *, plots: Mapping[str, str] | None = None, t
         "problems in the bundle. Throughput is measured over generation wall time only."),
         "",
     ]
-    header = ["model", "N", "problems", "bundles", "accuracy %", f"{conf}% CI", "tokens/problem",
+    header = ["model", "N", "problems", "bundles", "accuracy %", f"{conf}% CI", "tokens/problem", f"{conf}% CI",
               "answered %", "truncated %", "accuracy by position %", "problems/s", "tokens/s"]
     rows = []
     for r in summary["rows"]:
@@ -148,7 +150,9 @@ def render_report(summary: Mapping, *, plots: Mapping[str, str] | None = None, t
         rows.append([
             str(r["model"]), str(r["n_problems"]), str(r["num_problems"]), str(r["num_bundles"]),
             _pct(r["accuracy"]), f"[{_pct(r['accuracy_ci_low'])}, {_pct(r['accuracy_ci_high'])}]",
-            _f(r["tokens_per_problem"], 1), _pct(r["answered_rate"]), _pct(r["truncation_rate"]),
+            _f(r["tokens_per_problem"], 1),
+            f"[{_f(r.get('tokens_per_problem_ci_low'), 1)}, {_f(r.get('tokens_per_problem_ci_high'), 1)}]",
+            _pct(r["answered_rate"]), _pct(r["truncation_rate"]),
             " / ".join(_pct(v, 0) for v in r["accuracy_by_position"]),
             _f(t.get("problems_per_s")), _f(t.get("tokens_per_s"), 1),
         ])
@@ -157,7 +161,8 @@ def render_report(summary: Mapping, *, plots: Mapping[str, str] | None = None, t
     out += ["## Task-scaling fit", "",
             ("Tokens per problem fitted as `a * N^-b` (least squares in log-log; R² in log space); "
             "accuracy slope is the linear fit of accuracy against N (points per added problem). "
-            "Non-monotonic N: tokens/problem rose compared with the previous N."), ""]
+            "Non-monotonic N: tokens/problem rose compared with the previous N; clear rise: the rise's "
+            "CI lies wholly above the previous N's CI."), ""]
     fit_rows = []
     for model, fit in (summary.get("fits") or {}).items():
         p, s = fit.get("tokens_power_law"), fit.get("accuracy_linear")
@@ -166,8 +171,10 @@ def render_report(summary: Mapping, *, plots: Mapping[str, str] | None = None, t
             _f(p["a"], 1) if p else "–", _f(p["b"], 3) if p else "–", _f(p["r2"], 3) if p else "–",
             _f(100 * s["slope"], 2) if s else "–",
             ", ".join(str(n) for n in fit.get("non_monotonic_n", [])) or "none",
+            ", ".join(str(n) for n in fit.get("clear_rises_n", [])) or "none",
         ])
-    out += _table(["model", "a", "b", "R²", "accuracy slope (pts/N)", "non-monotonic N"], fit_rows) + [""]
+    out += _table(["model", "a", "b", "R²", "accuracy slope (pts/N)", "non-monotonic N", "clear rises"],
+                  fit_rows) + [""]
 
     lunch = summary.get("free_lunch")
     if lunch and lunch.get("comparisons"):

@@ -20,7 +20,10 @@ Definitions (one place, used by the report too):
   reproducible); ``ci_method="normal"`` uses mean ± z·sd/√n over the problem-level means.
 - **tokens per problem**: total completion tokens / total problem instances
   (Σ completion_tokens / Σ N_actual over all completions), so a partial last bundle counts with the
-  number of problems it really holds.
+  number of problems it really holds. Its CI resamples completions (bundles) with replacement and
+  recomputes the ratio (``ci_method="normal"``: the delta-method interval of the ratio).
+- **non-monotonic N**: the N at which tokens per problem rises over the previous N; *clear rises*
+  are those whose CI lies wholly above the previous N's CI (a rise noise alone rarely explains).
 - **answered rate**: fraction of instances with a parsed answer; **truncation rate**: fraction of
   completions that hit the token budget.
 - **accuracy by position**: mean correctness of the instances at position p (0-based) in their bundle.
@@ -170,6 +173,41 @@ def mean_ci(
     raise ValueError(f"ci method must be 'bootstrap' or 'normal', got {method!r}")
 
 
+def ratio_ci(
+    numerators: Sequence[float],
+    denominators: Sequence[float],
+    *,
+    method: str = "bootstrap",
+    confidence: float = 0.95,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """(Σnum / Σden, low, high): a ratio of sums with a ``confidence`` interval over the units.
+
+    ``method="bootstrap"``: units resampled with replacement, percentile interval of the ratios.
+    ``method="normal"``: delta method, ratio ± z·sd(num − ratio·den)/(mean(den)·√n).
+    """
+    num, den = np.asarray(numerators, dtype=float), np.asarray(denominators, dtype=float)
+    if num.shape != den.shape:
+        raise ValueError(f"numerators and denominators differ in length: {num.size} vs {den.size}")
+    if num.size == 0 or den.sum() <= 0:
+        return (float("nan"), float("nan"), float("nan"))
+    ratio = float(num.sum() / den.sum())
+    if num.size == 1:
+        return (ratio, ratio, ratio)
+    if method == "normal":
+        z = _normal_quantile(0.5 + confidence / 2.0)
+        half = z * float((num - ratio * den).std(ddof=1)) / (float(den.mean()) * math.sqrt(num.size))
+        return (ratio, ratio - half, ratio + half)
+    if method == "bootstrap":
+        rng = np.random.default_rng(seed)
+        idx = rng.integers(0, num.size, size=(n_bootstrap, num.size))
+        ratios = num[idx].sum(axis=1) / np.maximum(den[idx].sum(axis=1), 1e-12)
+        lo, hi = np.quantile(ratios, [(1 - confidence) / 2, (1 + confidence) / 2])
+        return (ratio, float(lo), float(hi))
+    raise ValueError(f"ci method must be 'bootstrap' or 'normal', got {method!r}")
+
+
 def _normal_quantile(p: float) -> float:
     """Inverse standard-normal CDF by bisection on erf (no scipy needed)."""
     lo, hi = -10.0, 10.0
@@ -255,6 +293,14 @@ def summarize_group(
     )
     instances = sum(r["n_actual"] for r in records)
     tokens = sum(r["completion_tokens"] for r in records)
+    _, tok_lo, tok_hi = ratio_ci(
+        [r["completion_tokens"] for r in records],
+        [r["n_actual"] for r in records],
+        method=ci_method,
+        confidence=confidence,
+        n_bootstrap=n_bootstrap,
+        seed=stable_seed(seed, model, n, "tokens"),
+    )
     answered = sum(sum(bool(a) for a in r["answered"]) for r in records)
 
     by_position: dict[int, list[float]] = defaultdict(list)
@@ -280,6 +326,8 @@ def summarize_group(
         "accuracy_ci_low": lo,
         "accuracy_ci_high": hi,
         "tokens_per_problem": tokens / instances,
+        "tokens_per_problem_ci_low": tok_lo,
+        "tokens_per_problem_ci_high": tok_hi,
         "completion_tokens_mean": tokens / len(records),
         "answered_rate": answered / instances,
         "truncation_rate": sum(bool(r["truncated"]) for r in records) / len(records),
@@ -312,7 +360,20 @@ def fit_model(rows: Sequence[Mapping]) -> dict:
         "tokens_power_law": power.to_dict() if power else None,
         "accuracy_linear": slope.to_dict() if slope else None,
         "non_monotonic_n": non_monotonic_points(ns, tokens),
+        "clear_rises_n": clear_rises(rows),
     }
+
+
+def clear_rises(rows: Sequence[Mapping]) -> list:
+    """The N at which tokens per problem rises with its whole CI above the previous N's CI
+    (rows of one model; rows without CI fields are never flagged)."""
+    rows = sorted(rows, key=lambda r: r["n_problems"])
+    flagged = []
+    for prev, cur in itertools.pairwise(rows):
+        lo, hi = cur.get("tokens_per_problem_ci_low"), prev.get("tokens_per_problem_ci_high")
+        if lo is not None and hi is not None and math.isfinite(lo) and math.isfinite(hi) and lo > hi:
+            flagged.append(cur["n_problems"])
+    return flagged
 
 
 def free_lunch(

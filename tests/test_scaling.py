@@ -169,3 +169,33 @@ def test_summarize_records_rows_fits_and_free_lunch():
     assert "timing" in summary["rows"][0] and "timing" not in strip_timing(summary)["rows"][0]
     with pytest.raises(ValueError, match="baseline"):
         summarize_records(records, baseline="nope")
+
+
+def test_ratio_ci_brackets_the_ratio_and_narrows_with_more_units():
+    from bcr.scaling import ratio_ci
+
+    rng = np.random.default_rng(0)
+    den = rng.integers(1, 6, size=400).astype(float)
+    num = den * 30 + rng.normal(0, 8, size=400)
+    for method in ("bootstrap", "normal"):
+        r, lo, hi = ratio_ci(num, den, method=method, seed=1)
+        assert r == pytest.approx(num.sum() / den.sum())
+        assert lo < r < hi and hi - lo < 2.0
+        _, lo40, hi40 = ratio_ci(num[:40], den[:40], method=method, seed=1)
+        assert hi40 - lo40 > hi - lo
+    assert ratio_ci([5.0], [2.0]) == (2.5, 2.5, 2.5)
+    assert all(math.isnan(v) for v in ratio_ci([], []))
+    with pytest.raises(ValueError):
+        ratio_ci([1.0], [1.0, 2.0])
+
+
+def test_clear_rises_need_non_overlapping_intervals():
+    from bcr.scaling import clear_rises
+
+    def row(n, lo, hi):
+        return {"n_problems": n, "tokens_per_problem": (lo + hi) / 2, "tokens_per_problem_ci_low": lo,
+                "tokens_per_problem_ci_high": hi}
+
+    rows = [row(3, 30, 34), row(1, 30, 32), row(2, 31, 33), row(4, 35, 36), row(5, 20, 22)]
+    assert clear_rises(rows) == [4]  # 2 rises within noise, 3 overlaps 2, 4 lies above 3, 5 falls
+    assert clear_rises([{"n_problems": 1, "tokens_per_problem": 1.0}, {"n_problems": 2, "tokens_per_problem": 9.0}]) == []
