@@ -197,7 +197,7 @@ def run_mode(mode: str, model, tok, problems, args) -> list[dict]:
         for _ in range(args.warmup):
             engine.generate(prompts, seed=10_000 + args.seed, **kw)
         times, outs = [], None
-        for r in range(args.repeats):
+        for _ in range(args.repeats):
             t0 = time.perf_counter()
             outs = engine.generate(prompts, seed=args.seed, **kw)
             times.append(time.perf_counter() - t0)

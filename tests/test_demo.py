@@ -108,6 +108,10 @@ def test_demo_summary_judges_the_acceptance_criteria():
     assert result["models"]["bcr"]["tokens_fall_monotonically"] is True
     assert result["models"]["verbose-sft"]["tokens_fall_monotonically"] is False
     assert result["models"]["verbose-sft"]["rises_at_n"] == [2]
+    assert result["models"]["verbose-sft"]["clear_rises_at_n"] == []  # no fits given: nothing called clear
+    fits = {"verbose-sft": {"clear_rises_n": [2]}}
+    assert demo_summary({"rows": rows, "free_lunch": lunch, "fits": fits})["models"]["verbose-sft"][
+        "clear_rises_at_n"] == [2]
     assert result["models"]["bcr"]["checks_per_problem"] == [0.25, None, None]
     (c,) = result["free_lunch_n1"]
     assert c["meets_15pct_fewer_tokens"] and c["meets_accuracy_within_3_points"]

@@ -315,7 +315,7 @@ def test_token_offsets_reconstruct_text(bpe_tokenizer, text):
     offs = token_offsets(bpe_tokenizer, ids)
     assert len(offs) == len(ids)
     pos = 0
-    for (a, b), tid in zip(offs, ids):
+    for a, b in offs:
         assert a == pos and b >= a
         pos = b
     assert pos == len(full)
@@ -365,7 +365,7 @@ def test_completion_segment_ids(bpe_tokenizer):
     assert len(seg) == len(ids)
     assert set(seg) == {-1, 0, 1}
     # the think block is shared; the answer tokens belong to their instance
-    for (a, b), s in zip(offs, seg):
+    for (_, b), s in zip(offs, seg):
         if b <= text.index("</think>"):
             assert s == -1
     i_ans2 = text.index("\\frac")

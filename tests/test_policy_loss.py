@@ -56,7 +56,10 @@ def _inputs(lengths, seed=0, spread=0.3, p_mask=0.8, same_frac=0.0, dtype=torch.
     adv = torch.randn(T, generator=gen)
     mask = torch.rand(T, generator=gen) < p_mask
     ref = old + 0.2 * torch.randn(T, generator=gen)
-    to = lambda t: t.to(DEVICE)
+
+    def to(t):
+        return t.to(DEVICE)
+
     return to(logp).to(dtype), to(old), to(adv), to(mask), to(ref), _cu(lengths)
 
 

@@ -122,7 +122,9 @@ def test_decode_loop_matches_generate(tiny_tokenizer, tiny_qwen2, temperature, t
         loop = HFEngine(model, tiny_tokenizer, decode="loop", compact_finished=compact).generate(prompts, **kw)
     finally:
         hook.remove()
-    ids = lambda out: [g.completion_ids for grp in out for g in grp]
+    def ids(out):
+        return [g.completion_ids for grp in out for g in grp]
+
     assert ids(loop) == ids(ref)
     assert loop == ref  # text and truncation flags too
     lengths = [len(c) for c in ids(ref)]

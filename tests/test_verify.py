@@ -88,7 +88,7 @@ def test_reference_answers(name, record_property):
         f"(false matches {len(false_match)}: {false_match[:3]}; timeouts {len(inconclusive)})"
     )
     record_property("verify_rates", summary)
-    warnings.warn(summary, VerifyRates)
+    warnings.warn(summary, VerifyRates, stacklevel=1)
     assert not e2e_fail, e2e_fail[:10]
     assert len(mv_fail) <= 0.01 * n, mv_fail[:10]
     assert len(false_match) <= MAX_PERTURB_FALSE_MATCHES.get(name, 0), false_match
