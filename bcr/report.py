@@ -232,6 +232,10 @@ def write_plots(output_dir: str | Path, summary: Mapping) -> dict[str, str]:
         color = f"C{i % 10}"
         ns = [r["n_problems"] for r in rows]
         ax.plot(ns, [r["tokens_per_problem"] for r in rows], "o-", color=color, label=model)
+        if all(r.get("tokens_per_problem_ci_low") is not None for r in rows):  # summaries before the CI: none
+            ax.errorbar(ns, [r["tokens_per_problem"] for r in rows], fmt="none", ecolor=color, capsize=3,
+                        yerr=[[max(0.0, r["tokens_per_problem"] - r["tokens_per_problem_ci_low"]) for r in rows],
+                              [max(0.0, r["tokens_per_problem_ci_high"] - r["tokens_per_problem"]) for r in rows]])
         p = (fits.get(model) or {}).get("tokens_power_law")
         if p:
             lo, hi = min(ns), max(ns)
@@ -239,6 +243,7 @@ def write_plots(output_dir: str | Path, summary: Mapping) -> dict[str, str]:
             ax.plot(grid, [p["a"] * g ** -p["b"] for g in grid], "--", color=color, alpha=0.6,
                     label=f"{model}: {p['a']:.0f}·N^-{p['b']:.2f} (R²={p['r2']:.2f})")
     _log_axes(ax, by_model)
+    _budget_cap(ax, summary, by_model)
     ax.set_xlabel("problems per context N")
     ax.set_ylabel("completion tokens per problem")
     ax.set_title("Task-scaling law: tokens per problem")
@@ -281,6 +286,20 @@ def write_plots(output_dir: str | Path, summary: Mapping) -> dict[str, str]:
     _save(fig, output_dir / PLOT_FILES["frontier"])
 
     return dict(PLOT_FILES)
+
+
+def _budget_cap(ax, summary: Mapping, by_model) -> None:
+    """With one shared budget B per prompt, no model can exceed B / N tokens per problem: draw that
+    ceiling (clipped to the data's range) so budget-bound points can be told from compression."""
+    config = summary.get("config") or {}
+    budget = config.get("max_completion_length")
+    values = [r["tokens_per_problem"] for rows in by_model.values() for r in rows]
+    ns = sorted({r["n_problems"] for rows in by_model.values() for r in rows})
+    if config.get("budget_mode") != "per_prompt" or not budget or not values or min(values) <= 0:
+        return
+    lo, hi = ax.get_ylim()
+    ax.plot(ns, [budget / n for n in ns], ":", color="grey", label=f"ceiling: shared budget {budget} / N")
+    ax.set_ylim(lo, hi)
 
 
 def _log_axes(ax, by_model) -> None:

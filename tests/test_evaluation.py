@@ -120,9 +120,10 @@ def test_sweep_writes_every_output(tmp_path, problems, tiny_qwen2, tiny_tokenize
         assert row["truncation_rate"] == pytest.approx(sum(r["truncated"] for r in recs) / len(recs))
         assert len(row["accuracy_by_position"]) == row["n_problems"]
         assert row["accuracy_ci_low"] <= row["accuracy"] <= row["accuracy_ci_high"]
+        assert row["tokens_per_problem_ci_low"] <= row["tokens_per_problem"] <= row["tokens_per_problem_ci_high"]
         assert row["timing"]["problems_per_s"] > 0 and row["timing"]["tokens_per_s"] > 0
     fit = summary["fits"]["model"]
-    assert set(fit) == {"tokens_power_law", "accuracy_linear", "non_monotonic_n"}
+    assert set(fit) == {"tokens_power_law", "accuracy_linear", "non_monotonic_n", "clear_rises_n"}
     assert fit["tokens_power_law"]["num_points"] == 4
     assert json.loads((out / "summary.json").read_text())["rows"][0]["num_problems"] == 12
 
