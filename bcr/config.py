@@ -67,8 +67,10 @@ class BCRConfig:
         default=3, metadata={"help": "N problems per prompt: an int, or weights over N such as {1: 0.5, 3: 0.5}"}
     )
     advantage_mode: str = _help(
-        "'instance': each problem's tokens get that problem's advantage; "
-        "'sequence': the whole completion gets the advantage of its mean reward",
+        "'instance': each problem's tokens get that problem's advantage (a verbose early section keeps its "
+        "reward even when it leaves a later problem without budget); "
+        "'sequence': the whole completion gets the advantage of its mean reward (the shared budget's cost "
+        "reaches every section)",
         default="instance",
     )
     numbered_single: bool = _help(
