@@ -6,13 +6,17 @@ The pipeline, each stage seeded and checkpointed under ``output_dir/<stage>/``:
             solutions carry 0-3 redundant ``Check: ... Correct.`` lines at random, like the
             metacognitive loops BCR removes. A byte-level BPE tokenizer is trained on the task's text
             and a tiny random-init Llama-architecture model is fine-tuned on single- and multi-problem bundles
-            (``sft_n_values``, default N in {1, 2, 3}): prompt = :func:`bcr.prompts.render_prompt`,
+            (``sft_n_values``, default N in 1..6, so every N of the sweep is one the model has seen):
+            prompt = :func:`bcr.prompts.render_prompt`,
             target = :func:`bcr.prompts.bundle_solution`, loss on the completion tokens only. A plain
             AdamW loop you can read top to bottom.
 ``bcr``     BCR RL with :class:`bcr.trainer.BCRTrainer` from the SFT model: N in ``rl_n_values``
             (default {2, 3, 4}) problems per prompt, one shared completion budget
             ``max_completion_length`` in which the verbose solutions of 3-4 problems do not fit but
-            concise ones do, per-instance accuracy reward, no length term anywhere.
+            concise ones do, per-instance accuracy reward, no length term anywhere. The advantage is
+            the sequence's (the mean of its instance rewards, ``advantage_mode=sequence``): a verbose
+            early section that leaves a later one without budget then pays for it, which per-instance
+            advantages never make it do.
 ``length``  the explicit length-penalty baseline (on by default, ``length_baseline=false`` skips it):
             RL at N = 1 with the same number of steps, rewarded by accuracy plus the Kimi-1.5 length
             reward of :func:`bcr.rewards.length_penalty_rewards`.
@@ -20,6 +24,10 @@ The pipeline, each stage seeded and checkpointed under ``output_dir/<stage>/``:
             ``output_dir/eval/`` gets results.jsonl, summary.json/csv, report.md and PNG plots; the
             demo prints a summary (tokens per problem per N, accuracy, the N = 1 "free lunch") and
             writes it to ``output_dir/demo_summary.json``.
+
+Every stage uses the numbered prompt format at N = 1 too (``numbered_single``: ``Problem 1:``,
+``### Problem 1``, ``Answer 1:``), so the sweep compares the same format at every N; with the plain
+N = 1 prompt every N >= 2 pays ~5.5 format tokens per problem more than N = 1.
 
 The default task is deliberately small so that a 0.55M-parameter model learns it on a CPU: two
 operations on one-digit numbers (``+``/``-``), so every operand is found next to a unique anchor of
@@ -78,6 +86,10 @@ class DemoConfig:
     operators: str = _help("operators of the problems (any of '+-*/')", default="+-")
     verify_loops: list[int] = field(default_factory=lambda: [0, 3], metadata={"help": "inclusive range of redundant 'Check: ... Correct.' lines per worked solution"})
     vocab_size: int = _help("BPE vocabulary size of the task tokenizer", default=1024)
+    numbered_single: bool = _help(
+        "N = 1 prompts and solutions use the numbered format of N > 1 ('Problem 1:', '### Problem 1', "
+        "'Answer 1:') in every stage, so the format costs the same tokens per problem at every N",
+        default=True)
 
     # --- the model -----------------------------------------------------------------------------
     arch: str = _help("llama or qwen2", default="llama")
@@ -87,7 +99,7 @@ class DemoConfig:
     num_kv_heads: int = _help("key/value heads", default=2)
 
     # --- stage 1: SFT ---------------------------------------------------------------------------
-    sft_n_values: list[int] = field(default_factory=lambda: [1, 2, 3], metadata={"help": "N of the SFT bundles (equal weights)"})
+    sft_n_values: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5, 6], metadata={"help": "N of the SFT bundles (equal weights)"})
     sft_steps: int = _help("SFT optimizer steps", default=3000)
     sft_batch_size: int = _help("SFT sequences per step", default=8)
     sft_learning_rate: float = _help("SFT AdamW peak learning rate (linear warm-up, cosine decay)", default=4e-3)
@@ -95,7 +107,7 @@ class DemoConfig:
 
     # --- stage 2: BCR RL ----------------------------------------------------------------------
     rl_n_values: list[int] = field(default_factory=lambda: [2, 3, 4], metadata={"help": "N of the BCR training bundles (equal weights)"})
-    rl_steps: int = _help("RL steps of the BCR stage (and of the length baseline)", default=200)
+    rl_steps: int = _help("RL steps of the BCR stage (and of the length baseline)", default=150)
     max_completion_length: int = _help("the shared completion budget of one N-problem completion (tokens)",
                                        default=140)
     num_generations: int = _help("G: completions per prompt", default=4)
@@ -103,7 +115,11 @@ class DemoConfig:
     rl_learning_rate: float = _help("RL AdamW learning rate", default=1e-4)
     rl_temperature: float = _help("rollout temperature", default=1.0)
     rl_loss_type: str = _help("dapo, grpo, dr_grpo or bnpo", default="dapo")
-    advantage_mode: str = _help("instance or sequence (see BCRConfig)", default="instance")
+    rl_beta: float = _help("KL coefficient towards the SFT model in both RL stages (0: no reference model)",
+                           default=0.0)
+    advantage_mode: str = _help("sequence or instance (see BCRConfig); with instance advantages a verbose early "
+                                "section keeps its own reward when it starves a later one of budget",
+                                default="sequence")
 
     # --- stage 3: length-penalty baseline -------------------------------------------------------
     length_max_completion_length: int = _help("completion budget of the N = 1 length-penalty run", default=80)
@@ -150,6 +166,13 @@ class DemoConfig:
     @property
     def eval_budget(self) -> int:
         return self.eval_max_completion_length or self.max_completion_length
+
+    @property
+    def template(self):
+        """The prompt template of every stage (SFT data, RL prompts, the sweep)."""
+        from .prompts import PromptTemplate
+
+        return PromptTemplate(numbered_single=self.numbered_single)
 
     def stages(self) -> list[str]:
         """The stages this run executes, in order."""
@@ -261,16 +284,16 @@ def tokenizer_corpus(problems, cfg: DemoConfig, limit: int = 1500) -> list[str]:
     for i in range(len(subset)):
         n = rng.choice(ns)
         bundle = [subset[(i + j) % len(subset)] for j in range(n)]
-        texts.append(format_prompt(bundle))
-        texts.append(bundle_solution(bundle))
+        texts.append(format_prompt(bundle, cfg.template))
+        texts.append(bundle_solution(bundle, cfg.template))
         texts.append("user\nassistant\n")  # the chat template's role names
     return texts
 
 
-def bundle_solution_sample(problems) -> str:
+def bundle_solution_sample(problems, template=None) -> str:
     from .prompts import bundle_solution, render_prompt
 
-    return render_prompt(problems[:2]) + "\n" + bundle_solution(problems[:2])
+    return render_prompt(problems[:2], None, template) + "\n" + bundle_solution(problems[:2], template)
 
 
 def check_tokenizer_roundtrip(tokenizer, model_dir: Path, text: str) -> None:
@@ -286,12 +309,13 @@ def check_tokenizer_roundtrip(tokenizer, model_dir: Path, text: str) -> None:
                            "tokenizes differently from the tokenizer the model was trained with")
 
 
-def sft_example(bundle, tokenizer) -> tuple[list[int], int]:
+def sft_example(bundle, tokenizer, template=None) -> tuple[list[int], int]:
     """Token ids of prompt + target completion + EOS, and the number of prompt tokens."""
     from .prompts import bundle_solution, render_prompt
 
-    prompt = tokenizer(render_prompt(bundle, tokenizer), add_special_tokens=False)["input_ids"]
-    target = tokenizer(bundle_solution(bundle), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    prompt = tokenizer(render_prompt(bundle, tokenizer, template), add_special_tokens=False)["input_ids"]
+    target = (tokenizer(bundle_solution(bundle, template), add_special_tokens=False)["input_ids"]
+              + [tokenizer.eos_token_id])
     return prompt + target, len(prompt)
 
 
@@ -317,7 +341,7 @@ def _sft_batches(train, tokenizer, cfg: DemoConfig):
                 batches.append(bundles[i: i + cfg.sft_batch_size])
         random.Random(f"demo-sft:{cfg.seed}:{epoch}").shuffle(batches)
         for bundles in batches:
-            examples = [sft_example(b, tokenizer) for b in bundles]
+            examples = [sft_example(b, tokenizer, cfg.template) for b in bundles]
             width = max(len(ids) for ids, _ in examples)
             input_ids = torch.full((len(examples), width), pad, dtype=torch.long)
             attention = torch.zeros((len(examples), width), dtype=torch.long)
@@ -380,7 +404,7 @@ def run_sft(cfg: DemoConfig, console=None) -> dict:
     model.eval()
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
-    check_tokenizer_roundtrip(tokenizer, out / "model", bundle_solution_sample(train))
+    check_tokenizer_roundtrip(tokenizer, out / "model", bundle_solution_sample(train, cfg.template))
     with open(out / "metrics.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in log)
     final = sum(r["loss"] for r in log[-20:]) / len(log[-20:])
@@ -398,8 +422,9 @@ def _rl_config(cfg: DemoConfig, out: Path, model: str, **kw):
     base = {"model": model, "output_dir": str(out), "seed": cfg.seed, "num_generations": cfg.num_generations,
                 "temperature": cfg.rl_temperature, "learning_rate": cfg.rl_learning_rate, "max_steps": cfg.rl_steps,
                 "bundles_per_step": cfg.bundles_per_step, "loss_type": cfg.rl_loss_type,
-                "advantage_mode": cfg.advantage_mode, "beta": 0.0, "save_steps": 0, "save_total_limit": 1,
-                "disable_progress_bar": not cfg.progress, "logging_steps": max(1, cfg.rl_steps // 10)}
+                "advantage_mode": cfg.advantage_mode, "beta": cfg.rl_beta, "save_steps": 0, "save_total_limit": 1,
+                "disable_progress_bar": not cfg.progress, "logging_steps": max(1, cfg.rl_steps // 10),
+                "numbered_single": cfg.numbered_single}
     base.update(kw)
     return BCRConfig(**base)
 
@@ -513,6 +538,7 @@ def run_eval(cfg: DemoConfig, console=None) -> dict:
         models, evals, output_dir=str(out), n_values=cfg.eval_n_values, samples_per_bundle=cfg.eval_samples_per_bundle,
         budget_mode="per_prompt", max_completion_length=cfg.eval_budget, temperature=cfg.eval_temperature,
         top_p=cfg.eval_top_p, seed=cfg.seed, batch_size=cfg.eval_batch_size, baseline=MODEL_NAMES["sft"],
+        numbered_single=cfg.numbered_single,
         resume=False, progress=cfg.progress,
     )
     checks = _check_lines(read_results(out / "results.jsonl"))
@@ -529,15 +555,20 @@ def demo_summary(summary: dict, checks: dict | None = None) -> dict:
     checks = checks or {}
     models = {}
     for row in summary["rows"]:
-        m = models.setdefault(row["model"], {"n": [], "tokens_per_problem": [], "accuracy": [], "checks_per_problem": []})
+        m = models.setdefault(row["model"], {"n": [], "tokens_per_problem": [], "tokens_per_problem_ci": [],
+                                             "accuracy": [], "checks_per_problem": []})
         m["n"].append(row["n_problems"])
         m["tokens_per_problem"].append(row["tokens_per_problem"])
+        m["tokens_per_problem_ci"].append([row.get("tokens_per_problem_ci_low"), row.get("tokens_per_problem_ci_high")])
         m["accuracy"].append(row["accuracy"])
         m["checks_per_problem"].append(checks.get((row["model"], row["n_problems"])))
-    for m in models.values():
+    fits = summary.get("fits") or {}
+    for name, m in models.items():
         tok = m["tokens_per_problem"]
         m["rises_at_n"] = [m["n"][i + 1] for i in range(len(tok) - 1) if tok[i + 1] >= tok[i]]
         m["tokens_fall_monotonically"] = not m["rises_at_n"]
+        # a rise whose CI lies wholly above the previous N's CI: one that noise alone rarely explains
+        m["clear_rises_at_n"] = fits.get(name, {}).get("clear_rises_n", [])
     lunch = []
     for c in (summary.get("free_lunch") or {}).get("comparisons", []):
         lunch.append({
@@ -582,7 +613,13 @@ def print_summary(result: dict, stage_seconds: dict | None = None, console=None)
     console.print(table)
     for name in names:
         m = result["models"][name]
-        verdict = "yes" if m["tokens_fall_monotonically"] else f"no (rises at N = {m['rises_at_n']})"
+        verdict = "yes"
+        if not m["tokens_fall_monotonically"]:
+            clear = m.get("clear_rises_at_n", [])
+            noise = [n for n in m["rises_at_n"] if n not in clear]
+            verdict = "no (" + "; ".join(part for part in (
+                f"clear rise at N = {clear}" if clear else "",
+                f"rise within the 95% CIs at N = {noise}" if noise else "") if part) + ")"
         console.print(f"  {name}: tokens per problem fall monotonically with N: {verdict}")
     for c in result["free_lunch_n1"]:
         console.print(

@@ -59,6 +59,26 @@ def test_every_stage_writes_its_outputs(demo_run):
         assert m["n"] == cfg.eval_n_values and len(m["tokens_per_problem"]) == len(cfg.eval_n_values)
 
 
+def test_every_stage_uses_the_numbered_format_at_n1(demo_run):
+    """numbered_single (the demo default) reaches the SFT targets, the RL config and the sweep's prompts."""
+    from bcr.demo import _rl_config, make_task, sft_example
+    from bcr.evaluation import prompt_hash
+    from bcr.prompts import render_prompt
+    from bcr.tokenizer_loading import load_tokenizer
+
+    cfg, out, _ = demo_run
+    assert cfg.numbered_single and cfg.template.numbered_single
+    train, evals = make_task(cfg)
+    tok = load_tokenizer(out / "tokenizer")
+    ids, n_prompt = sft_example([train[0]], tok, cfg.template)
+    assert tok.decode(ids[n_prompt:]).startswith("### Problem 1\n")
+    assert _rl_config(cfg, out / "x", str(out / "sft" / "model")).numbered_single is True
+    results = [json.loads(line) for line in (out / "eval" / "results.jsonl").read_text().splitlines()]
+    n1 = {r["problem_ids"][0]: r["prompt_sha256"] for r in results if r["n_problems"] == 1}
+    by_id = {p.id: p for p in evals}
+    assert n1 and all(h == prompt_hash(render_prompt([by_id[i]], tok, cfg.template)) for i, h in n1.items())
+
+
 def test_from_stage_reuses_earlier_checkpoints(demo_run):
     cfg, out, records = demo_run
     sft_weights = out / "sft" / "model" / "model.safetensors"
