@@ -96,9 +96,11 @@ def test_profile_step_tiny_in_process(tmp_path, no_interpreter):
         assert run["time_s"] > 0 and run["peak_bytes"] > 0
         assert set(run["phases_s"]) >= {"forward", "backward", "optimizer"}
     summ = report["summary"]["packed"]
-    # in-process, a step may grow the RSS by 0 bytes (it reuses pages that earlier tests or variants freed
-    # but the allocator kept), so only the fresh-process runs of the script carry memory claims
-    assert summ["tokens_per_s_ratio"]["median"] > 0 and summ["step_mem_ratio"]["median"] >= 0
+    assert summ["tokens_per_s_ratio"]["median"] > 0
+    # In-process a step may grow the RSS by 0 bytes (it reuses pages that earlier tests or variants freed
+    # but the allocator kept; the baseline too, and then there is no memory ratio): only the script's
+    # fresh-process runs carry memory claims. Here the numbers must merely exist and be sane.
+    assert summ["step_mem_bytes"]["median"] >= 0 and summ["peak_bytes"]["median"] > 0
     md = out.with_suffix(".md").read_text()
     assert "| packed | bcr_varlen |" in md and "tokens/s vs padded-eager" in md
     assert out.with_suffix(".png").stat().st_size > 0
