@@ -43,6 +43,9 @@ Prompt, N = 1 (``single_layout`` = ``"{problem}\n\n{instruction}"``; no "Problem
 
     Please reason step by step, and put your final answer within \boxed{}.
 
+With ``PromptTemplate(numbered_single=True)`` N = 1 uses the N > 1 format instead (instruction for
+"1 problem", ``Problem 1:``, and a ``### Problem 1`` ... ``Answer 1: \boxed{...}`` completion).
+
 Expected completion, N = 1: no header; the answer is the *last* ``\boxed{...}`` in the completion.
 Targets built here (:func:`format_solution`) end with ``SINGLE_ANSWER_FORMAT`` =
 ``"Answer: \\boxed{{{answer}}}"``, i.e. ``Answer: \boxed{17}``.
