@@ -189,21 +189,6 @@ def _console():
     return Console()
 
 
-def _progress(enabled: bool):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                    disable=not enabled)
-
-
 def _write_json(path: Path, obj) -> None:
     from .report import atomic_write_text
 
@@ -387,7 +372,9 @@ def run_sft(cfg: DemoConfig, console=None) -> dict:
     batches = _sft_batches(train, tokenizer, cfg)
     log = []
     smooth = None
-    with _progress(cfg.progress) as bar:
+    from .metrics import progress_bar
+
+    with progress_bar(cfg.progress) as bar:
         task = bar.add_task("sft", total=cfg.sft_steps, info="")
         for step in range(cfg.sft_steps):
             input_ids, attention, labels = next(batches)

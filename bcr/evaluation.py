@@ -425,27 +425,6 @@ def _check_resume(out: Path, fingerprint: dict, cfg: EvalConfig) -> None:
 # ----------------------------------------------------------------------------- the sweep
 
 
-def _progress(enabled: bool):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("bundles"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        disable=not enabled,
-    )
-
-
 def _run_batch(engine, tokenizer, spec: BatchSpec, bundles, cfg: EvalConfig, done: set) -> list[dict]:
     """Generate, parse and verify one batch; returns the records whose keys are not in ``done``."""
     from bcr.parsing import parse_completion
@@ -590,6 +569,7 @@ def evaluate_scaling(
 def _sweep(models, cfg: EvalConfig, tokenizer, on_batch, plan, bundles, existing, done, rank, world):
     """This rank's share of the pending batches, appended to its results file."""
     from bcr.distributed import maybe_inject_failure
+    from bcr.metrics import progress_bar
 
     out = Path(cfg.output_dir)
     target = out / RESULTS_FILE if world == 1 else shard_path(out, rank)
@@ -603,7 +583,7 @@ def _sweep(models, cfg: EvalConfig, tokenizer, on_batch, plan, bundles, existing
     pending = pending[rank::world]
     if world > 1:  # rank 0's bar shows its own share
         total_bundles, completed = sum(len(s.bundle_indices) for s in pending), 0
-    with _progress(cfg.progress and rank == 0) as bar:
+    with progress_bar(cfg.progress and rank == 0, "bundles") as bar:
         task = bar.add_task("eval", total=total_bundles, completed=completed)
         for name, model in models.items():
             mine = [spec for spec in pending if spec.model == name]

@@ -5,6 +5,7 @@
   (``reduce()`` all-reduces the sums and counts, then divides).
 - ``MetricsLogger`` appends one JSON object per step to ``output_dir/metrics.jsonl`` (rank 0 only) and
   forwards to TensorBoard / W&B when asked for in ``report_to``.
+- ``progress_bar`` is the rich bar of the demo's SFT loop and the evaluator's sweep.
 - ``TrainProgress`` is the rich progress bar (off when stdout is not a terminal or on ranks other than
   0; then a plain line is printed every ``logging_steps``).
 """
@@ -132,6 +133,22 @@ class MetricsLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def progress_bar(enabled: bool, detail: str = "{task.fields[info]}"):
+    """A rich ``Progress`` for a counted loop (description, bar, done/total, ``detail``, elapsed,
+    remaining); ``detail`` is a rich column template, e.g. a task field or fixed text."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(detail),
+                    TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled)
 
 
 class TrainProgress:

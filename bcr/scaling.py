@@ -155,22 +155,8 @@ def mean_ci(
     ``method="normal"``: mean ± z·sd/√n (sample sd, ddof=1). With one value the interval is the point.
     """
     x = np.asarray(values, dtype=float)
-    if x.size == 0:
-        return (float("nan"), float("nan"), float("nan"))
-    mean = float(x.mean())
-    if x.size == 1:
-        return (mean, mean, mean)
-    if method == "normal":
-        z = _normal_quantile(0.5 + confidence / 2.0)
-        half = z * float(x.std(ddof=1)) / math.sqrt(x.size)
-        return (mean, mean - half, mean + half)
-    if method == "bootstrap":
-        rng = np.random.default_rng(seed)
-        idx = rng.integers(0, x.size, size=(n_bootstrap, x.size))
-        means = x[idx].mean(axis=1)
-        lo, hi = np.quantile(means, [(1 - confidence) / 2, (1 + confidence) / 2])
-        return (mean, float(lo), float(hi))
-    raise ValueError(f"ci method must be 'bootstrap' or 'normal', got {method!r}")
+    # the mean is the ratio of sums with unit denominators (same intervals, same bootstrap draws)
+    return ratio_ci(x, np.ones_like(x), method=method, confidence=confidence, n_bootstrap=n_bootstrap, seed=seed)
 
 
 def ratio_ci(
