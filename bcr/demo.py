@@ -56,6 +56,8 @@ from typing import Any
 
 import torch
 
+from bcr.io import atomic_write_json
+
 STAGES = ("sft", "bcr", "length", "eval")
 STAGE_FILE = "stage.json"
 
@@ -190,9 +192,7 @@ def _console():
 
 
 def _write_json(path: Path, obj) -> None:
-    from .report import atomic_write_text
-
-    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+    atomic_write_json(path, obj, default=str)
 
 
 def stage_dir(cfg: DemoConfig, stage: str) -> Path:

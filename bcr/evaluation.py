@@ -65,7 +65,8 @@ from pathlib import Path
 from typing import Any
 
 from bcr.dataclass_cli import ConfigError
-from bcr.report import atomic_write_text, write_run_outputs
+from bcr.io import atomic_write_text
+from bcr.report import write_run_outputs
 from bcr.scaling import TIMING_KEY, stable_seed, summarize_records
 
 RESULTS_FILE = "results.jsonl"

@@ -13,10 +13,10 @@ import csv
 import io
 import json
 import math
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from bcr.io import atomic_write_bytes, atomic_write_text
 from bcr.scaling import TIMING_KEY
 
 PLOT_FILES = {
@@ -45,25 +45,6 @@ CSV_COLUMNS = [
     f"{TIMING_KEY}.problems_per_s",
     f"{TIMING_KEY}.tokens_per_s",
 ]
-
-
-# ----------------------------------------------------------------------------- atomic writes
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through ``path.tmp`` + fsync + rename (atomic on POSIX)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def _json_safe(obj):

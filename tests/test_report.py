@@ -9,7 +9,8 @@ import zlib
 import matplotlib.image as mpimg
 import pytest
 
-from bcr.report import PLOT_FILES, atomic_write_text, render_report, write_run_outputs
+from bcr.io import atomic_write_text
+from bcr.report import PLOT_FILES, render_report, write_run_outputs
 from bcr.scaling import summarize_records
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
