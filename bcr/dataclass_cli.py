@@ -91,7 +91,8 @@ def load_dataclass(cls: type[T], config_path: str | Path | None = None, override
     return cls(**nested_options(cls, values))
 
 
-def nested_options(cls: type, values: Mapping[str, Any], current: Any = None) -> dict[str, Any]:
+def nested_options(cls: type, values: Mapping[str, Any], current: Any = None,
+                   where: str = "the configuration") -> dict[str, Any]:
     """The keyword arguments of ``cls`` from ``values``, in which an option that holds a dataclass
     (say ``rl``, a ``BCRConfig``) may be set field by field: by a dotted key (``rl.learning_rate=1e-3``)
     or by a mapping of some of its fields (``rl: {learning_rate: 1e-3}`` in YAML). Its other fields
@@ -101,7 +102,7 @@ def nested_options(cls: type, values: Mapping[str, Any], current: Any = None) ->
     out: dict[str, Any] = {}
     for key, value in values.items():
         name, dot, rest = key.partition(".")
-        _check_keys(cls, [name], "the configuration")
+        _check_keys(cls, [name], where)
         if name in out:
             inner = out[name]
         elif current is not None:
@@ -113,7 +114,7 @@ def nested_options(cls: type, values: Mapping[str, Any], current: Any = None) ->
         if dot:
             value = {rest: value}
         if dataclasses.is_dataclass(inner) and isinstance(value, Mapping):
-            value = dataclasses.replace(inner, **nested_options(type(inner), value, inner))
+            value = dataclasses.replace(inner, **nested_options(type(inner), value, inner, f"section {name!r}"))
         elif dot:
             raise ConfigError(f"option {name!r} of {cls.__name__} has no sub-options; write {name}=VALUE")
         out[name] = value

@@ -159,7 +159,7 @@ def test_the_stage_configs_of_the_defaults():
 
 
 @pytest.mark.parametrize("option, message", [
-    ("rl.lerning_rate=1", "unknown option 'lerning_rate'.*Did you mean learning_rate"),
+    ("rl.lerning_rate=1", "unknown option 'lerning_rate' in section 'rl'.*Did you mean learning_rate"),
     ("seed.value=1", "'seed' of DemoConfig has no sub-options"),
     ("rl.seed=3", r"rl.seed=3: the demo sets this for each stage \(seed\)"),
     ("eval.output_dir=/tmp/x", "eval.output_dir='/tmp/x': the demo sets this"),
