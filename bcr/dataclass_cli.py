@@ -15,7 +15,7 @@ import dataclasses
 import difflib
 import sys
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, Mapping, Sequence, TypeVar
 
 import re
 
@@ -86,9 +86,39 @@ def load_dataclass(cls: type[T], config_path: str | Path | None = None, override
         values.update(loaded)
     for text in overrides:
         key, value = parse_override(text)
-        _check_keys(cls, [key], "the command line")
+        _check_keys(cls, [key.partition(".")[0]], "the command line")
         values[key] = value
-    return cls(**values)
+    return cls(**nested_options(cls, values))
+
+
+def nested_options(cls: type, values: Mapping[str, Any], current: Any = None,
+                   where: str = "the configuration") -> dict[str, Any]:
+    """The keyword arguments of ``cls`` from ``values``, in which an option that holds a dataclass
+    (say ``rl``, a ``BCRConfig``) may be set field by field: by a dotted key (``rl.learning_rate=1e-3``)
+    or by a mapping of some of its fields (``rl: {learning_rate: 1e-3}`` in YAML). Its other fields
+    keep their values in ``current`` (an instance of ``cls``), else the option's default; keys are
+    checked at every level."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        name, dot, rest = key.partition(".")
+        _check_keys(cls, [name], where)
+        if name in out:
+            inner = out[name]
+        elif current is not None:
+            inner = getattr(current, name)
+        elif fields[name].default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            inner = fields[name].default_factory()  # type: ignore[misc]
+        else:
+            inner = fields[name].default
+        if dot:
+            value = {rest: value}
+        if dataclasses.is_dataclass(inner) and isinstance(value, Mapping):
+            value = dataclasses.replace(inner, **nested_options(type(inner), value, inner, f"section {name!r}"))
+        elif dot:
+            raise ConfigError(f"option {name!r} of {cls.__name__} has no sub-options; write {name}=VALUE")
+        out[name] = value
+    return out
 
 
 def dataclass_help(cls, prog: str = "") -> str:

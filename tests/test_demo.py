@@ -3,21 +3,28 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
 
 import pytest
 
-from bcr.dataclass_cli import ConfigError
+from bcr.dataclass_cli import ConfigError, load_dataclass, parse_cli
 from bcr.demo import STAGE_FILE, DemoConfig, demo_summary, run_demo
 
-TINY = {
-    "num_train_problems": 96, "num_eval_problems": 8, "vocab_size": 400, "hidden_size": 32, "num_layers": 1, "num_heads": 2,
-    "num_kv_heads": 1, "sft_steps": 4, "sft_batch_size": 8, "rl_steps": 1, "bundles_per_step": 2, "num_generations": 2,
-    "rl_n_values": [2, 3], "max_completion_length": 24, "length_max_completion_length": 16, "eval_n_values": [1, 2],
-    "eval_batch_size": 8, "progress": False, "length_baseline": True,
-}
+# the demo's pipeline on tiny sizes, written as the command-line options a user would pass
+TINY = [
+    "task.num_train_problems=96", "task.num_eval_problems=8", "model.vocab_size=400", "model.hidden_size=32",
+    "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=1", "sft.steps=4", "sft.batch_size=8",
+    "rl.max_steps=1", "rl.bundles_per_step=2", "rl.num_generations=2", "rl.n_problems={2: 1, 3: 1}",
+    "rl.max_completion_length=24", "length.max_completion_length=16", "eval.n_values=[1, 2]",
+    "eval.max_completion_length=24", "eval.batch_size=8", "progress=false", "length_baseline=true",
+]
+
+
+def _tiny(*more: str) -> DemoConfig:
+    return load_dataclass(DemoConfig, overrides=[*TINY, *more])
 
 
 def _digest(path: Path) -> str:
@@ -27,7 +34,7 @@ def _digest(path: Path) -> str:
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    cfg = DemoConfig(output_dir=str(out), **TINY)
+    cfg = _tiny(f"output_dir={out}")
     records = run_demo(cfg)
     return cfg, out, records
 
@@ -43,36 +50,38 @@ def test_every_stage_writes_its_outputs(demo_run):
         model_dir = Path(records[stage]["model"])
         assert (model_dir / "config.json").is_file() and (model_dir / "tokenizer.json").is_file()
     assert (out / "tokenizer" / "tokenizer.json").is_file()
-    assert (out / "sft" / "metrics.jsonl").read_text().count("\n") == cfg.sft_steps
-    assert (out / "bcr" / "metrics.jsonl").read_text().count("\n") == cfg.rl_steps
+    assert (out / "sft" / "metrics.jsonl").read_text().count("\n") == cfg.sft.steps
+    assert (out / "bcr" / "metrics.jsonl").read_text().count("\n") == cfg.rl.max_steps
     # the sweep: results for every model and N, a report, plots and the demo summary
     ev = out / "eval"
     assert (ev / "report.md").is_file() and (ev / "summary.json").is_file()
     assert list(ev.glob("*.png"))
     results = [json.loads(line) for line in (ev / "results.jsonl").read_text().splitlines()]
     assert {(r["model"], r["n_problems"]) for r in results} == {
-        (m, n) for m in ("verbose-sft", "bcr", "length-penalty") for n in cfg.eval_n_values}
+        (m, n) for m in ("verbose-sft", "bcr", "length-penalty") for n in cfg.eval.n_values}
     summary = json.loads((out / "demo_summary.json").read_text())
     assert set(summary["models"]) == {"verbose-sft", "bcr", "length-penalty"}
     assert [c["model"] for c in summary["free_lunch_n1"]] == ["bcr", "length-penalty"]
     for m in summary["models"].values():
-        assert m["n"] == cfg.eval_n_values and len(m["tokens_per_problem"]) == len(cfg.eval_n_values)
+        assert m["n"] == cfg.eval.n_values and len(m["tokens_per_problem"]) == len(cfg.eval.n_values)
 
 
 def test_every_stage_uses_the_numbered_format_at_n1(demo_run):
     """numbered_single (the demo default) reaches the SFT targets, the RL config and the sweep's prompts."""
-    from bcr.demo import _rl_config, make_task, sft_example
+    from bcr.demo.stages import eval_config, rl_config
+    from bcr.demo.task import make_task, sft_example
     from bcr.evaluation import prompt_hash
     from bcr.prompts import render_prompt
     from bcr.tokenizer_loading import load_tokenizer
 
     cfg, out, _ = demo_run
-    assert cfg.numbered_single and cfg.template.numbered_single
+    assert cfg.task.numbered_single and cfg.template.numbered_single
     train, evals = make_task(cfg)
     tok = load_tokenizer(out / "tokenizer")
     ids, n_prompt = sft_example([train[0]], tok, cfg.template)
     assert tok.decode(ids[n_prompt:]).startswith("### Problem 1\n")
-    assert _rl_config(cfg, out / "x", str(out / "sft" / "model")).numbered_single is True
+    assert rl_config(cfg, out / "x", str(out / "sft" / "model")).numbered_single is True
+    assert eval_config(cfg, out / "x").numbered_single is True
     results = [json.loads(line) for line in (out / "eval" / "results.jsonl").read_text().splitlines()]
     n1 = {r["problem_ids"][0]: r["prompt_sha256"] for r in results if r["n_problems"] == 1}
     by_id = {p.id: p for p in evals}
@@ -99,20 +108,81 @@ def test_from_stage_reuses_earlier_checkpoints(demo_run):
 
 def test_from_stage_without_checkpoint_fails_clearly(tmp_path):
     with pytest.raises(ConfigError, match="stage 'sft' has no finished checkpoint"):
-        run_demo(DemoConfig(output_dir=str(tmp_path), **{**TINY, "from_stage": "bcr"}))
+        run_demo(_tiny(f"output_dir={tmp_path}", "from_stage=bcr"))
 
 
 def test_cli_parses_from_stage_flag(monkeypatch, tmp_path):
-    from bcr import demo
+    from bcr.demo import cli_main, pipeline
 
     seen = {}
-    monkeypatch.setattr(demo, "run_demo", lambda cfg: seen.setdefault("cfg", cfg))
-    assert demo.cli_main(["--from-stage", "eval", f"output_dir={tmp_path}", "length_baseline=true"]) == 0
+    monkeypatch.setattr(pipeline, "run_demo", lambda cfg: seen.setdefault("cfg", cfg))
+    assert cli_main(["--from-stage", "eval", f"output_dir={tmp_path}", "length_baseline=true"]) == 0
     assert seen["cfg"].from_stage == "eval" and seen["cfg"].length_baseline is True
     with pytest.raises(ConfigError):
         DemoConfig(from_stage="nope")
     with pytest.raises(ConfigError):
         DemoConfig(from_stage="eval", stop_after="sft")
+
+
+def test_config_file_written_by_the_run_reads_back(demo_run):
+    cfg, out, _ = demo_run
+    loaded = load_dataclass(DemoConfig, out / "demo_config.yaml")
+    assert dataclasses.replace(loaded, from_stage=cfg.from_stage) == cfg  # a later test re-ran from eval
+
+
+def test_nested_options_keep_the_demo_defaults():
+    cfg = parse_cli(DemoConfig, ["rl.learning_rate=1e-3", "--eval.n_values", "[1, 3]", "sft.steps=7"], prog="bcr demo")
+    default = DemoConfig()
+    assert cfg.rl.learning_rate == 1e-3 and cfg.eval.n_values == [1, 3] and cfg.sft.steps == 7
+    # every other field keeps the demo's value, not BCRConfig's / EvalConfig's own default
+    assert dataclasses.replace(cfg.rl, learning_rate=default.rl.learning_rate) == default.rl
+    assert dataclasses.replace(cfg.eval, n_values=default.eval.n_values) == default.eval
+    assert cfg.rl.advantage_mode == "sequence" and cfg.eval.temperature == 1.0
+    # a partial mapping (as in a YAML file) changes only the fields it names
+    assert load_dataclass(DemoConfig, overrides=["rl={max_steps: 9}"]).rl == dataclasses.replace(default.rl, max_steps=9)
+
+
+def test_the_stage_configs_of_the_defaults():
+    """The numbers README reports come from these settings."""
+    from bcr.demo.stages import eval_config, rl_config
+
+    cfg = DemoConfig()
+    bcr = rl_config(cfg, Path("runs/demo/bcr"), "runs/demo/sft/model")
+    assert (bcr.n_problems, bcr.max_completion_length, bcr.max_steps, bcr.learning_rate, bcr.num_generations,
+            bcr.bundles_per_step, bcr.advantage_mode, bcr.logging_steps, bcr.numbered_single, bcr.seed) == (
+        {2: 1.0, 3: 1.0, 4: 1.0}, 140, 150, 1e-4, 4, 8, "sequence", 15, True, 0)
+    length = rl_config(cfg, Path("x"), "m", n_problems=1, max_completion_length=cfg.length.max_completion_length)
+    assert (length.n_problems, length.max_completion_length, length.max_steps) == (1, 80, 150)
+    ev = eval_config(cfg, Path("runs/demo/eval"))
+    assert (ev.n_values, ev.max_completion_length, ev.budget_mode, ev.temperature, ev.top_p, ev.batch_size,
+            ev.resume, ev.baseline) == ([1, 2, 3, 4, 5, 6], 140, "per_prompt", 1.0, 1.0, 32, False, "verbose-sft")
+
+
+@pytest.mark.parametrize("option, message", [
+    ("rl.lerning_rate=1", "unknown option 'lerning_rate' in section 'rl'.*Did you mean learning_rate"),
+    ("seed.value=1", "'seed' of DemoConfig has no sub-options"),
+    ("rl.seed=3", r"rl.seed=3: the demo sets this for each stage \(seed\)"),
+    ("eval.output_dir=/tmp/x", "eval.output_dir='/tmp/x': the demo sets this"),
+    ("eval.n_values=[1, 200]", "task.num_eval_problems=120 is smaller than the largest N"),
+    ("task.problem_steps=3", r"task.problem_steps=3: give an inclusive range"),
+    ("rl.loss_type=nope", "loss_type='nope': must be one of"),
+])
+def test_bad_nested_options_fail_clearly(option, message):
+    with pytest.raises(ConfigError, match=message):
+        load_dataclass(DemoConfig, overrides=[option])
+
+
+def test_old_flat_option_names_name_their_new_place(capsys):
+    from bcr.demo import cli_main
+
+    with pytest.raises(ConfigError, match="'rl_steps' of bcr demo is now rl.max_steps"):
+        cli_main(["rl_steps=5"])
+    with pytest.raises(ConfigError, match="'eval_n_values' of bcr demo is now eval.n_values"):
+        cli_main(["--eval-n-values", "[1, 2]"])
+    assert cli_main(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert "  rl.learning_rate = 0.0001" in text and "  eval.n_values = [1, 2, 3, 4, 5, 6]" in text
+    assert "  length_baseline = True" in text and "rl.seed" not in text.split("set by the demo")[0]
 
 
 def _row(model, n, tokens, acc):

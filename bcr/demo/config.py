@@ -1,0 +1,241 @@
+"""``DemoConfig``: every knob of the demo, one section per part of the pipeline.
+
+The RL stages and the sweep take the trainer's and the evaluator's own configs, so ``rl`` is a
+:class:`bcr.config.BCRConfig` and ``eval`` an :class:`bcr.evaluation.EvalConfig`, each with the demo's
+defaults; the task, the tiny model, SFT and the length baseline have small sections of their own.
+On the command line a section's field is a dotted key: ``bcr demo rl.max_steps=50 eval.n_values=[1,2]``.
+
+A few fields of ``rl`` and ``eval`` are filled in by the demo for each stage (the model to start
+from, the stage's directory, the seed, the prompt format, progress bars); setting one of them is an
+error that names the demo option to set instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from bcr.config import BCRConfig
+from bcr.dataclass_cli import ConfigError
+from bcr.evaluation import EvalConfig
+from bcr.prompts import PromptTemplate
+
+STAGES = ("sft", "bcr", "length", "eval")
+
+
+def _help(text: str, **kw) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+def _int_range(section: str, name: str, value) -> list[int]:
+    if not (isinstance(value, (list, tuple)) and len(value) == 2):
+        raise ConfigError(f"{section}.{name}={value!r}: give an inclusive range [low, high]")
+    return [int(v) for v in value]
+
+
+def _n_list(section: str, name: str, value) -> list[int]:
+    value = [value] if isinstance(value, int) else list(value)
+    if not value or any(int(n) < 1 for n in value):
+        raise ConfigError(f"{section}.{name}={value!r}: give a list of N >= 1")
+    return [int(n) for n in value]
+
+
+def _at_least_one(section: str, obj, names: tuple[str, ...]) -> None:
+    for name in names:
+        if int(getattr(obj, name)) < 1:
+            raise ConfigError(f"{section}.{name}={getattr(obj, name)!r}: must be >= 1")
+
+
+@dataclass
+class TaskConfig:
+    """The synthetic task: arithmetic problems whose worked solutions carry redundant checks."""
+
+    num_train_problems: int = _help("synthetic training problems", default=6000)
+    num_eval_problems: int = _help("held-out problems of the N = 1..6 sweep (none also in the training set)",
+                                   default=120)
+    problem_steps: list[int] = _help("inclusive range of operations per problem", default_factory=lambda: [2, 2])
+    problem_digits: list[int] = _help("inclusive range of digits of the operands", default_factory=lambda: [1, 1])
+    operators: str = _help("operators of the problems (any of '+-*/')", default="+-")
+    verify_loops: list[int] = _help("inclusive range of redundant 'Check: ... Correct.' lines per worked solution",
+                                    default_factory=lambda: [0, 3])
+    numbered_single: bool = _help(
+        "N = 1 prompts and solutions use the numbered format of N > 1 ('Problem 1:', '### Problem 1', "
+        "'Answer 1:') in every stage, so the format costs the same tokens per problem at every N",
+        default=True)
+
+    def __post_init__(self) -> None:
+        for name in ("problem_steps", "problem_digits", "verify_loops"):
+            setattr(self, name, _int_range("task", name, getattr(self, name)))
+        _at_least_one("task", self, ("num_train_problems", "num_eval_problems"))
+
+
+@dataclass
+class ModelConfig:
+    """The task tokenizer and the tiny random-init model SFT starts from."""
+
+    arch: str = _help("llama or qwen2", default="llama")
+    vocab_size: int = _help("BPE vocabulary size of the task tokenizer", default=1024)
+    hidden_size: int = _help("model width", default=128)
+    num_layers: int = _help("transformer blocks", default=2)
+    num_heads: int = _help("attention heads", default=4)
+    num_kv_heads: int = _help("key/value heads", default=2)
+
+    def __post_init__(self) -> None:
+        _at_least_one("model", self, ("vocab_size", "hidden_size", "num_layers"))
+
+
+@dataclass
+class SFTConfig:
+    """Stage sft: a plain AdamW loop on verbose worked solutions."""
+
+    n_values: list[int] = _help("N of the SFT bundles (equal weights)", default_factory=lambda: [1, 2, 3, 4, 5, 6])
+    steps: int = _help("optimizer steps", default=3000)
+    batch_size: int = _help("sequences per step", default=8)
+    learning_rate: float = _help("AdamW peak learning rate (linear warm-up, cosine decay)", default=4e-3)
+    weight_decay: float = _help("AdamW weight decay", default=0.01)
+
+    def __post_init__(self) -> None:
+        self.n_values = _n_list("sft", "n_values", self.n_values)
+        _at_least_one("sft", self, ("steps", "batch_size"))
+
+
+@dataclass
+class LengthConfig:
+    """Stage length: the explicit length-penalty baseline (RL at N = 1 with the ``rl`` settings)."""
+
+    max_completion_length: int = _help("completion budget of the N = 1 length-penalty run", default=80)
+    penalty_weight: float = _help("weight of the Kimi-1.5 length reward added to accuracy", default=1.0)
+
+    def __post_init__(self) -> None:
+        _at_least_one("length", self, ("max_completion_length",))
+
+
+def default_rl() -> BCRConfig:
+    """The demo's BCR stage: N in {2, 3, 4}, a 140-token shared budget, sequence advantages."""
+    return BCRConfig(n_problems={2: 1.0, 3: 1.0, 4: 1.0}, max_steps=150, max_completion_length=140,
+                     num_generations=4, bundles_per_step=8, learning_rate=1e-4, temperature=1.0,
+                     loss_type="dapo", beta=0.0, advantage_mode="sequence", save_steps=0, save_total_limit=1)
+
+
+def default_eval() -> EvalConfig:
+    """The demo's sweep: N = 1..6, one sample per bundle at temperature 1, 140 tokens per prompt."""
+    return EvalConfig(n_values=[1, 2, 3, 4, 5, 6], max_completion_length=140, budget_mode="per_prompt",
+                      samples_per_bundle=1, temperature=1.0, top_p=1.0, batch_size=32, resume=False)
+
+
+# Fields of the nested configs that the demo fills in for each stage, and where the value comes from.
+SET_BY_DEMO = {
+    "rl": {"model": "the sft stage's checkpoint", "output_dir": "the stage's directory under output_dir",
+           "seed": "seed", "numbered_single": "task.numbered_single", "disable_progress_bar": "progress",
+           "logging_steps": "a tenth of rl.max_steps"},
+    "eval": {"model": "the trained stages", "models": "the trained stages", "benchmark": "the task's problems",
+             "split": "the task's problems", "limit": "task.num_eval_problems", "data_dir": "the task's problems",
+             "output_dir": "output_dir/eval", "seed": "seed", "baseline": "the sft model",
+             "numbered_single": "task.numbered_single", "resume": "the sweep always starts afresh",
+             "progress": "progress"},
+}
+
+
+@dataclass
+class DemoConfig:
+    """Every knob of the demo; ``bcr demo key=value section.key=value`` overrides any of them."""
+
+    output_dir: str = _help("run directory; each stage writes <output_dir>/<stage>/", default="runs/demo")
+    seed: int = _help("seeds the problems, the tokenizer corpus, model init, SFT order and every rollout", default=0)
+    from_stage: str = _help("first stage to run (sft, bcr, length, eval); earlier stages are reused", default="sft")
+    stop_after: str = _help("last stage to run (sft, bcr, length, eval)", default="eval")
+    length_baseline: bool = _help("also train the explicit length-penalty RL baseline at N = 1 (stage 'length'); "
+                                  "length_baseline=false skips it", default=True)
+    progress: bool = _help("show rich progress bars", default=True)
+    threads: int | None = _help("torch CPU threads (None: torch's default)", default=None)
+    task: TaskConfig = _help("the synthetic task", default_factory=TaskConfig)
+    model: ModelConfig = _help("the tokenizer and the tiny model", default_factory=ModelConfig)
+    sft: SFTConfig = _help("stage 1: SFT warm-up (the verbose reasoner)", default_factory=SFTConfig)
+    rl: BCRConfig = _help("stage 2: BCR RL (and the RL settings of stage 3); a BCRConfig",
+                          default_factory=default_rl)
+    length: LengthConfig = _help("stage 3: the length-penalty baseline", default_factory=LengthConfig)
+    eval: EvalConfig = _help("stage 4: the task-scaling sweep; an EvalConfig", default_factory=default_eval)
+
+    def __post_init__(self) -> None:
+        for name in ("from_stage", "stop_after"):
+            if getattr(self, name) not in STAGES:
+                raise ConfigError(f"{name}={getattr(self, name)!r}: must be one of {list(STAGES)}")
+        if STAGES.index(self.stop_after) < STAGES.index(self.from_stage):
+            raise ConfigError(f"stop_after={self.stop_after!r} comes before from_stage={self.from_stage!r}")
+        self._check_set_by_demo()
+        if self.rl.max_steps < 1:
+            raise ConfigError(f"rl.max_steps={self.rl.max_steps}: the demo's RL stages run a fixed number of "
+                              "steps; give one >= 1")
+        if self.task.num_eval_problems < max(self.eval.n_values):
+            raise ConfigError(f"task.num_eval_problems={self.task.num_eval_problems} is smaller than the largest N "
+                              f"of eval.n_values={self.eval.n_values}")
+
+    def _check_set_by_demo(self) -> None:
+        defaults = {"rl": default_rl(), "eval": default_eval()}
+        for section, names in SET_BY_DEMO.items():
+            for name, source in names.items():
+                value = getattr(getattr(self, section), name)
+                if value != getattr(defaults[section], name):
+                    raise ConfigError(f"{section}.{name}={value!r}: the demo sets this for each stage ({source}); "
+                                      "leave it out")
+
+    @property
+    def template(self) -> PromptTemplate:
+        """The prompt template of every stage (SFT data, RL prompts, the sweep)."""
+        return PromptTemplate(numbered_single=self.task.numbered_single)
+
+    def stages(self) -> list[str]:
+        """The stages this run executes, in order."""
+        chosen = STAGES[STAGES.index(self.from_stage): STAGES.index(self.stop_after) + 1]
+        return [s for s in chosen if s != "length" or self.length_baseline]
+
+
+# The flat option names of earlier versions, and where each one lives now.
+RENAMED = {
+    "num_train_problems": "task.num_train_problems", "num_eval_problems": "task.num_eval_problems",
+    "problem_steps": "task.problem_steps", "problem_digits": "task.problem_digits",
+    "operators": "task.operators", "verify_loops": "task.verify_loops", "numbered_single": "task.numbered_single",
+    "vocab_size": "model.vocab_size", "arch": "model.arch", "hidden_size": "model.hidden_size",
+    "num_layers": "model.num_layers", "num_heads": "model.num_heads", "num_kv_heads": "model.num_kv_heads",
+    "sft_n_values": "sft.n_values", "sft_steps": "sft.steps", "sft_batch_size": "sft.batch_size",
+    "sft_learning_rate": "sft.learning_rate", "sft_weight_decay": "sft.weight_decay",
+    "rl_n_values": "rl.n_problems (weights over N, e.g. {2: 1, 3: 1})", "rl_steps": "rl.max_steps",
+    "max_completion_length": "rl.max_completion_length", "num_generations": "rl.num_generations",
+    "bundles_per_step": "rl.bundles_per_step", "rl_learning_rate": "rl.learning_rate",
+    "rl_temperature": "rl.temperature", "rl_loss_type": "rl.loss_type", "rl_beta": "rl.beta",
+    "advantage_mode": "rl.advantage_mode",
+    "length_max_completion_length": "length.max_completion_length", "length_penalty_weight": "length.penalty_weight",
+    "eval_n_values": "eval.n_values", "eval_max_completion_length": "eval.max_completion_length",
+    "eval_samples_per_bundle": "eval.samples_per_bundle", "eval_temperature": "eval.temperature",
+    "eval_top_p": "eval.top_p", "eval_batch_size": "eval.batch_size",
+}
+
+
+def check_renamed(keys) -> None:
+    """A clear error for an option name of the flat ``DemoConfig`` of earlier versions."""
+    for key in keys:
+        if key in RENAMED:
+            raise ConfigError(f"option {key!r} of bcr demo is now {RENAMED[key]}; write it as "
+                              f"{RENAMED[key].split()[0]}=VALUE")
+
+
+def demo_help(prog: str = "bcr demo") -> str:
+    """The options of ``bcr demo`` with the demo's defaults, sections as dotted keys."""
+    cfg = DemoConfig()
+    lines = [f"usage: {prog} [--config FILE.yaml] [--from-stage STAGE] [key=value ...] [section.key=value ...]",
+             "", "options (key=value):"]
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if not dataclasses.is_dataclass(value):
+            lines.append(f"  {f.name} = {value!r}\n      {f.metadata['help']}")
+            continue
+        lines += ["", f"{f.name}: {f.metadata['help']}"]
+        owned = SET_BY_DEMO.get(f.name, {})
+        for sub in dataclasses.fields(value):
+            if sub.name not in owned:
+                text = sub.metadata.get("help", "")
+                lines.append(f"  {f.name}.{sub.name} = {getattr(value, sub.name)!r}" + (f"\n      {text}" if text else ""))
+        if owned:
+            lines.append(f"  (set by the demo for each stage: {', '.join(f'{f.name}.{n}' for n in owned)})")
+    return "\n".join(lines)

@@ -1,0 +1,274 @@
+"""The demo's four stages, each ``run_<stage>(cfg, console) -> stage record``, and their bookkeeping.
+
+Every stage starts from an empty ``output_dir/<stage>/`` and ends by writing ``<stage>/stage.json``
+(its wall time and key numbers); a later stage reads the checkpoints it needs from there
+(:func:`read_stage`), so any stage can be re-run alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from bcr.bundling import Bundler
+from bcr.config import BCRConfig
+from bcr.dataclass_cli import ConfigError
+from bcr.evaluation import EvalConfig, evaluate_scaling, read_results
+from bcr.io import atomic_write_json, atomic_write_text
+from bcr.metrics import progress_bar
+from bcr.problems import Problem
+from bcr.rewards import length_penalty_rewards
+from bcr.trainer import BCRTrainer
+from bcr.verify import answers_match
+
+from .config import DemoConfig, SFTConfig
+from .summary import check_lines, demo_summary
+from .task import build_tokenizer_and_model, bundle_solution_sample, check_tokenizer_roundtrip, make_task, sft_example
+
+STAGE_FILE = "stage.json"
+MODEL_NAMES = {"sft": "verbose-sft", "bcr": "bcr", "length": "length-penalty"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage bookkeeping
+# ----------------------------------------------------------------------------------------------
+def stage_dir(cfg: DemoConfig, stage: str) -> Path:
+    return Path(cfg.output_dir) / stage
+
+
+def read_stage(cfg: DemoConfig, stage: str) -> dict:
+    """The ``stage.json`` of a finished stage; a clear error when the stage never finished."""
+    path = stage_dir(cfg, stage) / STAGE_FILE
+    if not path.is_file():
+        raise ConfigError(f"stage {stage!r} has no finished checkpoint in {path.parent} (no {STAGE_FILE}); "
+                          f"run it first: from_stage={stage} (or an earlier stage)")
+    return json.loads(path.read_text())
+
+
+def _finish_stage(cfg: DemoConfig, stage: str, seconds: float, info: dict) -> dict:
+    record = {"stage": stage, "seconds": round(seconds, 2), **info}
+    atomic_write_json(stage_dir(cfg, stage) / STAGE_FILE, record, default=str)
+    return record
+
+
+def _fresh_dir(path: Path) -> Path:
+    """An empty ``path`` (a re-run stage never mixes its files with an earlier run's)."""
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 1: SFT warm-up (the verbose reasoner)
+# ----------------------------------------------------------------------------------------------
+def _collate(examples: list[tuple[list[int], int]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ``(input_ids, attention_mask, labels)``; labels are -100 on prompt and padding tokens."""
+    width = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    for row, (ids, n_prompt) in enumerate(examples):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention[row, : len(ids)] = 1
+        labels[row, n_prompt: len(ids)] = torch.tensor(ids[n_prompt:])
+    return input_ids, attention, labels
+
+
+def _sft_batches(train: list[Problem], tokenizer, cfg: DemoConfig) -> Iterator[tuple[torch.Tensor, ...]]:
+    """An endless stream of SFT batches; each batch has one N (similar lengths, little padding)."""
+    size = cfg.sft.batch_size
+    bundler = Bundler(train, {n: 1.0 for n in cfg.sft.n_values}, seed=cfg.seed)
+    epoch = 0
+    while True:
+        by_n: dict[int, list] = {}
+        for bundle in bundler.epoch_bundles(epoch):
+            by_n.setdefault(len(bundle), []).append(bundle)
+        batches = [bundles[i: i + size] for bundles in by_n.values() for i in range(0, len(bundles) - size + 1, size)]
+        random.Random(f"demo-sft:{cfg.seed}:{epoch}").shuffle(batches)
+        for bundles in batches:
+            yield _collate([sft_example(b, tokenizer, cfg.template) for b in bundles], tokenizer.pad_token_id)
+        epoch += 1
+
+
+def _warmup_cosine(steps: int):
+    """Linear warm-up over a twentieth of the steps, then cosine decay to a tenth of the peak."""
+    warmup = max(1, steps // 20)
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return lr_at
+
+
+def train_sft(model, batches: Iterator, sft: SFTConfig, *, seed: int, progress: bool) -> list[dict]:
+    """The plain AdamW loop of stage 1; returns one ``{"step", "loss", "lr"}`` row per step."""
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=sft.learning_rate, betas=(0.9, 0.95),
+                                  weight_decay=sft.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(sft.steps))
+    model.train()
+    log, smooth = [], None
+    with progress_bar(progress) as bar:
+        task = bar.add_task("sft", total=sft.steps, info="")
+        for step in range(sft.steps):
+            input_ids, attention, labels = next(batches)
+            loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            value = float(loss.detach())
+            smooth = value if smooth is None else 0.9 * smooth + 0.1 * value
+            log.append({"step": step + 1, "loss": value, "lr": scheduler.get_last_lr()[0]})
+            bar.update(task, advance=1, info=f"loss {smooth:.3f}")
+    model.eval()
+    return log
+
+
+def run_sft(cfg: DemoConfig, console: Console | None = None) -> dict:
+    """Stage 1: build the tokenizer and the tiny model, fine-tune it on verbose worked solutions."""
+    console = console or Console()
+    t0 = time.perf_counter()
+    out = _fresh_dir(stage_dir(cfg, "sft"))
+    train, _ = make_task(cfg)
+    tokenizer, model = build_tokenizer_and_model(cfg, train)
+    tokenizer.save_pretrained(Path(cfg.output_dir) / "tokenizer")
+    n_params = sum(p.numel() for p in model.parameters())
+    console.print(f"[bold]stage sft[/]: tokenizer of {len(tokenizer)} tokens, {cfg.model.arch} model of "
+                  f"{n_params / 1e6:.2f}M parameters, {len(train)} training problems")
+    log = train_sft(model, _sft_batches(train, tokenizer, cfg), cfg.sft, seed=cfg.seed, progress=cfg.progress)
+    model.save_pretrained(out / "model")
+    tokenizer.save_pretrained(out / "model")
+    check_tokenizer_roundtrip(tokenizer, out / "model", bundle_solution_sample(train, cfg.template))
+    atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in log))
+    final = sum(r["loss"] for r in log[-20:]) / len(log[-20:])
+    console.print(f"  sft done: final loss {final:.3f}")
+    return _finish_stage(cfg, "sft", time.perf_counter() - t0,
+                         {"model": str(out / "model"), "final_loss": final, "parameters": n_params})
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages 2 and 3: RL with the real BCRTrainer
+# ----------------------------------------------------------------------------------------------
+def rl_config(cfg: DemoConfig, out: Path, model: str, **changes) -> BCRConfig:
+    """``cfg.rl`` with the fields the demo sets for a stage (see ``SET_BY_DEMO``), then ``changes``."""
+    return dataclasses.replace(cfg.rl, model=model, output_dir=str(out), seed=cfg.seed,
+                               numbered_single=cfg.task.numbered_single, disable_progress_bar=not cfg.progress,
+                               logging_steps=max(1, cfg.rl.max_steps // 10), **changes)
+
+
+def _first_and_final(history: list[dict]) -> tuple[dict, int]:
+    """Means of key metrics over the first and the last fifth of the steps."""
+    def mean(key, rows):
+        vals = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+        return sum(vals) / len(vals) if vals else float("nan")
+
+    k = max(1, len(history) // 5)
+    first, final = history[:k], history[-k:]
+    info = {}
+    for key in ("accuracy", "tokens_per_problem", "completions/truncated_ratio", "reward"):
+        info[f"first_{key}"] = mean(key, first)
+        info[f"final_{key}"] = mean(key, final)
+    return info, k
+
+
+def _run_rl(cfg: DemoConfig, stage: str, console: Console, config: BCRConfig, reward_fn=None) -> dict:
+    t0 = time.perf_counter()
+    train, _ = make_task(cfg)
+    trainer = BCRTrainer(config.model, train, config, reward_fn=reward_fn)
+    last = trainer.train()
+    history = [json.loads(line) for line in (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()
+               if line.strip()]
+    means, k = _first_and_final(history)
+    info = {"model": str(config.output_dir), "steps": trainer.step, **means}
+    console.print(f"  {stage} done: accuracy {info['first_accuracy']:.2f} -> {info['final_accuracy']:.2f}, "
+                  f"tokens/problem {info['first_tokens_per_problem']:.1f} -> {info['final_tokens_per_problem']:.1f}, "
+                  f"truncated {info['first_completions/truncated_ratio']:.2f} -> "
+                  f"{info['final_completions/truncated_ratio']:.2f} (mean of the first / last {k} steps)")
+    info["last_step_metrics"] = last
+    return _finish_stage(cfg, stage, time.perf_counter() - t0, info)
+
+
+def run_bcr(cfg: DemoConfig, console: Console | None = None) -> dict:
+    """Stage 2: BCR from the SFT model: N problems share one completion budget; the reward is
+    per-instance accuracy only (no length term)."""
+    console = console or Console()
+    sft = read_stage(cfg, "sft")
+    out = _fresh_dir(stage_dir(cfg, "bcr"))
+    config = rl_config(cfg, out, sft["model"])
+    console.print(f"[bold]stage bcr[/]: N in {config.n_values}, shared budget {config.max_completion_length} tokens, "
+                  f"G={config.num_generations}, {config.bundles_per_step} prompts x {config.max_steps} steps, "
+                  "reward = per-problem accuracy (no length term)")
+    return _run_rl(cfg, "bcr", console, config)
+
+
+def length_penalty_reward(num_generations: int, *, method: str = "kimi", weight: float = 1.0):
+    """A TRL-style reward for the baseline: accuracy + ``weight`` x the Kimi-1.5 length reward of
+    :func:`bcr.rewards.length_penalty_rewards`, computed within each group of G completions."""
+
+    def reward(completions, completion_ids, answer, parsed, **_):
+        acc = [sum(a is not None and answers_match(a, r) for a, r in zip(p.answers, refs)) / len(refs)
+               for p, refs in zip(parsed, answer)]
+        out = []
+        for start in range(0, len(acc), num_generations):
+            lengths = [len(ids) for ids in completion_ids[start: start + num_generations]]
+            group_acc = acc[start: start + num_generations]
+            bonus = length_penalty_rewards(lengths, group_acc, method=method).tolist()
+            out.extend(a + weight * b for a, b in zip(group_acc, bonus))
+        return out
+
+    return reward
+
+
+def run_length(cfg: DemoConfig, console: Console | None = None) -> dict:
+    """Stage 3 (``length_baseline=true``): the explicit length-penalty baseline, RL at N = 1 for the
+    same number of steps, reward = accuracy + Kimi-1.5 length reward."""
+    console = console or Console()
+    sft = read_stage(cfg, "sft")
+    out = _fresh_dir(stage_dir(cfg, "length"))
+    config = rl_config(cfg, out, sft["model"], n_problems=1, max_completion_length=cfg.length.max_completion_length)
+    console.print(f"[bold]stage length[/]: N = 1, budget {config.max_completion_length} tokens, "
+                  f"{config.max_steps} steps, reward = accuracy + {cfg.length.penalty_weight} x Kimi-1.5 length reward")
+    reward = length_penalty_reward(config.num_generations, weight=cfg.length.penalty_weight)
+    return _run_rl(cfg, "length", console, config, reward_fn=reward)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 4: the task-scaling sweep
+# ----------------------------------------------------------------------------------------------
+def eval_config(cfg: DemoConfig, out: Path) -> EvalConfig:
+    """``cfg.eval`` with the fields the demo sets (see ``SET_BY_DEMO``)."""
+    return dataclasses.replace(cfg.eval, output_dir=str(out), seed=cfg.seed, baseline=MODEL_NAMES["sft"],
+                               numbered_single=cfg.task.numbered_single, resume=False, progress=cfg.progress)
+
+
+def run_eval(cfg: DemoConfig, console: Console | None = None) -> dict:
+    """Stage 4: ``evaluate_scaling`` over N = 1..6 for every trained model; writes the demo summary."""
+    console = console or Console()
+    t0 = time.perf_counter()
+    out = _fresh_dir(stage_dir(cfg, "eval"))
+    _, evals = make_task(cfg)
+    models = {MODEL_NAMES[s]: read_stage(cfg, s)["model"] for s in ("sft", "bcr", "length")
+              if s != "length" or cfg.length_baseline}
+    config = eval_config(cfg, out)
+    console.print(f"[bold]stage eval[/]: N = {config.n_values} on {len(evals)} held-out problems, "
+                  f"shared budget {config.max_completion_length} tokens per prompt, models {list(models)}")
+    summary = evaluate_scaling(models, evals, config=config)
+    result = demo_summary(summary, check_lines(read_results(out / "results.jsonl")))
+    atomic_write_json(Path(cfg.output_dir) / "demo_summary.json", result, default=str)
+    return _finish_stage(cfg, "eval", time.perf_counter() - t0,
+                         {"report": str(out / "report.md"), "summary": result})

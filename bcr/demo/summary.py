@@ -1,0 +1,119 @@
+"""The demo's headline numbers and verdicts, from the sweep's summary, and the closing console table.
+
+:func:`demo_summary` turns an ``evaluate_scaling`` summary into ``demo_summary.json``: per model the
+tokens per problem and accuracy for each N and whether tokens fall monotonically, and the N = 1
+"free lunch" of every model against the verbose SFT baseline with the demo's acceptance thresholds
+(at least 15 % fewer tokens, accuracy within 3 points). :func:`print_summary` prints it.
+"""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+
+def check_lines(records) -> dict:
+    """Redundant ``Check:`` lines per problem, per (model, N), counted in the sweep's completions."""
+    out: dict = {}
+    for r in records:
+        key = (r["model"], r["n_problems"])
+        c, n = out.get(key, (0, 0))
+        out[key] = (c + r["completion"].count("Check:"), n + r["n_actual"])
+    return {k: c / max(n, 1) for k, (c, n) in out.items()}
+
+
+def _per_model(rows: list[dict], checks: dict) -> dict:
+    models: dict = {}
+    for row in rows:
+        m = models.setdefault(row["model"], {"n": [], "tokens_per_problem": [], "tokens_per_problem_ci": [],
+                                             "accuracy": [], "checks_per_problem": []})
+        m["n"].append(row["n_problems"])
+        m["tokens_per_problem"].append(row["tokens_per_problem"])
+        m["tokens_per_problem_ci"].append([row.get("tokens_per_problem_ci_low"), row.get("tokens_per_problem_ci_high")])
+        m["accuracy"].append(row["accuracy"])
+        m["checks_per_problem"].append(checks.get((row["model"], row["n_problems"])))
+    return models
+
+
+def _free_lunch(c: dict) -> dict:
+    """One N = 1 comparison against the baseline, judged by the demo's thresholds."""
+    return {
+        "model": c["model"],
+        "tokens_per_problem": c["tokens_per_problem"],
+        "baseline_tokens_per_problem": c["baseline_tokens_per_problem"],
+        "token_reduction_pct": c["token_reduction_pct"],
+        "token_reduction_ci": [c["token_reduction_ci_low"], c["token_reduction_ci_high"]],
+        "accuracy": c["accuracy"],
+        "baseline_accuracy": c["baseline_accuracy"],
+        "accuracy_diff_points": 100 * c["accuracy_diff"],
+        "accuracy_diff_ci_points": [100 * c["accuracy_diff_ci_low"], 100 * c["accuracy_diff_ci_high"]],
+        "meets_15pct_fewer_tokens": bool(c["token_reduction_pct"] >= 15.0),
+        "meets_accuracy_within_3_points": bool(abs(100 * c["accuracy_diff"]) <= 3.0),
+    }
+
+
+def demo_summary(summary: dict, checks: dict | None = None) -> dict:
+    """The demo's headline numbers from an ``evaluate_scaling`` summary (see the module docstring);
+    ``checks`` maps (model, N) to the ``Check:`` lines per problem of :func:`check_lines`."""
+    models = _per_model(summary["rows"], checks or {})
+    fits = summary.get("fits") or {}
+    for name, m in models.items():
+        tok = m["tokens_per_problem"]
+        m["rises_at_n"] = [m["n"][i + 1] for i in range(len(tok) - 1) if tok[i + 1] >= tok[i]]
+        m["tokens_fall_monotonically"] = not m["rises_at_n"]
+        # a rise whose CI lies wholly above the previous N's CI: one that noise alone rarely explains
+        m["clear_rises_at_n"] = fits.get(name, {}).get("clear_rises_n", [])
+    lunch = summary.get("free_lunch") or {}
+    return {"models": models, "free_lunch_n1": [_free_lunch(c) for c in lunch.get("comparisons", [])],
+            "baseline": lunch.get("baseline")}
+
+
+def _scaling_table(result: dict) -> Table:
+    """Tokens per problem (accuracy %) [Check lines per problem], one row per N, one column per model."""
+    names = list(result["models"])
+    ns = result["models"][names[0]]["n"] if names else []
+    table = Table(title="task-scaling law: tokens per problem (accuracy %) [Check lines per problem]")
+    table.add_column("N", justify="right")
+    for name in names:
+        table.add_column(name, justify="right")
+    for i, n in enumerate(ns):
+        cells = []
+        for name in names:
+            m = result["models"][name]
+            if i < len(m["n"]):
+                chk = m["checks_per_problem"][i]
+                chk = f" [{chk:.2f}]" if chk is not None else ""
+                cells.append(f"{m['tokens_per_problem'][i]:.1f} ({100 * m['accuracy'][i]:.1f}){chk}")
+            else:
+                cells.append("-")
+        table.add_row(str(n), *cells)
+    return table
+
+
+def monotonic_verdict(m: dict) -> str:
+    """``yes``, or ``no (...)`` naming the Ns with a clear rise and those with a rise within the CIs."""
+    if m["tokens_fall_monotonically"]:
+        return "yes"
+    clear = m.get("clear_rises_at_n", [])
+    noise = [n for n in m["rises_at_n"] if n not in clear]
+    parts = (f"clear rise at N = {clear}" if clear else "", f"rise within the 95% CIs at N = {noise}" if noise else "")
+    return "no (" + "; ".join(part for part in parts if part) + ")"
+
+
+def print_summary(result: dict, stage_seconds: dict | None = None, console: Console | None = None) -> None:
+    """The demo's closing table: tokens/problem and accuracy per N per model, then the free lunch."""
+    console = console or Console()
+    console.print(_scaling_table(result))
+    for name, m in result["models"].items():
+        console.print(f"  {name}: tokens per problem fall monotonically with N: {monotonic_verdict(m)}")
+    for c in result["free_lunch_n1"]:
+        console.print(
+            f"  free lunch at N = 1, {c['model']} vs {result['baseline']}: {c['tokens_per_problem']:.1f} vs "
+            f"{c['baseline_tokens_per_problem']:.1f} tokens/problem = {c['token_reduction_pct']:.1f}% fewer "
+            f"(95% CI {c['token_reduction_ci'][0]:.1f}..{c['token_reduction_ci'][1]:.1f}); accuracy "
+            f"{100 * c['accuracy']:.1f}% vs {100 * c['baseline_accuracy']:.1f}% "
+            f"({c['accuracy_diff_points']:+.1f} points)")
+    if stage_seconds:
+        total = sum(stage_seconds.values())
+        console.print("  stage times: " + ", ".join(f"{s} {t:.0f} s" for s, t in stage_seconds.items())
+                      + f" (total {total:.0f} s)")
