@@ -171,9 +171,9 @@ def test_steps_draw_every_bundle_once_per_epoch(tmp_path, tiny_tokenizer, tiny_q
     cfg = _cfg(tmp_path, n_problems=3, bundles_per_step=3, max_steps=-1, num_train_epochs=2)
     trainer = BCRTrainer(tiny_qwen2, problems, cfg, tokenizer=tiny_tokenizer)
     assert trainer.total_steps == 2 * (24 // 3) // 3  # 8 bundles per epoch, 3 per step
-    seen = [tuple(p.id for p in b) for s in range(2) for _, b in trainer.step_bundles(s)]
+    seen = [tuple(p.id for p in b) for s in range(2) for _, b in trainer.bundles.step_bundles(s)]
     assert len(seen) == 6 and len(set(seen)) == 6
-    assert trainer.step_bundles(1) == trainer.step_bundles(1)
+    assert trainer.bundles.step_bundles(1) == trainer.bundles.step_bundles(1)
 
 
 # ------------------------------------------------------------------------------------------------
