@@ -220,3 +220,24 @@ def test_eval_metrics_and_the_progress_bar(tmp_path, tiny_tokenizer, tiny_qwen2,
         assert key in last
     assert 0 < last["eval/tokens_per_problem/n2"] <= cfg.max_completion_length / 2
     assert "eval/accuracy/n1" not in _rows(cfg)[0]
+
+
+def test_periodic_evaluation_is_the_evaluators(tmp_path, tiny_tokenizer, tiny_qwen2, problems):
+    """``trainer.evaluate`` generates and scores with ``bcr.evaluation``'s code and seeds: a sweep of
+    the same engine by ``evaluate_scaling`` gives the same numbers."""
+    from bcr.evaluation import RESULTS_FILE, evaluate_scaling, read_results
+
+    cfg = _cfg(tmp_path, n_problems={1: 1, 2: 1}, max_completion_length=12, temperature=1.0, top_p=1.0, seed=3)
+    evals = problems[:5]
+    trainer = BCRTrainer(tiny_qwen2, problems, cfg, tokenizer=tiny_tokenizer, eval_problems=evals)
+    got = trainer.evaluate()
+    out = tmp_path / "sweep"
+    evaluate_scaling({"policy": trainer.engine}, evals, tokenizer=tiny_tokenizer, n_values=[1, 2], samples_per_bundle=1,
+                     max_completion_length=12, temperature=1.0, top_p=1.0, seed=3, output_dir=str(out), plots=False,
+                     progress=False, n_bootstrap=10)
+    records = read_results(out / RESULTS_FILE)
+    for n in (1, 2):
+        mine = [r for r in records if r["n_problems"] == n]
+        assert len(mine) == -(-len(evals) // n)
+        assert got[f"eval/accuracy/n{n}"] == sum(sum(r["correct"]) for r in mine) / len(evals)
+        assert got[f"eval/tokens_per_problem/n{n}"] == sum(r["completion_tokens"] for r in mine) / len(evals)
