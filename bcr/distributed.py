@@ -475,26 +475,7 @@ def _start_watchdog() -> None:
 
 
 def maybe_inject_failure(where: str, step: int | None = None) -> None:
-    """Scale-out strategies
---------------------
-:func:`make_strategy` picks one object that owns every decision the update makes about other
-ranks, so the trainer's update reads the same whichever runs:
-
-- :class:`SingleProcess`: one process, full fp32 weights, no collectives;
-- :class:`AllReduce` (``ddp``): a full replica per rank, gradients all-reduced (averaged) before
-  clipping - the default on CPU/gloo;
-- :class:`FullyShard` (``fsdp2``): ``fully_shard`` on each decoder layer and on the root, so
-  parameters, gradients and optimizer state are sharded; every rank runs the same number of
-  micro-batches (each one gathers and reduce-scatters); generation runs inside
-  :meth:`~SingleProcess.full_weights`. The default on CUDA.
-
-Mixed precision (``bf16``) is FSDP2's ``MixedPrecisionPolicy(param_dtype=bfloat16,
-reduce_dtype=float32)``: the optimizer holds fp32 master weights, the forward and backward see
-bf16 copies of them (bf16 q/k/v, bf16 LM-head GEMMs, by construction rather than through
-autocast), and gradients are accumulated over micro-batches and reduced in fp32. In one process
-the same policy runs on a one-rank mesh (a one-rank process group is created when none exists).
-
-Test hook: raise on rank ``$BCR_TEST_FAIL_RANK`` (at step ``$BCR_TEST_FAIL_STEP``, default the first)."""
+    """Test hook: raise on rank ``$BCR_TEST_FAIL_RANK`` (at step ``$BCR_TEST_FAIL_STEP``, default the first)."""
     target = os.environ.get(ENV_FAIL_RANK)
     if target is None or target == "":
         return

@@ -239,25 +239,9 @@ class BCRTrainer:
         self.eval_problems = list(eval_problems) if eval_problems else []
         self.bundles = self._bundle_stream(list(train_problems))
 
-        # Models: LoRA, gradient checkpointing, attention, reference; then the scale-out strategy wraps them.
-        self.ref_model = None
-        if cfg.beta > 0 and not cfg.use_peft:
-            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
-        if cfg.use_peft:
-            self.model = _apply_lora(self.model, cfg)
-        if cfg.gradient_checkpointing:
-            if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5.x
-                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            if cfg.use_peft:
-                self.model.enable_input_require_grads()
-        # The packed forward's attention, set once (not per forward: gradient checkpointing recomputes
-        # during backward). bcr_varlen falls back to SDPA for padded or cached generation.
+        # Models (LoRA, gradient checkpointing, attention, reference), wrapped by the scale-out strategy.
         self.attn_implementation = training_attention(cfg.attn_implementation)
-        for m in (self.model, self.ref_model):
-            if m is not None and m.config._attn_implementation != self.attn_implementation:
-                m.set_attn_implementation(self.attn_implementation)
+        self.model, self.ref_model = self._prepare_models(self.model)
         bf16 = cfg.bf16 if cfg.bf16 is not None else (self.device.type == "cuda" and not cfg.use_peft)
         self.scale = make_strategy(cfg.distributed_strategy, self.device, bf16=bf16)
         self.policy = self.scale.wrap(PackedLogprobs(self.model), self.model)
@@ -281,6 +265,29 @@ class BCRTrainer:
         self.step = 0  # completed training steps
         self.last_metrics: dict = {}
         self._updating = False  # True while the parameters are between two step boundaries
+
+    def _prepare_models(self, model) -> tuple:
+        """LoRA, gradient checkpointing, the packed forward's attention, and the frozen reference
+        (``beta`` > 0 without LoRA: a copy of the initial model); -> (policy, reference or None)."""
+        cfg = self.config
+        ref_model = None
+        if cfg.beta > 0 and not cfg.use_peft:
+            ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        if cfg.use_peft:
+            model = _apply_lora(model, cfg)
+        if cfg.gradient_checkpointing:
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if cfg.use_peft:
+                model.enable_input_require_grads()
+        # The packed forward's attention, set once (not per forward: gradient checkpointing recomputes
+        # during backward). bcr_varlen falls back to SDPA for padded or cached generation.
+        for m in (model, ref_model):
+            if m is not None and m.config._attn_implementation != self.attn_implementation:
+                m.set_attn_implementation(self.attn_implementation)
+        return model, ref_model
 
     def _bundle_stream(self, problems: list) -> BundleStream:
         """The same bundles on every rank; each rank takes its share per step."""
