@@ -181,6 +181,13 @@ def _mixed_precision(model_dir, out: Path) -> None:
             "model_params": sorted({str(p.dtype) for p in trainer.model.parameters()}),
             "loss": metrics["loss"], "grad_norm": metrics["grad_norm"], "skipped": metrics["skipped_updates"],
         }
+        if bf16:  # the bf16 run's checkpoint and final model: fp32 master weights, gathered to rank 0
+            trainer.step = 1
+            trainer.save_checkpoint()
+            trainer.save()
+            names = [n for n, _ in trainer.model.named_parameters()]
+            if dist_info()[0] == 0:
+                torch.save(dict(zip(names, after)), out / "bf16_after.pt")
     result["delta_norm"] = float(deltas[False].norm())
     result["delta_rel_error"] = float((deltas[True] - deltas[False]).norm() / deltas[False].norm())
     if dist_info()[0] == 0:
@@ -287,6 +294,13 @@ def test_bf16_policy_computes_in_bf16_keeps_fp32_masters_and_reduces_in_fp32(tmp
     assert got["delta_rel_error"] < 0.05, got
     assert bf16["loss"] == pytest.approx(fp32["loss"], rel=2e-2, abs=1e-3)
     assert bf16["grad_norm"] == pytest.approx(fp32["grad_norm"], rel=5e-2)
+    # the sharded checkpoint (optimizer through DCP) and the final HF directory hold the fp32 masters
+    assert (tmp_path / "True" / "checkpoint-1" / "optimizer" / ".metadata").is_file()
+    after = torch.load(tmp_path / "bf16_after.pt")
+    saved = _load(tmp_path / "True")
+    assert all(v.dtype == torch.float32 for v in saved.values())
+    for k, v in after.items():
+        assert torch.equal(saved[k], v), k
 
 
 def test_vllm_data_parallel_rollouts(tmp_path, model_dir):
@@ -346,10 +360,18 @@ def test_a_failing_rank_stops_every_rank_with_a_clear_error(tmp_path, model_dir)
 def test_strategy_resolution_and_global_std():
     from bcr.config import BCRConfig
     from bcr.dataclass_cli import ConfigError
-    from bcr.distributed import global_std, resolve_strategy
+    from bcr.distributed import SingleProcess, global_std, make_strategy, resolve_strategy
     from bcr.rewards import compute_advantages
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert type(make_strategy("auto", cpu)) is SingleProcess and type(make_strategy("fsdp2", cpu)) is SingleProcess
+    params = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))]
+    for p in params:
+        p.grad = torch.full_like(p, 2.0)
+    assert SingleProcess(cpu).reduce_and_clip(params, 0.0) == pytest.approx(20 ** 0.5)
+    assert params[0].grad.tolist() == [2.0] * 3  # no clipping at max_norm 0
+    assert SingleProcess(cpu).reduce_and_clip(params, 1.0) == pytest.approx(20 ** 0.5)
+    assert float(torch.cat([p.grad for p in params]).norm()) == pytest.approx(1.0, rel=1e-5)
     assert resolve_strategy("auto", 1, cuda) == "none"
     assert resolve_strategy("auto", 2, cuda) == "fsdp2" and resolve_strategy("auto", 2, cpu) == "ddp"
     assert resolve_strategy("fsdp2", 4, cpu) == "fsdp2"
