@@ -422,9 +422,8 @@ class BCRTrainer:
         advantages = [scatter_instance_advantages(r.instance_advantages, r.completion_segment_ids,
                                                   r.completion_cu_seqlens, num_instances=r.num_instances,
                                                   shared=shared) for r in rows]
-        real = len(rows)
-        rows, advantages = self.scale.even_rows(rows), self.scale.even_rows(advantages)
-        return Microbatches(rows, advantages, normalizer, real)
+        padded = self.scale.even_rows(list(zip(rows, advantages)))
+        return Microbatches([r for r, _ in padded], [a for _, a in padded], normalizer, real=len(rows))
 
     def _normalizer(self, samples: list[Sample]) -> float:
         """The loss denominator of the whole global batch, per rank (gradients are averaged over ranks)."""
@@ -447,7 +446,8 @@ class BCRTrainer:
     @torch.no_grad()
     def old_logprobs(self, batch: Microbatches) -> list[torch.Tensor | None]:
         """The policy's log-probs before the first update (``num_iterations`` > 1; else Nones: the
-        ratio is 1 and the loss is fused into the forward)."""
+        ratio is 1 and the loss is fused into the forward). Puts the policy in training mode, in
+        which every forward of the update runs."""
         self.model.train()
         if self.config.num_iterations == 1:
             return [None] * len(batch.rows)

@@ -99,9 +99,18 @@ def _worker(argv: list[str]) -> None:
             _mixed_precision(model_dir, Path(out))
         else:
             strategy, *extra = rest
-            _train(model_dir, out, distributed_strategy=strategy, **dict(kv.split("=", 1) for kv in extra))
+            _train(model_dir, out, distributed_strategy=strategy, **dict(_option(kv) for kv in extra))
     finally:
         teardown_distributed()
+
+
+def _option(text: str) -> tuple[str, object]:
+    """``key=value`` of the worker's command line; the value parsed as JSON when it is JSON."""
+    key, value = text.split("=", 1)
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 
 def _one_step_samples(trainer):
@@ -301,6 +310,19 @@ def test_bf16_policy_computes_in_bf16_keeps_fp32_masters_and_reduces_in_fp32(tmp
     assert all(v.dtype == torch.float32 for v in saved.values())
     for k, v in after.items():
         assert torch.equal(saved[k], v), k
+
+
+def test_uneven_micro_batch_counts_under_fsdp2_train_like_one_process(tmp_path, model_dir):
+    """3 bundles on 2 ranks with one sample per micro-batch: rank 0 runs 4 rows, rank 1 runs 2 and
+    repeats one with zero weight twice (every FSDP2 forward/backward is a collective)."""
+    opts = {"bundles_per_step": 3, "gradient_accumulation_steps": 4, "max_steps": 1, "save_steps": 0}
+    one = _train(model_dir, tmp_path / "ws1", **opts)
+    want = {k: v.detach().clone() for k, v in one.model.named_parameters()}
+    proc, _ = _torchrun([__file__, "train", str(model_dir), str(tmp_path / "ws2"), "fsdp2",
+                         *(f"{k}={v}" for k, v in opts.items())])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert any(not torch.equal(_load(model_dir)[k], v) for k, v in want.items())  # it trained
+    _assert_params_close(_load(tmp_path / "ws2"), want)
 
 
 def test_vllm_data_parallel_rollouts(tmp_path, model_dir):

@@ -227,13 +227,13 @@ def test_periodic_evaluation_is_the_evaluators(tmp_path, tiny_tokenizer, tiny_qw
     the same engine by ``evaluate_scaling`` gives the same numbers."""
     from bcr.evaluation import RESULTS_FILE, evaluate_scaling, read_results
 
-    cfg = _cfg(tmp_path, n_problems={1: 1, 2: 1}, max_completion_length=12, temperature=1.0, top_p=1.0, seed=3)
+    cfg = _cfg(tmp_path, n_problems={1: 1, 2: 1}, max_completion_length=16, temperature=1.0, top_p=1.0, seed=3)
     evals = problems[:5]
     trainer = BCRTrainer(tiny_qwen2, problems, cfg, tokenizer=tiny_tokenizer, eval_problems=evals)
     got = trainer.evaluate()
     out = tmp_path / "sweep"
     evaluate_scaling({"policy": trainer.engine}, evals, tokenizer=tiny_tokenizer, n_values=[1, 2], samples_per_bundle=1,
-                     max_completion_length=12, temperature=1.0, top_p=1.0, seed=3, output_dir=str(out), plots=False,
+                     max_completion_length=16, temperature=1.0, top_p=1.0, seed=3, output_dir=str(out), plots=False,
                      progress=False, n_bootstrap=10)
     records = read_results(out / RESULTS_FILE)
     for n in (1, 2):
