@@ -7,6 +7,10 @@ bundles, so every rank of a distributed job computes the same list and the train
 the normalised weights by the same generator until the problems run out. Each problem appears
 exactly once per epoch, except those of a final partial bundle when ``drop_last=True``.
 
+:class:`BundleStream` is the trainer's endless stream of them: epoch 0's bundles, then epoch 1's, ...;
+step ``s`` takes global bundles ``s * B .. (s + 1) * B - 1`` (``B = bundles_per_step``) and rank ``r``
+of ``W`` takes every ``W``-th of those, starting at ``r``.
+
 :func:`bundle_sequential` is for evaluation: order kept, the last partial bundle kept.
 """
 
@@ -18,7 +22,7 @@ from typing import TypeVar
 
 import numpy as np
 
-__all__ = ["Bundler", "bundle_sequential"]
+__all__ = ["BundleStream", "Bundler", "bundle_sequential"]
 
 T = TypeVar("T")
 
@@ -124,6 +128,71 @@ class Bundler:
     def __repr__(self) -> str:
         return (f"Bundler({len(self.problems)} problems, n_problems={self.n_problems!r}, seed={self.seed}, "
                 f"drop_last={self.drop_last})")
+
+
+class BundleStream:
+    """The endless stream of training bundles of ``bundler`` (epoch after epoch), cut into steps.
+
+    Args:
+        bundler: the per-epoch bundles.
+        bundles_per_step: global bundles per training step (over all ranks).
+        rank, world_size: this process's share of each step.
+
+    Epoch counts are cached (with a weighted N each one builds the epoch) and the bundles of the
+    last few epochs are kept, so walking the stream step by step builds each epoch once.
+    """
+
+    def __init__(self, bundler: Bundler, bundles_per_step: int, *, rank: int = 0, world_size: int = 1):
+        if bundles_per_step < world_size:
+            raise ValueError(f"bundles_per_step={bundles_per_step} is smaller than the {world_size} processes; "
+                             "every rank needs a bundle: raise bundles_per_step")
+        self.bundler = bundler
+        self.bundles_per_step = bundles_per_step
+        self.rank, self.world_size = rank, world_size
+        self._sizes: dict[int, int] = {}
+        self._epochs: dict[int, list] = {}
+
+    def num_bundles(self, epoch: int) -> int:
+        """Bundles in ``epoch``."""
+        if epoch not in self._sizes:
+            self._sizes[epoch] = self.bundler.num_bundles(epoch)
+        return self._sizes[epoch]
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """Global bundle ``index`` -> (epoch, index within the epoch)."""
+        epoch = 0
+        while index >= self.num_bundles(epoch):
+            index -= self.num_bundles(epoch)
+            epoch += 1
+        return epoch, index
+
+    def bundle(self, index: int) -> list:
+        """The problems of global bundle ``index`` (the same on every rank)."""
+        epoch, offset = self.locate(index)
+        if epoch not in self._epochs:
+            if len(self._epochs) > 2:
+                self._epochs.pop(min(self._epochs))
+            self._epochs[epoch] = self.bundler.epoch_bundles(epoch)
+        return self._epochs[epoch][offset]
+
+    def step_bundles(self, step: int) -> list[tuple[int, list]]:
+        """This rank's (global index, problems) pairs of ``step``."""
+        B = self.bundles_per_step
+        return [(j, self.bundle(j)) for j in range(step * B, (step + 1) * B)][self.rank :: self.world_size]
+
+    def total_steps(self, max_steps: int, num_train_epochs: float) -> int:
+        """``max_steps`` when > 0, else the steps of ``num_train_epochs`` epochs (at least 1)."""
+        if max_steps > 0:
+            return max_steps
+        whole, frac = int(num_train_epochs), num_train_epochs - int(num_train_epochs)
+        total = sum(self.num_bundles(e) for e in range(whole))
+        total += int(frac * self.num_bundles(whole))
+        return max(1, total // self.bundles_per_step)
+
+    def epoch_progress(self, step: int) -> float:
+        """Epochs completed after ``step`` steps, as a fraction (1.5 = half way through epoch 1)."""
+        epoch, offset = self.locate(step * self.bundles_per_step)
+        return epoch + offset / self.num_bundles(epoch)
 
 
 def bundle_sequential(problems: Sequence[T], n_problems: int) -> list[list[T]]:

@@ -7,6 +7,10 @@
 - ``trainer_state.json``: step, epoch, bundle position, the config, the metrics of the last step;
 - ``optimizer.pt``, ``scheduler.pt`` and ``rng_state.pt`` (torch, CUDA, numpy and Python RNGs).
 
+:func:`save_trainer_checkpoint` (a training checkpoint) and :func:`save_model` (the final HF
+directory) are what the trainer calls on every rank; :func:`save_checkpoint` is the single-writer
+core both build on.
+
 Distributed runs (torchrun): with plain data parallel every rank holds the same state and rank 0
 writes the files above. With FSDP2 (sharded parameters and optimizer state) every rank takes part:
 the model is gathered into a full state dict that rank 0 writes as the same HF directory
@@ -32,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from .distributed import all_reduce_sum, barrier, dist_info
 
 PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
@@ -89,7 +95,8 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _check_finite(model, state_dict: dict | None = None) -> None:
+def check_finite(model, state_dict: dict | None = None) -> None:
+    """Raise :class:`NonFiniteCheckpointError` if a parameter of ``model`` (or of ``state_dict``) holds NaN/inf."""
     items = state_dict.items() if state_dict is not None else model.named_parameters()
     for name, p in items:
         if torch.is_floating_point(p) and not torch.isfinite(p).all():
@@ -108,7 +115,7 @@ def save_checkpoint(output_dir: str | Path, step: int, *, model, optimizer=None,
     them first). ``staging``: an existing temporary directory already holding files written by
     other ranks (DCP optimizer shards); it is completed and renamed into place.
     """
-    _check_finite(model, model_state_dict)
+    check_finite(model, model_state_dict)
     root = Path(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step}"
@@ -143,6 +150,79 @@ def save_checkpoint(output_dir: str | Path, step: int, *, model, optimizer=None,
         for old in checkpoint_dirs(root)[:-save_total_limit]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def full_state_dict(model, device=None) -> dict | None:
+    """Every rank: for an FSDP2-sharded ``model``, its full weights gathered to rank 0 (None on the
+    other ranks) after every rank checked its shard is finite. None for a plain model (its own
+    ``state_dict`` is the full one)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if not is_sharded(model):
+        return None
+    bad = sum(int(not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in model.parameters())
+    if all_reduce_sum([bad], device)[0]:
+        raise NonFiniteCheckpointError("a parameter holds NaN/inf; refusing to write a checkpoint (lower "
+                                       "learning_rate, check max_grad_norm, or resume from an earlier checkpoint)")
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return full if dist_info()[0] == 0 else None
+
+
+def save_trainer_checkpoint(output_dir: str | Path, step: int, *, model, optimizer, scheduler=None, tokenizer=None,
+                            state: dict | None = None, save_total_limit: int | None = None,
+                            device=None) -> Path | None:
+    """Every rank: write ``output_dir/checkpoint-<step>``; returns its path on rank 0 (None elsewhere).
+
+    A plain (replicated) model is written by rank 0 alone. An FSDP2-sharded one: the full weights
+    are gathered to rank 0 and every rank writes its optimizer shard through
+    torch.distributed.checkpoint into the staging directory that rank 0 then completes and renames.
+    """
+    rank = dist_info()[0]
+    kw = {"model": model, "scheduler": scheduler, "tokenizer": tokenizer, "state": state,
+          "save_total_limit": save_total_limit}
+    if not is_sharded(model):  # every rank holds the same state: rank 0 writes it
+        path = save_checkpoint(output_dir, step, optimizer=optimizer, **kw) if rank == 0 else None
+        barrier()
+        return path
+    full = full_state_dict(model, device)
+    staging = Path(output_dir) / f".tmp-{PREFIX}{step}-dist"
+    if rank == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    barrier()
+    save_optimizer_dcp(model, optimizer, staging / "optimizer")
+    barrier()
+    path = save_checkpoint(output_dir, step, model_state_dict=full, staging=staging, **kw) if rank == 0 else None
+    barrier()
+    return path
+
+
+def save_model(path: str | Path, model, tokenizer=None, *, device=None) -> Path:
+    """Every rank: save ``model`` (and ``tokenizer``) as an HF directory at ``path``; rank 0 writes.
+
+    The files are written to a temporary directory inside ``path`` first, then moved into ``path``
+    one by one (``path`` may hold other things, e.g. the run's checkpoints), so no file is ever
+    half written; an FSDP2-sharded model is gathered first."""
+    path = Path(path)
+    full = full_state_dict(model, device)
+    if dist_info()[0] != 0:
+        return path
+    check_finite(model, full)
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / f".tmp-final-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        if full is not None:
+            model.save_pretrained(tmp, state_dict=full)
+        else:
+            model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for f in tmp.iterdir():
+            os.replace(f, path / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
 
 
 def is_sharded(model) -> bool:

@@ -131,7 +131,10 @@ class BCRConfig:
 
     # --- efficiency -----------------------------------------------------------------------------
     gradient_checkpointing: bool = _help("recompute activations in backward to save memory", default=False)
-    bf16: bool | None = _help("bf16 autocast for the training forward (None: on when CUDA is used)", default=None)
+    bf16: bool | None = _help(
+        "bf16 compute with fp32 master weights and fp32 gradient reduction (FSDP2's mixed-precision policy; "
+        "one process runs it on a one-rank mesh; not with distributed_strategy=ddp). None: on with CUDA "
+        "unless use_peft", default=None)
     chunk_tokens: int | None = _help("tokens per chunk of the fused LM-head log-prob kernel", default=None)
     attn_implementation: str | None = _help(
         "attention for the packed training forward (None: 'bcr_varlen' when registered, else 'sdpa')", default=None

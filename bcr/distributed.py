@@ -1,6 +1,6 @@
 """Scale-out plumbing on ``torch.distributed``: process-group setup from ``torchrun``'s environment,
-rank helpers, small all-reduces, the choice between FSDP2 and plain data parallel, and error
-propagation so that one failing rank ends the whole job instead of hanging it.
+rank helpers, small all-reduces, the trainer's scale-out strategies and error propagation so that
+one failing rank ends the whole job instead of hanging it.
 
 Launch (nothing in the config changes; one process stays the default and needs none of this)::
 
@@ -28,6 +28,25 @@ comes first:
    ``WATCHDOG_GRACE_S`` (e.g. blocked in an NCCL collective), exits the process with status 1;
 3. the collective timeout (``distributed_timeout``) - the last resort.
 
+Scale-out strategies
+--------------------
+:func:`make_strategy` picks one object that owns every decision the update makes about other
+ranks, so the trainer's update reads the same whichever runs:
+
+- :class:`SingleProcess`: one process, full fp32 weights, no collectives;
+- :class:`AllReduce` (``ddp``): a full replica per rank, gradients all-reduced (averaged) before
+  clipping - the default on CPU/gloo;
+- :class:`FullyShard` (``fsdp2``): ``fully_shard`` on each decoder layer and on the root, so
+  parameters, gradients and optimizer state are sharded; every rank runs the same number of
+  micro-batches (each one gathers and reduce-scatters); generation runs inside
+  :meth:`~SingleProcess.full_weights`. The default on CUDA.
+
+Mixed precision (``bf16``) is FSDP2's ``MixedPrecisionPolicy(param_dtype=bfloat16,
+reduce_dtype=float32)``: the optimizer holds fp32 master weights, the forward and backward see
+bf16 copies of them (bf16 q/k/v, bf16 LM-head GEMMs, by construction rather than through
+autocast), and gradients are accumulated over micro-batches and reduced in fp32. In one process
+the same policy runs on a one-rank mesh (a one-rank process group is created when none exists).
+
 Test hook: ``BCR_TEST_FAIL_RANK=<r>`` makes rank ``r`` raise inside the training step (and inside an
 evaluation batch); ``BCR_TEST_FAIL_STEP=<s>`` picks the step (default: the first one). Only tests
 set these.
@@ -45,12 +64,10 @@ from datetime import timedelta
 
 import torch
 
-from .metrics import all_reduce_sum, dist_info
-
 __all__ = [
-    "RankFailedError", "all_reduce_max", "all_reduce_sum", "barrier", "broadcast_object", "dist_info",
-    "fail_together", "init_distributed", "is_main_process", "maybe_inject_failure", "resolve_strategy",
-    "teardown_distributed",
+    "AllReduce", "FullyShard", "RankFailedError", "SingleProcess", "all_reduce_max", "all_reduce_sum", "barrier",
+    "broadcast_object", "dist_info", "fail_together", "init_distributed", "make_strategy", "maybe_inject_failure",
+    "resolve_strategy", "teardown_distributed",
 ]
 
 DEFAULT_TIMEOUT_S = 1800.0
@@ -119,21 +136,23 @@ def teardown_distributed() -> None:
     _state.update(owned=False, watchdog=None, stop=None)
 
 
-@contextlib.contextmanager
-def distributed_session(timeout_s: float | None = None):
-    """``with distributed_session(): ...`` = init from torchrun's environment, always tear down."""
-    init_distributed(timeout_s)
-    try:
-        yield dist_info()
-    finally:
-        teardown_distributed()
-
-
 # ----------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------
-def is_main_process() -> bool:
-    return dist_info()[0] == 0
+def dist_info() -> tuple[int, int]:
+    """``(rank, world_size)``; ``(0, 1)`` when torch.distributed is not initialised."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def all_reduce_sum(values: Sequence[float], device=None) -> list[float]:
+    """Sum a list of floats over all ranks (identity in a single process)."""
+    if dist_info()[1] == 1 or not values:
+        return list(values)
+    t = torch.tensor(list(values), dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return t.tolist()
 
 
 def barrier() -> None:
@@ -179,6 +198,157 @@ def global_std(values: Sequence[torch.Tensor], device=None) -> float:
     if n < 2:
         return 0.0
     return max(0.0, (sq - s * s / n) / (n - 1)) ** 0.5
+
+
+# ----------------------------------------------------------------------------------------------
+# Scale-out strategies of the trainer
+# ----------------------------------------------------------------------------------------------
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The repeated transformer blocks of an HF causal LM (one FSDP2 unit each)."""
+    decoder = model.get_decoder()
+    layers = getattr(decoder, "layers", None) or getattr(decoder, "h", None)
+    if layers is None:
+        raise ValueError(f"distributed_strategy=fsdp2: cannot find the decoder layers of {type(model).__name__}; "
+                         "use distributed_strategy=ddp (and bf16=false)")
+    return list(layers)
+
+
+def _grad_norm(params: Sequence[torch.Tensor], max_norm: float) -> float:
+    """Global gradient norm of full (unsharded) ``params``, clipped to ``max_norm`` when it is > 0."""
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    norms = [p.grad.norm() for p in params if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms or [torch.zeros(())])))
+
+
+class SingleProcess:
+    """One process with full fp32 weights: no collectives. Each method is one decision of the update
+    that depends on the other ranks; :class:`AllReduce` and :class:`FullyShard` override them."""
+
+    name = "none"
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.rank, self.world_size = dist_info()
+
+    def wrap(self, root: torch.nn.Module, model: torch.nn.Module) -> torch.nn.Module:
+        """``root`` (a module whose forward runs the HF ``model``) ready for training; returns it."""
+        return root
+
+    @contextlib.contextmanager
+    def full_weights(self, root: torch.nn.Module):
+        """The full weights of ``root`` in place for the duration (generation calls the HF model)."""
+        yield
+
+    def even_rows(self, rows: list) -> list:
+        """``rows`` extended to the number of micro-batches every rank runs (the caller gives the added
+        ones zero weight). Strategies without collectives inside the forward keep ``rows``."""
+        return rows
+
+    def set_gradient_sync(self, root: torch.nn.Module, enabled: bool) -> None:
+        """Whether the next backward of ``root`` reduces gradients over ranks (the last micro-batch)."""
+
+    def reduce_and_clip(self, params: Sequence[torch.Tensor], max_norm: float) -> float:
+        """Average the gradients over ranks and clip their global norm to ``max_norm`` (0: no
+        clipping); returns the norm before clipping."""
+        return _grad_norm(params, max_norm)
+
+
+class AllReduce(SingleProcess):
+    """A full replica per rank; gradients averaged by one all-reduce per parameter (DDP-style)."""
+
+    name = "ddp"
+
+    def reduce_and_clip(self, params: Sequence[torch.Tensor], max_norm: float) -> float:
+        for p in params:
+            if p.grad is None:  # every rank must all-reduce the same tensors
+                p.grad = torch.zeros_like(p)
+            torch.distributed.all_reduce(p.grad)
+            p.grad.div_(self.world_size)
+        return _grad_norm(params, max_norm)
+
+
+class FullyShard(SingleProcess):
+    """FSDP2 (``fully_shard``) on each decoder layer and on the root; ``param_dtype=torch.bfloat16``
+    adds the mixed-precision policy (bf16 compute, fp32 master weights, fp32 gradient reduction).
+
+    In a single process with no process group, a one-rank group is created (and kept for the
+    life of the process: the sharded parameters need it)."""
+
+    name = "fsdp2"
+
+    def __init__(self, device: torch.device, param_dtype: torch.dtype | None = None):
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        if not dist.is_initialized():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        super().__init__(device)
+        self.mesh = init_device_mesh(device.type, (self.world_size,))
+        reduce_dtype = torch.float32 if param_dtype is not None else None
+        self.layer_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+        # The root's forward takes the loss inputs (advantages, reference log-probs): keep them fp32.
+        self.root_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype,
+                                                cast_forward_inputs=False)
+
+    def wrap(self, root: torch.nn.Module, model: torch.nn.Module) -> torch.nn.Module:
+        """Shard each decoder layer of ``model``, then ``root`` (its hooks gather what the layers do not
+        hold: embedding, final norm, LM head). ``model`` keeps working as an HF model whose
+        parameters are DTensor shards (see :meth:`full_weights`)."""
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in decoder_layers(model):
+            fully_shard(layer, mesh=self.mesh, mp_policy=self.layer_policy)
+        fully_shard(root, mesh=self.mesh, mp_policy=self.root_policy)
+        # FSDP2 picks its root at the first forward; generation calls the layers directly, so fix it now.
+        root._get_fsdp_state()._lazy_init()
+        return root
+
+    @contextlib.contextmanager
+    def full_weights(self, root: torch.nn.Module):
+        """Every FSDP2 unit of ``root`` unsharded (in the compute dtype) for the duration. Generation runs
+        the HF model forward a different number of times on each rank: no collective may happen inside."""
+        from torch.distributed.fsdp import FSDPModule
+
+        units = [m for m in root.modules() if isinstance(m, FSDPModule)]
+        for m in units:
+            m.unshard()
+            m.set_reshard_after_forward(False, recurse=False)
+        try:
+            yield
+        finally:
+            for m in units:
+                m.reshard()
+                m.set_reshard_after_forward(True, recurse=False)
+
+    def even_rows(self, rows: list) -> list:
+        most = int(all_reduce_max([len(rows)], self.device)[0])
+        return rows + [rows[0]] * (most - len(rows))
+
+    def set_gradient_sync(self, root: torch.nn.Module, enabled: bool) -> None:
+        root.set_requires_gradient_sync(enabled)  # reduce-scatter once, after the last micro-batch
+
+    def reduce_and_clip(self, params: Sequence[torch.Tensor], max_norm: float) -> float:
+        # The gradients were reduce-scattered in backward; the norm of DTensor gradients is a DTensor.
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf"))
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def make_strategy(name: str, device: torch.device, *, bf16: bool = False) -> SingleProcess:
+    """The scale-out strategy of ``distributed_strategy=name`` at this world size (see
+    :func:`resolve_strategy`); ``bf16`` selects the mixed-precision policy, which runs through FSDP2
+    (on a one-rank mesh in a single process)."""
+    resolved = resolve_strategy(name, dist_info()[1], device)
+    if resolved == "ddp":
+        if bf16:
+            raise ValueError("bf16=true needs FSDP2's mixed-precision policy; set distributed_strategy=fsdp2 "
+                             "(or auto on CUDA), or bf16=false for plain fp32 data parallel")
+        return AllReduce(device)
+    if resolved == "fsdp2" or bf16:
+        return FullyShard(device, param_dtype=torch.bfloat16 if bf16 else None)
+    return SingleProcess(device)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -426,16 +426,20 @@ def _check_resume(out: Path, fingerprint: dict, cfg: EvalConfig) -> None:
 # ----------------------------------------------------------------------------- the sweep
 
 
-def _run_batch(engine, tokenizer, spec: BatchSpec, bundles, cfg: EvalConfig, done: set) -> list[dict]:
-    """Generate, parse and verify one batch; returns the records whose keys are not in ``done``."""
+def run_batch(engine, tokenizer, spec: BatchSpec, bundles, cfg: EvalConfig, done: set = frozenset(),
+              template=None) -> list[dict]:
+    """Generate, parse and verify one batch; returns the records whose keys are not in ``done``.
+
+    ``template``: the prompt template (default: the standard one with ``cfg.numbered_single``); the
+    trainer passes its own so that its periodic evaluation renders prompts as its training does."""
     from bcr.parsing import parse_completion
     from bcr.prompts import PromptTemplate, render_prompt
     from bcr.verify import answers_match
 
     k = cfg.samples_per_bundle
     chosen = [bundles[b] for b in spec.bundle_indices]
-    prompts = [render_prompt(bundle, tokenizer, PromptTemplate(numbered_single=cfg.numbered_single))
-               for bundle in chosen]
+    template = template or PromptTemplate(numbered_single=cfg.numbered_single)
+    prompts = [render_prompt(bundle, tokenizer, template) for bundle in chosen]
     budgets = [cfg.max_new_tokens(len(bundle)) for bundle in chosen]
     started = time.perf_counter()
     generations = engine.generate(
@@ -538,8 +542,7 @@ def evaluate_scaling(
     bundles = {n: bundle_sequential(problems, n) for n in cfg.n_values}
     plan = plan_batches(list(models), cfg.n_values, {n: len(b) for n, b in bundles.items()}, cfg.batch_size)
 
-    from bcr.distributed import barrier, broadcast_object, fail_together
-    from bcr.metrics import dist_info
+    from bcr.distributed import barrier, broadcast_object, dist_info, fail_together
 
     rank, world = dist_info()
     out = Path(cfg.output_dir)
@@ -594,7 +597,7 @@ def _sweep(models, cfg: EvalConfig, tokenizer, on_batch, plan, bundles, existing
             engine = _open_engine(name, model, tok, cfg)
             for spec in mine:
                 bar.update(task, description=f"{name} N={spec.n_problems}")
-                records = _run_batch(engine, tok, spec, bundles[spec.n_problems], cfg, done)
+                records = run_batch(engine, tok, spec, bundles[spec.n_problems], cfg, done)
                 maybe_inject_failure(f"evaluation batch {spec.model} N={spec.n_problems} #{spec.batch_index}")
                 append_records(target, records)
                 done.update(record_key(r) for r in records)
@@ -665,8 +668,7 @@ def _load(source, cfg: EvalConfig) -> list:
 def cli_main(argv: Sequence[str]) -> int:
     """``bcr eval [--config FILE.yaml] [key=value ...]``; ``--help`` lists the options."""
     from bcr.dataclass_cli import parse_cli
-    from bcr.distributed import RankFailedError, init_distributed, teardown_distributed
-    from bcr.metrics import dist_info
+    from bcr.distributed import RankFailedError, dist_info, init_distributed, teardown_distributed
 
     cfg = parse_cli(EvalConfig, argv, prog="bcr eval")
     if cfg is None:

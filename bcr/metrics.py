@@ -1,6 +1,5 @@
 """Training metrics: reduced over ranks, written to ``metrics.jsonl``, shown in a rich progress bar.
 
-- ``dist_info()`` -> ``(rank, world_size)`` from ``torch.distributed`` when it is initialised, else ``(0, 1)``.
 - ``StepStats`` gathers one step's metrics as (sum, count) pairs so that means over all ranks are exact
   (``reduce()`` all-reduces the sums and counts, then divides).
 - ``MetricsLogger`` appends one JSON object per step to ``output_dir/metrics.jsonl`` (rank 0 only) and
@@ -20,24 +19,7 @@ import warnings
 from collections import defaultdict
 from pathlib import Path
 
-import torch
-
-
-def dist_info() -> tuple[int, int]:
-    """``(rank, world_size)``; ``(0, 1)`` when torch.distributed is not initialised."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def all_reduce_sum(values: list[float], device=None) -> list[float]:
-    """Sum a list of floats over all ranks (identity in a single process)."""
-    _, world = dist_info()
-    if world == 1 or not values:
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t)
-    return t.tolist()
+from .distributed import all_reduce_sum
 
 
 class StepStats:
@@ -46,23 +28,21 @@ class StepStats:
     def __init__(self) -> None:
         self._sums: dict[str, float] = defaultdict(float)
         self._counts: dict[str, float] = defaultdict(float)
-        self._fixed: dict[str, float] = {}
 
     def add(self, name: str, value_sum: float, count: float = 1.0) -> None:
         self._sums[name] += float(value_sum)
         self._counts[name] += float(count)
 
-    def set(self, name: str, value: float) -> None:
-        """A value already identical on every rank (learning rate, grad norm, timings of rank 0)."""
-        self._fixed[name] = float(value)
+    def extend(self, other: StepStats) -> None:
+        """Add every (sum, count) of ``other`` (e.g. the update's metrics to the rollout's)."""
+        for name, value in other._sums.items():
+            self.add(name, value, other._counts[name])
 
     def reduce(self, device=None) -> dict[str, float]:
         names = sorted(self._sums)
         flat = all_reduce_sum([self._sums[n] for n in names] + [self._counts[n] for n in names], device)
         sums, counts = flat[: len(names)], flat[len(names) :]
-        out = {n: (s / c if c else float("nan")) for n, s, c in zip(names, sums, counts)}
-        out.update(self._fixed)
-        return out
+        return {n: (s / c if c else float("nan")) for n, s, c in zip(names, sums, counts)}
 
 
 def _clean(value):

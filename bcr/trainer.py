@@ -1,9 +1,10 @@
 """The BCR trainer: one loop you can read top to bottom.
 
-Each training step:
+Each training step (:meth:`BCRTrainer.training_step`):
 
 1. take this step's bundles of N problems (``bundles_per_step`` over all ranks; rank r takes
-   bundles r, r + world, ...; a bundle's G samples always stay on one rank);
+   bundles r, r + world, ...; a bundle's G samples always stay on one rank; see
+   :class:`bcr.bundling.BundleStream`);
 2. render each bundle as one prompt and sample ``num_generations`` completions that share the
    ``max_completion_length`` budget (seeds derived from (seed, step, bundle index): a resumed or
    re-sharded run draws the same completions);
@@ -12,13 +13,17 @@ Each training step:
 4. pack prompt + completion tokens of all samples into padding-free rows, run the model backbone with
    varlen attention, and compute log-probs of the completion tokens only with the fused LM-head
    kernel; scatter each instance's advantage onto its tokens; clipped policy loss (+ KL);
-5. backward (micro-batches share one global normaliser), clip the gradient norm, AdamW, LR schedule.
+5. backward (micro-batches share one global normaliser), clip the gradient norm, AdamW, LR schedule;
+6. metrics, computed from what was scored and from the update.
 
 Several processes (``torchrun --nproc-per-node K -m bcr train ...``): the global batch
 (``bundles_per_step``) and every sample are the same whatever the world size; gradients are averaged
 over ranks by FSDP2 (``distributed_strategy``: sharded parameters, gradients and optimizer state; the
-default on CUDA) or by a plain all-reduce (``ddp``: the default on CPU/gloo). Metrics are
-all-reduced before logging; only rank 0 prints and writes. See ``bcr.distributed``.
+default on CUDA) or by a plain all-reduce (``ddp``: the default on CPU/gloo). The strategy is one
+object (``bcr.distributed.make_strategy``) that owns everything rank-dependent in the update. On CUDA
+(``bf16``) the forward runs on bf16 copies of fp32 master weights with fp32 gradient reduction
+(FSDP2's mixed-precision policy, on a one-rank mesh in one process). Metrics are all-reduced before
+logging; only rank 0 prints and writes.
 
 ``num_iterations`` > 1 repeats step 4-5 on the same rollouts (old log-probs computed once, before the
 first update). ``beta`` > 0 adds a KL term to a frozen reference (a copy of the initial model, or the
@@ -35,7 +40,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -48,21 +53,25 @@ from bcr_kernels import (
 )
 from bcr_kernels.varlen_attention import packed_model_kwargs
 
-from .bundling import Bundler
-from .checkpoint import _check_finite, find_checkpoint, load_checkpoint, save_checkpoint, save_optimizer_dcp
+from .bundling import Bundler, BundleStream, bundle_sequential
+from .checkpoint import find_checkpoint, load_checkpoint, save_model, save_trainer_checkpoint
 from .config import BCRConfig
 from .distributed import (
     RankFailedError,
-    all_reduce_max,
-    barrier,
+    all_reduce_sum,
+    dist_info,
     fail_together,
     global_std,
+    make_strategy,
     maybe_inject_failure,
-    resolve_strategy,
 )
-from .metrics import MetricsLogger, StepStats, TrainProgress, all_reduce_sum, dist_info
+from .evaluation import BatchSpec, EvalConfig, run_batch
+from .metrics import MetricsLogger, StepStats, TrainProgress
 from .packing import PackedBatch, Sample, pack_samples
-from .rollout import derive_seed, make_engine
+from .parsing import ParsedCompletion, completion_segment_ids, parse_completion
+from .prompts import PromptTemplate, render_prompt
+from .rewards import compute_advantages, instance_rewards
+from .rollout import Generation, derive_seed, make_engine
 
 # Fewer completion tokens per problem than this and a bundle can hardly ever be answered in full.
 MIN_TOKENS_PER_PROBLEM = 8
@@ -126,8 +135,9 @@ def completion_logprobs(model, batch: PackedBatch, *, temperature: float = 1.0, 
 
 
 class PackedLogprobs(torch.nn.Module):
-    """``completion_logprobs`` of ``model`` as one module: FSDP2 shards it as the root, so its hooks
-    gather the embedding, final norm and LM head (used outside the decoder's forward) as well."""
+    """``completion_logprobs`` of ``model`` as one module: the root the scale-out strategy wraps (FSDP2
+    shards it as the root, so its hooks gather the embedding, final norm and LM head, used outside
+    the decoder layers' forwards, as well)."""
 
     def __init__(self, model):
         super().__init__()
@@ -137,62 +147,11 @@ class PackedLogprobs(torch.nn.Module):
         return completion_logprobs(self.model, batch, **kwargs)
 
 
-def _decoder_layers(model) -> list[torch.nn.Module]:
-    """The repeated transformer blocks (one FSDP2 unit each)."""
-    decoder = model.get_decoder()
-    layers = getattr(decoder, "layers", None) or getattr(decoder, "h", None)
-    if layers is None:
-        raise ValueError(f"distributed_strategy=fsdp2: cannot find the decoder layers of {type(model).__name__}; "
-                         "use distributed_strategy=ddp")
-    return list(layers)
-
-
-def shard_fsdp2(model, device: torch.device) -> torch.nn.Module:
-    """Apply FSDP2 (``fully_shard``) to each decoder layer and to a ``PackedLogprobs`` root around
-    ``model``; returns the root. ``model`` keeps working as an HF model (its parameters become
-    DTensor shards; ``full_weights`` gathers them for generation)."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
-    for layer in _decoder_layers(model):
-        fully_shard(layer, mesh=mesh)
-    root = PackedLogprobs(model)
-    fully_shard(root, mesh=mesh)
-    # FSDP2 picks its root at the first forward; generation calls the layers directly, so fix it now.
-    root._get_fsdp_state()._lazy_init()
-    return root
-
-
-@contextlib.contextmanager
-def full_weights(root):
-    """Every FSDP2 unit of ``root`` unsharded for the duration (generation runs the HF model forward
-    many times, a different number of times on each rank: no collective may happen inside). A no-op
-    for ``None``."""
-    if root is None:
-        yield
-        return
-    from torch.distributed.fsdp import FSDPModule
-
-    units = [m for m in root.modules() if isinstance(m, FSDPModule)]
-    for m in units:
-        m.unshard()
-        m.set_reshard_after_forward(False, recurse=False)
-    try:
-        yield
-    finally:
-        for m in units:
-            m.reshard()
-            m.set_reshard_after_forward(True, recurse=False)
-
-
 # ----------------------------------------------------------------------------------------------
 # Rewards
 # ----------------------------------------------------------------------------------------------
 def _template(template, numbered_single: bool):
     """The prompt template of the run: the one given, with ``config.numbered_single`` applied."""
-    from .prompts import PromptTemplate
-
     if not numbered_single:
         return template
     return dataclasses.replace(template or PromptTemplate(), numbered_single=True)
@@ -232,10 +191,25 @@ def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
 
 
 @dataclass
-class Rollouts:
-    samples: list[Sample] = field(default_factory=list)
-    stats: StepStats = field(default_factory=StepStats)
-    generated_tokens: int = 0
+class Scored:
+    """What scoring made of one step's completions, per bundle: parsed ``[G]``, accuracy ``[G, N]``
+    (1.0 where answer k is right) and the training rewards ``[G, N]``."""
+
+    parsed: list[list[ParsedCompletion]]
+    correct: list[torch.Tensor]
+    rewards: list[torch.Tensor]
+
+
+@dataclass
+class Microbatches:
+    """The update's input on this rank: packed rows, their per-token advantages, the loss normaliser
+    of the global batch; ``rows[real:]`` are repeats with zero weight that keep the ranks' numbers
+    of micro-batches equal (see ``SingleProcess.even_rows``)."""
+
+    rows: list[PackedBatch]
+    advantages: list[torch.Tensor]
+    normalizer: float
+    real: int
 
 
 class BCRTrainer:
@@ -263,64 +237,22 @@ class BCRTrainer:
         self.template = _template(template, cfg.numbered_single)
         self.reward_fns = list(reward_fn) if isinstance(reward_fn, (list, tuple)) else ([reward_fn] if reward_fn else [])
         self.eval_problems = list(eval_problems) if eval_problems else []
+        self.bundles = self._bundle_stream(list(train_problems))
 
-        # Data: the same bundles on every rank; each rank slices its share per step.
-        problems = list(train_problems)
-        if not problems:
-            raise ValueError("train_problems is empty; pass problems (e.g. from bcr.load_problems)")
-        largest = max(cfg.n_values)
-        if largest > len(problems):
-            raise ValueError(f"n_problems asks for N={largest} but only {len(problems)} training problems were "
-                             f"given; lower n_problems to <= {len(problems)} or add problems")
-        if cfg.bundles_per_step < self.world_size:
-            raise ValueError(f"bundles_per_step={cfg.bundles_per_step} is smaller than the {self.world_size} "
-                             "processes; every rank needs a bundle: raise bundles_per_step")
-        self.bundler = Bundler(problems, cfg.n_problems, seed=cfg.seed)
-        self._epoch_cache: dict[int, list] = {}
-        self._epoch_sizes: dict[int, int] = {}
-        if cfg.max_completion_length < largest * MIN_TOKENS_PER_PROBLEM:
-            warnings.warn(
-                f"max_completion_length={cfg.max_completion_length} leaves fewer than {MIN_TOKENS_PER_PROBLEM} "
-                f"tokens per problem for N={largest}: the model can hardly ever answer every problem; "
-                "raise max_completion_length or lower n_problems",
-                stacklevel=2,
-            )
-
-        # Models: LoRA, gradient checkpointing, reference.
-        self.ref_model = None
-        if cfg.beta > 0 and not cfg.use_peft:
-            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
-        if cfg.use_peft:
-            self.model = _apply_lora(self.model, cfg)
-        if cfg.gradient_checkpointing:
-            if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5.x
-                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            if cfg.use_peft:
-                self.model.enable_input_require_grads()
-        # The packed forward's attention, set once (not per forward: gradient checkpointing recomputes
-        # during backward). bcr_varlen falls back to SDPA for padded or cached generation.
+        # Models (LoRA, gradient checkpointing, attention, reference), wrapped by the scale-out strategy.
         self.attn_implementation = training_attention(cfg.attn_implementation)
-        for m in (self.model, self.ref_model):
-            if m is not None and m.config._attn_implementation != self.attn_implementation:
-                m.set_attn_implementation(self.attn_implementation)
-        # Scale-out: FSDP2 units (policy and reference), or a full replica per rank (gradient all-reduce).
-        self.strategy = resolve_strategy(cfg.distributed_strategy, self.world_size, self.device)
-        self.fsdp_root = self.ref_root = None
-        if self.strategy == "fsdp2":
-            self.fsdp_root = shard_fsdp2(self.model, self.device)
-            if self.ref_model is not None:
-                self.ref_root = shard_fsdp2(self.ref_model, self.device)
-        use_bf16 = cfg.bf16 if cfg.bf16 is not None else self.device.type == "cuda"
-        self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if use_bf16 \
-            else contextlib.nullcontext
+        self.model, self.ref_model = self._prepare_models(self.model)
+        bf16 = cfg.bf16 if cfg.bf16 is not None else (self.device.type == "cuda" and not cfg.use_peft)
+        self.scale = make_strategy(cfg.distributed_strategy, self.device, bf16=bf16)
+        self.policy = self.scale.wrap(PackedLogprobs(self.model), self.model)
+        self.reference = None if self.ref_model is None else self.scale.wrap(PackedLogprobs(self.ref_model),
+                                                                              self.ref_model)
 
         # Optimiser and schedule (counted in optimizer updates = steps x num_iterations).
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                            eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
-        self.total_steps = self._total_steps()
+        self.total_steps = self.bundles.total_steps(cfg.max_steps, cfg.num_train_epochs)
         total_updates = self.total_steps * cfg.num_iterations
         warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_updates)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -334,108 +266,103 @@ class BCRTrainer:
         self.last_metrics: dict = {}
         self._updating = False  # True while the parameters are between two step boundaries
 
-    # ------------------------------------------------------------------------------------------
-    # Data
-    # ------------------------------------------------------------------------------------------
-    def _num_bundles(self, epoch: int) -> int:
-        if epoch not in self._epoch_sizes:  # cached: with weighted N each count builds the epoch
-            self._epoch_sizes[epoch] = self.bundler.num_bundles(epoch)
-        return self._epoch_sizes[epoch]
-
-    def _locate(self, index: int) -> tuple[int, int]:
-        """Global bundle ``index`` of the endless stream epoch 0, epoch 1, ... -> (epoch, index in epoch)."""
-        epoch = 0
-        while index >= self._num_bundles(epoch):
-            index -= self._num_bundles(epoch)
-            epoch += 1
-        return epoch, index
-
-    def bundle(self, index: int) -> list:
-        """The problems of global bundle ``index`` (the same on every rank)."""
-        epoch, offset = self._locate(index)
-        if epoch not in self._epoch_cache:
-            if len(self._epoch_cache) > 2:
-                self._epoch_cache.pop(min(self._epoch_cache))
-            self._epoch_cache[epoch] = self.bundler.epoch_bundles(epoch)
-        return self._epoch_cache[epoch][offset]
-
-    def step_bundles(self, step: int) -> list[tuple[int, list]]:
-        """This rank's (global index, problems) pairs for ``step``."""
-        B = self.config.bundles_per_step
-        return [(j, self.bundle(j)) for j in range(step * B, (step + 1) * B)][self.rank :: self.world_size]
-
-    def _total_steps(self) -> int:
+    def _prepare_models(self, model) -> tuple:
+        """LoRA, gradient checkpointing, the packed forward's attention, and the frozen reference
+        (``beta`` > 0 without LoRA: a copy of the initial model); -> (policy, reference or None)."""
         cfg = self.config
-        if cfg.max_steps > 0:
-            return cfg.max_steps
-        whole, frac = int(cfg.num_train_epochs), cfg.num_train_epochs - int(cfg.num_train_epochs)
-        total = sum(self._num_bundles(e) for e in range(whole))
-        total += int(frac * self._num_bundles(whole))
-        return max(1, total // cfg.bundles_per_step)
+        ref_model = None
+        if cfg.beta > 0 and not cfg.use_peft:
+            ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        if cfg.use_peft:
+            model = _apply_lora(model, cfg)
+        if cfg.gradient_checkpointing:
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if cfg.use_peft:
+                model.enable_input_require_grads()
+        # The packed forward's attention, set once (not per forward: gradient checkpointing recomputes
+        # during backward). bcr_varlen falls back to SDPA for padded or cached generation.
+        for m in (model, ref_model):
+            if m is not None and m.config._attn_implementation != self.attn_implementation:
+                m.set_attn_implementation(self.attn_implementation)
+        return model, ref_model
 
-    def _epoch_progress(self, step: int) -> float:
-        epoch, offset = self._locate(step * self.config.bundles_per_step)
-        return epoch + offset / self._num_bundles(epoch)
+    def _bundle_stream(self, problems: list) -> BundleStream:
+        """The same bundles on every rank; each rank takes its share per step."""
+        cfg = self.config
+        if not problems:
+            raise ValueError("train_problems is empty; pass problems (e.g. from bcr.load_problems)")
+        largest = max(cfg.n_values)
+        if largest > len(problems):
+            raise ValueError(f"n_problems asks for N={largest} but only {len(problems)} training problems were "
+                             f"given; lower n_problems to <= {len(problems)} or add problems")
+        stream = BundleStream(Bundler(problems, cfg.n_problems, seed=cfg.seed), cfg.bundles_per_step,
+                              rank=self.rank, world_size=self.world_size)
+        if cfg.max_completion_length < largest * MIN_TOKENS_PER_PROBLEM:
+            warnings.warn(
+                f"max_completion_length={cfg.max_completion_length} leaves fewer than {MIN_TOKENS_PER_PROBLEM} "
+                f"tokens per problem for N={largest}: the model can hardly ever answer every problem; "
+                "raise max_completion_length or lower n_problems",
+                stacklevel=3,
+            )
+        return stream
 
     # ------------------------------------------------------------------------------------------
-    # Rollout and rewards
+    # One step
     # ------------------------------------------------------------------------------------------
-    def rollout(self, step: int) -> Rollouts:
-        """Sample, parse, score: the training samples of ``step`` on this rank, with their advantages."""
-        from .parsing import completion_segment_ids, parse_completion
-        from .prompts import render_prompt
-        from .rewards import compute_advantages, instance_rewards
+    def training_step(self) -> dict:
+        """One step on every rank (a failure on any rank stops all of them); returns its metrics."""
+        cfg, step = self.config, self.step
+        with fail_together(f"training step {step + 1}"):
+            t0 = time.perf_counter()
+            torch.manual_seed(derive_seed(cfg.seed, step, self.rank, 7))  # dropout etc.
+            bundles = self.bundles.step_bundles(step)
+            prompts = [render_prompt(problems, self.tokenizer, self.template) for _, problems in bundles]
+            with self.scale.full_weights(self.policy):
+                groups = self.engine.generate(prompts, num_generations=cfg.num_generations,
+                                              max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
+                                              top_p=cfg.top_p, seed=[derive_seed(cfg.seed, step, j) for j, _ in bundles])
+            scored = self.score(prompts, [problems for _, problems in bundles], groups)
+            advantages = self.advantages(scored.rewards)
+            samples = self.samples(groups, scored.parsed, advantages)
+            maybe_inject_failure(f"training step {step + 1}", step + 1)
+            t1 = time.perf_counter()
+            batch = self.microbatches(samples)
+            old = self.old_logprobs(batch)
+            ref = self.ref_logprobs(batch)
+            update_stats = self.optimize(batch, old, ref)
+            t2 = time.perf_counter()
+            if cfg.rollout_engine != "hf":  # vLLM: one engine per rank (data parallel), fed full weights
+                with self.scale.full_weights(self.policy):
+                    self.engine.sync_weights(self.model)
+            return self.step_metrics(bundles, groups, scored, update_stats, seconds=(t1 - t0, t2 - t1))
 
-        cfg, G = self.config, self.config.num_generations
-        bundles = self.step_bundles(step)
-        prompts = [render_prompt(problems, self.tokenizer, self.template) for _, problems in bundles]
-        seeds = [derive_seed(cfg.seed, step, j) for j, _ in bundles]
-        with full_weights(self.fsdp_root):
-            groups = self.engine.generate(prompts, num_generations=G, max_new_tokens=cfg.max_completion_length,
-                                          temperature=cfg.temperature, top_p=cfg.top_p, seed=seeds)
+    def update(self, samples: list[Sample]) -> StepStats:
+        """The update of one step on ``samples`` (packing, old/reference log-probs, ``num_iterations``
+        optimizer updates), exactly as :meth:`training_step` runs it; returns the update's metrics."""
+        batch = self.microbatches(samples)
+        return self.optimize(batch, self.old_logprobs(batch), self.ref_logprobs(batch))
+
+    # ------------------------------------------------------------------------------------------
+    # Scoring and samples
+    # ------------------------------------------------------------------------------------------
+    def score(self, prompts: list[str], bundles: list[list], groups: list[list[Generation]]) -> Scored:
+        """Parse every completion into N answers; accuracy per instance; the training rewards
+        (``reward_fn`` when given, else the accuracy)."""
         parsed = [[parse_completion(g.text, len(problems), truncated=g.truncated) for g in group]
-                  for (_, problems), group in zip(bundles, groups)]
-        correct = [instance_rewards(p, [q.answer for q in problems]) for (_, problems), p in zip(bundles, parsed)]
+                  for problems, group in zip(bundles, groups)]
+        correct = [instance_rewards(p, [q.answer for q in problems]) for problems, p in zip(bundles, parsed)]
         rewards = self._rewards(prompts, bundles, groups, parsed) if self.reward_fns else correct
-        batch_std = None
-        if cfg.scale_rewards == "batch" and self.world_size > 1:  # the std of the GLOBAL batch
-            values = rewards if cfg.advantage_mode == "instance" else [r.float().mean(1) for r in rewards]
-            batch_std = global_std(values, self.device)
-        advantages = compute_advantages(rewards, scale_rewards=cfg.scale_rewards, advantage_mode=cfg.advantage_mode,
-                                        batch_std=batch_std)
-
-        out = Rollouts()
-        st = out.stats
-        for (_, problems), group, pgroup, r, acc, adv in zip(bundles, groups, parsed, rewards, correct, advantages):
-            n = len(problems)
-            st.add("frac_reward_zero_std", float((r.float().std(0, unbiased=False) == 0).all()), 1)
-            for g, p, r_i, acc_i, adv_i in zip(group, pgroup, r, acc, adv):
-                # In sequence mode every token gets the same advantage: no need for segments.
-                segments = None
-                if cfg.advantage_mode == "instance":
-                    segments = completion_segment_ids(self.tokenizer, g.completion_ids, p)
-                out.samples.append(Sample(g.prompt_ids, g.completion_ids, adv_i.tolist(), segments))
-                length = len(g.completion_ids)
-                out.generated_tokens += length
-                mean_r = float(r_i.float().mean())
-                st.add("reward", mean_r)
-                st.add("reward_sq", mean_r ** 2)
-                st.add("accuracy", float(acc_i.sum()), n)
-                for k in range(n):
-                    st.add(f"accuracy/pos_{k + 1}", float(acc_i[k]))
-                st.add("answered_rate", sum(ans is not None for ans in p.answers), n)
-                st.add("completions/mean_length", length)
-                st.add("completions/truncated_ratio", float(g.truncated))
-                st.add("tokens_per_problem", length / n)
-                st.add("n_problems", n)
-        return out
+        return Scored(parsed, correct, rewards)
 
     def _rewards(self, prompts, bundles, groups, parsed) -> list[torch.Tensor]:
         """Call the TRL-style reward functions once on all samples of this rank; -> [G, N] per bundle."""
         G = self.config.num_generations
         flat: dict[str, list] = {k: [] for k in ("prompts", "completions", "completion_ids", "answer", "n_problems",
                                                  "problems", "parsed", "truncated")}
-        for prompt, (_, problems), group, pgroup in zip(prompts, bundles, groups, parsed):
+        for prompt, problems, group, pgroup in zip(prompts, bundles, groups, parsed):
             for g, p in zip(group, pgroup):
                 flat["prompts"].append(prompt)
                 flat["completions"].append(g.text)
@@ -458,23 +385,45 @@ class BCRTrainer:
             i += G
         return out
 
+    def advantages(self, rewards: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Rewards ``[G, N]`` per bundle -> advantages (``scale_rewards='batch'``: the std of the
+        global batch, all-reduced over ranks)."""
+        cfg = self.config
+        batch_std = None
+        if cfg.scale_rewards == "batch" and self.world_size > 1:
+            values = rewards if cfg.advantage_mode == "instance" else [r.float().mean(1) for r in rewards]
+            batch_std = global_std(values, self.device)
+        return compute_advantages(rewards, scale_rewards=cfg.scale_rewards, advantage_mode=cfg.advantage_mode,
+                                  batch_std=batch_std)
+
+    def samples(self, groups: list[list[Generation]], parsed: list[list[ParsedCompletion]],
+                advantages: list[torch.Tensor]) -> list[Sample]:
+        """One training sample per completion: its tokens, its N advantages and (instance mode) the
+        instance each completion token belongs to (sequence mode: every token gets the same one)."""
+        instance = self.config.advantage_mode == "instance"
+        return [Sample(g.prompt_ids, g.completion_ids, adv_i.tolist(),
+                       completion_segment_ids(self.tokenizer, g.completion_ids, p) if instance else None)
+                for group, pgroup, adv in zip(groups, parsed, advantages)
+                for g, p, adv_i in zip(group, pgroup, adv)]
+
     # ------------------------------------------------------------------------------------------
     # Update
     # ------------------------------------------------------------------------------------------
-    def _logprobs(self, model, row: PackedBatch, return_entropy: bool = False, loss_kwargs=None):
-        root = {id(self.model): self.fsdp_root, id(self.ref_model): self.ref_root}.get(id(model))
-        fn = root if root is not None else (lambda row, **kw: completion_logprobs(model, row, **kw))
-        with self.autocast():
-            return fn(row, temperature=self.config.temperature,
-                                       chunk_tokens=self.config.chunk_tokens, return_entropy=return_entropy,
-                                       attn_implementation=self.attn_implementation, loss_kwargs=loss_kwargs)
-
-    @torch.no_grad()
-    def _ref_logprobs(self, row: PackedBatch) -> torch.Tensor:
-        if self.ref_model is not None:
-            return self._logprobs(self.ref_model, row)
-        with self.model.disable_adapter():  # LoRA: the base model is the reference
-            return self._logprobs(self.model, row)
+    def microbatches(self, samples: list[Sample]) -> Microbatches:
+        """``samples`` packed into rows (``gradient_accumulation_steps`` groups, each cut at
+        ``max_tokens_per_microbatch``), their per-token advantages and the global loss normaliser."""
+        cfg = self.config
+        per = math.ceil(len(samples) / cfg.gradient_accumulation_steps) if samples else 1
+        rows = [row.to(self.device)
+                for i in range(0, len(samples), per)
+                for row in pack_samples(samples[i : i + per], cfg.max_tokens_per_microbatch)]
+        normalizer = self._normalizer(samples)
+        shared = cfg.shared_advantage if cfg.advantage_mode == "instance" else "mean"
+        advantages = [scatter_instance_advantages(r.instance_advantages, r.completion_segment_ids,
+                                                  r.completion_cu_seqlens, num_instances=r.num_instances,
+                                                  shared=shared) for r in rows]
+        padded = self.scale.even_rows(list(zip(rows, advantages)))
+        return Microbatches([r for r, _ in padded], [a for _, a in padded], normalizer, real=len(rows))
 
     def _normalizer(self, samples: list[Sample]) -> float:
         """The loss denominator of the whole global batch, per rank (gradients are averaged over ranks)."""
@@ -489,81 +438,39 @@ class BCRTrainer:
             return max(g_seqs, 1.0) / self.world_size
         return max(g_seqs, 1.0) * cfg.max_completion_length / self.world_size  # dr_grpo
 
-    def _sync_gradients(self) -> None:
-        if self.world_size == 1 or self.strategy == "fsdp2":  # FSDP2 reduce-scatters in backward
-            return
-        for p in self.params:  # plain data parallel; FSDP2 replaces this
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            torch.distributed.all_reduce(p.grad)
-            p.grad.div_(self.world_size)
-
-    def update(self, samples: list[Sample], stats: StepStats) -> None:
-        """``num_iterations`` optimizer updates on this step's samples."""
+    def _logprobs(self, root: torch.nn.Module, row: PackedBatch, **kwargs):
         cfg = self.config
-        k = cfg.gradient_accumulation_steps
-        per = math.ceil(len(samples) / k) if samples else 1
-        rows = [row.to(self.device)
-                for i in range(0, len(samples), per)
-                for row in pack_samples(samples[i : i + per], cfg.max_tokens_per_microbatch)]
-        normalizer = self._normalizer(samples)
-        shared = cfg.shared_advantage if cfg.advantage_mode == "instance" else "mean"
-        advantages = [scatter_instance_advantages(r.instance_advantages, r.completion_segment_ids,
-                                                  r.completion_cu_seqlens, num_instances=r.num_instances,
-                                                  shared=shared) for r in rows]
-        real = len(rows)
-        if self.strategy == "fsdp2":
-            # Every rank must run as many forwards/backwards (each one gathers and reduce-scatters):
-            # repeat a row with zero weight on ranks that have fewer.
-            most = int(all_reduce_max([len(rows)], self.device)[0])
-            rows += [rows[0]] * (most - real)
-            advantages += [advantages[0]] * (most - real)
-        self.model.train()
-        old = [None] * len(rows)
-        if cfg.num_iterations > 1:
-            with torch.no_grad():
-                old = [self._logprobs(self.model, r) for r in rows]
-        ref = [self._ref_logprobs(r) for r in rows] if cfg.beta > 0 else [None] * len(rows)
-        old, ref = old + [None] * (len(rows) - len(old)), ref + [None] * (len(rows) - len(ref))
+        return root(row, temperature=cfg.temperature, chunk_tokens=cfg.chunk_tokens,
+                    attn_implementation=self.attn_implementation, **kwargs)
 
+    @torch.no_grad()
+    def old_logprobs(self, batch: Microbatches) -> list[torch.Tensor | None]:
+        """The policy's log-probs before the first update (``num_iterations`` > 1; else Nones: the
+        ratio is 1 and the loss is fused into the forward). Puts the policy in training mode, in
+        which every forward of the update runs."""
+        self.model.train()
+        if self.config.num_iterations == 1:
+            return [None] * len(batch.rows)
+        return [self._logprobs(self.policy, row) for row in batch.rows]
+
+    @torch.no_grad()
+    def ref_logprobs(self, batch: Microbatches) -> list[torch.Tensor | None]:
+        """The reference's log-probs (``beta`` > 0; LoRA: the base model with the adapter disabled)."""
+        if self.config.beta == 0:
+            return [None] * len(batch.rows)
+        if self.reference is not None:
+            return [self._logprobs(self.reference, row) for row in batch.rows]
+        with self.model.disable_adapter():
+            return [self._logprobs(self.policy, row) for row in batch.rows]
+
+    def optimize(self, batch: Microbatches, old: list, ref: list) -> StepStats:
+        """``num_iterations`` optimizer updates on ``batch``; a non-finite loss or gradient on any
+        rank skips the update (the schedule still advances). Returns the update's metrics."""
+        cfg, stats = self.config, StepStats()
         for _ in range(cfg.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
-            finite, total_loss = True, 0.0
-            for i, (row, adv, old_logp, ref_logp) in enumerate(zip(rows, advantages, old, ref)):
-                if self.fsdp_root is not None:  # reduce-scatter once, after the last micro-batch
-                    self.fsdp_root.set_requires_gradient_sync(i == len(rows) - 1)
-                mask = torch.ones_like(adv)
-                loss_kwargs = {"ref_logp": ref_logp, "beta": cfg.beta, "epsilon": cfg.epsilon,
-                               "epsilon_high": cfg.epsilon_high, "loss_type": cfg.kernel_loss_type,
-                               "max_completion_length": cfg.max_completion_length, "normalizer": normalizer}
-                if old_logp is None:  # num_iterations == 1: ratio 1, the LM-head gradients come with the forward
-                    fused = {"advantages": adv, "mask": mask, "cu_seqlens": row.completion_cu_seqlens, **loss_kwargs}
-                    loss, m, _, entropy = self._logprobs(self.model, row, return_entropy=True, loss_kwargs=fused)
-                else:
-                    logp, entropy = self._logprobs(self.model, row, return_entropy=True)
-                    loss, m = policy_loss(logp, old_logp, adv, mask, row.completion_cu_seqlens, **loss_kwargs)
-                if i >= real or not torch.isfinite(loss):
-                    if i < real:
-                        finite = False
-                    if self.fsdp_root is None:
-                        break
-                    (loss * 0.0).backward()  # FSDP2: keep the collectives in step with the other ranks
-                    continue
-                loss.backward()
-                total_loss += float(loss.detach())
-                c = row.num_completion_tokens
-                stats.add("entropy", float(entropy.sum()), c)
-                for name, value in m.items():
-                    stats.add(name, float(value) * c, c)
-            self._sync_gradients()
-            if self.fsdp_root is not None:  # DTensor gradients: the norm is a DTensor too
-                norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm or float("inf"))
-                grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-            elif cfg.max_grad_norm > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
-            else:
-                grad_norm = float(torch.linalg.vector_norm(torch.stack(
-                    [p.grad.norm() for p in self.params if p.grad is not None] or [torch.zeros(())])))
+            finite, total_loss = self._backward(batch, old, ref, stats)
+            grad_norm = self.scale.reduce_and_clip(self.params, cfg.max_grad_norm)
             finite = bool(all_reduce_sum([float(not finite)], self.device)[0] == 0) and math.isfinite(grad_norm)
             stats.add("learning_rate", self.scheduler.get_last_lr()[0])
             if finite:
@@ -578,33 +485,82 @@ class BCRTrainer:
             with warnings.catch_warnings():  # a skipped update still advances the schedule
                 warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*")
                 self.scheduler.step()
+        return stats
+
+    def _backward(self, batch: Microbatches, old: list, ref: list, stats: StepStats) -> tuple[bool, float]:
+        """Accumulate the gradients of every micro-batch; -> (all losses finite, summed loss).
+
+        Padding rows, and every row after a non-finite loss, run backward with weight 0, so each rank
+        runs the same forwards and backwards (FSDP2 gathers and reduce-scatters in them)."""
+        finite, total_loss, last = True, 0.0, len(batch.rows) - 1
+        for i, (row, adv, old_logp, ref_logp) in enumerate(zip(batch.rows, batch.advantages, old, ref)):
+            self.scale.set_gradient_sync(self.policy, i == last)
+            loss, metrics, entropy = self._loss(row, adv, old_logp, ref_logp, batch.normalizer)
+            if i < batch.real and not torch.isfinite(loss):
+                finite = False
+            if i >= batch.real or not finite:
+                (loss * 0.0).backward()
+                continue
+            loss.backward()
+            total_loss += float(loss.detach())
+            c = row.num_completion_tokens
+            stats.add("entropy", float(entropy.sum()), c)
+            for name, value in metrics.items():
+                stats.add(name, float(value) * c, c)
+        return finite, total_loss
+
+    def _loss(self, row: PackedBatch, adv: torch.Tensor, old_logp, ref_logp, normalizer: float):
+        """Clipped policy loss (+ KL) of one row -> (loss, metrics, entropy). Without old log-probs
+        (ratio 1) the loss is fused into the LM head, whose gradients come with the forward."""
+        cfg = self.config
+        mask = torch.ones_like(adv)
+        loss_kwargs = {"ref_logp": ref_logp, "beta": cfg.beta, "epsilon": cfg.epsilon,
+                       "epsilon_high": cfg.epsilon_high, "loss_type": cfg.kernel_loss_type,
+                       "max_completion_length": cfg.max_completion_length, "normalizer": normalizer}
+        if old_logp is None:
+            fused = {"advantages": adv, "mask": mask, "cu_seqlens": row.completion_cu_seqlens, **loss_kwargs}
+            loss, metrics, _, entropy = self._logprobs(self.policy, row, return_entropy=True, loss_kwargs=fused)
+            return loss, metrics, entropy
+        logp, entropy = self._logprobs(self.policy, row, return_entropy=True)
+        loss, metrics = policy_loss(logp, old_logp, adv, mask, row.completion_cu_seqlens, **loss_kwargs)
+        return loss, metrics, entropy
+
+    # ------------------------------------------------------------------------------------------
+    # Metrics
+    # ------------------------------------------------------------------------------------------
+    def step_metrics(self, bundles: list[tuple[int, list]], groups: list[list[Generation]], scored: Scored,
+                     update_stats: StepStats, seconds: tuple[float, float]) -> dict:
+        """The step's metrics over all ranks: what was scored, what the update recorded, timings."""
+        stats, generated = StepStats(), 0
+        for (_, problems), group, pgroup, r, acc in zip(bundles, groups, scored.parsed, scored.rewards, scored.correct):
+            n = len(problems)
+            stats.add("frac_reward_zero_std", float((r.float().std(0, unbiased=False) == 0).all()), 1)
+            for g, p, r_i, acc_i in zip(group, pgroup, r, acc):
+                length = len(g.completion_ids)
+                generated += length
+                mean_r = float(r_i.float().mean())
+                stats.add("reward", mean_r)
+                stats.add("reward_sq", mean_r ** 2)
+                stats.add("accuracy", float(acc_i.sum()), n)
+                for k in range(n):
+                    stats.add(f"accuracy/pos_{k + 1}", float(acc_i[k]))
+                stats.add("answered_rate", sum(ans is not None for ans in p.answers), n)
+                stats.add("completions/mean_length", length)
+                stats.add("completions/truncated_ratio", float(g.truncated))
+                stats.add("tokens_per_problem", length / n)
+                stats.add("n_problems", n)
+        stats.extend(update_stats)
+        m = stats.reduce(self.device)
+        m["reward_std"] = math.sqrt(max(0.0, m.pop("reward_sq") - m["reward"] ** 2))
+        generated = all_reduce_sum([generated], self.device)[0]
+        rollout_s, update_s = seconds
+        m.update({"time/rollout": rollout_s, "time/update": update_s,
+                  "tokens_per_second": generated / max(rollout_s + update_s, 1e-9)})
+        return m
 
     # ------------------------------------------------------------------------------------------
     # The loop
     # ------------------------------------------------------------------------------------------
-    def training_step(self) -> dict:
-        """One step (rollout + update) on every rank; a failure on any rank stops all of them."""
-        with fail_together(f"training step {self.step + 1}"):
-            return self._training_step()
-
-    def _training_step(self) -> dict:
-        t0 = time.perf_counter()
-        torch.manual_seed(derive_seed(self.config.seed, self.step, self.rank, 7))  # dropout etc.
-        rollouts = self.rollout(self.step)
-        maybe_inject_failure(f"training step {self.step + 1}", self.step + 1)
-        t1 = time.perf_counter()
-        self.update(rollouts.samples, rollouts.stats)
-        t2 = time.perf_counter()
-        if self.config.rollout_engine != "hf":  # vLLM: one engine per rank (data parallel), fed full weights
-            with full_weights(self.fsdp_root):
-                self.engine.sync_weights(self.model)
-        m = rollouts.stats.reduce(self.device)
-        m["reward_std"] = math.sqrt(max(0.0, m.pop("reward_sq") - m["reward"] ** 2))
-        generated = all_reduce_sum([rollouts.generated_tokens], self.device)[0]
-        m.update({"time/rollout": t1 - t0, "time/update": t2 - t1,
-                  "tokens_per_second": generated / max(t2 - t0, 1e-9)})
-        return m
-
     def train(self) -> dict:
         """Run until ``total_steps``; returns the metrics of the last step."""
         cfg = self.config
@@ -623,7 +579,7 @@ class BCRTrainer:
                     metrics = self.training_step()
                     self.step += 1
                     self._updating = False
-                    metrics = {"step": self.step, "epoch": self._epoch_progress(self.step), **metrics}
+                    metrics = {"step": self.step, "epoch": self.bundles.epoch_progress(self.step), **metrics}
                     if cfg.eval_steps and self.eval_problems and self.step % cfg.eval_steps == 0:
                         with fail_together(f"evaluation at step {self.step}"):
                             metrics.update(self.evaluate())
@@ -651,36 +607,31 @@ class BCRTrainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Accuracy and tokens per problem on ``eval_problems`` (one sample per bundle, for each N)."""
-        from .bundling import bundle_sequential
-        from .parsing import parse_completion
-        from .prompts import render_prompt
-        from .rewards import instance_rewards
-
+        """Accuracy and tokens per problem on ``eval_problems`` for each N (one sample per bundle),
+        generated and scored by the evaluator's own code (``bcr.evaluation.run_batch``: the seeds of
+        ``bcr eval`` with this run's seed, budget, temperature and prompt template); the bundles are
+        shared out over the ranks."""
         cfg, out = self.config, {}
-        for n in cfg.n_values:
-            bundles = bundle_sequential(self.eval_problems, n)[self.rank :: self.world_size]
-            prompts = [render_prompt(b, self.tokenizer, self.template) for b in bundles]
-            with full_weights(self.fsdp_root):
-                groups = self.engine.generate(prompts, num_generations=1, max_new_tokens=cfg.max_completion_length,
-                                              temperature=cfg.temperature, top_p=cfg.top_p,
-                                              seed=derive_seed(cfg.seed, 99))
-            correct = problems = tokens = 0.0
-            for b, (g,) in zip(bundles, groups):
-                acc = instance_rewards([parse_completion(g.text, len(b), truncated=g.truncated)], [q.answer for q in b])
-                correct += float(acc.sum())
-                problems += len(b)
-                tokens += len(g.completion_ids)
-            correct, problems, tokens = all_reduce_sum([correct, problems, tokens], self.device)
-            out[f"eval/accuracy/n{n}"] = correct / max(problems, 1)
-            out[f"eval/tokens_per_problem/n{n}"] = tokens / max(problems, 1)
+        eval_cfg = EvalConfig(n_values=list(cfg.n_values), max_completion_length=cfg.max_completion_length,
+                              temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
+                              numbered_single=cfg.numbered_single)
+        with self.scale.full_weights(self.policy):
+            for n in cfg.n_values:
+                bundles = bundle_sequential(self.eval_problems, n)
+                spec = BatchSpec("policy", n, 0, tuple(range(self.rank, len(bundles), self.world_size)))
+                records = run_batch(self.engine, self.tokenizer, spec, bundles, eval_cfg, template=self.template)
+                correct, problems, tokens = all_reduce_sum(
+                    [sum(sum(r["correct"]) for r in records), sum(r["n_actual"] for r in records),
+                     sum(r["completion_tokens"] for r in records)], self.device)
+                out[f"eval/accuracy/n{n}"] = correct / max(problems, 1)
+                out[f"eval/tokens_per_problem/n{n}"] = tokens / max(problems, 1)
         return out
 
     # ------------------------------------------------------------------------------------------
     # Saving and resuming
     # ------------------------------------------------------------------------------------------
     def _state(self) -> dict:
-        return {"step": self.step, "epoch": self._epoch_progress(self.step),
+        return {"step": self.step, "epoch": self.bundles.epoch_progress(self.step),
                 "bundle_position": self.step * self.config.bundles_per_step, "world_size": self.world_size,
                 "total_steps": self.total_steps, "config": self.config.to_dict(), "metrics": self.last_metrics}
 
@@ -688,46 +639,11 @@ class BCRTrainer:
         """``output_dir/checkpoint-<step>``; every rank must call it. Rank 0 writes the HF directory
         and returns its path (other ranks: None). With FSDP2 the weights are gathered to rank 0 first
         and every rank writes its optimizer shard through torch.distributed.checkpoint."""
-        with fail_together(f"saving checkpoint-{self.step}"):
-            return self._save_checkpoint()
-
-    def _save_checkpoint(self) -> Path | None:
         cfg = self.config
-        kw = {"model": self.model, "scheduler": self.scheduler, "tokenizer": self.tokenizer, "state": self._state(),
-                  "save_total_limit": cfg.save_total_limit}
-        if self.strategy != "fsdp2":  # every rank holds the same state: rank 0 writes it
-            path = save_checkpoint(cfg.output_dir, self.step, optimizer=self.optimizer, **kw) if self.rank == 0 else None
-            barrier()
-            return path
-        full = self._full_state_dict()
-        staging = Path(cfg.output_dir) / f".tmp-checkpoint-{self.step}-dist"
-        if self.rank == 0:
-            import shutil
-
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
-        barrier()
-        save_optimizer_dcp(self.model, self.optimizer, staging / "optimizer")
-        barrier()
-        path = None
-        if self.rank == 0:
-            path = save_checkpoint(cfg.output_dir, self.step, model_state_dict=full, staging=staging, **kw)
-        barrier()
-        return path
-
-    def _full_state_dict(self) -> dict | None:
-        """FSDP2: the full weights on rank 0 (None elsewhere); every rank checks its shard is finite."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        bad = sum(int(not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())
-                  for p in self.model.parameters())
-        if all_reduce_sum([bad], self.device)[0]:
-            from .checkpoint import NonFiniteCheckpointError
-
-            raise NonFiniteCheckpointError("a parameter holds NaN/inf; refusing to write a checkpoint (lower "
-                                           "learning_rate, check max_grad_norm, or resume from an earlier checkpoint)")
-        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return full if self.rank == 0 else None
+        with fail_together(f"saving checkpoint-{self.step}"):
+            return save_trainer_checkpoint(cfg.output_dir, self.step, model=self.model, optimizer=self.optimizer,
+                                           scheduler=self.scheduler, tokenizer=self.tokenizer, state=self._state(),
+                                           save_total_limit=cfg.save_total_limit, device=self.device)
 
     def _resume(self, path: Path) -> None:
         state = load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
@@ -742,30 +658,8 @@ class BCRTrainer:
     def save(self, path: str | Path | None = None) -> Path:
         """Save the model and tokenizer as an HF directory (default: ``output_dir``). Every rank must
         call it (FSDP2 gathers the weights); rank 0 writes."""
-        import os
-        import shutil
-
-        path = Path(path or self.config.output_dir)
-        full = None
-        if self.strategy == "fsdp2":  # every rank takes part in gathering the weights
-            with fail_together("saving the final model"):
-                full = self._full_state_dict()
-        if self.rank != 0:
-            return path
-        path.mkdir(parents=True, exist_ok=True)
-        tmp = path / f".tmp-final-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        _check_finite(self.model, full)
-        if full is not None:
-            self.model.save_pretrained(tmp, state_dict=full)
-        else:
-            self.model.save_pretrained(tmp)
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(tmp)
-        for f in tmp.iterdir():
-            os.replace(f, path / f.name)
-        tmp.rmdir()
-        return path
+        with fail_together("saving the final model"):
+            return save_model(path or self.config.output_dir, self.model, self.tokenizer, device=self.device)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bcr.bundling import Bundler, bundle_sequential
+from bcr.bundling import Bundler, BundleStream, bundle_sequential
 from bcr.synthetic import make_arithmetic_problems
 
 
@@ -132,3 +132,32 @@ def test_bundle_sequential():
     assert bundle_sequential([], 2) == []
     with pytest.raises(ValueError):
         bundle_sequential([1], 0)
+
+
+@pytest.mark.parametrize("n", [3, {1: 1.0, 2: 2.0}])
+def test_bundle_stream_walks_epoch_after_epoch_and_splits_steps_over_ranks(n):
+    bundler = Bundler(list(range(20)), n, seed=4)
+    epochs = [bundler.epoch_bundles(e) for e in range(4)]
+    flat = [b for e in epochs for b in e]  # the endless stream, written out
+    stream = BundleStream(bundler, 3)
+    assert [stream.bundle(j) for j in range(len(flat))] == flat
+    assert [b for s in range(4) for _, b in stream.step_bundles(s)] == flat[:12]
+    assert [j for j, _ in stream.step_bundles(2)] == [6, 7, 8]
+    for world in (2, 3):  # the ranks' shares of a step are disjoint and cover it, in order
+        shares = [BundleStream(bundler, 3, rank=r, world_size=world).step_bundles(5) for r in range(world)]
+        assert sorted(j for share in shares for j, _ in share) == [15, 16, 17]
+        assert shares[0][0] == (15, flat[15])
+    sizes = [len(e) for e in epochs]
+    assert stream.locate(sizes[0]) == (1, 0) and stream.locate(sizes[0] + sizes[1] + 1) == (2, 1)
+    assert stream.epoch_progress(0) == 0.0
+    step = sizes[0] // 3 + 1
+    assert stream.epoch_progress(step) == pytest.approx(1 + (step * 3 - sizes[0]) / sizes[1])
+    assert stream.total_steps(7, 2.0) == 7
+    assert stream.total_steps(-1, 2.0) == (sizes[0] + sizes[1]) // 3
+    assert stream.total_steps(-1, 1.5) == (sizes[0] + int(0.5 * sizes[1])) // 3
+    assert stream.total_steps(-1, 0.01) == 1
+
+
+def test_bundle_stream_needs_a_bundle_per_rank():
+    with pytest.raises(ValueError, match="raise bundles_per_step"):
+        BundleStream(Bundler(list(range(10)), 2), 1, rank=0, world_size=2)

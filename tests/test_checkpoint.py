@@ -13,6 +13,8 @@ from bcr.checkpoint import (
     find_checkpoint,
     load_checkpoint,
     save_checkpoint,
+    save_model,
+    save_trainer_checkpoint,
 )
 from bcr.config import BCRConfig
 from bcr.synthetic import make_arithmetic_problems
@@ -87,6 +89,25 @@ def test_never_writes_nan(tmp_path, tiny_qwen2):
     with pytest.raises(NonFiniteCheckpointError, match="NaN"):
         save_checkpoint(tmp_path, 1, model=tiny_qwen2)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_save_model_writes_next_to_what_is_there_and_never_nan(tmp_path, tiny_tokenizer, tiny_qwen2):
+    from transformers import AutoModelForCausalLM
+
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    save_trainer_checkpoint(tmp_path, 1, model=tiny_qwen2, optimizer=None, tokenizer=tiny_tokenizer)
+    assert save_model(tmp_path, tiny_qwen2, tiny_tokenizer) == tmp_path
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"metrics.jsonl", "checkpoint-1", "config.json", "model.safetensors", "tokenizer.json"} <= names
+    assert not [n for n in names if n.startswith(".")]
+    reopened = AutoModelForCausalLM.from_pretrained(tmp_path)
+    for k, v in reopened.state_dict().items():
+        assert torch.equal(v, tiny_qwen2.state_dict()[k]), k
+    with torch.no_grad():
+        next(tiny_qwen2.parameters())[0, 0] = float("nan")
+    with pytest.raises(NonFiniteCheckpointError, match="NaN"):
+        save_model(tmp_path / "final", tiny_qwen2)
+    assert not (tmp_path / "final").exists()
 
 
 def test_missing_checkpoints_are_clear_errors(tmp_path):

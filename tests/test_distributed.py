@@ -4,6 +4,9 @@
   parallel (``ddp``) and for FSDP2 (``fully_shard`` works on CPU/gloo too);
 - a checkpoint written at world size 2 resumes at world size 1 and continues as the uninterrupted run;
 - ``torchrun ... -m bcr eval`` writes the same results.jsonl and summary.json as one process;
+- the bf16 mixed-precision policy (FSDP2, on 2 ranks and on the one-rank mesh of a single process):
+  the forward sees bf16 weights and q/k/v and the LM head bf16 inputs, the optimizer holds fp32
+  weights, gradients are reduced in fp32, and the update matches the fp32 one within bf16 tolerance;
 - a rank that raises inside the step (``BCR_TEST_FAIL_RANK=1``, a test hook) ends the job with a clear
   error from every rank, never a hang.
 
@@ -83,17 +86,121 @@ def _train(model_dir, out, **kw):
 
 
 def _worker(argv: list[str]) -> None:
-    """``train MODEL_DIR OUT STRATEGY``: one torchrun process of the training scenario."""
+    """``train MODEL_DIR OUT STRATEGY``: one torchrun process of the training scenario;
+    ``mixed_precision MODEL_DIR OUT``: one process of the mixed-precision checks."""
     torch.set_num_threads(1)
     from bcr.distributed import init_distributed, teardown_distributed
 
-    mode, model_dir, out, strategy, *extra = argv
-    assert mode == "train"
+    mode, model_dir, out, *rest = argv
+    assert mode in ("train", "mixed_precision")
     init_distributed(timeout_s=60)
     try:
-        _train(model_dir, out, distributed_strategy=strategy, **dict(kv.split("=", 1) for kv in extra))
+        if mode == "mixed_precision":
+            _mixed_precision(model_dir, Path(out))
+        else:
+            strategy, *extra = rest
+            _train(model_dir, out, distributed_strategy=strategy, **dict(_option(kv) for kv in extra))
     finally:
         teardown_distributed()
+
+
+def _option(text: str) -> tuple[str, object]:
+    """``key=value`` of the worker's command line; the value parsed as JSON when it is JSON."""
+    key, value = text.split("=", 1)
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def _one_step_samples(trainer):
+    """The samples of step 0, as ``training_step`` builds them."""
+    from bcr.prompts import render_prompt
+
+    bundles = trainer.bundles.step_bundles(0)
+    prompts = [render_prompt(problems, trainer.tokenizer, trainer.template) for _, problems in bundles]
+    with trainer.scale.full_weights(trainer.policy):
+        groups = trainer.engine.generate(prompts, num_generations=2, max_new_tokens=16, seed=[j for j, _ in bundles])
+    scored = trainer.score(prompts, [problems for _, problems in bundles], groups)
+    return trainer.samples(groups, scored.parsed, trainer.advantages(scored.rewards))
+
+
+def _full(p: torch.Tensor) -> torch.Tensor:
+    """The full tensor of an FSDP2 shard (every rank must call it), or ``p`` itself."""
+    return p.full_tensor() if hasattr(p, "full_tensor") else p
+
+
+def _mixed_precision(model_dir, out: Path) -> None:
+    """One update on the same samples with fp32 and with the bf16 policy (FSDP2 both), recording the
+    dtypes the forward, the LM head, the optimizer and the gradient reduction see; rank 0 writes
+    them with the update's parameter deltas to ``out/mixed_precision.json``."""
+    import torch.distributed as dist
+    from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    import bcr.trainer as trainer_module
+    from bcr.distributed import dist_info
+    from bcr.trainer import BCRTrainer, training_attention
+
+    seen: dict = {}
+    real_attention = ALL_ATTENTION_FUNCTIONS[training_attention()]
+
+    def attention_spy(module, query, key, value, *args, **kwargs):
+        seen.setdefault("attention", set()).add((str(query.dtype), str(key.dtype), str(value.dtype),
+                                                  str(module.q_proj.weight.dtype)))
+        return real_attention(module, query, key, value, *args, **kwargs)
+
+    AttentionInterface.register("bcr_spy", attention_spy)
+    real_head = trainer_module.fused_linear_policy_loss
+
+    def head_spy(hidden, weight, *args, **kwargs):
+        seen.setdefault("head", set()).add((str(hidden.dtype), str(weight.dtype)))
+        return real_head(hidden, weight, *args, **kwargs)
+
+    trainer_module.fused_linear_policy_loss = head_spy
+    for name in ("reduce_scatter_single", "reduce_scatter_tensor"):  # whichever FSDP2 calls
+        real = getattr(dist, name, None)
+        if real is not None:
+            def spy(*args, _real=real, **kwargs):
+                tensor = kwargs.get("input", kwargs.get("input_tensor", args[1] if len(args) > 1 else None))
+                seen.setdefault("reduce", set()).add(str(tensor.dtype))
+                return _real(*args, **kwargs)
+
+            setattr(dist, name, spy)
+
+    result = {"world_size": dist_info()[1]}
+    deltas = {}
+    samples = None
+    for bf16 in (False, True):
+        seen.clear()
+        cfg = {"distributed_strategy": "fsdp2", "bf16": bf16, "attn_implementation": "bcr_spy", "max_steps": 1}
+        trainer = BCRTrainer(str(model_dir), _problems(), _cfg(out / str(bf16), **cfg), reward_fn=instance_token_reward)
+        before = [_full(p).clone() for p in trainer.model.parameters()]
+        samples = samples or _one_step_samples(trainer)  # the fp32 policy's samples, for both updates
+        seen.clear()
+        metrics = trainer.update(samples).reduce()
+        after = [_full(p) for p in trainer.model.parameters()]
+        deltas[bf16] = torch.cat([(a - b).reshape(-1) for a, b in zip(after, before)])
+        result[f"bf16={bf16}"] = {
+            "strategy": trainer.scale.name,
+            "attention": sorted(seen.get("attention", ())), "head": sorted(seen.get("head", ())),
+            "reduce": sorted(seen.get("reduce", ())),
+            "optimizer_params": sorted({str(p.dtype) for g in trainer.optimizer.param_groups for p in g["params"]}),
+            "grads": sorted({str(p.grad.dtype) for p in trainer.params if p.grad is not None}),
+            "model_params": sorted({str(p.dtype) for p in trainer.model.parameters()}),
+            "loss": metrics["loss"], "grad_norm": metrics["grad_norm"], "skipped": metrics["skipped_updates"],
+        }
+        if bf16:  # the bf16 run's checkpoint and final model: fp32 master weights, gathered to rank 0
+            trainer.step = 1
+            trainer.save_checkpoint()
+            trainer.save()
+            names = [n for n, _ in trainer.model.named_parameters()]
+            if dist_info()[0] == 0:
+                torch.save(dict(zip(names, after)), out / "bf16_after.pt")
+    result["delta_norm"] = float(deltas[False].norm())
+    result["delta_rel_error"] = float((deltas[True] - deltas[False]).norm() / deltas[False].norm())
+    if dist_info()[0] == 0:
+        (out / "mixed_precision.json").write_text(json.dumps(result, indent=1))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -169,6 +276,55 @@ def test_two_processes_train_like_one_and_resume_at_world_size_one(tmp_path, mod
     assert resumed_rows[0]["reward"] == pytest.approx(ref_rows[1]["reward"], rel=1e-6)
 
 
+@pytest.mark.parametrize("nproc", [2, 1])
+def test_bf16_policy_computes_in_bf16_keeps_fp32_masters_and_reduces_in_fp32(tmp_path, model_dir, nproc):
+    """FSDP2's MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) on 2 gloo ranks, and on the
+    one-rank mesh a single process builds itself (the single-GPU path), against an fp32 update of
+    the same samples."""
+    proc, _ = _torchrun([__file__, "mixed_precision", str(model_dir), str(tmp_path)], nproc=nproc)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    got = json.loads((tmp_path / "mixed_precision.json").read_text())
+    assert got["world_size"] == nproc
+    # fp32 in one process needs no sharding; bf16 always runs FSDP2 (a one-rank mesh in one process)
+    assert got["bf16=False"]["strategy"] == ("fsdp2" if nproc > 1 else "none")
+    assert got["bf16=True"]["strategy"] == "fsdp2"
+    fp32, bf16 = got["bf16=False"], got["bf16=True"]
+    f32, b16 = "torch.float32", "torch.bfloat16"
+    assert fp32["attention"] == [[f32, f32, f32, f32]] and fp32["head"] == [[f32, f32]]
+    # the packed forward sees bf16 weights and bf16 q/k/v; the LM head gets bf16 hidden states and weight
+    assert bf16["attention"] == [[b16, b16, b16, b16]] and bf16["head"] == [[b16, b16]]
+    # the optimizer steps fp32 master weights with fp32 gradients, reduced over ranks in fp32
+    assert bf16["optimizer_params"] == bf16["model_params"] == bf16["grads"] == [f32]
+    if nproc > 1:
+        assert bf16["reduce"] == [f32] and fp32["reduce"] == [f32]
+    # the update matches the fp32 one within bf16 rounding
+    assert fp32["skipped"] == bf16["skipped"] == 0
+    assert got["delta_norm"] > 1e-3
+    assert got["delta_rel_error"] < 0.05, got
+    assert bf16["loss"] == pytest.approx(fp32["loss"], rel=2e-2, abs=1e-3)
+    assert bf16["grad_norm"] == pytest.approx(fp32["grad_norm"], rel=5e-2)
+    # the sharded checkpoint (optimizer through DCP) and the final HF directory hold the fp32 masters
+    assert (tmp_path / "True" / "checkpoint-1" / "optimizer" / ".metadata").is_file()
+    after = torch.load(tmp_path / "bf16_after.pt")
+    saved = _load(tmp_path / "True")
+    assert all(v.dtype == torch.float32 for v in saved.values())
+    for k, v in after.items():
+        assert torch.equal(saved[k], v), k
+
+
+def test_uneven_micro_batch_counts_under_fsdp2_train_like_one_process(tmp_path, model_dir):
+    """3 bundles on 2 ranks with one sample per micro-batch: rank 0 runs 4 rows, rank 1 runs 2 and
+    repeats one with zero weight twice (every FSDP2 forward/backward is a collective)."""
+    opts = {"bundles_per_step": 3, "gradient_accumulation_steps": 4, "max_steps": 1, "save_steps": 0}
+    one = _train(model_dir, tmp_path / "ws1", **opts)
+    want = {k: v.detach().clone() for k, v in one.model.named_parameters()}
+    proc, _ = _torchrun([__file__, "train", str(model_dir), str(tmp_path / "ws2"), "fsdp2",
+                         *(f"{k}={v}" for k, v in opts.items())])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert any(not torch.equal(_load(model_dir)[k], v) for k, v in want.items())  # it trained
+    _assert_params_close(_load(tmp_path / "ws2"), want)
+
+
 def test_vllm_data_parallel_rollouts(tmp_path, model_dir):
     """Each rank drives its own colocated vLLM engine; needs vllm and two GPUs (skipped elsewhere)."""
     pytest.importorskip("vllm")
@@ -226,10 +382,18 @@ def test_a_failing_rank_stops_every_rank_with_a_clear_error(tmp_path, model_dir)
 def test_strategy_resolution_and_global_std():
     from bcr.config import BCRConfig
     from bcr.dataclass_cli import ConfigError
-    from bcr.distributed import global_std, resolve_strategy
+    from bcr.distributed import SingleProcess, global_std, make_strategy, resolve_strategy
     from bcr.rewards import compute_advantages
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert type(make_strategy("auto", cpu)) is SingleProcess and type(make_strategy("fsdp2", cpu)) is SingleProcess
+    params = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))]
+    for p in params:
+        p.grad = torch.full_like(p, 2.0)
+    assert SingleProcess(cpu).reduce_and_clip(params, 0.0) == pytest.approx(20 ** 0.5)
+    assert params[0].grad.tolist() == [2.0] * 3  # no clipping at max_norm 0
+    assert SingleProcess(cpu).reduce_and_clip(params, 1.0) == pytest.approx(20 ** 0.5)
+    assert float(torch.cat([p.grad for p in params]).norm()) == pytest.approx(1.0, rel=1e-5)
     assert resolve_strategy("auto", 1, cuda) == "none"
     assert resolve_strategy("auto", 2, cuda) == "fsdp2" and resolve_strategy("auto", 2, cpu) == "ddp"
     assert resolve_strategy("fsdp2", 4, cpu) == "fsdp2"

@@ -171,9 +171,9 @@ def test_steps_draw_every_bundle_once_per_epoch(tmp_path, tiny_tokenizer, tiny_q
     cfg = _cfg(tmp_path, n_problems=3, bundles_per_step=3, max_steps=-1, num_train_epochs=2)
     trainer = BCRTrainer(tiny_qwen2, problems, cfg, tokenizer=tiny_tokenizer)
     assert trainer.total_steps == 2 * (24 // 3) // 3  # 8 bundles per epoch, 3 per step
-    seen = [tuple(p.id for p in b) for s in range(2) for _, b in trainer.step_bundles(s)]
+    seen = [tuple(p.id for p in b) for s in range(2) for _, b in trainer.bundles.step_bundles(s)]
     assert len(seen) == 6 and len(set(seen)) == 6
-    assert trainer.step_bundles(1) == trainer.step_bundles(1)
+    assert trainer.bundles.step_bundles(1) == trainer.bundles.step_bundles(1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -220,3 +220,24 @@ def test_eval_metrics_and_the_progress_bar(tmp_path, tiny_tokenizer, tiny_qwen2,
         assert key in last
     assert 0 < last["eval/tokens_per_problem/n2"] <= cfg.max_completion_length / 2
     assert "eval/accuracy/n1" not in _rows(cfg)[0]
+
+
+def test_periodic_evaluation_is_the_evaluators(tmp_path, tiny_tokenizer, tiny_qwen2, problems):
+    """``trainer.evaluate`` generates and scores with ``bcr.evaluation``'s code and seeds: a sweep of
+    the same engine by ``evaluate_scaling`` gives the same numbers."""
+    from bcr.evaluation import RESULTS_FILE, evaluate_scaling, read_results
+
+    cfg = _cfg(tmp_path, n_problems={1: 1, 2: 1}, max_completion_length=16, temperature=1.0, top_p=1.0, seed=3)
+    evals = problems[:5]
+    trainer = BCRTrainer(tiny_qwen2, problems, cfg, tokenizer=tiny_tokenizer, eval_problems=evals)
+    got = trainer.evaluate()
+    out = tmp_path / "sweep"
+    evaluate_scaling({"policy": trainer.engine}, evals, tokenizer=tiny_tokenizer, n_values=[1, 2], samples_per_bundle=1,
+                     max_completion_length=16, temperature=1.0, top_p=1.0, seed=3, output_dir=str(out), plots=False,
+                     progress=False, n_bootstrap=10)
+    records = read_results(out / RESULTS_FILE)
+    for n in (1, 2):
+        mine = [r for r in records if r["n_problems"] == n]
+        assert len(mine) == -(-len(evals) // n)
+        assert got[f"eval/accuracy/n{n}"] == sum(sum(r["correct"]) for r in mine) / len(evals)
+        assert got[f"eval/tokens_per_problem/n{n}"] == sum(r["completion_tokens"] for r in mine) / len(evals)
