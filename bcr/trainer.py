@@ -41,6 +41,8 @@ from pathlib import Path
 import torch
 
 from bcr_kernels import (
+    FusedPolicyLossOutput,
+    LogprobsOutput,
     fused_linear_logprobs,
     fused_linear_policy_loss,
     policy_loss,
@@ -98,15 +100,9 @@ def attention_implementation(model, name: str):
         model.set_attn_implementation(previous)
 
 
-def completion_logprobs(model, batch: PackedBatch, *, temperature: float = 1.0, chunk_tokens: int | None = None,
-                        return_entropy: bool = False, attn_implementation: str = "sdpa", loss_kwargs=None):
-    """Log-probs (fp32 ``[C]``) of the completion tokens of a packed row (and their entropies).
-
-    Runs the backbone on the whole row, keeps the hidden states at the target positions of
-    completion tokens, and applies the LM head there only (``fused_linear_logprobs``).
-    With ``loss_kwargs`` (the arguments of ``fused_linear_policy_loss`` after ``targets``), the policy
-    loss at ratio 1 is fused in as well and ``(loss, metrics, logp[, entropy])`` is returned.
-    """
+def _completion_head_inputs(model, batch: PackedBatch, attn_implementation: str):
+    """The backbone on the whole row; the hidden states at the target positions of completion tokens,
+    and the LM head's weight and bias."""
     kwargs = {}
     if attn_implementation not in ("sdpa", "eager"):  # flash-style backends take the sequence boundaries
         kwargs = packed_model_kwargs(batch.cu_seqlens, batch.max_seqlen)
@@ -118,23 +114,40 @@ def completion_logprobs(model, batch: PackedBatch, *, temperature: float = 1.0, 
     head = model.get_output_embeddings()
     weight = head.weight if head.weight.dtype == hidden.dtype else head.weight.to(hidden.dtype)
     bias = getattr(head, "bias", None)
-    if loss_kwargs is not None:
-        return fused_linear_policy_loss(hidden, weight, batch.completion_targets, bias=bias, temperature=temperature,
-                                        chunk_tokens=chunk_tokens, return_entropy=return_entropy, **loss_kwargs)
+    return hidden, weight, bias
+
+
+def completion_logprobs(model, batch: PackedBatch, *, temperature: float = 1.0, chunk_tokens: int | None = None,
+                        return_entropy: bool = False, attn_implementation: str = "sdpa") -> LogprobsOutput:
+    """Log-probs (fp32 ``[C]``) of the completion tokens of a packed row, and their entropies with
+    ``return_entropy`` (``LogprobsOutput``). The LM head runs at the completion tokens only
+    (``fused_linear_logprobs``)."""
+    hidden, weight, bias = _completion_head_inputs(model, batch, attn_implementation)
     return fused_linear_logprobs(hidden, weight, batch.completion_targets, bias=bias, temperature=temperature,
                                  chunk_tokens=chunk_tokens, return_entropy=return_entropy)
 
 
+def completion_policy_loss(model, batch: PackedBatch, *, temperature: float = 1.0, chunk_tokens: int | None = None,
+                           return_entropy: bool = False, attn_implementation: str = "sdpa",
+                           **loss_kwargs) -> FusedPolicyLossOutput:
+    """``completion_logprobs`` with the policy loss at ratio 1 fused into the LM head
+    (``fused_linear_policy_loss``; ``loss_kwargs`` are its arguments after ``targets``, by name)."""
+    hidden, weight, bias = _completion_head_inputs(model, batch, attn_implementation)
+    return fused_linear_policy_loss(hidden, weight, batch.completion_targets, bias=bias, temperature=temperature,
+                                    chunk_tokens=chunk_tokens, return_entropy=return_entropy, **loss_kwargs)
+
+
 class PackedLogprobs(torch.nn.Module):
-    """``completion_logprobs`` of ``model`` as one module: FSDP2 shards it as the root, so its hooks
-    gather the embedding, final norm and LM head (used outside the decoder's forward) as well."""
+    """``completion_logprobs`` (or ``completion_policy_loss``) of ``model`` as one module: FSDP2 shards it
+    as the root, so its hooks gather the embedding, final norm and LM head (used outside the decoder's
+    forward) as well."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
-    def forward(self, batch: PackedBatch, **kwargs):
-        return completion_logprobs(self.model, batch, **kwargs)
+    def forward(self, batch: PackedBatch, fn=completion_logprobs, **kwargs):
+        return fn(self.model, batch, **kwargs)
 
 
 def _decoder_layers(model) -> list[torch.nn.Module]:
@@ -461,20 +474,20 @@ class BCRTrainer:
     # ------------------------------------------------------------------------------------------
     # Update
     # ------------------------------------------------------------------------------------------
-    def _logprobs(self, model, row: PackedBatch, return_entropy: bool = False, loss_kwargs=None):
+    def _logprobs(self, model, row: PackedBatch, fn=completion_logprobs, **kwargs):
+        """``fn`` (``completion_logprobs`` or ``completion_policy_loss``) of ``model`` on ``row``."""
         root = {id(self.model): self.fsdp_root, id(self.ref_model): self.ref_root}.get(id(model))
-        fn = root if root is not None else (lambda row, **kw: completion_logprobs(model, row, **kw))
+        kwargs.update(temperature=self.config.temperature, chunk_tokens=self.config.chunk_tokens,
+                      attn_implementation=self.attn_implementation)
         with self.autocast():
-            return fn(row, temperature=self.config.temperature,
-                                       chunk_tokens=self.config.chunk_tokens, return_entropy=return_entropy,
-                                       attn_implementation=self.attn_implementation, loss_kwargs=loss_kwargs)
+            return root(row, fn, **kwargs) if root is not None else fn(model, row, **kwargs)
 
     @torch.no_grad()
     def _ref_logprobs(self, row: PackedBatch) -> torch.Tensor:
         if self.ref_model is not None:
-            return self._logprobs(self.ref_model, row)
+            return self._logprobs(self.ref_model, row).logp
         with self.model.disable_adapter():  # LoRA: the base model is the reference
-            return self._logprobs(self.model, row)
+            return self._logprobs(self.model, row).logp
 
     def _normalizer(self, samples: list[Sample]) -> float:
         """The loss denominator of the whole global batch, per rank (gradients are averaged over ranks)."""
@@ -522,7 +535,7 @@ class BCRTrainer:
         old = [None] * len(rows)
         if cfg.num_iterations > 1:
             with torch.no_grad():
-                old = [self._logprobs(self.model, r) for r in rows]
+                old = [self._logprobs(self.model, r).logp for r in rows]
         ref = [self._ref_logprobs(r) for r in rows] if cfg.beta > 0 else [None] * len(rows)
         old, ref = old + [None] * (len(rows) - len(old)), ref + [None] * (len(rows) - len(ref))
 
@@ -534,11 +547,12 @@ class BCRTrainer:
                     self.fsdp_root.set_requires_gradient_sync(i == len(rows) - 1)
                 mask = torch.ones_like(adv)
                 loss_kwargs = {"ref_logp": ref_logp, "beta": cfg.beta, "epsilon": cfg.epsilon,
-                               "epsilon_high": cfg.epsilon_high, "loss_type": cfg.kernel_loss_type,
+                               "epsilon_high": cfg.epsilon_high, "reduction": cfg.reduction,
                                "max_completion_length": cfg.max_completion_length, "normalizer": normalizer}
                 if old_logp is None:  # num_iterations == 1: ratio 1, the LM-head gradients come with the forward
                     fused = {"advantages": adv, "mask": mask, "cu_seqlens": row.completion_cu_seqlens, **loss_kwargs}
-                    loss, m, _, entropy = self._logprobs(self.model, row, return_entropy=True, loss_kwargs=fused)
+                    loss, m, _, entropy = self._logprobs(self.model, row, completion_policy_loss, return_entropy=True,
+                                                         **fused)
                 else:
                     logp, entropy = self._logprobs(self.model, row, return_entropy=True)
                     loss, m = policy_loss(logp, old_logp, adv, mask, row.completion_cu_seqlens, **loss_kwargs)

@@ -20,13 +20,18 @@ Two implementations share the chunking and the autograd.Function:
 
 - Triton (``bcr_kernels._dispatch.use_triton``: CUDA tensors, or CPU under ``TRITON_INTERPRET=1``):
   the chunk's logits come from a torch matmul in the input dtype; the log-softmax forward and its
-  in-place backward are the Triton kernels of ``bcr_kernels.token_logprobs``.
+  in-place backward are the Triton kernels of ``token_logprobs`` (``logprobs_fwd`` / ``logprobs_bwd_inplace``).
 - PyTorch (everything else, e.g. plain CPU): the same chunking with in-place torch ops. For fp32
   inputs the chunk's logits buffer is the only ``[chunk, V]`` temporary; bf16/fp16 inputs add one
   fp32 copy of it (the log-softmax runs in fp32).
 
-Memory: peak extra memory is O(``chunk_tokens`` x V) plus the gradients themselves; with bf16/fp16
-weights ``grad_weight`` is accumulated in fp32 (one ``[V, H]`` fp32 buffer, cast at the end).
+Mixed precision: under ``torch.autocast`` hidden, weight and bias are cast to autocast's dtype first,
+as autocast casts the operands of ``F.linear`` (the head's ``addmm(out=)`` / ``mm(out=)`` are not
+autocast ops, so they would otherwise run in fp32); gradients flow back through that cast to the fp32
+leaves. With bf16/fp16 operands every head GEMM runs in that dtype; ``grad_weight`` is accumulated in
+fp32 (``bcr_kernels._common.WeightGrad``: one ``[V, H]`` fp32 buffer, cast at the end).
+
+Memory: peak extra memory is O(``chunk_tokens`` x V) plus the gradients themselves.
 
 Default ``chunk_tokens`` (see :func:`default_chunk_tokens`): as many rows as fit one fp32 chunk of
 logits into ``DEFAULT_CHUNK_BYTES`` (256 MiB: 441 rows at V = 151936), then evened out so all chunks
@@ -35,20 +40,20 @@ have about the same size (T = 2048 at V = 151936 gives 5 chunks of 410 rows).
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import torch
 
+from . import _common
+from ._common import IGNORE_INDEX, LOW_PRECISION, HeadOptions, WeightGrad, add_head_grads_, chunk_logits
 from ._dispatch import use_triton
-from .reference import IGNORE_INDEX
+from ._token_logprobs import logprobs_bwd_inplace, logprobs_fwd
+from .outputs import LogprobsOutput
 
 __all__ = ["DEFAULT_CHUNK_BYTES", "default_chunk_tokens", "fused_linear_logprobs"]
 
 #: Byte budget of one chunk's logits, counted in fp32, used when ``chunk_tokens`` is None.
 DEFAULT_CHUNK_BYTES = 256 * 2**20
-
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def default_chunk_tokens(num_tokens: int, vocab_size: int, *, budget_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
@@ -60,115 +65,41 @@ def default_chunk_tokens(num_tokens: int, vocab_size: int, *, budget_bytes: int 
     return math.ceil(num_tokens / n_chunks)
 
 
-def _triton_ops():
-    """The Triton log-softmax kernels of ``token_logprobs``, or None if that module has none."""
-    # The package attribute ``token_logprobs`` is the function, not the module: import the module.
-    _tl = importlib.import_module(__package__ + ".token_logprobs")
-    fwd = getattr(_tl, "_logprobs_fwd", None)
-    bwd = getattr(_tl, "_logprobs_bwd_inplace", None)
-    if fwd is None or bwd is None:
-        return None
-    return fwd, bwd
-
-
-# --------------------------------------------------------------------------------------------------
-# shared pieces
-
-
-def _chunk_logits(out, hidden_c, weight, bias, alpha):
-    """``out = alpha * (hidden_c @ weight.T + bias)`` in the input dtype, no temporary."""
-    if bias is None:
-        # beta=0: ``out``'s (uninitialised) content is not read.
-        torch.addmm(out, hidden_c, weight.t(), beta=0.0, alpha=alpha, out=out)
-    else:
-        torch.addmm(bias, hidden_c, weight.t(), beta=alpha, alpha=alpha, out=out)
-    return out
-
-
-_OUT_DTYPE_ADDMM = {"ok": None}
-
-
-def _addmm_fp32_(acc, a, b):
-    """``acc += a @ b`` with fp32 ``acc`` and low-precision ``a``, ``b``."""
-    if acc.is_cuda and _OUT_DTYPE_ADDMM["ok"] is not False:
-        try:
-            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-            _OUT_DTYPE_ADDMM["ok"] = True
-            return acc
-        except torch.cuda.OutOfMemoryError:
-            raise
-        except (RuntimeError, TypeError):  # this torch has no mixed-dtype addmm: accumulate a product
-            _OUT_DTYPE_ADDMM["ok"] = False
-    return acc.add_(torch.mm(a, b))
-
-
 # --------------------------------------------------------------------------------------------------
 # PyTorch path
 
 
-def _add_head_grads_torch_(d, h_c, weight, out_h, grad_w, grad_b, buf_low):
-    """Add one chunk's LM-head gradients given ``d`` = d loss / d logits of the chunk (fp32).
-
-    ``out_h`` (the chunk's rows of grad_hidden, or None) is written; ``grad_w`` / ``grad_b`` (fp32, or
-    None) are accumulated. With low-precision inputs ``buf_low`` holds ``d`` cast for the matmul.
-    """
-    if out_h is not None:
-        if buf_low is not None:
-            low = buf_low[: d.shape[0]]
-            low.copy_(d)
-            torch.mm(low, weight, out=out_h)
-        else:
-            torch.mm(d, weight, out=out_h)
-    if grad_w is not None:
-        grad_w.addmm_(d.t(), h_c.float() if buf_low is not None else h_c)
-    if grad_b is not None:
-        grad_b.add_(d.sum(dim=0))
-
-
-def _add_head_grads_triton_(d, h_c, weight, out_h, grad_w, grad_b):
-    """As :func:`_add_head_grads_torch_` for ``d`` in the inputs' dtype (the Triton kernels' output)."""
-    if out_h is not None:
-        torch.mm(d, weight, out=out_h)
-    if grad_w is not None:
-        if d.dtype in _LOW_PRECISION:
-            _addmm_fp32_(grad_w, d.t(), h_c)
-        else:
-            grad_w.addmm_(d.t(), h_c)
-    if grad_b is not None:
-        grad_b.add_(d.sum(dim=0, dtype=torch.float32))
-
-
-def _torch_forward(hidden, weight, bias, targets, temperature, ignore_index, chunk, return_entropy):
+def _torch_forward(hidden, weight, bias, targets, o: HeadOptions):
     T = hidden.shape[0]
     V = weight.shape[0]
-    lowp = hidden.dtype in _LOW_PRECISION
-    inv_t = 1.0 / temperature
-    rows = max(1, min(chunk, T))
+    lowp = hidden.dtype in LOW_PRECISION
+    inv_t = 1.0 / o.temperature
+    rows = max(1, min(o.chunk, T))
     # fp32 path: the matmul writes straight into the fp32 buffer (temperature folded into alpha).
     buf32 = torch.empty(rows, V, device=hidden.device, dtype=torch.float32)
     buf_low = torch.empty(rows, V, device=hidden.device, dtype=hidden.dtype) if lowp else None
-    ebuf = torch.empty_like(buf32) if return_entropy else None
+    ebuf = torch.empty_like(buf32) if o.return_entropy else None
     logp = torch.empty(T, device=hidden.device, dtype=torch.float32)
     lse = torch.empty(T, device=hidden.device, dtype=torch.float32)
-    entropy = torch.empty(T, device=hidden.device, dtype=torch.float32) if return_entropy else None
+    entropy = torch.empty(T, device=hidden.device, dtype=torch.float32) if o.return_entropy else None
 
     for c0 in range(0, T, rows):
         n = min(rows, T - c0)
         x = buf32[:n]
         if lowp:
-            _chunk_logits(buf_low[:n], hidden[c0 : c0 + n], weight, bias, 1.0)
+            chunk_logits(buf_low[:n], hidden[c0 : c0 + n], weight, bias, 1.0)
             x.copy_(buf_low[:n])
             if inv_t != 1.0:
                 x.mul_(inv_t)
         else:
-            _chunk_logits(x, hidden[c0 : c0 + n], weight, bias, inv_t)
+            chunk_logits(x, hidden[c0 : c0 + n], weight, bias, inv_t)
         t = targets[c0 : c0 + n]
-        valid = t != ignore_index
+        valid = t != o.ignore_index
         safe = torch.where(valid, t, torch.zeros_like(t)).unsqueeze(1)
         x_t = x.gather(1, safe).squeeze(1)
         m = x.amax(dim=1, keepdim=True)
         x.sub_(m)  # x - max
-        if return_entropy:
+        if o.return_entropy:
             e = ebuf[:n]
             torch.exp(x, out=e)
             s = e.sum(dim=1)
@@ -186,20 +117,20 @@ def _torch_forward(hidden, weight, bias, targets, temperature, ignore_index, chu
     return logp, lse, entropy
 
 
-def _torch_backward(hidden, weight, bias, targets, lse, grad_logp, temperature, ignore_index, chunk, needs):
+def _torch_backward(hidden, weight, bias, targets, lse, grad_logp, o: HeadOptions, needs):
     need_h, need_w, need_b = needs
-    T, H = hidden.shape
+    T = hidden.shape[0]
     V = weight.shape[0]
-    lowp = hidden.dtype in _LOW_PRECISION
-    inv_t = 1.0 / temperature
-    rows = max(1, min(chunk, T))
-    valid = targets != ignore_index
+    lowp = hidden.dtype in LOW_PRECISION
+    inv_t = 1.0 / o.temperature
+    rows = max(1, min(o.chunk, T))
+    valid = targets != o.ignore_index
     safe_all = torch.where(valid, targets, torch.zeros_like(targets))
     # d logp_t / d logits_{t,v} = (onehot - softmax) / temperature; scaled by the upstream gradient.
     g = torch.where(valid, grad_logp.float() * inv_t, torch.zeros_like(lse))
 
     grad_h = torch.empty_like(hidden) if need_h else None
-    grad_w = torch.zeros(V, H, device=hidden.device, dtype=torch.float32) if need_w else None
+    grad_w = WeightGrad(weight, rows) if need_w else None
     grad_b = torch.zeros(V, device=hidden.device, dtype=torch.float32) if need_b else None
 
     buf32 = torch.empty(rows, V, device=hidden.device, dtype=torch.float32)
@@ -209,17 +140,19 @@ def _torch_backward(hidden, weight, bias, targets, lse, grad_logp, temperature, 
         h_c = hidden[c0 : c0 + n]
         d = buf32[:n]
         if lowp:
-            _chunk_logits(buf_low[:n], h_c, weight, bias, 1.0)
+            chunk_logits(buf_low[:n], h_c, weight, bias, 1.0)
             d.copy_(buf_low[:n])
             if inv_t != 1.0:
                 d.mul_(inv_t)
         else:
-            _chunk_logits(d, h_c, weight, bias, inv_t)
+            chunk_logits(d, h_c, weight, bias, inv_t)
         g_c = g[c0 : c0 + n].unsqueeze(1)
         d.sub_(lse[c0 : c0 + n].unsqueeze(1)).exp_()  # softmax
         d.mul_(g_c.neg())  # -g * p
         d.scatter_add_(1, safe_all[c0 : c0 + n].unsqueeze(1), g_c)  # + g * onehot
-        _add_head_grads_torch_(d, h_c, weight, grad_h[c0 : c0 + n] if need_h else None, grad_w, grad_b, buf_low)
+        if lowp:  # the head GEMMs run in the inputs' dtype
+            d = buf_low[:n].copy_(d)
+        add_head_grads_(d, h_c, weight, grad_h[c0 : c0 + n] if need_h else None, grad_w, grad_b)
     return grad_h, grad_w, grad_b
 
 
@@ -227,45 +160,42 @@ def _torch_backward(hidden, weight, bias, targets, lse, grad_logp, temperature, 
 # Triton path (torch matmul per chunk + the token_logprobs kernels)
 
 
-def _triton_forward(ops, hidden, weight, bias, targets, temperature, ignore_index, chunk, return_entropy):
-    fwd, _ = ops
+def _triton_forward(hidden, weight, bias, targets, o: HeadOptions):
     T = hidden.shape[0]
     V = weight.shape[0]
-    rows = max(1, min(chunk, T))
+    rows = max(1, min(o.chunk, T))
     buf = torch.empty(rows, V, device=hidden.device, dtype=hidden.dtype)
     logp = torch.empty(T, device=hidden.device, dtype=torch.float32)
     lse = torch.empty(T, device=hidden.device, dtype=torch.float32)
-    entropy = torch.empty(T, device=hidden.device, dtype=torch.float32) if return_entropy else None
+    entropy = torch.empty(T, device=hidden.device, dtype=torch.float32) if o.return_entropy else None
     for c0 in range(0, T, rows):
         n = min(rows, T - c0)
-        x = _chunk_logits(buf[:n], hidden[c0 : c0 + n], weight, bias, 1.0)
-        lp, ls, ent = fwd(x, targets[c0 : c0 + n], temperature, ignore_index, return_entropy)
+        x = chunk_logits(buf[:n], hidden[c0 : c0 + n], weight, bias, 1.0)
+        lp, ls, ent = logprobs_fwd(x, targets[c0 : c0 + n], o.temperature, o.ignore_index, o.return_entropy)
         logp[c0 : c0 + n] = lp
         lse[c0 : c0 + n] = ls
-        if return_entropy:
+        if o.return_entropy:
             entropy[c0 : c0 + n] = ent
     return logp, lse, entropy
 
 
-def _triton_backward(ops, hidden, weight, bias, targets, lse, grad_logp, temperature, ignore_index, chunk, needs):
-    _, bwd = ops
+def _triton_backward(hidden, weight, bias, targets, lse, grad_logp, o: HeadOptions, needs):
     need_h, need_w, need_b = needs
-    T, H = hidden.shape
+    T = hidden.shape[0]
     V = weight.shape[0]
-    lowp = hidden.dtype in _LOW_PRECISION
-    rows = max(1, min(chunk, T))
-    g = torch.where(targets != ignore_index, grad_logp.float(), torch.zeros_like(lse)).contiguous()
+    rows = max(1, min(o.chunk, T))
+    g = torch.where(targets != o.ignore_index, grad_logp.float(), torch.zeros_like(lse)).contiguous()
 
     grad_h = torch.empty_like(hidden) if need_h else None
-    grad_w = torch.zeros(V, H, device=hidden.device, dtype=torch.float32 if lowp else hidden.dtype) if need_w else None
+    grad_w = WeightGrad(weight, rows) if need_w else None
     grad_b = torch.zeros(V, device=hidden.device, dtype=torch.float32) if need_b else None
     buf = torch.empty(rows, V, device=hidden.device, dtype=hidden.dtype)
     for c0 in range(0, T, rows):
         n = min(rows, T - c0)
         h_c = hidden[c0 : c0 + n]
-        d = _chunk_logits(buf[:n], h_c, weight, bias, 1.0)
-        bwd(d, targets[c0 : c0 + n], lse[c0 : c0 + n], g[c0 : c0 + n], temperature, ignore_index)
-        _add_head_grads_triton_(d, h_c, weight, grad_h[c0 : c0 + n] if need_h else None, grad_w, grad_b)
+        d = chunk_logits(buf[:n], h_c, weight, bias, 1.0)
+        logprobs_bwd_inplace(d, targets[c0 : c0 + n], lse[c0 : c0 + n], g[c0 : c0 + n], o.temperature, o.ignore_index)
+        add_head_grads_(d, h_c, weight, grad_h[c0 : c0 + n] if need_h else None, grad_w, grad_b)
     return grad_h, grad_w, grad_b
 
 
@@ -274,21 +204,17 @@ def _triton_backward(ops, hidden, weight, bias, targets, lse, grad_logp, tempera
 
 
 class FusedLinearLogprobsFunction(torch.autograd.Function):
+    """``(logp, entropy)`` of the chunked head; ``entropy`` is empty without ``return_entropy``.
+
+    Call it with autocast off (the entry point casts the operands first, see the module docstring).
+    """
+
     @staticmethod
-    def forward(ctx, hidden, weight, targets, bias, temperature, ignore_index, chunk, return_entropy, triton_ops):
-        if triton_ops is not None:
-            logp, lse, entropy = _triton_forward(
-                triton_ops, hidden, weight, bias, targets, temperature, ignore_index, chunk, return_entropy
-            )
-        else:
-            logp, lse, entropy = _torch_forward(
-                hidden, weight, bias, targets, temperature, ignore_index, chunk, return_entropy
-            )
+    def forward(ctx, hidden, weight, targets, bias, opts: HeadOptions):
+        fwd = _triton_forward if opts.triton else _torch_forward
+        logp, lse, entropy = fwd(hidden, weight, bias, targets, opts)
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.temperature = temperature
-        ctx.ignore_index = ignore_index
-        ctx.chunk = chunk
-        ctx.triton_ops = triton_ops
+        ctx.opts = opts
         if entropy is None:
             entropy = logp.new_empty(0)
         ctx.mark_non_differentiable(entropy)
@@ -302,17 +228,14 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
         if not any(needs) or hidden.shape[0] == 0:
             zeros = [torch.zeros_like(t) if (t is not None and nd) else None
                      for t, nd in zip((hidden, weight, bias), needs)]
-            return zeros[0], zeros[1], None, zeros[2], None, None, None, None, None
-        args = (hidden, weight, bias, targets, lse, grad_logp, ctx.temperature, ctx.ignore_index, ctx.chunk, needs)
-        if ctx.triton_ops is not None:
-            grad_h, grad_w, grad_b = _triton_backward(ctx.triton_ops, *args)
-        else:
-            grad_h, grad_w, grad_b = _torch_backward(*args)
-        if grad_w is not None and grad_w.dtype != weight.dtype:
-            grad_w = grad_w.to(weight.dtype)
-        if grad_b is not None and grad_b.dtype != bias.dtype:
-            grad_b = grad_b.to(bias.dtype)
-        return grad_h, grad_w, None, grad_b, None, None, None, None, None
+            return zeros[0], zeros[1], None, zeros[2], None
+        bwd = _triton_backward if ctx.opts.triton else _torch_backward
+        with _common.autocast_off(hidden.device.type):  # backward may run inside the caller's autocast
+            grad_h, grad_w, grad_b = bwd(hidden, weight, bias, targets, lse, grad_logp, ctx.opts, needs)
+            grad_w = None if grad_w is None else grad_w.result(weight.dtype)
+            if grad_b is not None and grad_b.dtype != bias.dtype:
+                grad_b = grad_b.to(bias.dtype)
+        return grad_h, grad_w, None, grad_b, None
 
 
 def fused_linear_logprobs(
@@ -325,16 +248,17 @@ def fused_linear_logprobs(
     ignore_index: int = IGNORE_INDEX,
     chunk_tokens: int | None = None,
     return_entropy: bool = False,
-):
+) -> LogprobsOutput:
     """Token log-probs of ``targets`` under ``softmax((hidden @ weight.T + bias) / temperature)``.
 
     ``hidden`` is ``[T, H]`` (or ``[..., H]`` with ``targets`` ``[...]``), ``weight`` the LM head
     ``[V, H]`` (may be tied to the embedding; its gradient is simply returned), ``bias`` ``[V]`` or
-    None. Returns fp32 log-probs shaped like ``targets`` (0 and no gradient where
-    ``targets == ignore_index``), and with ``return_entropy`` also the detached fp32 entropy of each
-    row's distribution. Differentiable in ``hidden``, ``weight`` and ``bias`` for any upstream
-    gradient. Same values as ``bcr_kernels.reference.fused_linear_logprobs``, but peak extra memory
-    is O(``chunk_tokens`` x V) instead of O(T x V). ``chunk_tokens`` defaults to
+    None. Returns ``LogprobsOutput(logp, entropy)``: fp32 log-probs shaped like ``targets`` (0 and no
+    gradient where ``targets == ignore_index``) and, with ``return_entropy``, the detached fp32 entropy
+    of each row's distribution (else None). Differentiable in ``hidden``, ``weight`` and ``bias`` for
+    any upstream gradient. Under ``torch.autocast`` the operands are cast as for ``F.linear``. Same
+    values as ``bcr_kernels.reference.fused_linear_logprobs``, but peak extra memory is
+    O(``chunk_tokens`` x V) instead of O(T x V). ``chunk_tokens`` defaults to
     :func:`default_chunk_tokens` (one chunk's fp32 logits within ``DEFAULT_CHUNK_BYTES`` = 256 MiB).
     """
     if hidden.shape[-1] != weight.shape[-1] or weight.dim() != 2:
@@ -346,6 +270,7 @@ def fused_linear_logprobs(
         raise ValueError(
             f"targets must have hidden's leading shape {tuple(hidden.shape[:-1])}, got {tuple(targets.shape)}"
         )
+    hidden, weight, bias = _common.cast_like_linear(hidden, weight, bias)
     if hidden.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
         raise ValueError(
             f"hidden, weight and bias must share a dtype; got {hidden.dtype}, {weight.dtype}, "
@@ -365,12 +290,7 @@ def fused_linear_logprobs(
     b = None if bias is None else bias.contiguous()
     T, V = h2.shape[0], w.shape[0]
     chunk = int(chunk_tokens) if chunk_tokens is not None else default_chunk_tokens(T, V)
-
-    ops = _triton_ops() if use_triton(h2, w, t1, b) else None
-    logp, entropy = FusedLinearLogprobsFunction.apply(
-        h2, w, t1, b, float(temperature), int(ignore_index), chunk, bool(return_entropy), ops
-    )
-    logp = logp.view(out_shape)
-    if return_entropy:
-        return logp, entropy.view(out_shape)
-    return logp
+    opts = HeadOptions(float(temperature), int(ignore_index), chunk, bool(return_entropy), use_triton(h2, w, t1, b))
+    with _common.autocast_off(h2.device.type):
+        logp, entropy = FusedLinearLogprobsFunction.apply(h2, w, t1, b, opts)
+    return LogprobsOutput(logp.view(out_shape), entropy.view(out_shape) if return_entropy else None)
