@@ -145,6 +145,50 @@ def chunk_logits(out, hidden_c, weight, bias, alpha):
     return out
 
 
+def chunk_logits_fp32(x, low, hidden_c, weight, bias, inv_t):
+    """``x`` (fp32 ``[n, V]``) ``= (hidden_c @ weight.T + bias) * inv_t``. With low-precision inputs the
+    GEMM runs in their dtype into ``low`` and ``x`` is its fp32 copy (``low`` None: fp32 inputs)."""
+    if low is None:
+        return chunk_logits(x, hidden_c, weight, bias, inv_t)
+    chunk_logits(low, hidden_c, weight, bias, 1.0)
+    x.copy_(low)
+    if inv_t != 1.0:
+        x.mul_(inv_t)
+    return x
+
+
+def chunk_log_softmax_(x, targets, ignore_index, ebuf):
+    """Log-softmax statistics of fp32 chunk logits ``x [n, V]`` (already divided by the temperature).
+
+    Overwrites ``x``. Returns ``(logp, lse, entropy, e, s)``: the targets' log-probs (0 where ignored),
+    the rows' log-sum-exp, the entropy (only with the ``[n, V]`` buffer ``ebuf``, else None; 0 where
+    ignored), ``e = exp(x - max)`` (in ``ebuf`` with the entropy, else in ``x``) and its row sums ``s``,
+    so that ``e / s`` is the softmax.
+    """
+    n = x.shape[0]
+    valid = targets != ignore_index
+    safe = torch.where(valid, targets, torch.zeros_like(targets)).unsqueeze(1)
+    x_t = x.gather(1, safe).squeeze(1)
+    m = x.amax(dim=1, keepdim=True)
+    x.sub_(m)  # x - max
+    entropy = None
+    if ebuf is not None:
+        e = ebuf
+        torch.exp(x, out=e)
+        s = e.sum(dim=1)
+        # sum_v e_v * (x_v - m); terms with e_v == 0 contribute 0 (guards -inf logits).
+        x.masked_fill_(e == 0, 0.0)
+        dot = torch.bmm(e.unsqueeze(1), x.unsqueeze(2)).view(n)
+        ent = s.log() - dot / s
+        entropy = torch.where(valid, ent, torch.zeros_like(ent))
+    else:
+        e = x.exp_()
+        s = e.sum(dim=1)
+    lse = m.squeeze(1) + s.log()
+    logp = torch.where(valid, x_t - lse, torch.zeros_like(lse))
+    return logp, lse, entropy, e, s
+
+
 #: This torch has ``addmm(..., out_dtype=float32)`` (low-precision inputs, fp32 output); decided once.
 FP32_OUT_ADDMM = hasattr(torch.ops.aten, "addmm") and "dtype_out" in torch.ops.aten.addmm.overloads()
 

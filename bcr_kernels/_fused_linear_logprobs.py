@@ -45,7 +45,16 @@ import math
 import torch
 
 from . import _common
-from ._common import IGNORE_INDEX, LOW_PRECISION, HeadOptions, WeightGrad, add_head_grads_, chunk_logits
+from ._common import (
+    IGNORE_INDEX,
+    LOW_PRECISION,
+    HeadOptions,
+    WeightGrad,
+    add_head_grads_,
+    chunk_log_softmax_,
+    chunk_logits,
+    chunk_logits_fp32,
+)
 from ._dispatch import use_triton
 from ._token_logprobs import logprobs_bwd_inplace, logprobs_fwd
 from .outputs import LogprobsOutput
@@ -85,35 +94,13 @@ def _torch_forward(hidden, weight, bias, targets, o: HeadOptions):
 
     for c0 in range(0, T, rows):
         n = min(rows, T - c0)
-        x = buf32[:n]
-        if lowp:
-            chunk_logits(buf_low[:n], hidden[c0 : c0 + n], weight, bias, 1.0)
-            x.copy_(buf_low[:n])
-            if inv_t != 1.0:
-                x.mul_(inv_t)
-        else:
-            chunk_logits(x, hidden[c0 : c0 + n], weight, bias, inv_t)
-        t = targets[c0 : c0 + n]
-        valid = t != o.ignore_index
-        safe = torch.where(valid, t, torch.zeros_like(t)).unsqueeze(1)
-        x_t = x.gather(1, safe).squeeze(1)
-        m = x.amax(dim=1, keepdim=True)
-        x.sub_(m)  # x - max
+        x = chunk_logits_fp32(buf32[:n], buf_low[:n] if lowp else None, hidden[c0 : c0 + n], weight, bias, inv_t)
+        lp, ls, ent, _, _ = chunk_log_softmax_(x, targets[c0 : c0 + n], o.ignore_index,
+                                              ebuf[:n] if o.return_entropy else None)
+        logp[c0 : c0 + n] = lp
+        lse[c0 : c0 + n] = ls
         if o.return_entropy:
-            e = ebuf[:n]
-            torch.exp(x, out=e)
-            s = e.sum(dim=1)
-            # sum_v e_v * (x_v - m); terms with e_v == 0 contribute 0 (guards -inf logits).
-            x.masked_fill_(e == 0, 0.0)
-            dot = torch.bmm(e.unsqueeze(1), x.unsqueeze(2)).view(n)
-            ent = s.log() - dot / s
-            entropy[c0 : c0 + n] = torch.where(valid, ent, torch.zeros_like(ent))
-        else:
-            x.exp_()
-            s = x.sum(dim=1)
-        lse_c = m.squeeze(1) + s.log()
-        lse[c0 : c0 + n] = lse_c
-        logp[c0 : c0 + n] = torch.where(valid, x_t - lse_c, torch.zeros_like(lse_c))
+            entropy[c0 : c0 + n] = ent
     return logp, lse, entropy
 
 
@@ -138,14 +125,7 @@ def _torch_backward(hidden, weight, bias, targets, lse, grad_logp, o: HeadOption
     for c0 in range(0, T, rows):
         n = min(rows, T - c0)
         h_c = hidden[c0 : c0 + n]
-        d = buf32[:n]
-        if lowp:
-            chunk_logits(buf_low[:n], h_c, weight, bias, 1.0)
-            d.copy_(buf_low[:n])
-            if inv_t != 1.0:
-                d.mul_(inv_t)
-        else:
-            chunk_logits(d, h_c, weight, bias, inv_t)
+        d = chunk_logits_fp32(buf32[:n], buf_low[:n] if lowp else None, h_c, weight, bias, inv_t)
         g_c = g[c0 : c0 + n].unsqueeze(1)
         d.sub_(lse[c0 : c0 + n].unsqueeze(1)).exp_()  # softmax
         d.mul_(g_c.neg())  # -g * p

@@ -46,7 +46,9 @@ from ._common import (
     WeightGrad,
     add_head_grads_,
     check_reduction,
+    chunk_log_softmax_,
     chunk_logits,
+    chunk_logits_fp32,
     policy_metrics,
     reduction_weights,
 )
@@ -131,42 +133,19 @@ def _torch_pass(hidden, weight, bias, tok: _Tokens, o: _Options, c_min):
     for c0 in range(0, T, rows):
         n = min(rows, T - c0)
         h_c = hidden[c0 : c0 + n]
-        x = buf32[:n]
-        if lowp:
-            chunk_logits(buf_low[:n], h_c, weight, bias, 1.0)
-            x.copy_(buf_low[:n])
-            if inv_t != 1.0:
-                x.mul_(inv_t)
-        else:
-            chunk_logits(x, h_c, weight, bias, inv_t)
+        x = chunk_logits_fp32(buf32[:n], buf_low[:n] if lowp else None, h_c, weight, bias, inv_t)
         t = tok.targets[c0 : c0 + n]
-        valid = t != h_o.ignore_index
-        safe = torch.where(valid, t, torch.zeros_like(t)).unsqueeze(1)
-        x_t = x.gather(1, safe).squeeze(1)
-        mx = x.amax(dim=1, keepdim=True)
-        x.sub_(mx)
+        lp, _, ent, d, s = chunk_log_softmax_(x, t, h_o.ignore_index, ebuf[:n] if h_o.return_entropy else None)
         if h_o.return_entropy:
-            e = ebuf[:n]
-            torch.exp(x, out=e)
-            s = e.sum(dim=1)
-            x.masked_fill_(e == 0, 0.0)
-            dot = torch.bmm(e.unsqueeze(1), x.unsqueeze(2)).view(n)
-            ent = s.log() - dot / s
-            entropy[c0 : c0 + n] = torch.where(valid, ent, torch.zeros_like(ent))
-            d = e  # exp(x - max), becomes the gradient
-        else:
-            x.exp_()
-            s = x.sum(dim=1)
-            d = x
-        lse_c = mx.squeeze(1) + s.log()
-        lp = torch.where(valid, x_t - lse_c, torch.zeros_like(lse_c))
+            entropy[c0 : c0 + n] = ent
         logp[c0 : c0 + n] = lp
         if not any(o.needs):
             continue
         g = _chunk_grad(lp, tok, c0, n, o, c_min)
+        valid = t != h_o.ignore_index
         g = torch.where(valid, g * inv_t, torch.zeros_like(g)).unsqueeze(1)
-        d.mul_((-g) / s.unsqueeze(1))  # -g * softmax
-        d.scatter_add_(1, safe, g)  # + g * onehot
+        d.mul_((-g) / s.unsqueeze(1))  # d = exp(x - max): -g * softmax
+        d.scatter_add_(1, torch.where(valid, t, torch.zeros_like(t)).unsqueeze(1), g)  # + g * onehot
         if lowp:  # the head GEMMs run in the inputs' dtype
             d = buf_low[:n].copy_(d)
         add_head_grads_(d, h_c, weight, grad_h[c0 : c0 + n] if need_h else None, grad_w, grad_b)
