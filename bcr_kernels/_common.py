@@ -81,6 +81,13 @@ def reduction_weights(m, cu, reduction, max_completion_length, normalizer):
     return seq_w, sid, denom
 
 
+def token_weights(m, seq_w, sid):
+    """``m * seq_w[sid]`` (0 outside every sequence), or ``m`` when ``seq_w`` is None."""
+    if seq_w is None:
+        return m
+    return m * torch.where(sid >= 0, seq_w[sid.clamp(min=0).long()], torch.zeros((), device=m.device))
+
+
 def policy_metrics(stats: torch.Tensor) -> dict[str, torch.Tensor]:
     """Metrics from the fp32 sums ``[mask, low, high, ratio, kl]`` (detached)."""
     stats = stats.detach()

@@ -51,6 +51,7 @@ from ._common import (
     chunk_logits_fp32,
     policy_metrics,
     reduction_weights,
+    token_weights,
 )
 from ._dispatch import use_triton
 from ._fused_linear_logprobs import default_chunk_tokens
@@ -308,10 +309,7 @@ def fused_linear_policy_loss(
 
     # token weights / D (mask and sequence boundaries only): policy_loss's aggregation
     seq_w, sid, denom = reduction_weights(m, cu_seqlens.to(dev), reduction, max_completion_length, normalizer)
-    wt = m
-    if seq_w is not None:
-        wt = m * torch.where(sid >= 0, seq_w[sid.clamp(min=0).long()], torch.zeros((), device=dev))
-    wd = (wt / denom).contiguous()
+    wd = (token_weights(m, seq_w, sid) / denom).contiguous()
 
     grad_on = torch.is_grad_enabled()
     needs = (grad_on and h.requires_grad, grad_on and w.requires_grad,

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _common
-from ._common import check_reduction, policy_metrics, reduction_weights
+from ._common import check_reduction, policy_metrics, reduction_weights, token_weights
 from ._dispatch import use_triton
 from .outputs import PolicyLossOutput
 
@@ -226,11 +226,7 @@ def _torch_policy_loss(logp, c: _Consts):
         per_tok = per_tok + c.beta * kl
     else:
         kl = torch.zeros_like(per_tok)
-    w = m
-    if c.seq_w is not None:
-        inside = c.sid >= 0
-        w = m * torch.where(inside, c.seq_w[c.sid.clamp(min=0).long()], torch.zeros((), device=m.device))
-    loss = (per_tok * w).sum() / c.denom
+    loss = (per_tok * token_weights(m, c.seq_w, c.sid)).sum() / c.denom
     with torch.no_grad():
         low = ((ratio < c.lo) & (a < 0)).float()
         high = ((ratio > c.hi) & (a > 0)).float()
