@@ -22,7 +22,7 @@ import yaml
 
 from .dataclass_cli import ConfigError, load_dataclass
 
-# TRL loss_type -> the aggregation mode of bcr_kernels.policy_loss (see its docstring).
+# TRL loss_type -> the reduction of bcr_kernels.policy_loss (see its docstring).
 LOSS_TYPES = {
     "dapo": "token_mean",  # token mean, normalised by the token count of the whole (global) batch
     "bnpo": "token_mean",  # token mean, normalised by the token count of this rank's batch
@@ -255,8 +255,8 @@ class BCRConfig:
 
     # ------------------------------------------------------------------------------------------
     @property
-    def kernel_loss_type(self) -> str:
-        """The ``bcr_kernels.policy_loss`` aggregation mode for ``loss_type``."""
+    def reduction(self) -> str:
+        """The ``reduction`` of ``bcr_kernels.policy_loss`` for TRL's ``loss_type``."""
         return LOSS_TYPES[self.loss_type]
 
     @property

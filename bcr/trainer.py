@@ -46,6 +46,8 @@ from pathlib import Path
 import torch
 
 from bcr_kernels import (
+    FusedPolicyLossOutput,
+    LogprobsOutput,
     fused_linear_logprobs,
     fused_linear_policy_loss,
     policy_loss,
@@ -107,15 +109,9 @@ def attention_implementation(model, name: str):
         model.set_attn_implementation(previous)
 
 
-def completion_logprobs(model, batch: PackedBatch, *, temperature: float = 1.0, chunk_tokens: int | None = None,
-                        return_entropy: bool = False, attn_implementation: str = "sdpa", loss_kwargs=None):
-    """Log-probs (fp32 ``[C]``) of the completion tokens of a packed row (and their entropies).
-
-    Runs the backbone on the whole row, keeps the hidden states at the target positions of
-    completion tokens, and applies the LM head there only (``fused_linear_logprobs``).
-    With ``loss_kwargs`` (the arguments of ``fused_linear_policy_loss`` after ``targets``), the policy
-    loss at ratio 1 is fused in as well and ``(loss, metrics, logp[, entropy])`` is returned.
-    """
+def _completion_head_inputs(model, batch: PackedBatch, attn_implementation: str):
+    """The backbone on the whole row; the hidden states at the target positions of completion tokens,
+    and the LM head's weight and bias."""
     kwargs = {}
     if attn_implementation not in ("sdpa", "eager"):  # flash-style backends take the sequence boundaries
         kwargs = packed_model_kwargs(batch.cu_seqlens, batch.max_seqlen)
@@ -127,11 +123,27 @@ def completion_logprobs(model, batch: PackedBatch, *, temperature: float = 1.0, 
     head = model.get_output_embeddings()
     weight = head.weight if head.weight.dtype == hidden.dtype else head.weight.to(hidden.dtype)
     bias = getattr(head, "bias", None)
-    if loss_kwargs is not None:
-        return fused_linear_policy_loss(hidden, weight, batch.completion_targets, bias=bias, temperature=temperature,
-                                        chunk_tokens=chunk_tokens, return_entropy=return_entropy, **loss_kwargs)
+    return hidden, weight, bias
+
+
+def completion_logprobs(model, batch: PackedBatch, *, temperature: float = 1.0, chunk_tokens: int | None = None,
+                        return_entropy: bool = False, attn_implementation: str = "sdpa") -> LogprobsOutput:
+    """Log-probs (fp32 ``[C]``) of the completion tokens of a packed row, and their entropies with
+    ``return_entropy`` (``LogprobsOutput``). The LM head runs at the completion tokens only
+    (``fused_linear_logprobs``)."""
+    hidden, weight, bias = _completion_head_inputs(model, batch, attn_implementation)
     return fused_linear_logprobs(hidden, weight, batch.completion_targets, bias=bias, temperature=temperature,
                                  chunk_tokens=chunk_tokens, return_entropy=return_entropy)
+
+
+def completion_policy_loss(model, batch: PackedBatch, *, temperature: float = 1.0, chunk_tokens: int | None = None,
+                           return_entropy: bool = False, attn_implementation: str = "sdpa",
+                           **loss_kwargs) -> FusedPolicyLossOutput:
+    """``completion_logprobs`` with the policy loss at ratio 1 fused into the LM head
+    (``fused_linear_policy_loss``; ``loss_kwargs`` are its arguments after ``targets``, by name)."""
+    hidden, weight, bias = _completion_head_inputs(model, batch, attn_implementation)
+    return fused_linear_policy_loss(hidden, weight, batch.completion_targets, bias=bias, temperature=temperature,
+                                    chunk_tokens=chunk_tokens, return_entropy=return_entropy, **loss_kwargs)
 
 
 class PackedLogprobs(torch.nn.Module):
@@ -143,8 +155,8 @@ class PackedLogprobs(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, batch: PackedBatch, **kwargs):
-        return completion_logprobs(self.model, batch, **kwargs)
+    def forward(self, batch: PackedBatch, fn=completion_logprobs, **kwargs):
+        return fn(self.model, batch, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -438,9 +450,10 @@ class BCRTrainer:
             return max(g_seqs, 1.0) / self.world_size
         return max(g_seqs, 1.0) * cfg.max_completion_length / self.world_size  # dr_grpo
 
-    def _logprobs(self, root: torch.nn.Module, row: PackedBatch, **kwargs):
+    def _logprobs(self, root: torch.nn.Module, row: PackedBatch, fn=completion_logprobs, **kwargs):
+        """``fn`` (``completion_logprobs`` or ``completion_policy_loss``) of ``root``'s model on ``row``."""
         cfg = self.config
-        return root(row, temperature=cfg.temperature, chunk_tokens=cfg.chunk_tokens,
+        return root(row, fn, temperature=cfg.temperature, chunk_tokens=cfg.chunk_tokens,
                     attn_implementation=self.attn_implementation, **kwargs)
 
     @torch.no_grad()
@@ -451,7 +464,7 @@ class BCRTrainer:
         self.model.train()
         if self.config.num_iterations == 1:
             return [None] * len(batch.rows)
-        return [self._logprobs(self.policy, row) for row in batch.rows]
+        return [self._logprobs(self.policy, row).logp for row in batch.rows]
 
     @torch.no_grad()
     def ref_logprobs(self, batch: Microbatches) -> list[torch.Tensor | None]:
@@ -459,9 +472,9 @@ class BCRTrainer:
         if self.config.beta == 0:
             return [None] * len(batch.rows)
         if self.reference is not None:
-            return [self._logprobs(self.reference, row) for row in batch.rows]
+            return [self._logprobs(self.reference, row).logp for row in batch.rows]
         with self.model.disable_adapter():
-            return [self._logprobs(self.policy, row) for row in batch.rows]
+            return [self._logprobs(self.policy, row).logp for row in batch.rows]
 
     def optimize(self, batch: Microbatches, old: list, ref: list) -> StepStats:
         """``num_iterations`` optimizer updates on ``batch``; a non-finite loss or gradient on any
@@ -515,12 +528,12 @@ class BCRTrainer:
         cfg = self.config
         mask = torch.ones_like(adv)
         loss_kwargs = {"ref_logp": ref_logp, "beta": cfg.beta, "epsilon": cfg.epsilon,
-                       "epsilon_high": cfg.epsilon_high, "loss_type": cfg.kernel_loss_type,
+                       "epsilon_high": cfg.epsilon_high, "reduction": cfg.reduction,
                        "max_completion_length": cfg.max_completion_length, "normalizer": normalizer}
         if old_logp is None:
             fused = {"advantages": adv, "mask": mask, "cu_seqlens": row.completion_cu_seqlens, **loss_kwargs}
-            loss, metrics, _, entropy = self._logprobs(self.policy, row, return_entropy=True, loss_kwargs=fused)
-            return loss, metrics, entropy
+            out = self._logprobs(self.policy, row, completion_policy_loss, return_entropy=True, **fused)
+            return out.loss, out.metrics, out.entropy
         logp, entropy = self._logprobs(self.policy, row, return_entropy=True)
         loss, metrics = policy_loss(logp, old_logp, adv, mask, row.completion_cu_seqlens, **loss_kwargs)
         return loss, metrics, entropy

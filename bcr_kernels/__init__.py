@@ -3,20 +3,34 @@
 Every op has a plain PyTorch reference (``bcr_kernels.reference``), a Triton forward and backward,
 and a functional entry point that runs Triton on CUDA tensors (or on the CPU under
 ``TRITON_INTERPRET=1``) and a PyTorch path otherwise. See ``bcr_kernels._dispatch``.
+
+The ops live in private modules named after them (``bcr_kernels._token_logprobs`` holds
+``token_logprobs``), so each package attribute names one thing. Ops with several results return the
+named tuples of ``bcr_kernels.outputs``, of the same length whatever the flags.
 """
 
-from . import reference
-from .fused_linear_logprobs import fused_linear_logprobs
-from .fused_linear_policy_loss import fused_linear_policy_loss
-from .packed_targets import packed_targets
-from .policy_loss import policy_loss
-from .scatter_instance_advantages import scatter_instance_advantages
-from .token_logprobs import token_logprobs
+from . import outputs, reference
+from ._common import IGNORE_INDEX, REDUCTIONS
+from ._fused_linear_logprobs import DEFAULT_CHUNK_BYTES, default_chunk_tokens, fused_linear_logprobs
+from ._fused_linear_policy_loss import fused_linear_policy_loss
+from ._packed_targets import packed_targets
+from ._policy_loss import policy_loss
+from ._scatter_instance_advantages import scatter_instance_advantages
+from ._token_logprobs import token_logprobs
+from .outputs import FusedPolicyLossOutput, LogprobsOutput, PolicyLossOutput
 from .varlen_attention import varlen_attention
 
 __all__ = [
+    "DEFAULT_CHUNK_BYTES",
+    "FusedPolicyLossOutput",
+    "IGNORE_INDEX",
+    "LogprobsOutput",
+    "PolicyLossOutput",
+    "REDUCTIONS",
+    "default_chunk_tokens",
     "fused_linear_logprobs",
     "fused_linear_policy_loss",
+    "outputs",
     "packed_targets",
     "policy_loss",
     "reference",

@@ -9,8 +9,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
-LOSS_TYPES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+from ._common import IGNORE_INDEX, REDUCTIONS, check_reduction
+from .outputs import LogprobsOutput, PolicyLossOutput
+
+__all__ = [
+    "IGNORE_INDEX",
+    "REDUCTIONS",
+    "fused_linear_logprobs",
+    "packed_targets",
+    "policy_loss",
+    "scatter_instance_advantages",
+    "token_logprobs",
+    "varlen_attention",
+]
 
 
 def token_logprobs(
@@ -20,12 +31,12 @@ def token_logprobs(
     temperature: float = 1.0,
     ignore_index: int = IGNORE_INDEX,
     return_entropy: bool = False,
-):
-    """log softmax(logits / temperature)[t, targets[t]] as fp32 ``[T]``.
+) -> LogprobsOutput:
+    """log softmax(logits / temperature)[t, targets[t]] as fp32 ``[T]``, in ``LogprobsOutput.logp``.
 
     An ignored target (``ignore_index``) gives log-prob 0 and no gradient. With ``return_entropy``
-    the entropy of each row's distribution is returned too (fp32 ``[T]``, 0 on ignored rows,
-    detached: it is a metric, not a training signal).
+    ``LogprobsOutput.entropy`` holds the entropy of each row's distribution (fp32 ``[T]``, 0 on
+    ignored rows, detached: it is a metric, not a training signal); else it is None.
     """
     x = logits.float() / temperature
     valid = targets != ignore_index
@@ -34,13 +45,13 @@ def token_logprobs(
     logp = x.gather(-1, safe[:, None]).squeeze(-1) - lse
     logp = torch.where(valid, logp, torch.zeros_like(logp))
     if not return_entropy:
-        return logp
+        return LogprobsOutput(logp)
     with torch.no_grad():
         p = torch.softmax(x, dim=-1)
         px = torch.where(p > 0, p * x, torch.zeros_like(x))
         entropy = lse - px.sum(-1)
         entropy = torch.where(valid, entropy, torch.zeros_like(entropy))
-    return logp, entropy
+    return LogprobsOutput(logp, entropy)
 
 
 def packed_targets(input_ids: torch.Tensor, cu_seqlens: torch.Tensor, *, ignore_index: int = IGNORE_INDEX):
@@ -68,7 +79,7 @@ def fused_linear_logprobs(
     ignore_index: int = IGNORE_INDEX,
     chunk_tokens: int | None = None,
     return_entropy: bool = False,
-):
+) -> LogprobsOutput:
     """``token_logprobs(hidden @ weight.T + bias, targets)``, materialising the full logits.
 
     ``chunk_tokens`` is accepted for signature parity and ignored here.
@@ -126,16 +137,17 @@ def policy_loss(
     beta: float = 0.0,
     epsilon: float = 0.2,
     epsilon_high: float | None = None,
-    loss_type: str = "token_mean",
+    reduction: str = "token_mean",
     max_completion_length: int | None = None,
     normalizer: float | None = None,
-):
+) -> PolicyLossOutput:
     """GRPO clipped surrogate (+ k3 KL to a reference policy) over packed tokens.
 
     All inputs are ``[T]``; ``mask`` marks the tokens that count (completion tokens). Per token:
     ``ratio = exp(logp - old_logp)``,
     ``l = -min(ratio * A, clamp(ratio, 1 - epsilon, 1 + epsilon_high) * A) + beta * kl`` with
-    ``kl = exp(ref - logp) - (ref - logp) - 1``. Aggregation (``loss_type``):
+    ``kl = exp(ref - logp) - (ref - logp) - 1``. Aggregation (``reduction``; TRL's ``loss_type`` names in
+brackets):
 
     - ``token_mean``: ``sum(l * m) / D`` with ``D = sum(m)`` (TRL ``bnpo``; ``dapo`` passes the global
       token count of the whole batch as ``normalizer``);
@@ -144,12 +156,11 @@ def policy_loss(
       ``max_completion_length`` defaults to the longest masked sequence).
 
     ``normalizer`` replaces ``D`` (for gradient accumulation over micro-batches). Returns
-    ``(loss, metrics)`` where metrics are detached fp32 scalars: ``clip_ratio/low_mean`` (tokens with
+    ``PolicyLossOutput(loss, metrics)`` where metrics are detached fp32 scalars: ``clip_ratio/low_mean`` (tokens with
     ``ratio < 1 - epsilon`` and ``A < 0``), ``clip_ratio/high_mean`` (``ratio > 1 + epsilon_high`` and
     ``A > 0``), ``clip_ratio/region_mean`` (their sum), ``ratio_mean`` and ``kl`` (masked means).
     """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    check_reduction(reduction)
     eps_high = epsilon if epsilon_high is None else epsilon_high
     m = mask.float()
     adv = advantages.float()
@@ -164,10 +175,10 @@ def policy_loss(
     S = cu_seqlens.numel() - 1
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     seq_index = torch.repeat_interleave(torch.arange(S, device=logp.device), lengths)
-    if loss_type == "token_mean":
+    if reduction == "token_mean":
         denom = m.sum().clamp(min=1.0) if normalizer is None else normalizer
         loss = (per_tok * m).sum() / denom
-    elif loss_type == "seq_mean_token_mean":
+    elif reduction == "seq_mean_token_mean":
         seq_sum = torch.zeros(S, device=logp.device).index_add(0, seq_index, per_tok * m)
         seq_cnt = torch.zeros(S, device=logp.device).index_add(0, seq_index, m)
         denom = max(S, 1) if normalizer is None else normalizer
@@ -192,7 +203,7 @@ def policy_loss(
             "ratio_mean": (ratio * m).sum() / n,
             "kl": (kl * m).sum() / n,
         }
-    return loss, metrics
+    return PolicyLossOutput(loss, metrics)
 
 
 def varlen_attention(

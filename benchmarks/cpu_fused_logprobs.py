@@ -64,7 +64,7 @@ def _make_step(variant: str, chunk_tokens: int | None):
         from bcr_kernels import fused_linear_logprobs
 
         def logprobs(hidden, weight, targets):
-            return fused_linear_logprobs(hidden, weight, targets, chunk_tokens=chunk_tokens)
+            return fused_linear_logprobs(hidden, weight, targets, chunk_tokens=chunk_tokens).logp
 
     elif variant == "materialised":
 

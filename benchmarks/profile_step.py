@@ -376,7 +376,7 @@ def make_step(variant: str, model, samples: list[dict], device, args: dict):
                         row.completion_targets,
                         bias=head.bias,
                         chunk_tokens=args.get("chunk_tokens"),
-                    )
+                    ).logp
                 with timer("loss"):
                     adv = packed_advantages(row)
                     loss, _ = policy_loss(
@@ -386,7 +386,7 @@ def make_step(variant: str, model, samples: list[dict], device, args: dict):
                         torch.ones_like(logp),
                         row.completion_cu_seqlens,
                         epsilon=eps,
-                        loss_type="token_mean",
+                        reduction="token_mean",
                         normalizer=float(n_completion),
                     )
                 with timer("backward"):
@@ -402,7 +402,7 @@ def make_step(variant: str, model, samples: list[dict], device, args: dict):
                 hidden = packed_hidden(row, timer)
                 with timer("logprobs"):  # log-probs + loss + LM-head grads in one fused forward
                     adv = packed_advantages(row)
-                    loss, _, _ = fused_linear_policy_loss(
+                    loss, *_ = fused_linear_policy_loss(
                         hidden,
                         head.weight,
                         row.completion_targets,
@@ -411,7 +411,7 @@ def make_step(variant: str, model, samples: list[dict], device, args: dict):
                         row.completion_cu_seqlens,
                         bias=head.bias,
                         epsilon=eps,
-                        loss_type="token_mean",
+                        reduction="token_mean",
                         normalizer=float(n_completion),
                         chunk_tokens=args.get("chunk_tokens"),
                     )

@@ -61,10 +61,10 @@ def _inputs(T, H, V):
 def _step_fn(variant):
     if variant == "fused":
         def logp(h, w, t):
-            return fused_linear_logprobs(h, w, t)
+            return fused_linear_logprobs(h, w, t).logp
     elif variant == "unfused":
         def logp(h, w, t):
-            return token_logprobs(F.linear(h, w), t)
+            return token_logprobs(F.linear(h, w), t).logp
     elif variant == "eager":
         def logp(h, w, t):
             return torch.log_softmax(F.linear(h, w).float(), dim=-1).gather(-1, t[:, None]).squeeze(-1)

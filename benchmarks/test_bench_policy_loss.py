@@ -109,9 +109,9 @@ def _skip_unavailable(impl):
 
 
 @pytest.mark.parametrize("T", TOKENS)
-@pytest.mark.parametrize("loss_type", ["token_mean", "seq_mean_token_mean"])
+@pytest.mark.parametrize("reduction", ["token_mean", "seq_mean_token_mean"])
 @pytest.mark.parametrize("impl", IMPLS)
-def test_bench_policy_loss_fwd_bwd(benchmark, impl, loss_type, T):
+def test_bench_policy_loss_fwd_bwd(benchmark, impl, reduction, T):
     _skip_unavailable(impl)
     gen = torch.Generator().manual_seed(0)
     cu = _layout(T)
@@ -127,15 +127,15 @@ def test_bench_policy_loss_fwd_bwd(benchmark, impl, loss_type, T):
         def step():
             loss, _ = bcr_kernels.policy_loss(
                 logp, old, adv, mask, cu, ref_logp=ref, beta=beta, epsilon=eps, epsilon_high=eps_high,
-                loss_type=loss_type,
+                reduction=reduction,
             )
             loss.backward()
             logp.grad = None
             _sync()
     else:
-        fn = eager_policy_loss if impl == "eager" else _compiled_fn(f"pl-{loss_type}", eager_policy_loss)
+        fn = eager_policy_loss if impl == "eager" else _compiled_fn(f"pl-{reduction}", eager_policy_loss)
         S = cu.numel() - 1
-        per_seq = loss_type == "seq_mean_token_mean"
+        per_seq = reduction == "seq_mean_token_mean"
 
         def step():
             seq_index = _seq_index(cu, T)
@@ -148,12 +148,12 @@ def test_bench_policy_loss_fwd_bwd(benchmark, impl, loss_type, T):
         # the baseline computes the same loss as the op
         expected, _ = bcr_kernels.reference.policy_loss(
             logp0, old, adv, mask, cu, ref_logp=ref, beta=beta, epsilon=eps, epsilon_high=eps_high,
-            loss_type=loss_type,
+            reduction=reduction,
         )
         torch.testing.assert_close(step(), expected, rtol=1e-4, atol=1e-6)
 
     step()  # warm-up: compilation / autotuning outside the timing
-    benchmark.group = f"policy_loss fwd+bwd {loss_type} T={T} ({DEVICE})"
+    benchmark.group = f"policy_loss fwd+bwd {reduction} T={T} ({DEVICE})"
     benchmark(step)
 
 

@@ -13,7 +13,7 @@ from bcr.dataclass_cli import ConfigError, dataclass_help, load_dataclass
 def test_defaults_follow_trl():
     c = BCRConfig()
     assert (c.beta, c.epsilon, c.epsilon_high, c.loss_type, c.scale_rewards) == (0.0, 0.2, None, "dapo", "group")
-    assert c.kernel_loss_type == "token_mean"
+    assert c.reduction == "token_mean"
     assert c.advantage_mode == "instance" and c.shared_advantage == "mean" and c.rollout_engine == "hf"
     trl_names = {"num_generations", "max_prompt_length", "max_completion_length", "learning_rate", "beta", "epsilon",
                  "epsilon_high", "loss_type", "temperature", "top_p", "num_iterations", "gradient_accumulation_steps",
@@ -26,7 +26,7 @@ def test_defaults_follow_trl():
 @pytest.mark.parametrize("loss_type,mode", [("dapo", "token_mean"), ("bnpo", "token_mean"),
                                             ("grpo", "seq_mean_token_mean"), ("dr_grpo", "seq_mean_token_sum_norm")])
 def test_loss_type_maps_to_kernel_modes(loss_type, mode):
-    assert BCRConfig(loss_type=loss_type).kernel_loss_type == mode
+    assert BCRConfig(loss_type=loss_type).reduction == mode
 
 
 @pytest.mark.parametrize("field,value", [

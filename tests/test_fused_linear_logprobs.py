@@ -12,14 +12,17 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import bcr_kernels
-from bcr_kernels import _dispatch, reference
-from bcr_kernels import fused_linear_logprobs as flp_mod_fn
-from bcr_kernels.fused_linear_logprobs import (
+from bcr_kernels import (
     DEFAULT_CHUNK_BYTES,
-    _triton_ops,
+    LogprobsOutput,
+    _common,
+    _dispatch,
     default_chunk_tokens,
     fused_linear_logprobs,
+    reference,
 )
+from bcr_kernels import _fused_linear_logprobs as flp_mod
+from kernel_checks import GemmRecorder
 
 IGN = -100
 
@@ -34,8 +37,6 @@ def backend(request, monkeypatch):
         probe = torch.empty(1)
         if not _dispatch.use_triton(probe):
             pytest.skip("Triton path not selected on CPU without TRITON_INTERPRET=1")
-        if _triton_ops() is None:
-            pytest.skip("bcr_kernels.token_logprobs has no _logprobs_fwd/_logprobs_bwd_inplace yet")
     return request.param
 
 
@@ -59,7 +60,8 @@ def _run(fn, hidden, weight, bias, targets, upstream, **kw):
     for t in leaves:
         t.grad = None
     out = fn(hidden, weight, targets, bias=bias, **kw)
-    logp = out[0] if isinstance(out, tuple) else out
+    assert isinstance(out, LogprobsOutput)
+    logp = out.logp
     if leaves:
         (logp * upstream).sum().backward()
     grads = [None if t is None or t.grad is None else t.grad.clone() for t in (hidden, weight, bias)]
@@ -72,11 +74,11 @@ def _check(hidden, weight, bias, targets, upstream, *, atol=2e-5, rtol=2e-5, gat
     got, got_g = _run(fused_linear_logprobs, hidden, weight, bias, targets, upstream, **kw)
     kw.pop("chunk_tokens", None)
     want, want_g = _run(reference.fused_linear_logprobs, hidden, weight, bias, targets, upstream, **kw)
-    got = got if isinstance(got, tuple) else (got,)
-    want = want if isinstance(want, tuple) else (want,)
+    assert (got.entropy is None) == (want.entropy is None) == (not kw.get("return_entropy", False))
     for a, b in zip(got, want):
-        assert a.dtype == torch.float32 and a.shape == targets.shape
-        torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
+        if a is not None:
+            assert a.dtype == torch.float32 and a.shape == targets.shape
+            torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
     for name, a, b in zip(("hidden", "weight", "bias"), got_g, want_g):
         assert (a is None) == (b is None), name
         if a is not None:
@@ -123,7 +125,7 @@ def test_temperature_ignored_and_entropy(backend, temperature):
 
 def test_all_targets_ignored(backend):
     h, w, b, t, g = _make(12, 16, 500, bias=True, ignore=range(12), seed=2)
-    (logp,), grads = _check(h, w, b, t, g, chunk_tokens=5)
+    (logp, _), grads = _check(h, w, b, t, g, chunk_tokens=5)
     assert torch.all(logp == 0)
     for gr in grads:
         assert torch.all(gr == 0)
@@ -140,12 +142,12 @@ def test_leading_dims(backend):
     """[B, S, H] hidden with [B, S] targets (an extension: the reference takes [T, H]; compare flattened)."""
     h, w, b, t, g = _make(0, 16, 300, bias=True, seed=5, lead=(3, 7))
     got, got_g = _run(fused_linear_logprobs, h, w, b, t, g, chunk_tokens=4)
-    assert got.shape == (3, 7)
+    assert got.logp.shape == (3, 7)
     want, want_g = _run(
         lambda h2, w2, t2, bias: reference.fused_linear_logprobs(h2.reshape(21, 16), w2, t2.reshape(21), bias=bias),
         h, w, b, t, g.reshape(21),
     )
-    torch.testing.assert_close(got.reshape(21), want, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(got.logp.reshape(21), want.logp, atol=2e-5, rtol=2e-5)
     for a, c in zip(got_g, want_g):
         torch.testing.assert_close(a, c, atol=2e-5, rtol=2e-5)
 
@@ -170,7 +172,7 @@ def test_tied_weight_accumulates(backend):
 
     def loss(fn):
         hidden = torch.nn.functional.embedding(ids, weight) * 1.5
-        return (fn(hidden, weight, targets) * up).sum()
+        return (fn(hidden, weight, targets).logp * up).sum()
 
     (gw,) = torch.autograd.grad(loss(lambda h, w, t: fused_linear_logprobs(h, w, t, chunk_tokens=4)), [weight])
     (rw,) = torch.autograd.grad(loss(reference.fused_linear_logprobs), [weight])
@@ -180,8 +182,8 @@ def test_tied_weight_accumulates(backend):
 def test_no_grad_forward(backend):
     h, w, b, t, _ = _make(13, 16, 300, bias=True, seed=8)
     with torch.no_grad():
-        got = fused_linear_logprobs(h, w, t, bias=b, chunk_tokens=5)
-        want = reference.fused_linear_logprobs(h, w, t, bias=b)
+        got = fused_linear_logprobs(h, w, t, bias=b, chunk_tokens=5).logp
+        want = reference.fused_linear_logprobs(h, w, t, bias=b).logp
     assert not got.requires_grad
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
 
@@ -196,7 +198,7 @@ def test_low_precision(backend, dtype):
     for gr in grads:
         assert gr.dtype == dtype and torch.isfinite(gr.float()).all()
     # and both are close to the fp32 answer on the same (rounded) inputs
-    ref32 = reference.fused_linear_logprobs(h.float(), w.float(), t, bias=b.float(), temperature=0.8)
+    ref32 = reference.fused_linear_logprobs(h.float(), w.float(), t, bias=b.float(), temperature=0.8).logp
     torch.testing.assert_close(logp, ref32, atol=0.15, rtol=0.05)
 
 
@@ -236,6 +238,117 @@ def test_never_materialises_full_logits(backend, bias):
         assert len(big) == 2, big
 
 
+# ------------------------------------------------------------------------------------------------
+# mixed precision: the head's GEMMs under autocast, and the fp32 grad_weight accumulation
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_autocast_runs_the_head_gemms_in_bf16(backend, bias):
+    # fp32 weights and fp32 hidden states under autocast, as the trainer's default GPU path has them
+    h, w, b, t, g = _make(23, 32, 300, bias=bias, ignore=(3,), seed=14)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with GemmRecorder() as rec:
+            got, got_g = _run(fused_linear_logprobs, h, w, b, t, g, chunk_tokens=5, return_entropy=True)
+        want, want_g = _run(reference.fused_linear_logprobs, h, w, b, t, g, return_entropy=True)
+    n_chunks = 5
+    # forward: one logits GEMM per chunk; backward: logits again, grad_hidden and grad_weight per chunk
+    assert len(rec.gemms) >= 4 * n_chunks, rec.gemms
+    fp32 = [op for op in rec.gemms if torch.float32 in op[1:]]
+    assert not fp32, f"GEMMs in fp32 under autocast: {fp32}"
+    torch.testing.assert_close(got.logp, want.logp, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(got.entropy, want.entropy, atol=2e-2, rtol=2e-2)
+    for name, a, c in zip(("hidden", "weight", "bias"), got_g, want_g):
+        if c is None:
+            continue
+        assert a.dtype == torch.float32, name  # the leaves are fp32: their gradients too
+        torch.testing.assert_close(a, c, atol=3e-2, rtol=3e-2, msg=name)
+
+
+def test_without_autocast_fp32_stays_fp32(backend):
+    h, w, b, t, g = _make(9, 16, 100, bias=True, seed=15)
+    with GemmRecorder() as rec:
+        _run(fused_linear_logprobs, h, w, b, t, g, chunk_tokens=4)
+    assert rec.gemms and all(op[1:] == (torch.float32, torch.float32) for op in rec.gemms)
+
+
+def test_grad_weight_fallback_has_no_full_temporary_per_chunk(backend, monkeypatch):
+    # torch without addmm(out_dtype=float32) for this device: the product is formed in blocks of V rows
+    monkeypatch.setattr(_common, "fp32_out_addmm_supported", lambda device: False)
+    T, H, V, chunk = 40, 32, 300, 4  # 10 chunks; chunk * V = 1200 < V * H = 9600
+    h, w, b, t, g = _make(T, H, V, dtype=torch.bfloat16, bias=True, seed=16)
+    with _AllocTracker() as tr:
+        got, got_g = _run(fused_linear_logprobs, h, w, b, t, g, chunk_tokens=chunk)
+    full = [op for op, n in tr.fresh if n >= V * H and "clone" not in op]  # (clone: _run's copy of .grad)
+    # the fp32 accumulator and its final cast to bf16, not one [V, H] product per chunk
+    assert len(full) == 2, full
+    # the same accumulation as one fp32 sum of the chunks' bf16 products
+    want = _reference_bf16_grad_weight(h, w, b, t, g, chunk)
+    torch.testing.assert_close(got_g[1].float(), want, atol=2e-2, rtol=1e-2)
+
+
+def _reference_bf16_grad_weight(h, w, b, t, g, chunk):
+    """sum over chunks of (dlogits_c.T @ hidden_c) in fp32, with dlogits_c from the reference in bf16."""
+    hd, wd, bd = (x.detach().requires_grad_() for x in (h, w, b))
+    logits = torch.nn.functional.linear(hd, wd, bd).detach().requires_grad_()
+    (reference.token_logprobs(logits, t).logp * g).sum().backward()
+    d = logits.grad
+    acc = torch.zeros(w.shape, dtype=torch.float32)
+    for c0 in range(0, h.shape[0], chunk):
+        acc += (d[c0 : c0 + chunk].t() @ h.detach()[c0 : c0 + chunk]).float()
+    return acc
+
+
+class EmulatedFp32OutAddmm(TorchDispatchMode):
+    """Runs ``aten.addmm.dtype_out`` (a CUDA kernel) on the CPU: fp32 products of bf16 operands."""
+
+    def __init__(self, fail: Exception | None = None):
+        super().__init__()
+        self.calls = 0
+        self.fail = fail
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten.addmm.dtype_out:
+            self.calls += 1
+            if self.fail is not None:
+                raise self.fail
+            acc, m1, m2, out_dtype = args
+            assert out_dtype == torch.float32 and m1.dtype == m2.dtype == torch.bfloat16
+            assert kwargs["out"] is acc and acc.dtype == torch.float32
+            acc.add_(m1.float() @ m2.float())
+            return acc
+        return func(*args, **kwargs)
+
+
+def test_grad_weight_fp32_out_addmm_branch(backend, monkeypatch):
+    if not _common.FP32_OUT_ADDMM:
+        pytest.skip("this torch has no addmm(out_dtype=...)")
+    monkeypatch.setattr(_common, "fp32_out_addmm_supported", lambda device: True)
+    T, H, V, chunk = 40, 32, 300, 4
+    h, w, b, t, g = _make(T, H, V, dtype=torch.bfloat16, bias=True, seed=16)
+    with EmulatedFp32OutAddmm() as emu:
+        got, got_g = _run(fused_linear_logprobs, h, w, b, t, g, chunk_tokens=chunk)
+    assert emu.calls == T // chunk  # one fused GEMM per chunk
+    want, want_g = _run(reference.fused_linear_logprobs, h, w, b, t, g)
+    torch.testing.assert_close(got_g[1].float(), want_g[1].float(), atol=2e-2, rtol=1e-2)
+
+
+def test_grad_weight_errors_are_not_swallowed(backend, monkeypatch):
+    # an error inside the chosen GEMM (e.g. a CUDA fault) surfaces instead of switching branches
+    if not _common.FP32_OUT_ADDMM:
+        pytest.skip("this torch has no addmm(out_dtype=...)")
+    monkeypatch.setattr(_common, "fp32_out_addmm_supported", lambda device: True)
+    h, w, b, t, g = _make(8, 16, 50, dtype=torch.bfloat16, seed=17)
+    with EmulatedFp32OutAddmm(fail=RuntimeError("CUDA error: an illegal memory access was encountered")):
+        with pytest.raises(RuntimeError, match="illegal memory access"):
+            _run(fused_linear_logprobs, h, w, b, t, g, chunk_tokens=4)
+
+
+def test_fp32_out_addmm_is_decided_by_the_schema():
+    assert _common.FP32_OUT_ADDMM == ("dtype_out" in torch.ops.aten.addmm.overloads())
+    assert not _common.fp32_out_addmm_supported(torch.device("cpu"))  # no CPU kernel in any torch yet
+    assert _common.fp32_out_addmm_supported(torch.device("cuda")) == _common.FP32_OUT_ADDMM
+
+
 def test_torch_path_does_not_call_reference(monkeypatch):
     monkeypatch.setenv("BCR_KERNEL_BACKEND", "torch")
 
@@ -245,7 +358,7 @@ def test_torch_path_does_not_call_reference(monkeypatch):
     monkeypatch.setattr(reference, "fused_linear_logprobs", boom)
     monkeypatch.setattr(reference, "token_logprobs", boom)
     h, w, b, t, g = _make(8, 16, 200, bias=True, seed=11)
-    logp = fused_linear_logprobs(h, w, t, bias=b, chunk_tokens=3)
+    logp = fused_linear_logprobs(h, w, t, bias=b, chunk_tokens=3).logp
     (logp * g).sum().backward()
     assert h.grad is not None and w.grad is not None and b.grad is not None
 
@@ -281,8 +394,7 @@ def test_bad_inputs():
 
 
 def test_public_export():
-    assert bcr_kernels.fused_linear_logprobs is fused_linear_logprobs
-    assert flp_mod_fn is fused_linear_logprobs
+    assert bcr_kernels.fused_linear_logprobs is flp_mod.fused_linear_logprobs
 
 
 # ------------------------------------------------------------------------------------------------
@@ -306,7 +418,7 @@ def test_matches_liger_fused_linear_cross_entropy():
     h, w, _, t, _ = _make(257, 64, 3000, ignore=(3, 100), seed=13)
     h, w = (x.detach().cuda().requires_grad_() for x in (h, w))
     t = t.cuda()
-    ours = -fused_linear_logprobs(h, w, t, chunk_tokens=64).sum() / (t != IGN).sum()
+    ours = -fused_linear_logprobs(h, w, t, chunk_tokens=64).logp.sum() / (t != IGN).sum()
     gh, gw = torch.autograd.grad(ours, [h, w])
     theirs = liger.LigerFusedLinearCrossEntropyLoss(ignore_index=IGN)(w, h, t)
     lh, lw = torch.autograd.grad(theirs, [h, w])

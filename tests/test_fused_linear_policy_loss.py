@@ -1,7 +1,7 @@
 """fused_linear_policy_loss against the reference composition, values, metrics and gradients:
 
-    logp = reference.fused_linear_logprobs(hidden, weight, targets, bias=..., temperature=...)
-    loss, metrics = reference.policy_loss(logp, logp.detach(), advantages, mask, cu_seqlens, ...)
+    logp = reference.fused_linear_logprobs(hidden, weight, targets, bias=..., temperature=...).logp
+    loss, metrics = reference.policy_loss(logp, logp.detach(), advantages, mask, cu_seqlens, reduction=...)
 
 Every test runs on the chunked PyTorch path (``BCR_KERNEL_BACKEND=torch``) and on the Triton path
 (``auto`` dispatch under ``TRITON_INTERPRET=1`` or on CUDA; skipped where dispatch would not pick it).
@@ -12,11 +12,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bcr_kernels import _dispatch, fused_linear_policy_loss, reference
-from bcr_kernels.fused_linear_logprobs import _triton_ops
+from bcr_kernels import FusedPolicyLossOutput, _dispatch, fused_linear_policy_loss, reference
+from bcr_kernels import _token_logprobs as tlp_mod
+from kernel_checks import GemmRecorder, LaunchRecorder
 
 IGN = -100
-LOSS_TYPES = reference.LOSS_TYPES
+REDUCTIONS = reference.REDUCTIONS
 
 
 @pytest.fixture(params=["torch", "triton"])
@@ -27,8 +28,6 @@ def backend(request, monkeypatch):
         monkeypatch.setenv("BCR_KERNEL_BACKEND", "auto")
         if not _dispatch.use_triton(torch.empty(1)):
             pytest.skip("Triton path not selected on CPU without TRITON_INTERPRET=1")
-        if _triton_ops() is None:
-            pytest.skip("bcr_kernels.token_logprobs has no _logprobs_fwd/_logprobs_bwd_inplace")
     return request.param
 
 
@@ -69,10 +68,12 @@ def _reference(leaves, targets, adv, mask, cu, *, ref=None, beta=0.0, temperatur
 def _fused(leaves, targets, adv, mask, cu, *, ref=None, beta=0.0, temperature=1.0, upstream=1.0, chunk=None,
            **kw):
     hidden, weight, bias = leaves
-    loss, metrics, logp, ent = fused_linear_policy_loss(
+    out = fused_linear_policy_loss(
         hidden, weight, targets, adv, mask, cu, bias=bias, ref_logp=ref, beta=beta, temperature=temperature,
         chunk_tokens=chunk, return_entropy=True, **kw,
     )
+    assert isinstance(out, FusedPolicyLossOutput)
+    loss, metrics, logp, ent = out
     assert not logp.requires_grad and not ent.requires_grad
     (loss * upstream).backward()
     return loss.detach(), metrics, logp, ent, _grads(leaves)
@@ -93,11 +94,11 @@ def _check(got, want, atol=2e-5, rtol=1e-4):
             torch.testing.assert_close(gg, wg, atol=atol, rtol=rtol)
 
 
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("beta", [0.0, 0.1])
-def test_matches_reference(backend, loss_type, beta):
+def test_matches_reference(backend, reduction, beta):
     leaves, targets, adv, mask, ref, cu = _make([5, 1, 7, 4], bias=beta > 0, seed=1)
-    kw = {"ref": ref, "beta": beta, "loss_type": loss_type}
+    kw = {"ref": ref, "beta": beta, "reduction": reduction}
     want = _reference(leaves, targets, adv, mask, cu, **kw)
     got = _fused(leaves, targets, adv, mask, cu, chunk=6, **kw)  # 17 tokens: chunks 6, 6, 5
     _check(got, want)
@@ -110,21 +111,21 @@ def test_matches_reference(backend, loss_type, beta):
 def test_chunk_boundaries_temperature_bias_normalizer(backend, chunk):
     # 12 tokens: chunk = 1, divisor, non-divisor, exactly T, T + 1, larger than T
     leaves, targets, adv, mask, ref, cu = _make([3, 9], bias=True, seed=2, ignore=(2, 11))
-    kw = {"ref": ref, "beta": 0.05, "temperature": 0.7, "loss_type": "seq_mean_token_sum_norm",
+    kw = {"ref": ref, "beta": 0.05, "temperature": 0.7, "reduction": "seq_mean_token_sum_norm",
               "max_completion_length": 10, "epsilon": 0.2, "epsilon_high": 0.28}
     want = _reference(leaves, targets, adv, mask, cu, **kw, upstream=2.5)
     got = _fused(leaves, targets, adv, mask, cu, chunk=chunk, **kw, upstream=2.5)
     _check(got, want)
-    want = _reference(leaves, targets, adv, mask, cu, normalizer=37.0, loss_type="token_mean")
-    got = _fused(leaves, targets, adv, mask, cu, chunk=chunk, normalizer=37.0, loss_type="token_mean")
+    want = _reference(leaves, targets, adv, mask, cu, normalizer=37.0, reduction="token_mean")
+    got = _fused(leaves, targets, adv, mask, cu, chunk=chunk, normalizer=37.0, reduction="token_mean")
     _check(got, want)
 
 
 def test_single_token_and_all_masked(backend):
     for lengths, mask_p in (([1], 1.0), ([4, 2], 0.0)):
-        for loss_type in LOSS_TYPES:
+        for reduction in REDUCTIONS:
             leaves, targets, adv, mask, ref, cu = _make(lengths, seed=3, mask_p=mask_p)
-            kw = {"ref": ref, "beta": 0.2, "loss_type": loss_type}
+            kw = {"ref": ref, "beta": 0.2, "reduction": reduction}
             want = _reference(leaves, targets, adv, mask, cu, **kw)
             got = _fused(leaves, targets, adv, mask, cu, chunk=4, **kw)
             _check(got, want)
@@ -137,7 +138,8 @@ def test_default_chunk_and_no_entropy_and_frozen_weight(backend):
     hidden, weight, _ = leaves
     weight.requires_grad_(False)
     want = _reference([hidden, weight, None], targets, adv, mask, cu)
-    loss, _metrics, logp = fused_linear_policy_loss(hidden, weight, targets, adv, mask, cu)
+    loss, _metrics, logp, entropy = fused_linear_policy_loss(hidden, weight, targets, adv, mask, cu)
+    assert entropy is None  # the same four fields without return_entropy
     loss.backward()
     torch.testing.assert_close(loss.detach(), want[0])
     torch.testing.assert_close(logp, want[2])
@@ -152,7 +154,7 @@ def test_grads_scale_with_upstream_and_no_grad(backend):
     for ga, gb in zip(a[4], b[4]):
         torch.testing.assert_close(gb, -3.0 * ga)
     with torch.no_grad():
-        loss, _, _logp = fused_linear_policy_loss(leaves[0], leaves[1], targets, adv, mask, cu, bias=leaves[2])
+        loss, *_ = fused_linear_policy_loss(leaves[0], leaves[1], targets, adv, mask, cu, bias=leaves[2])
     assert not loss.requires_grad
     torch.testing.assert_close(loss, a[0])
 
@@ -161,7 +163,7 @@ def test_bf16_close_to_fp32(backend):
     leaves, targets, adv, mask, ref, cu = _make([7, 5], seed=6, bias=True)
     want = _reference(leaves, targets, adv, mask, cu, ref=ref, beta=0.1)
     low = [t.detach().to(torch.bfloat16).requires_grad_() for t in leaves]
-    loss, _, _logp = fused_linear_policy_loss(low[0], low[1], targets, adv, mask, cu, bias=low[2], ref_logp=ref,
+    loss, *_ = fused_linear_policy_loss(low[0], low[1], targets, adv, mask, cu, bias=low[2], ref_logp=ref,
                                              beta=0.1, chunk_tokens=5)
     loss.backward()
     assert low[1].grad.dtype == torch.bfloat16 and low[2].grad.dtype == torch.bfloat16
@@ -172,12 +174,12 @@ def test_bf16_close_to_fp32(backend):
 
 def test_empty_and_errors(backend):
     leaves, targets, adv, mask, _ref, cu = _make([0], seed=7, bias=True)
-    loss, _metrics, logp = fused_linear_policy_loss(leaves[0], leaves[1], targets, adv, mask, cu, bias=leaves[2])
+    loss, _metrics, logp, _ = fused_linear_policy_loss(leaves[0], leaves[1], targets, adv, mask, cu, bias=leaves[2])
     loss.backward()
     assert float(loss.detach()) == 0.0 and logp.shape == (0,) and leaves[1].grad.abs().sum() == 0
     leaves, targets, adv, mask, _ref, cu = _make([4], seed=7)
-    with pytest.raises(ValueError, match="loss_type"):
-        fused_linear_policy_loss(leaves[0], leaves[1], targets, adv, mask, cu, loss_type="nope")
+    with pytest.raises(ValueError, match="reduction"):
+        fused_linear_policy_loss(leaves[0], leaves[1], targets, adv, mask, cu, reduction="nope")
     with pytest.raises(ValueError, match="advantages"):
         fused_linear_policy_loss(leaves[0], leaves[1], targets, adv[:3], mask, cu)
     with pytest.raises(ValueError, match="epsilon"):
@@ -186,3 +188,29 @@ def test_empty_and_errors(backend):
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="once"):
         loss.backward()
+
+
+def test_autocast_runs_the_head_gemms_in_bf16(backend):
+    # fp32 leaves under CPU autocast: every head GEMM in bf16, values and gradients as the reference's
+    # (whose F.linear autocast runs in bf16)
+    leaves, targets, adv, mask, ref, cu = _make([7, 5, 9], H=32, V=200, seed=8, bias=True)
+    kw = {"ref": ref, "beta": 0.1, "reduction": "seq_mean_token_mean"}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = _reference(leaves, targets, adv, mask, cu, **kw)
+        with GemmRecorder() as rec:
+            got = _fused(leaves, targets, adv, mask, cu, chunk=6, **kw)
+    assert len(rec.gemms) >= 3 * 4, rec.gemms  # logits, grad_hidden, grad_weight for each of 4 chunks
+    fp32 = [op for op in rec.gemms if torch.float32 in op[1:]]
+    assert not fp32, f"GEMMs in fp32 under autocast: {fp32}"
+    for gg in got[4]:
+        assert gg.dtype == torch.float32
+    _check(got, want, atol=3e-2, rtol=3e-2)
+
+
+def test_launches_run_on_the_tensors_device(backend, monkeypatch):
+    if backend != "triton":
+        pytest.skip("only the Triton path launches kernels")
+    rec = LaunchRecorder(monkeypatch, tlp_mod, ["_token_logprobs_fwd_kernel", "_token_logprobs_bwd_kernel"])
+    leaves, targets, adv, mask, _ref, cu = _make([5, 4], seed=9)
+    _fused(leaves, targets, adv, mask, cu, chunk=4)
+    rec.check(["_token_logprobs_fwd_kernel", "_token_logprobs_bwd_kernel"])

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bcr_kernels import _dispatch
+from bcr_kernels import _dispatch, packed_targets
+from bcr_kernels import _packed_targets as pt_mod
 from bcr_kernels import reference as R
-from bcr_kernels.packed_targets import packed_targets
-
-# The package re-exports the function under the module's name, so fetch the module itself.
-pt_mod = importlib.import_module("bcr_kernels.packed_targets")
+from kernel_checks import LaunchRecorder, two_gpus
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -118,3 +114,20 @@ def test_errors(backend):
 )
 def test_generated_layouts(backend, lengths, seed):
     _check(lengths, gen=torch.Generator().manual_seed(seed))
+
+
+def test_launches_run_on_the_tensors_device(backend, monkeypatch):
+    if backend != "triton":
+        pytest.skip("only the Triton path launches kernels")
+    rec = LaunchRecorder(monkeypatch, pt_mod, ["_packed_targets_kernel"])
+    _check([3, 1, 5])
+    rec.check(["_packed_targets_kernel"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not two_gpus(), reason="needs two CUDA devices")
+def test_second_gpu_while_first_is_current():
+    torch.cuda.set_device(0)
+    cu = torch.tensor([0, 3, 4, 9], dtype=torch.int32, device="cuda:1")
+    ids = torch.randint(0, 1000, (9,), device="cuda:1")
+    assert torch.equal(packed_targets(ids, cu).cpu(), R.packed_targets(ids.cpu(), cu.cpu()))

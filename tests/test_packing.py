@@ -128,14 +128,14 @@ def test_packed_loss_and_grads_equal_padded(tiny_tokenizer, tiny_qwen2, loss_typ
     model.zero_grad()
     total = 0.0
     for row in rows:
-        logp = completion_logprobs(model, row, temperature=kw["temperature"], attn_implementation=attn)
+        logp = completion_logprobs(model, row, temperature=kw["temperature"], attn_implementation=attn).logp
         idx = row.sample_indices
         adv = scatter_instance_advantages(row.instance_advantages, row.completion_segment_ids,
                                           row.completion_cu_seqlens, num_instances=row.num_instances, shared="mean")
         loss, _ = policy_loss(logp, torch.tensor([x for i in idx for x in old[i]]), adv, torch.ones_like(logp),
                               row.completion_cu_seqlens, ref_logp=torch.tensor([x for i in idx for x in ref[i]]),
                               beta=kw["beta"], epsilon=kw["epsilon"], epsilon_high=kw["epsilon_high"],
-                              loss_type=loss_type, max_completion_length=kw["max_completion_length"],
+                              reduction=loss_type, max_completion_length=kw["max_completion_length"],
                               normalizer=normalizer)
         loss.backward()
         total += float(loss.detach())
@@ -155,6 +155,7 @@ def test_packed_sequences_do_not_see_each_other(tiny_tokenizer, tiny_qwen2):
     samples = _random_samples(tiny_qwen2.config.vocab_size, gen, count=3)
     attn = training_attention()
     with torch.no_grad():
-        together = completion_logprobs(tiny_qwen2, pack_row(samples), attn_implementation=attn)
-        alone = torch.cat([completion_logprobs(tiny_qwen2, pack_row([s]), attn_implementation=attn) for s in samples])
+        together = completion_logprobs(tiny_qwen2, pack_row(samples), attn_implementation=attn).logp
+        alone = torch.cat([completion_logprobs(tiny_qwen2, pack_row([s]), attn_implementation=attn).logp
+                           for s in samples])
     torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-5)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import types
 
@@ -12,15 +11,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import bcr_kernels
+from bcr_kernels import _policy_loss as loss_mod
 from bcr_kernels import reference
 from bcr_kernels._dispatch import interpreting
-
-# the package attribute of the same name is the function; the module is reached through importlib
-loss_mod = importlib.import_module("bcr_kernels.policy_loss")
+from kernel_checks import LaunchRecorder, two_gpus
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TRITON_OK = torch.cuda.is_available() or interpreting()
-LOSS_TYPES = reference.LOSS_TYPES
+REDUCTIONS = reference.REDUCTIONS
 METRIC_KEYS = {
     "clip_ratio/low_mean",
     "clip_ratio/high_mean",
@@ -94,20 +92,20 @@ def test_public_export_is_the_kernel_module():
     assert bcr_kernels.policy_loss is not reference.policy_loss
 
 
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("beta", [0.0, 0.04])
 @pytest.mark.parametrize("epsilon_high", [None, 0.28])
-def test_matches_reference(backend, loss_type, beta, epsilon_high):
+def test_matches_reference(backend, reduction, beta, epsilon_high):
     logp, old, adv, mask, ref, cu = _inputs(LENGTHS, seed=1, same_frac=0.2)
-    _check(logp, old, adv, mask, cu, ref_logp=ref, beta=beta, epsilon_high=epsilon_high, loss_type=loss_type)
+    _check(logp, old, adv, mask, cu, ref_logp=ref, beta=beta, epsilon_high=epsilon_high, reduction=reduction)
 
 
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
-def test_normalizer_and_max_completion_length(backend, loss_type):
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_normalizer_and_max_completion_length(backend, reduction):
     logp, old, adv, mask, _ref, cu = _inputs(LENGTHS, seed=2)
-    _check(logp, old, adv, mask, cu, loss_type=loss_type, normalizer=37.0)
-    _check(logp, old, adv, mask, cu, loss_type=loss_type, normalizer=torch.tensor(5.0, device=DEVICE))
-    _check(logp, old, adv, mask, cu, loss_type=loss_type, max_completion_length=64)
+    _check(logp, old, adv, mask, cu, reduction=reduction, normalizer=37.0)
+    _check(logp, old, adv, mask, cu, reduction=reduction, normalizer=torch.tensor(5.0, device=DEVICE))
+    _check(logp, old, adv, mask, cu, reduction=reduction, max_completion_length=64)
 
 
 def test_token_mean_known_value(backend):
@@ -121,13 +119,13 @@ def test_token_mean_known_value(backend):
     torch.testing.assert_close(metrics["ratio_mean"], torch.tensor(1.0, device=DEVICE))
 
 
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
-def test_ratio_exactly_one_gives_full_gradient(backend, loss_type):
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_ratio_exactly_one_gives_full_gradient(backend, reduction):
     # logp == old_logp (first iteration): min() ties, clamp is the identity; gradient must total -A * m / D.
     logp, old, adv, mask, _ref, cu = _inputs(LENGTHS, seed=3, same_frac=1.0)
     assert torch.equal(logp, old)
-    _loss, grad, _ = _check(logp, old, adv, mask, cu, loss_type=loss_type)
-    if loss_type == "token_mean":
+    _loss, grad, _ = _check(logp, old, adv, mask, cu, reduction=reduction)
+    if reduction == "token_mean":
         expected = -adv * mask / mask.sum()
         torch.testing.assert_close(grad, expected)
 
@@ -156,53 +154,53 @@ def test_clip_regions_and_metrics(backend):
     torch.testing.assert_close(metrics["clip_ratio/region_mean"], torch.tensor(3 / 8, device=DEVICE))
 
 
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
-def test_all_masked(backend, loss_type):
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_all_masked(backend, reduction):
     logp, old, adv, _, ref, cu = _inputs(LENGTHS, seed=4)
     mask = torch.zeros_like(logp, dtype=torch.bool)
-    loss, grad, metrics = _check(logp, old, adv, mask, cu, ref_logp=ref, beta=0.1, loss_type=loss_type)
+    loss, grad, metrics = _check(logp, old, adv, mask, cu, ref_logp=ref, beta=0.1, reduction=reduction)
     assert loss.item() == 0.0 and not grad.any()
     assert all(v.item() == 0.0 for v in metrics.values())
 
 
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("lengths", [[1], [0, 0, 1, 0], [1, 1, 1], [0, 3, 0, 0, 2]], ids=str)
-def test_tiny_and_empty_sequences(backend, loss_type, lengths):
+def test_tiny_and_empty_sequences(backend, reduction, lengths):
     logp, old, adv, mask, ref, cu = _inputs(lengths, seed=5, p_mask=0.7)
-    _check(logp, old, adv, mask, cu, ref_logp=ref, beta=0.1, loss_type=loss_type)
+    _check(logp, old, adv, mask, cu, ref_logp=ref, beta=0.1, reduction=reduction)
 
 
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("lengths", [[], [0, 0]], ids=str)
-def test_no_tokens(backend, loss_type, lengths):
+def test_no_tokens(backend, reduction, lengths):
     logp, old, adv, mask, _ref, cu = _inputs(lengths)
-    loss, _grad, _metrics = _check(logp, old, adv, mask, cu, loss_type=loss_type)
+    loss, _grad, _metrics = _check(logp, old, adv, mask, cu, reduction=reduction)
     assert loss.item() == 0.0
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
-def test_extreme_log_prob_differences(backend, loss_type):
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_extreme_log_prob_differences(backend, reduction):
     # ratio overflows to inf / underflows to 0; the reference is the oracle (NaN gradients included).
     logp, old, adv, mask, ref, cu = _inputs(LENGTHS, seed=6, spread=40.0)
-    _check(logp, old, adv, mask, cu, ref_logp=ref, beta=0.01, loss_type=loss_type, rtol=1e-4)
+    _check(logp, old, adv, mask, cu, ref_logp=ref, beta=0.01, reduction=reduction, rtol=1e-4)
     # every token counts: the loss is finite or +-inf, not a NaN from a masked 0 * inf
     logp, old, adv, mask, ref, cu = _inputs(LENGTHS, seed=6, spread=40.0, p_mask=1.0)
     adv = adv.abs()  # overflowing ratios with A > 0 are clipped: finite loss, NaN-free except 0 * inf grads
-    loss, _, _ = _check(logp, old, adv, mask, cu, loss_type=loss_type, rtol=1e-4)
+    loss, _, _ = _check(logp, old, adv, mask, cu, reduction=reduction, rtol=1e-4)
     assert torch.isfinite(loss)
     # large but finite ratios
     logp, old, adv, mask, ref, cu = _inputs(LENGTHS, seed=7, spread=8.0)
-    loss, grad, _ = _check(logp, old, adv, mask, cu, ref_logp=ref, beta=0.01, loss_type=loss_type, rtol=1e-4)
+    loss, grad, _ = _check(logp, old, adv, mask, cu, ref_logp=ref, beta=0.01, reduction=reduction, rtol=1e-4)
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
 
 
 def test_fractional_mask_weights(backend):
     logp, old, adv, _, _ref, cu = _inputs(LENGTHS, seed=8)
     mask = torch.rand(logp.shape, generator=torch.Generator().manual_seed(0)).to(DEVICE)
-    for loss_type in LOSS_TYPES:
-        _check(logp, old, adv, mask, cu, loss_type=loss_type)
+    for reduction in REDUCTIONS:
+        _check(logp, old, adv, mask, cu, reduction=reduction)
 
 
 def test_low_precision_inputs(backend):
@@ -241,21 +239,21 @@ def test_only_logp_gets_a_gradient(backend):
 
 def test_deterministic(backend):
     logp, old, adv, mask, _ref, cu = _inputs([900, 400, 1700], seed=13)
-    runs = [_run(bcr_kernels.policy_loss, logp, old, adv, mask, cu, loss_type="seq_mean_token_mean") for _ in range(2)]
+    runs = [_run(bcr_kernels.policy_loss, logp, old, adv, mask, cu, reduction="seq_mean_token_mean") for _ in range(2)]
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
 
 
 def test_multi_block(backend):
     # more tokens than one Triton block, sequences straddling block edges
     logp, old, adv, mask, ref, cu = _inputs([1000, 1, 1500, 0, 700], seed=14, same_frac=0.3)
-    for loss_type in LOSS_TYPES:
-        _check(logp, old, adv, mask, cu, ref_logp=ref, beta=0.05, loss_type=loss_type, epsilon_high=0.3)
+    for reduction in REDUCTIONS:
+        _check(logp, old, adv, mask, cu, ref_logp=ref, beta=0.05, reduction=reduction, epsilon_high=0.3)
 
 
 def test_argument_errors(backend):
     logp, old, adv, mask, _ref, cu = _inputs([3, 2])
-    with pytest.raises(ValueError, match="loss_type must be one of"):
-        bcr_kernels.policy_loss(logp, old, adv, mask, cu, loss_type="dapo")
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        bcr_kernels.policy_loss(logp, old, adv, mask, cu, reduction="dapo")
     with pytest.raises(ValueError, match=r"advantages must be \[T\] = \[5\]"):
         bcr_kernels.policy_loss(logp, old, adv[:4], mask, cu)
 
@@ -272,6 +270,42 @@ def test_dispatch_takes_the_requested_path(backend, monkeypatch):
     logp, old, adv, mask, _ref, cu = _inputs([3, 2])
     bcr_kernels.policy_loss(logp, old, adv, mask, cu)
     assert bool(calls) == (backend == "triton")
+
+
+def test_returns_the_named_pair(backend):
+    logp, old, adv, mask, _ref, cu = _inputs([3, 2])
+    out = bcr_kernels.policy_loss(logp, old, adv, mask, cu)
+    assert isinstance(out, bcr_kernels.PolicyLossOutput) and out.loss.dim() == 0 and set(out.metrics) == METRIC_KEYS
+
+
+def test_backward_is_once_differentiable(backend):
+    if backend != "triton":
+        pytest.skip("the PyTorch path is plain autograd (twice differentiable)")
+    logp, old, adv, mask, ref, cu = _inputs([6, 3], seed=3)
+    lp = logp.clone().requires_grad_(True)
+    loss, _ = bcr_kernels.policy_loss(lp, old, adv, mask, cu, ref_logp=ref, beta=0.1)
+    w = torch.tensor(1.5, device=DEVICE, requires_grad=True)  # an upstream gradient that has a graph
+    (g,) = torch.autograd.grad(loss * w, lp, create_graph=True)
+    # d2 loss / d logp2 is not zero (the KL term): a clear error, not a silently missing term
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        g.sum().backward()
+
+
+def test_launches_run_on_the_tensors_device(backend, monkeypatch):
+    if backend != "triton":
+        pytest.skip("only the Triton path launches kernels")
+    rec = LaunchRecorder(monkeypatch, loss_mod, ["_policy_loss_fwd_kernel", "_policy_loss_bwd_kernel"])
+    logp, old, adv, mask, ref, cu = _inputs([6, 3], seed=4)
+    _check(logp, old, adv, mask, cu, ref_logp=ref, beta=0.1, reduction="seq_mean_token_mean")
+    rec.check(["_policy_loss_fwd_kernel", "_policy_loss_bwd_kernel"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not two_gpus(), reason="needs two CUDA devices")
+def test_second_gpu_while_first_is_current():
+    torch.cuda.set_device(0)
+    logp, old, adv, mask, ref, cu = (t.to("cuda:1") for t in _inputs([6, 3], seed=5))
+    _check(logp, old, adv, mask, cu, ref_logp=ref, beta=0.1, reduction="seq_mean_token_mean")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -307,7 +341,7 @@ def _trl_padded_loss(logp, old, adv, mask, ref, beta, eps_low, eps_high, trl_los
     raise AssertionError(trl_loss_type)
 
 
-# TRL loss_type -> (kernel loss_type, uses normalizer)
+# TRL loss_type -> (kernel reduction, uses normalizer)
 _TRL_MAP = {
     "grpo": ("seq_mean_token_mean", False),
     "bnpo": ("token_mean", False),
@@ -327,7 +361,7 @@ def test_matches_trl_formula_in_padded_layout(backend, trl_loss_type):
     lp = logp.clone().requires_grad_(True)
     loss, _ = bcr_kernels.policy_loss(
         lp, old, adv_tok, mask, cu, ref_logp=ref, beta=0.04, epsilon=0.2, epsilon_high=0.28,
-        loss_type=kernel_type, max_completion_length=max_len, normalizer=n_items if uses_norm else None,
+        reduction=kernel_type, max_completion_length=max_len, normalizer=n_items if uses_norm else None,
     )
     loss.backward()
     lp_pad = _pad(logp, lengths).requires_grad_(True)
@@ -386,7 +420,7 @@ def test_matches_installed_trl_compute_loss(backend):
         except (AttributeError, KeyError, TypeError) as exc:
             pytest.skip(f"trl {trl.__version__}: cannot drive _compute_loss with a stub trainer ({exc!r})")
         ours, _ = bcr_kernels.policy_loss(
-            logp, old, adv_tok, mask, cu, epsilon=0.2, epsilon_high=0.28, loss_type=kernel_type,
+            logp, old, adv_tok, mask, cu, epsilon=0.2, epsilon_high=0.28, reduction=kernel_type,
             max_completion_length=L,
         )
         torch.testing.assert_close(ours, trl_loss.float(), atol=1e-6, rtol=1e-5, msg=trl_loss_type)
@@ -407,7 +441,7 @@ def _cases(draw):
         "spread": draw(st.sampled_from([0.0, 0.05, 0.3, 2.0])),
         "p_mask": draw(st.sampled_from([0.0, 0.5, 1.0])),
         "same_frac": draw(st.sampled_from([0.0, 0.5])),
-        "loss_type": draw(st.sampled_from(LOSS_TYPES)),
+        "reduction": draw(st.sampled_from(REDUCTIONS)),
         "beta": draw(st.sampled_from([0.0, 0.1])),
         "epsilon": draw(st.sampled_from([0.1, 0.2])),
         "epsilon_high": draw(st.sampled_from([None, 0.28])),
@@ -424,6 +458,6 @@ def test_random_layouts(backend, case):
     )
     _check(
         logp, old, adv, mask, cu, ref_logp=ref, beta=case["beta"], epsilon=case["epsilon"],
-        epsilon_high=case["epsilon_high"], loss_type=case["loss_type"], normalizer=case["normalizer"],
+        epsilon_high=case["epsilon_high"], reduction=case["reduction"], normalizer=case["normalizer"],
         rtol=1e-4, atol=1e-5,
     )

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import bcr_kernels
+from bcr_kernels import _scatter_instance_advantages as scatter_mod
 from bcr_kernels import reference
 from bcr_kernels._dispatch import interpreting
-
-# the package attribute of the same name is the function; the module is reached through importlib
-scatter_mod = importlib.import_module("bcr_kernels.scatter_instance_advantages")
+from kernel_checks import LaunchRecorder, two_gpus
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TRITON_OK = torch.cuda.is_available() or interpreting()
@@ -214,6 +211,61 @@ def test_validate_false_skips_the_check(backend):
         adv, seg, _cu([3]), num_instances=torch.tensor([2], device=DEVICE), validate=False
     )
     assert out.shape == (3,)
+
+
+@pytest.mark.parametrize("shared", ["zero", "mean"])
+def test_validate_false_never_reads_past_the_row(backend, shared):
+    # ids >= N_max would address the next row, or past the end of the tensor: they must read nothing
+    # (give 0) and get no gradient. adv is a view into a larger buffer whose extra row holds a sentinel.
+    base = torch.full((3, 3), 777.0, device=DEVICE)
+    base[:2] = torch.randn(2, 3, device=DEVICE)
+    adv = base[:2].detach().requires_grad_(True)  # a view: its storage goes on past row 1
+    seg = torch.tensor([0, 3, -1, 5, 1], device=DEVICE)  # 3 == N_max (row 1's first entry), 5: past row 1
+    cu = _cu([3, 2])
+    out = bcr_kernels.scatter_instance_advantages(adv, seg, cu, shared=shared, validate=False)
+    # the same as the valid layout with those two tokens shared, except that they get 0
+    fixed = torch.tensor([0, -1, -1, -1, 1], device=DEVICE)
+    ref_adv = adv.detach().clone().requires_grad_(True)
+    ref = reference.scatter_instance_advantages(ref_adv, fixed, cu, shared=shared)
+    ref = torch.where(seg >= 3, torch.zeros_like(ref), ref)
+    torch.testing.assert_close(out, ref)
+    assert out[1].item() == 0.0 and out[3].item() == 0.0
+    upstream = torch.randn(5, device=DEVICE)
+    out.backward(upstream)
+    ref.backward(upstream)
+    torch.testing.assert_close(adv.grad, ref_adv.grad)
+
+
+def test_backward_is_once_differentiable(backend):
+    if backend != "triton":
+        pytest.skip("the PyTorch path is plain autograd (twice differentiable)")
+    adv = torch.randn(2, 3, device=DEVICE, requires_grad=True)
+    out = bcr_kernels.scatter_instance_advantages(adv, torch.tensor([0, 1, -1, 2], device=DEVICE), _cu([2, 2]))
+    w = torch.randn(4, device=DEVICE, requires_grad=True)  # an upstream gradient that itself has a graph
+    (g,) = torch.autograd.grad((out * w).sum(), adv, create_graph=True)
+    # a clear error, not a second derivative that silently misses the kernel's part
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        g.sum().backward()
+
+
+def test_launches_run_on_the_tensors_device(backend, monkeypatch):
+    if backend != "triton":
+        pytest.skip("only the Triton path launches kernels")
+    rec = LaunchRecorder(monkeypatch, scatter_mod, ["_scatter_fwd_kernel", "_scatter_bwd_kernel"])
+    gen = torch.Generator().manual_seed(7)
+    _check(torch.randn(3, 4, device=DEVICE), _random_segments([5, 0, 7], [4, 4, 4], gen), _cu([5, 0, 7]))
+    rec.check(["_scatter_fwd_kernel", "_scatter_bwd_kernel"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not two_gpus(), reason="needs two CUDA devices")
+def test_second_gpu_while_first_is_current():
+    torch.cuda.set_device(0)
+    gen = torch.Generator().manual_seed(8)
+    seg = _random_segments([9, 4], [3, 3], gen).to("cuda:1")
+    adv = torch.randn(2, 3, device="cuda:1")
+    cu = torch.tensor([0, 9, 13], dtype=torch.int32, device="cuda:1")
+    _check(adv, seg, cu)
 
 
 def test_argument_errors(backend):

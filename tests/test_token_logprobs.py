@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bcr_kernels import _dispatch
+from bcr_kernels import LogprobsOutput, _dispatch, token_logprobs
+from bcr_kernels import _token_logprobs as tlp_mod
 from bcr_kernels import reference as R
-from bcr_kernels.token_logprobs import token_logprobs
-
-# The package re-exports the function under the module's name, so fetch the module itself.
-tlp_mod = importlib.import_module("bcr_kernels.token_logprobs")
+from kernel_checks import LaunchRecorder, two_gpus
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 IGN = -100
@@ -45,7 +41,7 @@ def backend(request, monkeypatch):
     """Selects a path and makes the other one fail loudly, so each test checks the path it names."""
     if request.param == "torch":
         monkeypatch.setenv("BCR_KERNEL_BACKEND", "torch")
-        monkeypatch.setattr(tlp_mod, "_logprobs_fwd", _forbid("triton forward"))
+        monkeypatch.setattr(tlp_mod, "logprobs_fwd", _forbid("triton forward"))
         monkeypatch.setattr(tlp_mod, "_launch_bwd", _forbid("triton backward"))
     else:
         monkeypatch.setenv("BCR_KERNEL_BACKEND", "auto")
@@ -146,8 +142,8 @@ def test_row_strided_view(backend, small_blocks):
         y = _targets(T, V, ignored=[3])
         va = a[:, pad:]
         assert va.stride(0) == V + pad and va.stride(1) == 1
-        logp = token_logprobs(va, y, temperature=0.9)
-        rlogp = R.token_logprobs(b[:, pad:], y, temperature=0.9)
+        logp = token_logprobs(va, y, temperature=0.9).logp
+        rlogp = R.token_logprobs(b[:, pad:], y, temperature=0.9).logp
         torch.testing.assert_close(logp, rlogp, atol=VAL_TOL[dtype][0], rtol=VAL_TOL[dtype][1])
         g = torch.randn(T, device=DEVICE)
         (logp * g).sum().backward()
@@ -201,9 +197,9 @@ def test_target_on_neg_inf_logit(backend, small_blocks):
     x = torch.randn(3, 50, device=DEVICE)
     x[1, 9] = float("-inf")
     y = torch.tensor([4, 9, IGN], device=DEVICE)
-    logp = token_logprobs(x, y)
+    logp = token_logprobs(x, y).logp
     assert logp[1].item() == float("-inf")
-    torch.testing.assert_close(logp, R.token_logprobs(x, y))
+    torch.testing.assert_close(logp, R.token_logprobs(x, y).logp)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -240,16 +236,18 @@ def test_default_outputs_and_int32_targets(backend, small_blocks):
     x = torch.randn(4, 77, device=DEVICE)
     y = _targets(4, 77, ignored=[0]).to(torch.int32)
     out = token_logprobs(x, y)
-    assert isinstance(out, torch.Tensor)
-    torch.testing.assert_close(out, R.token_logprobs(x, y.long()), atol=2e-5, rtol=1e-5)
+    # the same named pair with or without the entropy
+    assert isinstance(out, LogprobsOutput) and out.entropy is None and len(out) == 2
+    assert len(token_logprobs(x, y, return_entropy=True)) == 2
+    torch.testing.assert_close(out.logp, R.token_logprobs(x, y.long()).logp, atol=2e-5, rtol=1e-5)
 
 
 def test_no_grad_input(backend, small_blocks):
     x = torch.randn(3, 100, device=DEVICE)
     y = _targets(3, 100)
     with torch.no_grad():
-        a = token_logprobs(x, y)
-    torch.testing.assert_close(a, R.token_logprobs(x, y), atol=2e-5, rtol=1e-5)
+        a = token_logprobs(x, y).logp
+    torch.testing.assert_close(a, R.token_logprobs(x, y).logp, atol=2e-5, rtol=1e-5)
     assert not a.requires_grad
 
 
@@ -269,7 +267,7 @@ def test_random_shapes(backend, small_blocks, T, V, temperature, seed, ignore_fr
     _compare(x, y.to(DEVICE), temperature=temperature)
 
 
-# ---- the private launchers the fused LM-head op builds on -------------------------------------
+# ---- the launchers the fused LM-head ops build on -------------------------------------
 
 
 @pytest.fixture(params=["triton", "torch"])
@@ -277,10 +275,10 @@ def launchers(request, monkeypatch):
     monkeypatch.setattr(tlp_mod, "_MAX_BLOCK_V", 64)
     monkeypatch.setattr(tlp_mod, "_TORCH_CHUNK_ELEMS", 1000)
     if request.param == "torch":
-        return tlp_mod._logprobs_fwd_torch, tlp_mod._logprobs_bwd_inplace_torch
+        return tlp_mod.logprobs_fwd_torch, tlp_mod.logprobs_bwd_inplace_torch
     if not (_dispatch.triton_available() and (torch.cuda.is_available() or _dispatch.interpreting())):
         pytest.skip("Triton launchers need CUDA or TRITON_INTERPRET=1")
-    return tlp_mod._logprobs_fwd, tlp_mod._logprobs_bwd_inplace
+    return tlp_mod.logprobs_fwd, tlp_mod.logprobs_bwd_inplace
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -318,7 +316,7 @@ def test_matches_trl_selective_log_softmax(backend):
     x = torch.randn(2, 5, 300, device=DEVICE)
     y = torch.randint(0, 300, (2, 5), device=DEVICE)
     theirs = trl_utils.selective_log_softmax(x, y)
-    ours = token_logprobs(x.reshape(-1, 300), y.reshape(-1)).reshape(2, 5)
+    ours = token_logprobs(x.reshape(-1, 300), y.reshape(-1)).logp.reshape(2, 5)
     torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=1e-5)
 
 
@@ -329,8 +327,34 @@ def test_matches_liger_cross_entropy(backend):
     T, V = 64, 1000
     x = torch.randn(T, V, device=DEVICE)
     y = _targets(T, V, ignored=[0, 5])
-    logp = token_logprobs(x, y)
+    logp = token_logprobs(x, y).logp
     # Liger may write its gradient into the logits' storage: give it a copy.
     loss = liger.LigerCrossEntropyLoss(ignore_index=IGN)(x.clone(), y)
     ours = -logp.sum() / (y != IGN).sum()
     torch.testing.assert_close(ours, loss, atol=1e-5, rtol=1e-5)
+
+
+# ---- launches on the tensors' device -------------------------------------------------------------
+
+
+def test_launches_run_on_the_tensors_device(backend, small_blocks, monkeypatch):
+    if backend != "triton":
+        pytest.skip("only the Triton path launches kernels")
+    rec = LaunchRecorder(monkeypatch, tlp_mod, ["_token_logprobs_fwd_kernel", "_token_logprobs_bwd_kernel"])
+    _compare(torch.randn(5, 200, device=DEVICE), _targets(5, 200, ignored=[1]))
+    rec.check(["_token_logprobs_fwd_kernel", "_token_logprobs_bwd_kernel"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not two_gpus(), reason="needs two CUDA devices")
+def test_second_gpu_while_first_is_current():
+    torch.cuda.set_device(0)
+    x = torch.randn(6, 300, device="cuda:1", requires_grad=True)
+    y = torch.randint(0, 300, (6,), device="cuda:1")
+    logp = token_logprobs(x, y).logp
+    logp.sum().backward()
+    ref_x = x.detach().cpu().requires_grad_(True)
+    rlogp = R.token_logprobs(ref_x, y.cpu()).logp
+    rlogp.sum().backward()
+    torch.testing.assert_close(logp.cpu(), rlogp, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad.cpu(), ref_x.grad, atol=1e-6, rtol=1e-5)

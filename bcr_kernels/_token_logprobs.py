@@ -7,10 +7,8 @@ dtype. Neither direction allocates a ``[T, V]`` fp32 temporary. When dispatch pi
 without the interpreter, or ``BCR_KERNEL_BACKEND=torch``) rows are processed in chunks so the fp32
 temporaries stay bounded; its backward recomputes each chunk's softmax.
 
-``_logprobs_fwd`` / ``_logprobs_bwd_inplace`` (Triton) and their ``*_torch`` twins are the building
-blocks of the fused LM-head op. Import this module with
-``importlib.import_module("bcr_kernels.token_logprobs")``: the package attribute of that name is
-the function, not the module.
+:func:`logprobs_fwd` / :func:`logprobs_bwd_inplace` (Triton) and their ``*_torch`` twins work on one
+chunk of rows; the fused LM-head ops build on the Triton pair.
 
 Semantics are those of :func:`bcr_kernels.reference.token_logprobs`; on top of them:
 
@@ -22,10 +20,13 @@ Semantics are those of :func:`bcr_kernels.reference.token_logprobs`; on top of t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from . import _dispatch
-from .reference import IGNORE_INDEX
+from . import _common, _dispatch
+from ._common import IGNORE_INDEX
+from .outputs import LogprobsOutput
 
 try:  # pragma: no cover - exercised implicitly
     import triton
@@ -142,11 +143,11 @@ def _check_2d(logits2d: torch.Tensor, targets: torch.Tensor) -> None:
         )
 
 
-def _logprobs_fwd(logits2d, targets, temperature, ignore_index, return_entropy):
+def logprobs_fwd(logits2d, targets, temperature, ignore_index, return_entropy):
     """Triton forward. ``logits2d`` ``[T, V]`` may be a strided view (any strides).
 
     Returns ``(logp fp32 [T], lse fp32 [T], entropy fp32 [T] or None)``; ``lse`` is the log-sum-exp
-    of ``logits2d / temperature`` per row, as :func:`_logprobs_bwd_inplace` needs it.
+    of ``logits2d / temperature`` per row, as :func:`logprobs_bwd_inplace` needs it.
     """
     _check_2d(logits2d, targets)
     T, V = logits2d.shape
@@ -158,19 +159,20 @@ def _logprobs_fwd(logits2d, targets, temperature, ignore_index, return_entropy):
         return logp, lse, ent
     targets = targets.contiguous()
     block = _block_v(V)
-    _token_logprobs_fwd_kernel[(T,)](
-        logits2d, logits2d.stride(0), logits2d.stride(1),
-        targets, logp, lse, ent if ent is not None else logp,
-        V, float(temperature), int(ignore_index),
-        RETURN_ENTROPY=bool(return_entropy), BLOCK_V=block, num_warps=_num_warps(block),
-    )
+    with _common.device_guard(logits2d):
+        _token_logprobs_fwd_kernel[(T,)](
+            logits2d, logits2d.stride(0), logits2d.stride(1),
+            targets, logp, lse, ent if ent is not None else logp,
+            V, float(temperature), int(ignore_index),
+            RETURN_ENTROPY=bool(return_entropy), BLOCK_V=block, num_warps=_num_warps(block),
+        )
     return logp, lse, ent
 
 
-def _logprobs_bwd_inplace(logits2d, targets, lse, grad_logp, temperature, ignore_index):
+def logprobs_bwd_inplace(logits2d, targets, lse, grad_logp, temperature, ignore_index):
     """Triton backward that overwrites ``logits2d`` with ``d(sum grad_logp * logp) / d logits2d``.
 
-    ``lse`` comes from :func:`_logprobs_fwd` with the same ``temperature``; the gradient is written
+    ``lse`` comes from :func:`logprobs_fwd` with the same ``temperature``; the gradient is written
     in ``logits2d``'s dtype; rows with an ignored target become 0.
     """
     _check_2d(logits2d, targets)
@@ -182,13 +184,14 @@ def _logprobs_bwd_inplace(logits2d, targets, lse, grad_logp, temperature, ignore
 def _launch_bwd(x, dx, targets, lse, grad_logp, temperature, ignore_index):
     T, V = x.shape
     block = _block_v(V)
-    _token_logprobs_bwd_kernel[(T,)](
-        x, x.stride(0), x.stride(1),
-        dx, dx.stride(0), dx.stride(1),
-        targets.contiguous(), lse.contiguous(), grad_logp.float().contiguous(),
-        V, float(temperature), int(ignore_index),
-        BLOCK_V=block, num_warps=_num_warps(block),
-    )
+    with _common.device_guard(x):
+        _token_logprobs_bwd_kernel[(T,)](
+            x, x.stride(0), x.stride(1),
+            dx, dx.stride(0), dx.stride(1),
+            targets.contiguous(), lse.contiguous(), grad_logp.float().contiguous(),
+            V, float(temperature), int(ignore_index),
+            BLOCK_V=block, num_warps=_num_warps(block),
+        )
 
 
 def _chunk_rows(V: int) -> int:
@@ -200,8 +203,8 @@ def _scaled_chunk(x2d, a, b, temperature):
     return x if temperature == 1.0 else x / temperature
 
 
-def _logprobs_fwd_torch(logits2d, targets, temperature, ignore_index, return_entropy):
-    """PyTorch twin of :func:`_logprobs_fwd`: rows in chunks, fp32 temporaries of one chunk only."""
+def logprobs_fwd_torch(logits2d, targets, temperature, ignore_index, return_entropy):
+    """PyTorch twin of :func:`logprobs_fwd`: rows in chunks, fp32 temporaries of one chunk only."""
     return _fwd_torch(logits2d, targets, temperature, ignore_index, return_entropy, need_lse=True)
 
 
@@ -248,44 +251,50 @@ def _torch_bwd_into(x2d, dx2d, targets, lse, grad_logp, temperature, ignore_inde
         dx2d[a:b] = grad
 
 
-def _logprobs_bwd_inplace_torch(logits2d, targets, lse, grad_logp, temperature, ignore_index):
-    """PyTorch twin of :func:`_logprobs_bwd_inplace` (overwrites ``logits2d`` chunk by chunk)."""
+def logprobs_bwd_inplace_torch(logits2d, targets, lse, grad_logp, temperature, ignore_index):
+    """PyTorch twin of :func:`logprobs_bwd_inplace` (overwrites ``logits2d`` chunk by chunk)."""
     _check_2d(logits2d, targets)
     _torch_bwd_into(logits2d, logits2d, targets, lse, grad_logp, temperature, ignore_index)
 
 
+@dataclass(frozen=True)
+class _Options:
+    temperature: float
+    ignore_index: int
+    return_entropy: bool
+    triton: bool  # Triton kernels, else the chunked PyTorch path
+
+
 class TokenLogprobsFunction(torch.autograd.Function):
     """Autograd wrapper: saves ``(logits, targets, lse)`` (``lse`` on the Triton path only); backward
-    recomputes the softmax."""
+    recomputes the softmax. Returns ``(logp, entropy)``, ``entropy`` empty without ``return_entropy``."""
 
     @staticmethod
-    def forward(ctx, logits, targets, temperature, ignore_index, return_entropy, triton_path):
-        if triton_path:
-            logp, lse, ent = _logprobs_fwd(logits, targets, temperature, ignore_index, return_entropy)
+    def forward(ctx, logits, targets, opts: _Options):
+        args = (logits, targets, opts.temperature, opts.ignore_index, opts.return_entropy)
+        if opts.triton:
+            logp, lse, ent = logprobs_fwd(*args)
         else:  # the PyTorch backward recomputes a fused softmax and needs no lse
-            logp, lse, ent = _fwd_torch(logits, targets, temperature, ignore_index, return_entropy, False)
+            logp, lse, ent = _fwd_torch(*args, need_lse=False)
         ctx.save_for_backward(logits, targets, lse)
-        ctx.temperature = temperature
-        ctx.ignore_index = ignore_index
-        ctx.triton_path = triton_path
+        ctx.opts = opts
         if ent is None:
-            return logp
+            ent = logp.new_empty(0)
         ctx.mark_non_differentiable(ent)
         return logp, ent
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_logp, *_grad_entropy):
+    def backward(ctx, grad_logp, _grad_entropy):
         logits, targets, lse = ctx.saved_tensors
+        opts = ctx.opts
         grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         if grad_logp is None:
             grad_logp = torch.zeros(logits.shape[0], dtype=torch.float32, device=logits.device)
         if logits.shape[0] > 0:
-            if ctx.triton_path:
-                _launch_bwd(logits, grad, targets, lse, grad_logp, ctx.temperature, ctx.ignore_index)
-            else:
-                _torch_bwd_into(logits, grad, targets, lse, grad_logp, ctx.temperature, ctx.ignore_index)
-        return grad, None, None, None, None, None
+            into = _launch_bwd if opts.triton else _torch_bwd_into
+            into(logits, grad, targets, lse, grad_logp, opts.temperature, opts.ignore_index)
+        return grad, None, None
 
 
 def token_logprobs(
@@ -295,14 +304,14 @@ def token_logprobs(
     temperature: float = 1.0,
     ignore_index: int = IGNORE_INDEX,
     return_entropy: bool = False,
-):
+) -> LogprobsOutput:
     """``log softmax(logits / temperature)[t, targets[t]]`` as fp32 ``[T]``.
 
     ``logits`` is ``[T, V]`` in fp32/bf16/fp16 (row-strided views are read in place); ``targets`` is
-    integer ``[T]``. An ``ignore_index`` target gives log-prob 0 and a zero gradient row. With
-    ``return_entropy`` also returns the per-row entropy (fp32 ``[T]``, detached, 0 on ignored rows).
-    The gradient w.r.t. ``logits`` has their dtype. Runs Triton when
-    :func:`bcr_kernels._dispatch.use_triton` says so, else a chunked PyTorch path.
+    integer ``[T]``. Returns ``LogprobsOutput(logp, entropy)``: an ``ignore_index`` target gives
+    log-prob 0 and a zero gradient row; ``entropy`` is the per-row entropy (fp32 ``[T]``, detached, 0 on
+    ignored rows) with ``return_entropy``, else None. The gradient w.r.t. ``logits`` has their dtype.
+    Runs Triton when :func:`bcr_kernels._dispatch.use_triton` says so, else a chunked PyTorch path.
     """
     _check_2d(logits, targets)
     if not logits.is_floating_point():
@@ -316,7 +325,6 @@ def token_logprobs(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if logits.stride(1) != 1:
         logits = logits.contiguous()
-    triton_path = _dispatch.use_triton(logits, targets)
-    return TokenLogprobsFunction.apply(
-        logits, targets, temperature, int(ignore_index), bool(return_entropy), triton_path
-    )
+    opts = _Options(temperature, int(ignore_index), bool(return_entropy), _dispatch.use_triton(logits, targets))
+    logp, ent = TokenLogprobsFunction.apply(logits, targets, opts)
+    return LogprobsOutput(logp, ent if return_entropy else None)

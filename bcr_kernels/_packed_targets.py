@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from . import _dispatch
-from .reference import IGNORE_INDEX
+from . import _common, _dispatch
+from ._common import IGNORE_INDEX
 
 try:  # pragma: no cover - exercised implicitly
     import triton
@@ -86,9 +86,10 @@ def _packed_targets_triton(input_ids, cu_seqlens, ignore_index):
     S = cu.numel() - 1
     n_steps = (S + 1).bit_length() + 1
     block = min(_BLOCK_T, triton.next_power_of_2(T))
-    _packed_targets_kernel[(triton.cdiv(T, block),)](
-        ids, cu, out, T, S, n_steps, int(ignore_index), BLOCK_T=block, num_warps=4
-    )
+    with _common.device_guard(ids):
+        _packed_targets_kernel[(triton.cdiv(T, block),)](
+            ids, cu, out, T, S, n_steps, int(ignore_index), BLOCK_T=block, num_warps=4
+        )
     return out
 
 
@@ -107,7 +108,9 @@ def _packed_targets_torch(input_ids, cu_seqlens, ignore_index):
     return torch.where(has_next, nxt, torch.full_like(input_ids, ignore_index))
 
 
-def packed_targets(input_ids: torch.Tensor, cu_seqlens: torch.Tensor, *, ignore_index: int = IGNORE_INDEX):
+def packed_targets(
+    input_ids: torch.Tensor, cu_seqlens: torch.Tensor, *, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
     """Next-token targets ``[T]`` (``input_ids``' dtype) for packed ``input_ids [T]``.
 
     ``cu_seqlens`` is the int prefix-sum ``[S + 1]`` of sequence lengths (``cu_seqlens[-1] == T``).

@@ -7,7 +7,7 @@ upstream gradient of each token's log-prob is known as soon as that log-prob is:
 
     d loss / d logp_t = w_t / D * ( -A_t * c_min  +  beta * (1 - exp(ref_t - logp_t)) )
 
-where ``w_t / D`` is the token weight of the loss type (``bcr_kernels.policy_loss._aggregation``:
+where ``w_t / D`` is the token weight of the ``reduction`` (``bcr_kernels._common.reduction_weights``:
 mask-only, computed before the chunk loop) and ``c_min`` is ``d(-min(r * A, clamp(r) * A)) / d r`` at
 ``r = 1`` with ``torch.minimum`` / ``torch.clamp`` tie semantics (1 for any ``epsilon >= 0``: a tie
 splits the gradient in halves, both pass). So the LM-head gradients are produced in the forward,
@@ -26,24 +26,59 @@ back-propagated once). Memory: the gradients of ``hidden``/``weight``/``bias`` a
 to the backward (fp32 ``grad_weight`` for bf16/fp16 weights, as in ``fused_linear_logprobs``), plus
 O(``chunk_tokens`` x V) during the forward.
 
-Backends: as ``fused_linear_logprobs`` — Triton log-softmax kernels (``_logprobs_fwd`` /
-``_logprobs_bwd_inplace`` of ``bcr_kernels.token_logprobs``) when ``bcr_kernels._dispatch.use_triton``
-picks Triton, in-place PyTorch ops otherwise.
+Backends and mixed precision: as ``fused_linear_logprobs`` — Triton log-softmax kernels
+(``logprobs_fwd`` / ``logprobs_bwd_inplace`` of ``token_logprobs``) when
+``bcr_kernels._dispatch.use_triton`` picks Triton, in-place PyTorch ops otherwise; under
+``torch.autocast`` the operands are cast as for ``F.linear`` and every head GEMM runs in that dtype.
 """
 
 from __future__ import annotations
 
-import importlib
+from dataclasses import dataclass
 
 import torch
 
+from . import _common
+from ._common import (
+    IGNORE_INDEX,
+    LOW_PRECISION,
+    HeadOptions,
+    WeightGrad,
+    add_head_grads_,
+    check_reduction,
+    chunk_log_softmax_,
+    chunk_logits,
+    chunk_logits_fp32,
+    policy_metrics,
+    reduction_weights,
+    token_weights,
+)
 from ._dispatch import use_triton
-from .reference import IGNORE_INDEX
-
-_fll = importlib.import_module(__package__ + ".fused_linear_logprobs")
-_pl = importlib.import_module(__package__ + ".policy_loss")
+from ._fused_linear_logprobs import default_chunk_tokens
+from ._token_logprobs import logprobs_bwd_inplace, logprobs_fwd
+from .outputs import FusedPolicyLossOutput
 
 __all__ = ["fused_linear_policy_loss"]
+
+
+@dataclass(frozen=True)
+class _Tokens:
+    """The per-token constants ``[T]`` of the loss (no gradient)."""
+
+    targets: torch.Tensor
+    adv: torch.Tensor  # fp32
+    mask: torch.Tensor  # fp32
+    wd: torch.Tensor  # fp32 token weight / D
+    ref: torch.Tensor | None  # fp32 reference log-probs, None without the KL term
+
+
+@dataclass(frozen=True)
+class _Options:
+    head: HeadOptions
+    beta: float
+    lo: float  # clip range of the ratio (metrics only: the ratio is 1)
+    hi: float
+    needs: tuple[bool, bool, bool]  # gradients of hidden, weight, bias
 
 
 # --------------------------------------------------------------------------------------------------
@@ -73,100 +108,79 @@ def _ratio_one_grad_coef(lo: float, hi: float) -> float:
 # chunk loops: fill logp (and entropy) and the three gradients
 
 
-def _torch_pass(hidden, weight, bias, targets, adv, wd, ref, beta, c_min, temperature, ignore_index, chunk,
-                return_entropy, needs):
-    need_h, need_w, need_b = needs
-    T, H = hidden.shape
+def _chunk_grad(lp, tok: _Tokens, c0, n, o: _Options, c_min):
+    return _dloss_dlogp(lp, tok.adv[c0 : c0 + n], tok.wd[c0 : c0 + n],
+                        None if tok.ref is None else tok.ref[c0 : c0 + n], o.beta, c_min)
+
+
+def _torch_pass(hidden, weight, bias, tok: _Tokens, o: _Options, c_min):
+    h_o = o.head
+    need_h, need_w, need_b = o.needs
+    T = hidden.shape[0]
     V = weight.shape[0]
     dev = hidden.device
-    lowp = hidden.dtype in _fll._LOW_PRECISION
-    inv_t = 1.0 / temperature
-    rows = max(1, min(chunk, T))
+    lowp = hidden.dtype in LOW_PRECISION
+    inv_t = 1.0 / h_o.temperature
+    rows = max(1, min(h_o.chunk, T))
     buf32 = torch.empty(rows, V, device=dev, dtype=torch.float32)
     buf_low = torch.empty(rows, V, device=dev, dtype=hidden.dtype) if lowp else None
-    ebuf = torch.empty_like(buf32) if return_entropy else None
+    ebuf = torch.empty_like(buf32) if h_o.return_entropy else None
     logp = torch.empty(T, device=dev, dtype=torch.float32)
-    entropy = torch.empty(T, device=dev, dtype=torch.float32) if return_entropy else None
+    entropy = torch.empty(T, device=dev, dtype=torch.float32) if h_o.return_entropy else None
     grad_h = torch.empty_like(hidden) if need_h else None
-    grad_w = torch.zeros(V, H, device=dev, dtype=torch.float32) if need_w else None
+    grad_w = WeightGrad(weight, rows) if need_w else None
     grad_b = torch.zeros(V, device=dev, dtype=torch.float32) if need_b else None
 
     for c0 in range(0, T, rows):
         n = min(rows, T - c0)
         h_c = hidden[c0 : c0 + n]
-        x = buf32[:n]
-        if lowp:
-            _fll._chunk_logits(buf_low[:n], h_c, weight, bias, 1.0)
-            x.copy_(buf_low[:n])
-            if inv_t != 1.0:
-                x.mul_(inv_t)
-        else:
-            _fll._chunk_logits(x, h_c, weight, bias, inv_t)
-        t = targets[c0 : c0 + n]
-        valid = t != ignore_index
-        safe = torch.where(valid, t, torch.zeros_like(t)).unsqueeze(1)
-        x_t = x.gather(1, safe).squeeze(1)
-        mx = x.amax(dim=1, keepdim=True)
-        x.sub_(mx)
-        if return_entropy:
-            e = ebuf[:n]
-            torch.exp(x, out=e)
-            s = e.sum(dim=1)
-            x.masked_fill_(e == 0, 0.0)
-            dot = torch.bmm(e.unsqueeze(1), x.unsqueeze(2)).view(n)
-            ent = s.log() - dot / s
-            entropy[c0 : c0 + n] = torch.where(valid, ent, torch.zeros_like(ent))
-            d = e  # exp(x - max), becomes the gradient
-        else:
-            x.exp_()
-            s = x.sum(dim=1)
-            d = x
-        lse_c = mx.squeeze(1) + s.log()
-        lp = torch.where(valid, x_t - lse_c, torch.zeros_like(lse_c))
+        x = chunk_logits_fp32(buf32[:n], buf_low[:n] if lowp else None, h_c, weight, bias, inv_t)
+        t = tok.targets[c0 : c0 + n]
+        lp, _, ent, d, s = chunk_log_softmax_(x, t, h_o.ignore_index, ebuf[:n] if h_o.return_entropy else None)
+        if h_o.return_entropy:
+            entropy[c0 : c0 + n] = ent
         logp[c0 : c0 + n] = lp
-        if not any(needs):
+        if not any(o.needs):
             continue
-        g = _dloss_dlogp(lp, adv[c0 : c0 + n], wd[c0 : c0 + n], None if ref is None else ref[c0 : c0 + n],
-                         beta, c_min)
+        g = _chunk_grad(lp, tok, c0, n, o, c_min)
+        valid = t != h_o.ignore_index
         g = torch.where(valid, g * inv_t, torch.zeros_like(g)).unsqueeze(1)
-        d.mul_((-g) / s.unsqueeze(1))  # -g * softmax
-        d.scatter_add_(1, safe, g)  # + g * onehot
-        _fll._add_head_grads_torch_(d, h_c, weight, grad_h[c0 : c0 + n] if need_h else None, grad_w, grad_b,
-                                    buf_low)
+        d.mul_((-g) / s.unsqueeze(1))  # d = exp(x - max): -g * softmax
+        d.scatter_add_(1, torch.where(valid, t, torch.zeros_like(t)).unsqueeze(1), g)  # + g * onehot
+        if lowp:  # the head GEMMs run in the inputs' dtype
+            d = buf_low[:n].copy_(d)
+        add_head_grads_(d, h_c, weight, grad_h[c0 : c0 + n] if need_h else None, grad_w, grad_b)
     return logp, entropy, grad_h, grad_w, grad_b
 
 
-def _triton_pass(ops, hidden, weight, bias, targets, adv, wd, ref, beta, c_min, temperature, ignore_index, chunk,
-                 return_entropy, needs):
-    fwd, bwd = ops
-    need_h, need_w, need_b = needs
-    T, H = hidden.shape
+def _triton_pass(hidden, weight, bias, tok: _Tokens, o: _Options, c_min):
+    h_o = o.head
+    need_h, need_w, need_b = o.needs
+    T = hidden.shape[0]
     V = weight.shape[0]
     dev = hidden.device
-    lowp = hidden.dtype in _fll._LOW_PRECISION
-    rows = max(1, min(chunk, T))
+    rows = max(1, min(h_o.chunk, T))
     buf = torch.empty(rows, V, device=dev, dtype=hidden.dtype)
     logp = torch.empty(T, device=dev, dtype=torch.float32)
-    entropy = torch.empty(T, device=dev, dtype=torch.float32) if return_entropy else None
+    entropy = torch.empty(T, device=dev, dtype=torch.float32) if h_o.return_entropy else None
     grad_h = torch.empty_like(hidden) if need_h else None
-    grad_w = torch.zeros(V, H, device=dev, dtype=torch.float32 if lowp else hidden.dtype) if need_w else None
+    grad_w = WeightGrad(weight, rows) if need_w else None
     grad_b = torch.zeros(V, device=dev, dtype=torch.float32) if need_b else None
     for c0 in range(0, T, rows):
         n = min(rows, T - c0)
         h_c = hidden[c0 : c0 + n]
-        t = targets[c0 : c0 + n]
-        x = _fll._chunk_logits(buf[:n], h_c, weight, bias, 1.0)
-        lp, lse_c, ent = fwd(x, t, temperature, ignore_index, return_entropy)
+        t = tok.targets[c0 : c0 + n]
+        x = chunk_logits(buf[:n], h_c, weight, bias, 1.0)
+        lp, lse_c, ent = logprobs_fwd(x, t, h_o.temperature, h_o.ignore_index, h_o.return_entropy)
         logp[c0 : c0 + n] = lp
-        if return_entropy:
+        if h_o.return_entropy:
             entropy[c0 : c0 + n] = ent
-        if not any(needs):
+        if not any(o.needs):
             continue
-        g = _dloss_dlogp(lp, adv[c0 : c0 + n], wd[c0 : c0 + n], None if ref is None else ref[c0 : c0 + n],
-                         beta, c_min)
-        g = torch.where(t != ignore_index, g, torch.zeros_like(g)).contiguous()
-        bwd(x, t, lse_c, g, temperature, ignore_index)  # x <- d loss / d logits (chunk)
-        _fll._add_head_grads_triton_(x, h_c, weight, grad_h[c0 : c0 + n] if need_h else None, grad_w, grad_b)
+        g = _chunk_grad(lp, tok, c0, n, o, c_min)
+        g = torch.where(t != h_o.ignore_index, g, torch.zeros_like(g)).contiguous()
+        logprobs_bwd_inplace(x, t, lse_c, g, h_o.temperature, h_o.ignore_index)  # x <- d loss / d logits
+        add_head_grads_(x, h_c, weight, grad_h[c0 : c0 + n] if need_h else None, grad_w, grad_b)
     return logp, entropy, grad_h, grad_w, grad_b
 
 
@@ -175,36 +189,38 @@ def _triton_pass(ops, hidden, weight, bias, targets, adv, wd, ref, beta, c_min, 
 
 
 class _FusedLinearPolicyLoss(torch.autograd.Function):
+    """``(loss, stats, logp, entropy)``; the head's gradients are computed here, in the forward.
+
+    Call it with autocast off (the entry point casts the operands first).
+    """
+
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, adv, m, wd, ref, beta, lo, hi, temperature,
-                ignore_index, chunk, return_entropy, needs, ops):
-        c_min = _ratio_one_grad_coef(lo, hi)
+    def forward(ctx, hidden, weight, bias, tok: _Tokens, o: _Options):
+        c_min = _ratio_one_grad_coef(o.lo, o.hi)
         T = hidden.shape[0]
         if T == 0:
             logp = hidden.new_zeros(0, dtype=torch.float32)
-            entropy = logp if return_entropy else None
+            entropy = logp if o.head.return_entropy else None
             grads = [torch.zeros_like(t) if (t is not None and nd) else None
-                     for t, nd in zip((hidden, weight, bias), needs)]
+                     for t, nd in zip((hidden, weight, bias), o.needs)]
         else:
-            args = (hidden, weight, bias, targets, adv, wd, ref, beta, c_min, temperature, ignore_index, chunk,
-                    return_entropy, needs)
-            logp, entropy, *grads = _triton_pass(ops, *args) if ops is not None else _torch_pass(*args)
-            if grads[1] is not None and grads[1].dtype != weight.dtype:
-                grads[1] = grads[1].to(weight.dtype)
-            if grads[2] is not None and grads[2].dtype != bias.dtype:
-                grads[2] = grads[2].to(bias.dtype)
+            run = _triton_pass if o.head.triton else _torch_pass
+            logp, entropy, grad_h, grad_w, grad_b = run(hidden, weight, bias, tok, o, c_min)
+            grads = [grad_h, None if grad_w is None else grad_w.result(weight.dtype),
+                     grad_b if grad_b is None or grad_b.dtype == bias.dtype else grad_b.to(bias.dtype)]
         # loss and metrics at ratio 1, from the [T] log-probs (cheap vector ops)
+        adv, m = tok.adv, tok.mask
         ratio = torch.ones_like(logp)
-        per_tok = -torch.minimum(adv, min(max(1.0, lo), hi) * adv)
-        if ref is not None:
-            dk = ref - logp
+        per_tok = -torch.minimum(adv, min(max(1.0, o.lo), o.hi) * adv)
+        if tok.ref is not None:
+            dk = tok.ref - logp
             kl = torch.exp(dk) - dk - 1
-            per_tok = per_tok + beta * kl
+            per_tok = per_tok + o.beta * kl
         else:
             kl = torch.zeros_like(logp)
-        loss = (per_tok * wd).sum()  # wd already holds 1 / D
-        low = ((ratio < lo) & (adv < 0)).float()
-        high = ((ratio > hi) & (adv > 0)).float()
+        loss = (per_tok * tok.wd).sum()  # wd already holds 1 / D
+        low = ((ratio < o.lo) & (adv < 0)).float()
+        high = ((ratio > o.hi) & (adv > 0)).float()
         stats = torch.stack([m.sum(), (low * m).sum(), (high * m).sum(), (ratio * m).sum(), (kl * m).sum()])
         ctx.grads = grads
         if entropy is None:
@@ -221,7 +237,7 @@ class _FusedLinearPolicyLoss(torch.autograd.Function):
         ctx.grads = None
         go = grad_loss.reshape(())
         out = [None if g is None else g.mul_(go.to(g.dtype)) for g in grads]
-        return (out[0], out[1], out[2]) + (None,) * 14
+        return out[0], out[1], out[2], None, None
 
 
 def fused_linear_policy_loss(
@@ -238,25 +254,25 @@ def fused_linear_policy_loss(
     epsilon: float = 0.2,
     epsilon_high: float | None = None,
     temperature: float = 1.0,
-    loss_type: str = "token_mean",
+    reduction: str = "token_mean",
     max_completion_length: int | None = None,
     normalizer: float | None = None,
     ignore_index: int = IGNORE_INDEX,
     chunk_tokens: int | None = None,
     return_entropy: bool = False,
-):
+) -> FusedPolicyLossOutput:
     """GRPO loss of the LM head's token log-probs with ``old_logp = logp.detach()`` (``num_iterations == 1``).
 
     Equals ``policy_loss(logp, logp.detach(), advantages, mask, cu_seqlens, ...)`` with
-    ``logp = fused_linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature)`` in
-    value and in the gradients of ``hidden`` ``[T, H]``, ``weight`` ``[V, H]`` and ``bias`` ``[V]``,
+    ``logp = fused_linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature).logp``
+    in value and in the gradients of ``hidden`` ``[T, H]``, ``weight`` ``[V, H]`` and ``bias`` ``[V]``,
     which are computed during this call (see the module docstring). ``advantages``, ``mask``,
-    ``ref_logp`` are constants. Returns ``(loss, metrics, logp)`` (``logp``: detached fp32 ``[T]``),
-    plus the detached entropy ``[T]`` with ``return_entropy``. ``epsilon``/``epsilon_high`` only
-    matter for the metrics' definitions (the ratio is 1: nothing is clipped).
+    ``ref_logp`` are constants. Returns ``FusedPolicyLossOutput(loss, metrics, logp, entropy)``
+    (``logp``: detached fp32 ``[T]``; ``entropy``: detached fp32 ``[T]`` with ``return_entropy``, else
+    None). ``epsilon``/``epsilon_high`` only matter for the metrics' definitions (the ratio is 1:
+    nothing is clipped). Under ``torch.autocast`` the operands are cast as for ``F.linear``.
     """
-    if loss_type not in _pl.LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {_pl.LOSS_TYPES}, got {loss_type!r}")
+    check_reduction(reduction)
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden [T, H] and weight [V, H] must share H; got {tuple(hidden.shape)}, "
                          f"{tuple(weight.shape)}")
@@ -267,6 +283,7 @@ def fused_linear_policy_loss(
     for name, t in named.items():
         if t.dim() != 1 or t.numel() != T:
             raise ValueError(f"{name} must be [T] = [{T}], got shape {tuple(t.shape)}")
+    hidden, weight, bias = _common.cast_like_linear(hidden, weight, bias)
     if hidden.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
         raise ValueError(f"hidden, weight and bias must share a dtype; got {hidden.dtype}, {weight.dtype}, "
                          f"{None if bias is None else bias.dtype}")
@@ -291,23 +308,16 @@ def fused_linear_policy_loss(
     ref = ref_logp.detach().to(device=dev, dtype=torch.float32).contiguous() if has_kl else None
 
     # token weights / D (mask and sequence boundaries only): policy_loss's aggregation
-    seq_w, sid, denom = _pl._aggregation(m, cu_seqlens.to(dev), loss_type, max_completion_length, normalizer)
-    wt = m
-    if seq_w is not None:
-        wt = m * torch.where(sid >= 0, seq_w[sid.clamp(min=0).long()], torch.zeros((), device=dev))
-    wd = (wt / denom).contiguous()
+    seq_w, sid, denom = reduction_weights(m, cu_seqlens.to(dev), reduction, max_completion_length, normalizer)
+    wd = (token_weights(m, seq_w, sid) / denom).contiguous()
 
     grad_on = torch.is_grad_enabled()
     needs = (grad_on and h.requires_grad, grad_on and w.requires_grad,
              grad_on and b is not None and b.requires_grad)
     V = w.shape[0]
-    chunk = int(chunk_tokens) if chunk_tokens is not None else _fll.default_chunk_tokens(T, V)
-    ops = _fll._triton_ops() if use_triton(h, w, tg, b) else None
-    loss, stats, logp, entropy = _FusedLinearPolicyLoss.apply(
-        h, w, b, tg, adv, m, wd, ref, float(beta), lo, hi, float(temperature), int(ignore_index), chunk,
-        bool(return_entropy), needs, ops,
-    )
-    metrics = _pl._metrics(stats)
-    if return_entropy:
-        return loss, metrics, logp, entropy
-    return loss, metrics, logp
+    chunk = int(chunk_tokens) if chunk_tokens is not None else default_chunk_tokens(T, V)
+    head = HeadOptions(float(temperature), int(ignore_index), chunk, bool(return_entropy), use_triton(h, w, tg, b))
+    opts = _Options(head, float(beta), lo, hi, needs)
+    with _common.autocast_off(dev.type):
+        loss, stats, logp, entropy = _FusedLinearPolicyLoss.apply(h, w, b, _Tokens(tg, adv, m, wd, ref), opts)
+    return FusedPolicyLossOutput(loss, policy_metrics(stats), logp, entropy if return_entropy else None)

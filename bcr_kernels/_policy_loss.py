@@ -6,7 +6,7 @@ Semantics: ``bcr_kernels.reference.policy_loss``. Per token ``t`` (all inputs ``
     l     = -min(ratio * A, clamp(ratio, 1 - epsilon, 1 + epsilon_high) * A) + beta * kl
     kl    = exp(ref - logp) - (ref - logp) - 1
 
-and every ``loss_type`` is a weighted token sum ``loss = sum_t l_t * w_t / D`` with ``w_t = mask_t``
+and every ``reduction`` is a weighted token sum ``loss = sum_t l_t * w_t / D`` with ``w_t = mask_t``
 (``token_mean``, ``seq_mean_token_sum_norm``) or ``w_t = mask_t / max(sum(mask)_s(t), 1)``
 (``seq_mean_token_mean``). ``D`` and the per-sequence weights depend on the mask only, so they are
 computed up front in PyTorch; one Triton pass then gives the loss and every metric:
@@ -26,9 +26,14 @@ A vectorised PyTorch path (same maths, autograd) runs when Triton is not picked
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from . import _common
+from ._common import check_reduction, policy_metrics, reduction_weights, token_weights
 from ._dispatch import use_triton
+from .outputs import PolicyLossOutput
 
 try:  # Triton is optional: the PyTorch path covers machines without it.
     import triton
@@ -37,75 +42,8 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
     triton = None
     tl = None
 
-LOSS_TYPES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 _BLOCK = 1024
 _N_STATS = 8  # columns of the partial-sum rows (6 used, padded to 8)
-METRIC_NAMES = (
-    "clip_ratio/low_mean",
-    "clip_ratio/high_mean",
-    "clip_ratio/region_mean",
-    "ratio_mean",
-    "kl",
-)
-
-
-# ----------------------------------------------------------------------------------------------
-# Aggregation weights (mask-only, shared by both paths)
-# ----------------------------------------------------------------------------------------------
-
-
-def _seq_mask_counts(m: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
-    """fp32 ``[S]``: ``sum(mask)`` of each sequence (fp64 prefix sums: deterministic, exact for 0/1 masks)."""
-    csum = torch.zeros(m.numel() + 1, dtype=torch.float64, device=m.device)
-    torch.cumsum(m.to(torch.float64), 0, out=csum[1:])
-    cu = cu.long()
-    return (csum[cu[1:]] - csum[cu[:-1]]).to(torch.float32)
-
-
-def _token_sequence_index(cu: torch.Tensor, T: int) -> torch.Tensor:
-    """int32 ``[T]``: each token's sequence, -1 outside ``[cu[0], cu[-1])``."""
-    cu = cu.long()
-    pos = torch.arange(T, device=cu.device, dtype=torch.int64)
-    sid = torch.searchsorted(cu[1:], pos, right=True)
-    inside = (pos >= cu[0]) & (sid < cu.numel() - 1)
-    return torch.where(inside, sid, torch.full_like(sid, -1)).to(torch.int32)
-
-
-def _aggregation(m, cu, loss_type, max_completion_length, normalizer):
-    """Return ``(seq_w [S] | None, sid [T] | None, denom 0-d fp32 tensor)``."""
-    device = m.device
-    S = cu.numel() - 1
-    seq_w = sid = None
-    if loss_type == "token_mean":
-        denom = m.sum().clamp(min=1.0) if normalizer is None else normalizer
-    elif loss_type == "seq_mean_token_mean":
-        seq_w = 1.0 / _seq_mask_counts(m, cu).clamp(min=1.0)
-        sid = _token_sequence_index(cu, m.numel())
-        denom = max(S, 1) if normalizer is None else normalizer
-    else:
-        if normalizer is None:
-            if max_completion_length is None:
-                cnt = _seq_mask_counts(m, cu)
-                max_completion_length = max(int(cnt.max().item()) if S else 1, 1)
-            denom = max(S, 1) * max_completion_length
-        else:
-            denom = normalizer
-    denom = torch.as_tensor(denom, dtype=torch.float32, device=device).detach().reshape(())
-    return seq_w, sid, denom
-
-
-def _metrics(stats: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Metrics from the fp32 sums ``[mask, low, high, ratio, kl]`` (detached)."""
-    stats = stats.detach()
-    n = stats[0].clamp(min=1.0)
-    low, high = stats[1] / n, stats[2] / n
-    return {
-        "clip_ratio/low_mean": low,
-        "clip_ratio/high_mean": high,
-        "clip_ratio/region_mean": (stats[1] + stats[2]) / n,
-        "ratio_mean": stats[3] / n,
-        "kl": stats[4] / n,
-    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,48 +143,69 @@ if triton is not None:
         tl.store(dlogp_ptr + offs, g.to(dlogp_ptr.dtype.element_ty), mask=inb)
 
 
+@dataclass(frozen=True)
+class _Consts:
+    """The step's constants: everything but ``logp``, which alone gets a gradient."""
+
+    old_logp: torch.Tensor
+    advantages: torch.Tensor
+    mask: torch.Tensor  # fp32
+    ref_logp: torch.Tensor | None  # None without the KL term
+    seq_w: torch.Tensor | None  # [S] per-sequence weights (seq_mean_token_mean only)
+    sid: torch.Tensor | None  # [T] int32 sequence index (with seq_w)
+    denom: torch.Tensor  # 0-d fp32
+    lo: float
+    hi: float
+    beta: float
+
+
+def _kernel_args(c: _Consts):
+    """The optional pointers of the kernels (a stand-in that is never read where one is absent)."""
+    dummy = c.mask
+    per_seq = c.seq_w is not None
+    return (c.ref_logp if c.ref_logp is not None else dummy, c.seq_w if per_seq else dummy,
+            c.sid if per_seq else dummy, per_seq)
+
+
 class _PolicyLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logp, old_logp, advantages, m, ref_logp, seq_w, sid, denom, lo, hi, beta, has_kl):
+    def forward(ctx, logp, c: _Consts):
         T = logp.numel()
         nblocks = triton.cdiv(T, _BLOCK)
         partials = torch.zeros((nblocks, _N_STATS), dtype=torch.float32, device=logp.device)
-        per_seq = seq_w is not None
-        dummy = m  # stands in for absent optional pointers (never read)
-        _policy_loss_fwd_kernel[(nblocks,)](
-            logp, old_logp, advantages, m, ref_logp if has_kl else dummy,
-            seq_w if per_seq else dummy, sid if per_seq else dummy,
-            partials, T, lo, hi, beta,
-            HAS_KL=has_kl, PER_SEQ=per_seq, N_STATS=_N_STATS, BLOCK=_BLOCK,
-        )
+        ref, seq_w, sid, per_seq = _kernel_args(c)
+        with _common.device_guard(logp):
+            _policy_loss_fwd_kernel[(nblocks,)](
+                logp, c.old_logp, c.advantages, c.mask, ref, seq_w, sid,
+                partials, T, c.lo, c.hi, c.beta,
+                HAS_KL=c.ref_logp is not None, PER_SEQ=per_seq, N_STATS=_N_STATS, BLOCK=_BLOCK,
+            )
         sums = partials.sum(0)
-        loss = sums[0] / denom
+        loss = sums[0] / c.denom
         stats = sums[1:6].clone()
         ctx.mark_non_differentiable(stats)
-        ctx.save_for_backward(logp, old_logp, advantages, m, ref_logp if has_kl else None,
-                              seq_w, sid, denom)
-        ctx.consts = (lo, hi, beta, has_kl)
+        ctx.save_for_backward(logp)
+        ctx.consts = c
         return loss, stats
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _grad_stats):
-        nones = (None,) * 11
         if not ctx.needs_input_grad[0] or grad_loss is None:
-            return (None,) + nones
-        logp, old_logp, advantages, m, ref_logp, seq_w, sid, denom = ctx.saved_tensors
-        lo, hi, beta, has_kl = ctx.consts
+            return None, None
+        (logp,) = ctx.saved_tensors
+        c = ctx.consts
         T = logp.numel()
-        scale = (grad_loss.to(torch.float32) / denom).reshape(()).contiguous()
+        scale = (grad_loss.to(torch.float32) / c.denom).reshape(()).contiguous()
         dlogp = torch.empty_like(logp)
-        per_seq = seq_w is not None
-        dummy = m
-        _policy_loss_bwd_kernel[(triton.cdiv(T, _BLOCK),)](
-            scale, logp, old_logp, advantages, m, ref_logp if has_kl else dummy,
-            seq_w if per_seq else dummy, sid if per_seq else dummy,
-            dlogp, T, lo, hi, beta,
-            HAS_KL=has_kl, PER_SEQ=per_seq, BLOCK=_BLOCK,
-        )
-        return (dlogp,) + nones
+        ref, seq_w, sid, per_seq = _kernel_args(c)
+        with _common.device_guard(logp):
+            _policy_loss_bwd_kernel[(triton.cdiv(T, _BLOCK),)](
+                scale, logp, c.old_logp, c.advantages, c.mask, ref, seq_w, sid,
+                dlogp, T, c.lo, c.hi, c.beta,
+                HAS_KL=c.ref_logp is not None, PER_SEQ=per_seq, BLOCK=_BLOCK,
+            )
+        return dlogp, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -254,26 +213,23 @@ class _PolicyLoss(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 
 
-def _torch_policy_loss(logp, old_logp, advantages, m, ref_logp, seq_w, sid, denom, lo, hi, beta, has_kl):
+def _torch_policy_loss(logp, c: _Consts):
     # as in the Triton path, only logp is differentiated: the others are constants of the step
     lp = logp.float()
-    a = advantages.detach().float()
-    ratio = torch.exp(lp - old_logp.detach().float())
-    per_tok = -torch.minimum(ratio * a, torch.clamp(ratio, lo, hi) * a)
-    if has_kl:
-        d = ref_logp.detach().float() - lp
+    a = c.advantages.detach().float()
+    m = c.mask
+    ratio = torch.exp(lp - c.old_logp.detach().float())
+    per_tok = -torch.minimum(ratio * a, torch.clamp(ratio, c.lo, c.hi) * a)
+    if c.ref_logp is not None:
+        d = c.ref_logp.detach().float() - lp
         kl = torch.exp(d) - d - 1
-        per_tok = per_tok + beta * kl
+        per_tok = per_tok + c.beta * kl
     else:
         kl = torch.zeros_like(per_tok)
-    w = m
-    if seq_w is not None:
-        inside = sid >= 0
-        w = m * torch.where(inside, seq_w[sid.clamp(min=0).long()], torch.zeros((), device=m.device))
-    loss = (per_tok * w).sum() / denom
+    loss = (per_tok * token_weights(m, c.seq_w, c.sid)).sum() / c.denom
     with torch.no_grad():
-        low = ((ratio < lo) & (a < 0)).float()
-        high = ((ratio > hi) & (a > 0)).float()
+        low = ((ratio < c.lo) & (a < 0)).float()
+        high = ((ratio > c.hi) & (a > 0)).float()
         stats = torch.stack([m.sum(), (low * m).sum(), (high * m).sum(), (ratio * m).sum(), (kl * m).sum()])
     return loss, stats
 
@@ -294,11 +250,11 @@ def policy_loss(
     beta: float = 0.0,
     epsilon: float = 0.2,
     epsilon_high: float | None = None,
-    loss_type: str = "token_mean",
+    reduction: str = "token_mean",
     max_completion_length: int | None = None,
     normalizer: float | None = None,
-):
-    """GRPO clipped surrogate (+ ``beta`` * k3 KL) over packed tokens; returns ``(loss, metrics)``.
+) -> PolicyLossOutput:
+    """GRPO clipped surrogate (+ ``beta`` * k3 KL) over packed tokens; returns ``PolicyLossOutput(loss, metrics)``.
 
     Args:
         logp: ``[T]`` log-probs of the current policy (the only input that gets a gradient).
@@ -309,8 +265,9 @@ def policy_loss(
         ref_logp: ``[T]`` reference-policy log-probs; the KL term is used when ``beta != 0``.
         epsilon, epsilon_high: clip range ``[1 - epsilon, 1 + epsilon_high]`` (``epsilon_high``
             defaults to ``epsilon``).
-        loss_type: ``token_mean`` | ``seq_mean_token_mean`` | ``seq_mean_token_sum_norm`` (see
-            ``bcr_kernels.reference.policy_loss`` for the exact aggregation).
+        reduction: ``token_mean`` | ``seq_mean_token_mean`` | ``seq_mean_token_sum_norm`` (see
+            ``bcr_kernels.reference.policy_loss`` for the exact aggregation; TRL's ``loss_type``
+            names map to these).
         max_completion_length: the Dr. GRPO constant (default: longest masked sequence).
         normalizer: replaces the loss denominator (gradient accumulation over micro-batches).
 
@@ -318,8 +275,7 @@ def policy_loss(
         ``loss`` (fp32 scalar) and ``metrics``: detached fp32 scalars ``clip_ratio/low_mean``,
         ``clip_ratio/high_mean``, ``clip_ratio/region_mean``, ``ratio_mean`` and ``kl``.
     """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    check_reduction(reduction)
     T = logp.numel()
     named = {"logp": logp, "old_logp": old_logp, "advantages": advantages, "mask": mask}
     if ref_logp is not None:
@@ -335,13 +291,13 @@ def policy_loss(
     device = logp.device
     cu = cu_seqlens.to(device)
     m = mask.to(device=device, dtype=torch.float32).contiguous()
-    seq_w, sid, denom = _aggregation(m, cu, loss_type, max_completion_length, normalizer)
-
-    args = (old_logp, advantages, m, ref_logp if has_kl else None, seq_w, sid, denom,
-            lo, hi, float(beta), has_kl)
-    if T > 0 and use_triton(logp, old_logp, advantages, m, ref_logp if has_kl else None):
-        c = [t.contiguous() if t is not None else None for t in (logp,) + args[:4]]
-        loss, stats = _PolicyLoss.apply(c[0], c[1], c[2], c[3], c[4], *args[4:])
+    seq_w, sid, denom = reduction_weights(m, cu, reduction, max_completion_length, normalizer)
+    ref = ref_logp if has_kl else None
+    if T > 0 and use_triton(logp, old_logp, advantages, m, ref):
+        c = _Consts(old_logp.contiguous(), advantages.contiguous(), m, None if ref is None else ref.contiguous(),
+                    seq_w, sid, denom, lo, hi, float(beta))
+        loss, stats = _PolicyLoss.apply(logp.contiguous(), c)
     else:
-        loss, stats = _torch_policy_loss(logp, *args)
-    return loss, _metrics(stats)
+        loss, stats = _torch_policy_loss(logp, _Consts(old_logp, advantages, m, ref, seq_w, sid, denom, lo, hi,
+                                                       float(beta)))
+    return PolicyLossOutput(loss, policy_metrics(stats))

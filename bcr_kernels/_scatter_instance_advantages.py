@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from . import _common
+from ._common import token_sequence_index
 from ._dispatch import use_triton
 
 try:  # Triton is optional: the PyTorch path covers machines without it.
@@ -71,15 +73,6 @@ def _num_instances(num_instances, S, n_max, device):
     if num_instances is None:
         return torch.full((S,), n_max, dtype=torch.int32, device=device)
     return num_instances.to(device=device, dtype=torch.int32)
-
-
-def _token_sequence_index(cu_seqlens: torch.Tensor, T: int) -> torch.Tensor:
-    """int32 ``[T]``: the sequence each token belongs to, -1 outside ``[cu[0], cu[-1])``."""
-    cu = cu_seqlens.to(torch.int64)
-    pos = torch.arange(T, device=cu.device, dtype=torch.int64)
-    sid = torch.searchsorted(cu[1:], pos, right=True)  # first s with cu[s + 1] > t
-    inside = (pos >= cu[0]) & (sid < cu.numel() - 1)
-    return torch.where(inside, sid, torch.full_like(sid, -1)).to(torch.int32)
 
 
 def _shared_fill(adv: torch.Tensor, n: torch.Tensor, shared: str) -> torch.Tensor:
@@ -130,6 +123,7 @@ if triton is not None:
         fill_ptr,  # [S] fp32 shared fill value
         out_ptr,  # [T] fp32
         T,
+        N_MAX,
         BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0)
@@ -139,7 +133,8 @@ if triton is not None:
         seg = tl.load(seg_ptr + offs, mask=inb, other=-1).to(tl.int64)
         inside = sid >= 0
         sid64 = tl.where(inside, sid, 0).to(tl.int64)
-        own = inside & (seg >= 0)
+        # ids >= N_MAX (possible only with validate=False) must not read the next row or past the buffer
+        own = inside & (seg >= 0) & (seg < N_MAX)
         val = tl.load(adv_ptr + sid64 * adv_stride + tl.where(own, seg, 0), mask=own, other=0.0)
         fill = tl.load(fill_ptr + sid64, mask=inside & (seg < 0), other=0.0)
         out = tl.where(own, val.to(tl.float32), fill)
@@ -185,7 +180,8 @@ def _triton_forward(adv, seg, sid, fill):
     if T == 0:
         return out
     grid = (triton.cdiv(T, _FWD_BLOCK),)
-    _scatter_fwd_kernel[grid](adv, adv.stride(0), seg, sid, fill, out, T, BLOCK=_FWD_BLOCK)
+    with _common.device_guard(adv):
+        _scatter_fwd_kernel[grid](adv, adv.stride(0), seg, sid, fill, out, T, adv.shape[1], BLOCK=_FWD_BLOCK)
     return out
 
 
@@ -196,10 +192,11 @@ def _triton_backward(grad, seg, cu, n, n_max, shared):
         return dadv.zero_()
     n_p2 = triton.next_power_of_2(n_max)
     block = max(16, min(1024, 8192 // n_p2))
-    _scatter_bwd_kernel[(S,)](
-        grad, seg, cu, n, dadv, dadv.stride(0), n_max,
-        SHARED_MEAN=shared == "mean", BLOCK=block, N_P2=n_p2,
-    )
+    with _common.device_guard(grad):
+        _scatter_bwd_kernel[(S,)](
+            grad, seg, cu, n, dadv, dadv.stride(0), n_max,
+            SHARED_MEAN=shared == "mean", BLOCK=block, N_P2=n_p2,
+        )
     return dadv
 
 
@@ -216,6 +213,7 @@ class _ScatterInstanceAdvantages(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None, None
@@ -238,13 +236,14 @@ def _torch_scatter(adv, seg, sid, n, shared):
     fill = _shared_fill(adv, n, shared)
     inside = sid >= 0
     sid_l = sid.clamp(min=0).long()
-    own = inside & (seg >= 0)
+    own = inside & (seg >= 0) & (seg < n_max)  # as the kernel: an id >= N_max (validate=False) reads nothing
     if n_max > 0:
         vals = adv.float()[sid_l, torch.where(own, seg.long(), torch.zeros_like(seg, dtype=torch.long))]
     else:
         vals = fill[sid_l]
-    out = torch.where(own, vals, fill[sid_l])
-    return torch.where(inside, out, torch.zeros((), device=adv.device))
+    zero = torch.zeros((), device=adv.device)
+    out = torch.where(own, vals, torch.where(seg < 0, fill[sid_l], zero))
+    return torch.where(inside, out, zero)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -272,7 +271,8 @@ def scatter_instance_advantages(
         shared: ``"mean"`` (shared tokens get the mean of the sequence's advantages) or ``"zero"``.
         validate: check every segment id lies in ``[-1, num_instances[s])`` and raise a ValueError
             naming the offending token otherwise. Costs one host synchronisation; pass ``False`` on
-            hot GPU paths whose ids are known to be valid (invalid ids then give unspecified values).
+            hot GPU paths whose ids are known to be valid (invalid ids then give unspecified values, but
+            nothing outside ``instance_advantages`` is read: an id >= ``N_max`` gives 0).
     """
     _check_args(instance_advantages, segment_ids, cu_seqlens, num_instances, shared)
     S, n_max = instance_advantages.shape
@@ -281,7 +281,7 @@ def scatter_instance_advantages(
     seg = segment_ids.to(device).contiguous()
     cu = cu_seqlens.to(device).contiguous()
     n = _num_instances(num_instances, S, n_max, device)
-    sid = _token_sequence_index(cu, T)
+    sid = token_sequence_index(cu, T)
     if validate:
         _validate(seg, sid, n, n_max)
     if use_triton(instance_advantages, seg, cu) and n_max > 0 and S > 0:
