@@ -46,6 +46,8 @@ from bcr_kernels import (
     policy_loss,
     scatter_instance_advantages,
 )
+from bcr_kernels.transformers_attention import ATTN_IMPLEMENTATION, check_supported
+from bcr_kernels.transformers_attention import register as register_bcr_varlen
 from bcr_kernels.varlen_attention import packed_model_kwargs
 
 from .bundling import Bundler
@@ -73,13 +75,11 @@ MIN_TOKENS_PER_PROBLEM = 8
 # ----------------------------------------------------------------------------------------------
 def training_attention(requested: str | None = None) -> str:
     """The attention implementation of the packed forward: ``requested``, else ``bcr_varlen`` when
-    bcr_kernels registered it with transformers, else ``sdpa`` (transformers builds a block-diagonal
+    it registers with transformers, else ``sdpa`` (transformers builds a block-diagonal
     mask from the restarting ``position_ids``; correct, but quadratic in the row length)."""
     if requested:
         return requested
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    return "bcr_varlen" if "bcr_varlen" in ALL_ATTENTION_FUNCTIONS else "sdpa"
+    return ATTN_IMPLEMENTATION if register_bcr_varlen() else "sdpa"
 
 
 @contextlib.contextmanager
@@ -302,6 +302,8 @@ class BCRTrainer:
         # The packed forward's attention, set once (not per forward: gradient checkpointing recomputes
         # during backward). bcr_varlen falls back to SDPA for padded or cached generation.
         self.attn_implementation = training_attention(cfg.attn_implementation)
+        if self.attn_implementation == ATTN_IMPLEMENTATION:
+            check_supported(self.model)  # an attention feature bcr_varlen lacks fails here, not mid-training
         for m in (self.model, self.ref_model):
             if m is not None and m.config._attn_implementation != self.attn_implementation:
                 m.set_attn_implementation(self.attn_implementation)
