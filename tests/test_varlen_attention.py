@@ -415,3 +415,41 @@ def test_cuda_backends_match_reference(backend, causal):
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a.float(), b, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["auto", "flash_attn", "torch_varlen", "sdpa"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_cuda_sliding_window_matches_oracle(backend, causal):
+    if backend != "auto" and backend != "sdpa" and backend not in va_module.available_backends():
+        pytest.skip(f"{backend} is not installed")
+    lengths = [300, 1, 0, 77, 128, 5]
+    cu = _cu(lengths, device="cuda")
+    T = int(cu[-1])
+    q, k, v = _qkv(T, 8, 2, 64, dtype=torch.bfloat16, device="cuda")
+    g = torch.randn(T, 8, 64, device="cuda").to(torch.bfloat16)
+    out, grads = _fwd_bwd(varlen_attention, q, k, v, cu, g, max_seqlen=max(lengths), causal=causal,
+                          sliding_window=50, backend=backend)
+    if backend != "auto":
+        assert last_dispatch().backend == backend
+    q32, k32, v32 = (t.detach().float().cpu().requires_grad_() for t in (q, k, v))
+    ref, ref_grads = _fwd_bwd(_windowed_oracle, q32, k32, v32, cu.cpu(), g.float().cpu(), causal=causal, window=50)
+    torch.testing.assert_close(out.float().cpu(), ref, atol=2e-2, rtol=2e-2)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a.float().cpu(), b, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_autocast_mixed_dtypes_take_the_fast_kernel():
+    if not va_module.available_backends():
+        pytest.skip("neither flash-attn nor torch varlen_attn is available")
+    cu = _cu([100, 28], device="cuda")
+    q, k = torch.randn(128, 4, 64, device="cuda"), torch.randn(128, 2, 64, device="cuda")
+    v = torch.randn(128, 2, 64, device="cuda").to(torch.bfloat16)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = varlen_attention(q, k, v, cu, 100)
+    assert out.dtype == torch.bfloat16 and last_dispatch().backend in ("flash_attn", "torch_varlen")
+    with pytest.raises(ValueError, match="cu_seqlens"):  # validated on the fast path too
+        varlen_attention(q.bfloat16(), k.bfloat16(), v, _cu([100, 27], device="cuda"), 100)
