@@ -160,7 +160,7 @@ class Dispatch:
     device_type: str
     dtype: torch.dtype  # the compute dtype (q, k, v were cast to it)
     input_dtypes: tuple[torch.dtype, torch.dtype, torch.dtype]  # q, k, v as they came in
-    sliding_window: int | None
+    sliding_window: int | None  # the window that ran (None when it covered every sequence whole)
 
 
 _last_dispatch: Dispatch | None = None
@@ -519,6 +519,30 @@ def varlen_attention(
     first; returns ``[T, Hq, Dv]`` in that dtype. :func:`last_dispatch` tells what ran.
     """
     global _last_dispatch
+    _check_inputs(q, k, v, cu_seqlens, sliding_window)
+    T = q.shape[0]
+    bounds = _validated.get(cu_seqlens, T, None if max_seqlen is None else int(max_seqlen))
+    input_dtypes = (q.dtype, k.dtype, v.dtype)
+    dtype = compute_dtype(q, k, v)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    candidates = choose_backend(q.device.type, dtype, _requested_backend(backend))
+    longest = max((b - a for a, b in itertools.pairwise(bounds)), default=0)
+    if sliding_window is not None and sliding_window >= longest:
+        sliding_window = None  # the window covers every sequence whole: plain attention
+    if T == 0:
+        ran = candidates[-1]
+        out = q.new_zeros(0, q.shape[1], v.shape[-1])
+        if q.requires_grad or k.requires_grad or v.requires_grad:
+            out = out + 0 * (q.sum() + k.sum() + v.sum())  # keep the graph (zero gradients)
+    else:
+        m = longest if max_seqlen is None else int(max_seqlen)
+        ran, out = _run_first_that_works(candidates, q, k, v, cu_seqlens, bounds, m, causal, softmax_scale,
+                                         sliding_window)
+    _last_dispatch = Dispatch(ran, q.device.type, dtype, input_dtypes, sliding_window)
+    return out
+
+
+def _check_inputs(q, k, v, cu_seqlens, sliding_window) -> None:
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
         raise ValueError(
             f"q, k, v must be [T, H, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
@@ -535,50 +559,28 @@ def varlen_attention(
         raise ValueError(f"cu_seqlens must be 1-D [S + 1], got shape {tuple(cu_seqlens.shape)}")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be a positive number of keys (or None), got {sliding_window}")
-    T = q.shape[0]
-    bounds = _validated.get(cu_seqlens, T, None if max_seqlen is None else int(max_seqlen))
-    input_dtypes = (q.dtype, k.dtype, v.dtype)
-    dtype = compute_dtype(q, k, v)
-    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    candidates = choose_backend(q.device.type, dtype, _requested_backend(backend))
-    forced = len(candidates) == 1
 
-    def record(name: str) -> None:
-        global _last_dispatch
-        _last_dispatch = Dispatch(name, q.device.type, dtype, input_dtypes, sliding_window)
 
-    if T == 0 or bounds[-1] == 0:
-        record(candidates[-1])
-        out = q.new_zeros(T, hq, v.shape[-1])
-        if q.requires_grad or k.requires_grad or v.requires_grad:
-            out = out + 0 * (q.sum() + k.sum() + v.sum())  # keep the graph (zero gradients)
-        return out
-    longest = max(b - a for a, b in itertools.pairwise(bounds))
-    if sliding_window is not None and sliding_window >= longest:
-        sliding_window = None  # the window covers every sequence whole: plain attention
+def _run_first_that_works(candidates, q, k, v, cu_seqlens, bounds, max_seqlen, causal, scale, sliding_window):
+    """``(name, output)`` of the first candidate path that runs. A single (forced) candidate runs or
+    raises; under ``auto`` a failing CUDA kernel falls through to the next path, except on out-of-memory."""
     runners = {"flash_attn": _run_flash_attn, "torch_varlen": _run_torch_varlen}
-    for name in candidates:
-        if name == "sdpa":
-            break
-        run = runners[name]
-        cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
-        m = longest if max_seqlen is None else int(max_seqlen)
-        if forced:
-            out = run(q, k, v, cu, m, causal, softmax_scale, sliding_window)
+    fast = [name for name in candidates if name != "sdpa"]
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32) if fast else None
+    for name in fast:
+        if len(candidates) == 1:
+            out = runners[name](q, k, v, cu, max_seqlen, causal, scale, sliding_window)
             if out is None:
                 raise RuntimeError(f"varlen_attention: this torch's varlen_attn cannot run causal={causal}, "
                                    f"sliding_window={sliding_window}; use backend='auto'")
-        else:
-            try:
-                out = run(q, k, v, cu, m, causal, softmax_scale, sliding_window)
-            except torch.OutOfMemoryError:
-                raise  # the SDPA fallback needs more memory, not less
-            except (RuntimeError, ValueError) as exc:  # unsupported GPU / head dim: fall through
-                _warn_once(name, f"varlen_attention: {name} failed ({exc}); trying the next path")
-                continue
-            if out is None:
-                continue
-        record(name)
-        return out
-    record("sdpa")
-    return _sdpa_varlen(q, k, v, bounds, causal, softmax_scale, sliding_window)
+            return name, out
+        try:
+            out = runners[name](q, k, v, cu, max_seqlen, causal, scale, sliding_window)
+        except torch.OutOfMemoryError:
+            raise  # the SDPA fallback needs more memory, not less
+        except (RuntimeError, ValueError) as exc:  # unsupported GPU / head dim: fall through
+            _warn_once(name, f"varlen_attention: {name} failed ({exc}); trying the next path")
+            continue
+        if out is not None:
+            return name, out
+    return "sdpa", _sdpa_varlen(q, k, v, bounds, causal, scale, sliding_window)

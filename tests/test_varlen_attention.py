@@ -285,7 +285,9 @@ def test_sliding_window_longer_than_every_sequence_is_plain_attention():
     q, k, v = (t.detach() for t in _qkv(13, 2, 1, 8))
     torch.testing.assert_close(varlen_attention(q, k, v, cu, sliding_window=7), varlen_attention(q, k, v, cu),
                                atol=0, rtol=0)
-    assert last_dispatch().sliding_window is None or last_dispatch().sliding_window == 7
+    assert last_dispatch().sliding_window is None  # recorded as what ran: no window
+    varlen_attention(q, k, v, cu, sliding_window=6)
+    assert last_dispatch().sliding_window == 6
     with pytest.raises(ValueError, match="sliding_window"):
         varlen_attention(q, k, v, cu, sliding_window=0)
 
