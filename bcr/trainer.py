@@ -53,6 +53,8 @@ from bcr_kernels import (
     policy_loss,
     scatter_instance_advantages,
 )
+from bcr_kernels.transformers_attention import ATTN_IMPLEMENTATION, check_supported
+from bcr_kernels.transformers_attention import register as register_bcr_varlen
 from bcr_kernels.varlen_attention import packed_model_kwargs
 
 from .bundling import Bundler, BundleStream, bundle_sequential
@@ -84,13 +86,11 @@ MIN_TOKENS_PER_PROBLEM = 8
 # ----------------------------------------------------------------------------------------------
 def training_attention(requested: str | None = None) -> str:
     """The attention implementation of the packed forward: ``requested``, else ``bcr_varlen`` when
-    bcr_kernels registered it with transformers, else ``sdpa`` (transformers builds a block-diagonal
+    it registers with transformers, else ``sdpa`` (transformers builds a block-diagonal
     mask from the restarting ``position_ids``; correct, but quadratic in the row length)."""
     if requested:
         return requested
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    return "bcr_varlen" if "bcr_varlen" in ALL_ATTENTION_FUNCTIONS else "sdpa"
+    return ATTN_IMPLEMENTATION if register_bcr_varlen() else "sdpa"
 
 
 @contextlib.contextmanager
@@ -282,6 +282,13 @@ class BCRTrainer:
         """LoRA, gradient checkpointing, the packed forward's attention, and the frozen reference
         (``beta`` > 0 without LoRA: a copy of the initial model); -> (policy, reference or None)."""
         cfg = self.config
+        if self.attn_implementation == ATTN_IMPLEMENTATION:
+            check_supported(model)  # an attention feature bcr_varlen lacks fails here, not mid-training
+        if getattr(model.config, "final_logit_softcapping", None):  # the fused LM head has no softcap
+            raise ValueError(
+                f"{type(model).__name__} caps its logits (final_logit_softcapping="
+                f"{model.config.final_logit_softcapping}), which bcr's fused LM-head log-probs do not apply; "
+                "such models (Gemma 2/3) cannot be trained here yet")
         ref_model = None
         if cfg.beta > 0 and not cfg.use_peft:
             ref_model = copy.deepcopy(model).eval().requires_grad_(False)

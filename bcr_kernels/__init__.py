@@ -2,14 +2,15 @@
 
 Every op has a plain PyTorch reference (``bcr_kernels.reference``), a Triton forward and backward,
 and a functional entry point that runs Triton on CUDA tensors (or on the CPU under
-``TRITON_INTERPRET=1``) and a PyTorch path otherwise. See ``bcr_kernels._dispatch``.
+``TRITON_INTERPRET=1``) and a PyTorch path otherwise. See ``bcr_kernels._dispatch``. The
+``"bcr_varlen"`` transformers attention backend is ``bcr_kernels.transformers_attention``.
 
 The ops live in private modules named after them (``bcr_kernels._token_logprobs`` holds
 ``token_logprobs``), so each package attribute names one thing. Ops with several results return the
 named tuples of ``bcr_kernels.outputs``, of the same length whatever the flags.
 """
 
-from . import outputs, reference
+from . import outputs, reference, transformers_attention
 from ._common import IGNORE_INDEX, REDUCTIONS
 from ._fused_linear_logprobs import DEFAULT_CHUNK_BYTES, default_chunk_tokens, fused_linear_logprobs
 from ._fused_linear_policy_loss import fused_linear_policy_loss
@@ -38,3 +39,6 @@ __all__ = [
     "token_logprobs",
     "varlen_attention",
 ]
+
+# "bcr_varlen" joins transformers' attention backends once transformers loads (no import of it here)
+transformers_attention.register_on_import()

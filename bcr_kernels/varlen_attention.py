@@ -1,23 +1,29 @@
-"""Attention over packed variable-length sequences, and the ``"bcr_varlen"`` transformers backend.
+"""Attention over packed variable-length sequences.
 
 ``varlen_attention(q, k, v, cu_seqlens, max_seqlen)`` follows flash-attn's varlen API: ``q`` is
 ``[T, Hq, D]``, ``k``/``v`` are ``[T, Hkv, D]`` holding ``S`` sequences back to back, delimited by the
 int32 prefix sums ``cu_seqlens [S + 1]``; a token attends only to tokens of its own sequence (and,
-with ``causal``, only to earlier ones). Grouped-query attention (``Hq % Hkv == 0``) is native on
-every path (no copies of ``k``/``v``, except where noted below). Semantics are those of
-:func:`bcr_kernels.reference.varlen_attention`.
+with ``causal``, only to earlier ones; with ``sliding_window``, only to the nearest ones). Grouped-query
+attention (``Hq % Hkv == 0``) is native on every path (no copies of ``k``/``v``, except where noted
+below). Semantics are those of :func:`bcr_kernels.reference.varlen_attention`. The transformers
+attention backend built on this op lives in :mod:`bcr_kernels.transformers_attention`; this module
+does not import transformers.
 
 This op has no Triton kernel of its own: FlashAttention-2 and PyTorch's built-in varlen flash kernel
-already do the job on CUDA, and a hand-written Triton attention would be slower than both. The entry
-point picks, in order:
+already do the job on CUDA, and a hand-written Triton attention would be slower than both. The path
+is chosen on the dtype the attention computes in (:func:`compute_dtype`: the autocast dtype under
+``torch.autocast``, else the common dtype of q, k, v; the inputs are cast to it), by the pure
+function :func:`choose_backend`, and recorded (:func:`last_dispatch`). In order:
 
 1. ``flash_attn.flash_attn_varlen_func`` -- CUDA, fp16/bf16, ``flash-attn`` installed;
 2. ``torch.nn.attention.varlen.varlen_attn`` -- CUDA, fp16/bf16, the torch build has it (its
    signature changed between torch 2.9 and 2.12; it is inspected, and on builds without
    ``enable_gqa`` the ``k``/``v`` heads are expanded first);
-3. the PyTorch SDPA path below -- CPU, fp32 on CUDA, or whenever 1 and 2 are unavailable or fail.
+3. the PyTorch SDPA path below -- CPU, fp32 on CUDA, or whenever 1 and 2 are unavailable or fail
+   (a CUDA out-of-memory error is re-raised, never retried on this hungrier path).
 
-``BCR_KERNEL_BACKEND=torch`` (or ``backend="sdpa"``) forces path 3. Every path is differentiable.
+``BCR_KERNEL_BACKEND=torch`` (or ``backend="sdpa"``) forces path 3; a forced ``"flash_attn"`` or
+``"torch_varlen"`` runs that kernel or raises (never a silent fallback). Every path is differentiable.
 
 The packed attention on the CPU runs one SDPA call per group of similar-length sequences (short
 ones padded into one batch, long ones of different lengths one call each, straight from the packed
@@ -48,7 +54,8 @@ one group this path does exactly the padded batch's work; those rows were measur
 gather was removed, the remaining gap is noise. One block-diagonal masked call does ``T**2`` work and holds a
 ``T x T`` mask (3-10x slower). ``flex_attention`` has no backward on the CPU in torch 2.13.
 Padding sits at the end of each sequence, so a causal call needs no mask (valid queries never see
-pads); a non-causal call gets a key-padding mask.
+pads); a non-causal call gets a key-padding mask. A sliding window shorter than a group's length
+adds an ``[L, L]`` band mask to that group's call (the work stays that of full attention).
 """
 
 from __future__ import annotations
@@ -61,28 +68,30 @@ import math
 import os
 import warnings
 import weakref
+from collections.abc import Collection
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "ATTN_IMPLEMENTATION",
-    "bcr_varlen_attention_forward",
-    "bcr_varlen_mask",
+    "BACKENDS",
+    "Dispatch",
+    "available_backends",
+    "choose_backend",
+    "compute_dtype",
     "cu_seqlens_from_position_ids",
+    "last_dispatch",
     "packed_model_kwargs",
     "position_ids_from_cu_seqlens",
-    "register_transformers",
     "varlen_attention",
 ]
-
-ATTN_IMPLEMENTATION = "bcr_varlen"
 
 # A sequence of length l joins the current group (sorted by length, longest first, longest L) while
 # padding it costs at most this many extra attention scores per head: L * L - l * l <= _PAD_BUDGET.
 # Below it the saved per-call overhead of SDPA outweighs the padded work on the CPU (measured).
 _PAD_BUDGET = 1 << 15
-_BACKENDS = ("auto", "flash_attn", "torch_varlen", "sdpa")
+BACKENDS = ("auto", "flash_attn", "torch_varlen", "sdpa")
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -124,7 +133,7 @@ def packed_model_kwargs(cu_seqlens: torch.Tensor, max_seqlen: int | None = None)
 
     ``model(input_ids=ids[None], position_ids=pos[None], **packed_model_kwargs(cu, max_len))`` --
     transformers forwards these (its flash-attention kwargs) to every attention layer, so the
-    ``"bcr_varlen"`` backend (and ``flash_attention_2``) reuse them instead of re-deriving
+    ``"bcr_varlen"`` backend (:mod:`bcr_kernels.transformers_attention`) and ``flash_attention_2`` reuse them instead of re-deriving
     ``cu_seqlens`` from ``position_ids`` in each forward. ``position_ids`` must still be passed: they
     drive the rotary embeddings, and the ``sdpa``/``eager`` backends build their block mask from them.
     """
@@ -140,13 +149,91 @@ def packed_model_kwargs(cu_seqlens: torch.Tensor, max_seqlen: int | None = None)
 
 
 # --------------------------------------------------------------------------------------------------
-# the op
+# dispatch: which path runs, decided on the dtype the attention computes in
 
 
-def _backend(requested: str | None) -> str:
+@dataclass(frozen=True)
+class Dispatch:
+    """What one :func:`varlen_attention` call ran (see :func:`last_dispatch`)."""
+
+    backend: str  # the path that produced the output: "flash_attn", "torch_varlen" or "sdpa"
+    device_type: str
+    dtype: torch.dtype  # the compute dtype (q, k, v were cast to it)
+    input_dtypes: tuple[torch.dtype, torch.dtype, torch.dtype]  # q, k, v as they came in
+    sliding_window: int | None  # the window that ran (None when it covered every sequence whole)
+
+
+_last_dispatch: Dispatch | None = None
+
+
+def last_dispatch() -> Dispatch | None:
+    """The :class:`Dispatch` of the most recent :func:`varlen_attention` call in this process (None before any)."""
+    return _last_dispatch
+
+
+def compute_dtype(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.dtype:
+    """The dtype the attention runs in: what autocast would give SDPA, else the common dtype of q, k, v.
+
+    Under ``torch.autocast`` for the tensors' device it is the autocast dtype (RoPE under autocast hands
+    over fp32 q, k beside a bf16 v; autocast runs SDPA in bf16, and so does this op). Outside autocast
+    it is ``torch.promote_types`` of the three (equal dtypes stay as they are).
+    """
+    device_type = q.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+
+
+def available_backends() -> frozenset[str]:
+    """The CUDA kernels installed in this process: a subset of ``{"flash_attn", "torch_varlen"}``."""
+    found = set()
+    if _flash_attn_varlen_func() is not None:
+        found.add("flash_attn")
+    if _torch_varlen_attn()[0] is not None:
+        found.add("torch_varlen")
+    return frozenset(found)
+
+
+def choose_backend(
+    device_type: str,
+    dtype: torch.dtype,
+    requested: str = "auto",
+    *,
+    available: Collection[str] | None = None,
+) -> tuple[str, ...]:
+    """The paths :func:`varlen_attention` tries, in order, for tensors on ``device_type`` computing in ``dtype``.
+
+    A pure function of its arguments (``available`` defaults to :func:`available_backends`). Under
+    ``"auto"`` CUDA fp16/bf16 tries ``flash_attn``, then ``torch_varlen`` (those installed), then
+    ``sdpa``; every other case is ``("sdpa",)``. A forced ``"flash_attn"`` / ``"torch_varlen"`` is
+    the only path tried: ``ValueError`` when the tensors cannot run it (CPU, fp32), ``RuntimeError``
+    when it is not installed.
+    """
+    if requested not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
+    if requested == "sdpa":
+        return ("sdpa",)
+    fast = device_type == "cuda" and dtype in _HALF
+    if available is None:
+        available = available_backends() if fast else frozenset()
+    if requested == "auto":
+        if not fast:
+            return ("sdpa",)
+        return tuple(b for b in ("flash_attn", "torch_varlen") if b in available) + ("sdpa",)
+    if not fast:
+        raise ValueError(
+            f"varlen_attention: backend={requested!r} needs CUDA fp16/bf16 tensors, got {dtype} on {device_type}; "
+            "cast q, k, v to bf16 (or run under torch.autocast), or use backend='sdpa' / 'auto'"
+        )
+    if requested not in available:
+        why = ("flash-attn is not installed or does not import (pip install flash-attn)" if requested == "flash_attn"
+               else "this torch build has no torch.nn.attention.varlen.varlen_attn (torch >= 2.9)")
+        raise RuntimeError(f"varlen_attention: backend={requested!r} is not available: {why}; use backend='auto'")
+    return (requested,)
+
+
+def _requested_backend(requested: str | None) -> str:
     if requested is not None:
-        if requested not in _BACKENDS:
-            raise ValueError(f"backend must be one of {_BACKENDS}, got {requested!r}")
         return requested
     env = os.environ.get("BCR_KERNEL_BACKEND", "auto").lower()
     return "sdpa" if env == "torch" else "auto"
@@ -181,27 +268,30 @@ def _warn_once(key: str, msg: str) -> None:
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
-def _max_seqlen(cu: torch.Tensor, max_seqlen) -> int:
-    if max_seqlen is None:
-        return int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
-    return int(max_seqlen)
+def _window_size(causal: bool, sliding_window: int | None) -> tuple[int, int]:
+    """flash-attn's ``(left, right)``: query ``i`` sees keys ``i - left .. i + right`` (-1: unbounded)."""
+    left = -1 if sliding_window is None else sliding_window - 1
+    return left, 0 if causal else left
 
 
-def _run_flash_attn(q, k, v, cu, max_seqlen, causal, scale):
+def _run_flash_attn(q, k, v, cu, max_seqlen, causal, scale, sliding_window=None):
     fn = _flash_attn_varlen_func()
     if fn is None:
         return None
-    m = _max_seqlen(cu, max_seqlen)
-    return fn(q, k, v, cu, cu, m, m, dropout_p=0.0, softmax_scale=scale, causal=causal)
+    return fn(q, k, v, cu, cu, max_seqlen, max_seqlen, dropout_p=0.0, softmax_scale=scale, causal=causal,
+              window_size=_window_size(causal, sliding_window))
 
 
-def _run_torch_varlen(q, k, v, cu, max_seqlen, causal, scale):
+def _run_torch_varlen(q, k, v, cu, max_seqlen, causal, scale, sliding_window=None):
+    """torch's varlen flash kernel; None when this torch's signature cannot express the call."""
     fn, params = _torch_varlen_attn()
     if fn is None:
         return None
     kw = {}
     if "window_size" in params:
-        kw["window_size"] = (-1, 0) if causal else (-1, -1)
+        kw["window_size"] = _window_size(causal, sliding_window)
+    elif sliding_window is not None:
+        return None
     elif "is_causal" in params:
         kw["is_causal"] = causal
     elif causal:
@@ -218,8 +308,11 @@ def _run_torch_varlen(q, k, v, cu, max_seqlen, causal, scale):
             kw["scale"] = scale
         else:  # fold the scale into q: softmax((q * s / s0) k^T * s0) with s0 = 1 / sqrt(D)
             q = q * (scale * math.sqrt(q.shape[-1]))
-    m = _max_seqlen(cu, max_seqlen)
-    return fn(q, k, v, cu, cu, m, m, **kw)
+    return fn(q, k, v, cu, cu, max_seqlen, max_seqlen, **kw)
+
+
+# --------------------------------------------------------------------------------------------------
+# the SDPA path (CPU, fp32 on CUDA, fallback)
 
 
 @functools.lru_cache(maxsize=32)
@@ -293,15 +386,40 @@ def _group_plan(bounds: tuple[int, ...], device: torch.device):
     return tuple(groups), out_pos.to(device), in_tok, in_pos, in_row
 
 
-def _sdpa_varlen(q, k, v, bounds, causal, scale):
+def _group_mask(L: int, key_len, causal: bool, sliding_window: int | None, device):
+    """The boolean SDPA mask of one group (None: ``is_causal`` alone is exact), and whether it holds causality.
+
+    Padding sits at the end of each sequence, so under causality valid queries never see it; without
+    causality keys past a sequence's length are masked, except for the padded queries themselves
+    (their outputs are dropped, and a row with no key at all would turn into NaNs in the backward).
+    A sliding window of ``W`` keeps the keys at distance ``< W`` (before the query, or either side).
+    """
+    windowed = sliding_window is not None and L > sliding_window
+    if not windowed and (causal or key_len is None):
+        return None
+    pos = torch.arange(L, device=device)
+    mask = None
+    if windowed:
+        dist = pos[:, None] - pos[None, :]  # query - key
+        mask = (dist >= 0) & (dist < sliding_window) if causal else dist.abs() < sliding_window
+        mask = mask[None, None]  # [1, 1, L, L]
+    if key_len is not None and not causal:
+        key_ok = pos[None, :] < key_len[:, None]  # [S, L]
+        keep = (key_ok[:, None, :] | ~key_ok[:, :, None])[:, None]  # [S, 1, L, L]: padded queries see all
+        mask = keep if mask is None else mask & keep
+    return mask
+
+
+def _sdpa_varlen(q, k, v, bounds, causal, scale, sliding_window):
     hq, hkv, dv = q.shape[1], k.shape[1], v.shape[-1]
     groups, out_pos, in_tok, in_pos, in_rows = _group_plan(bounds, q.device)
     extra = {"enable_gqa": True} if hq != hkv else {}
 
-    def attend(qq, kk, vv, mask=None):  # [S, L, H, D] views -> [S * L, Hq, Dv]
+    def attend(qq, kk, vv, key_len=None):  # [S, L, H, D] views -> [S * L, Hq, Dv]
+        mask = _group_mask(qq.shape[1], key_len, causal, sliding_window, q.device)
         o = F.scaled_dot_product_attention(
             qq.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2),
-            attn_mask=mask, is_causal=causal, scale=scale, **extra,
+            attn_mask=mask, is_causal=causal and mask is None, scale=scale, **extra,
         )
         return o.transpose(1, 2).reshape(-1, hq, dv)
 
@@ -323,21 +441,56 @@ def _sdpa_varlen(q, k, v, bounds, causal, scale):
             continue
         _, S, L, row, key_len = grp
         n = S * L
-        mask = None
-        if key_len is not None and not causal:  # causal: pads sit after every valid key, never seen
-            mask = (torch.arange(L, device=q.device)[None, :] < key_len[:, None])[:, None, None, :]
-        outs.append(
-            attend(pq[row : row + n].view(S, L, hq, -1), pk[row : row + n].view(S, L, hkv, -1),
-                   pv[row : row + n].view(S, L, hkv, -1), mask)
-        )
+        outs.append(attend(pq[row : row + n].view(S, L, hq, -1), pk[row : row + n].view(S, L, hkv, -1),
+                           pv[row : row + n].view(S, L, hkv, -1), key_len))
     out = torch.cat(outs)
     return out if out_pos is None else out.index_select(0, out_pos)
 
 
-def _check_bounds(bounds: list[int], T: int) -> None:
+# --------------------------------------------------------------------------------------------------
+# cu_seqlens validation (once per tensor: every layer of a forward gets the same cu_seqlens object)
+
+
+class _ValidatedBounds:
+    """The validated host copy of the last ``cu_seqlens`` tensor seen (one device-to-host read per tensor).
+
+    Keyed on the tensor object through a weak reference (a freed tensor can never match), its version
+    counter (in-place edits invalidate), ``T`` and ``max_seqlen``.
+    """
+
+    def __init__(self):
+        self.ref = None
+        self.key = None
+        self.bounds: tuple[int, ...] = ()
+
+    def get(self, cu_seqlens: torch.Tensor, T: int, max_seqlen: int | None) -> tuple[int, ...]:
+        try:
+            key = (cu_seqlens._version, T, max_seqlen)
+        except RuntimeError:  # inference-mode tensors have no version counter: never cache them
+            key = None
+        if key is not None and self.ref is not None and self.ref() is cu_seqlens and self.key == key:
+            return self.bounds
+        bounds = tuple(cu_seqlens.tolist())
+        _check_bounds(bounds, T, max_seqlen)
+        self.ref, self.key, self.bounds = weakref.ref(cu_seqlens), key, bounds
+        return bounds
+
+
+_validated = _ValidatedBounds()
+
+
+def _check_bounds(bounds: tuple[int, ...], T: int, max_seqlen: int | None) -> None:
     if not bounds or bounds[0] != 0 or bounds[-1] != T or any(b < a for a, b in itertools.pairwise(bounds)):
-        head = bounds if len(bounds) <= 8 else bounds[:4] + ["..."] + bounds[-3:]
+        head = list(bounds) if len(bounds) <= 8 else [*bounds[:4], "...", *bounds[-3:]]
         raise ValueError(f"cu_seqlens must be non-decreasing from 0 to T={T}, got {head}")
+    longest = max((b - a for a, b in itertools.pairwise(bounds)), default=0)
+    if max_seqlen is not None and max_seqlen < longest:
+        raise ValueError(f"max_seqlen={max_seqlen} is shorter than the longest sequence ({longest}) in cu_seqlens; "
+                         "pass the true maximum (or None to derive it)")
+
+
+# --------------------------------------------------------------------------------------------------
+# the op
 
 
 def varlen_attention(
@@ -349,17 +502,47 @@ def varlen_attention(
     *,
     causal: bool = True,
     softmax_scale: float | None = None,
+    sliding_window: int | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Attention within each of the sequences packed in ``q [T, Hq, D]``, ``k``/``v [T, Hkv, D]``.
 
     ``cu_seqlens`` is the int32 ``[S + 1]`` prefix sums of the sequence lengths (``cu_seqlens[0] == 0``,
-    ``cu_seqlens[-1] == T``; repeated entries are empty sequences). ``max_seqlen`` is the longest
-    length (used by the CUDA kernels; derived with a sync when None). ``softmax_scale`` defaults to
-    ``D ** -0.5``. ``backend`` (``"auto"``, ``"flash_attn"``, ``"torch_varlen"``, ``"sdpa"``) forces a
-    path; the default follows ``BCR_KERNEL_BACKEND`` (``torch`` means ``"sdpa"``). Returns
-    ``[T, Hq, Dv]`` in ``q``'s dtype.
+    ``cu_seqlens[-1] == T``; repeated entries are empty sequences); it is validated on every path
+    (``ValueError``; read once per tensor object, so the layers of one forward share one read).
+    ``max_seqlen`` is the longest length (derived when None; a smaller value is an error).
+    ``softmax_scale`` defaults to ``D ** -0.5``. ``sliding_window=W`` keeps, for each query, the keys
+    at distance ``< W`` (the query and the ``W - 1`` before it; either side without ``causal``), as
+    transformers' sliding-window layers do. ``backend`` (``"auto"``, ``"flash_attn"``,
+    ``"torch_varlen"``, ``"sdpa"``) forces a path, see :func:`choose_backend`; the default follows
+    ``BCR_KERNEL_BACKEND`` (``torch`` means ``"sdpa"``). q, k, v are cast to :func:`compute_dtype`
+    first; returns ``[T, Hq, Dv]`` in that dtype. :func:`last_dispatch` tells what ran.
     """
+    global _last_dispatch
+    _check_inputs(q, k, v, cu_seqlens, sliding_window)
+    T = q.shape[0]
+    bounds = _validated.get(cu_seqlens, T, None if max_seqlen is None else int(max_seqlen))
+    input_dtypes = (q.dtype, k.dtype, v.dtype)
+    dtype = compute_dtype(q, k, v)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    candidates = choose_backend(q.device.type, dtype, _requested_backend(backend))
+    longest = max((b - a for a, b in itertools.pairwise(bounds)), default=0)
+    if sliding_window is not None and sliding_window >= longest:
+        sliding_window = None  # the window covers every sequence whole: plain attention
+    if T == 0:
+        ran = candidates[-1]
+        out = q.new_zeros(0, q.shape[1], v.shape[-1])
+        if q.requires_grad or k.requires_grad or v.requires_grad:
+            out = out + 0 * (q.sum() + k.sum() + v.sum())  # keep the graph (zero gradients)
+    else:
+        m = longest if max_seqlen is None else int(max_seqlen)
+        ran, out = _run_first_that_works(candidates, q, k, v, cu_seqlens, bounds, m, causal, softmax_scale,
+                                         sliding_window)
+    _last_dispatch = Dispatch(ran, q.device.type, dtype, input_dtypes, sliding_window)
+    return out
+
+
+def _check_inputs(q, k, v, cu_seqlens, sliding_window) -> None:
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
         raise ValueError(
             f"q, k, v must be [T, H, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
@@ -374,195 +557,30 @@ def varlen_attention(
         raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
     if cu_seqlens.dim() != 1:
         raise ValueError(f"cu_seqlens must be 1-D [S + 1], got shape {tuple(cu_seqlens.shape)}")
-    which = _backend(backend)
-    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
-
-    if q.is_cuda and q.dtype in _HALF and which in ("auto", "flash_attn", "torch_varlen") and q.shape[0] > 0:
-        runners = {"flash_attn": [_run_flash_attn], "torch_varlen": [_run_torch_varlen]}.get(
-            which, [_run_flash_attn, _run_torch_varlen]
-        )
-        for run in runners:
-            try:
-                out = run(q, k, v, cu, max_seqlen, causal, softmax_scale)
-            except (RuntimeError, ValueError) as exc:  # unsupported GPU / head dim: fall through
-                _warn_once(run.__name__, f"varlen_attention: {run.__name__[5:]} failed ({exc}); using SDPA")
-                continue
-            if out is not None:
-                return out
-        if which != "auto":
-            _warn_once(which, f"varlen_attention: backend {which!r} unavailable here; using SDPA")
-
-    bounds = cu_seqlens.tolist()
-    T = q.shape[0]
-    _check_bounds(bounds, T)
-    if T == 0 or bounds[0] == bounds[-1]:
-        out = q.new_zeros(T, hq, v.shape[-1])
-        if q.requires_grad or k.requires_grad or v.requires_grad:
-            out = out + 0 * (q.sum() + k.sum() + v.sum())  # keep the graph (zero gradients)
-        return out
-    return _sdpa_varlen(q, k, v, tuple(bounds), causal, softmax_scale)
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be a positive number of keys (or None), got {sliding_window}")
 
 
-# --------------------------------------------------------------------------------------------------
-# transformers integration
-
-
-class _CuCache:
-    """Remembers the ``cu_seqlens`` derived from the last ``position_ids`` tensor seen.
-
-    A model hands the same ``position_ids`` object to every layer, so one forward derives (and syncs)
-    once. Keyed on the object itself through a weak reference (a freed tensor can never match) and on
-    its version counter (in-place edits invalidate).
-    """
-
-    def __init__(self):
-        self.ref = None
-        self.key = None
-        self.value = None
-
-    def get(self, position_ids: torch.Tensor, batch_size: int):
-        """``(cu_seqlens, max_seqlen)`` of ``position_ids`` (``[T]``, ``[1, T]``, ``[B, T]``) as ``B`` rows."""
+def _run_first_that_works(candidates, q, k, v, cu_seqlens, bounds, max_seqlen, causal, scale, sliding_window):
+    """``(name, output)`` of the first candidate path that runs. A single (forced) candidate runs or
+    raises; under ``auto`` a failing CUDA kernel falls through to the next path, except on out-of-memory."""
+    runners = {"flash_attn": _run_flash_attn, "torch_varlen": _run_torch_varlen}
+    fast = [name for name in candidates if name != "sdpa"]
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32) if fast else None
+    for name in fast:
+        if len(candidates) == 1:
+            out = runners[name](q, k, v, cu, max_seqlen, causal, scale, sliding_window)
+            if out is None:
+                raise RuntimeError(f"varlen_attention: this torch's varlen_attn cannot run causal={causal}, "
+                                   f"sliding_window={sliding_window}; use backend='auto'")
+            return name, out
         try:
-            key = (position_ids._version, batch_size)
-        except RuntimeError:  # inference-mode tensors have no version counter: never cache them
-            key = None
-        if key is not None and self.ref is not None and self.ref() is position_ids and self.key == key:
-            return self.value
-        rows = position_ids if position_ids.dim() == 2 else position_ids[None]
-        if rows.shape[0] != batch_size:
-            rows = rows.expand(batch_size, -1)
-        cu = cu_seqlens_from_position_ids(rows)
-        self.value = (cu, _max_seqlen(cu, None))
-        self.ref = weakref.ref(position_ids)
-        self.key = key
-        return self.value
-
-
-_cu_cache = _CuCache()
-
-
-def _as_int(x) -> int | None:
-    if x is None:
-        return None
-    return int(x.item()) if isinstance(x, torch.Tensor) else int(x)
-
-
-def bcr_varlen_attention_forward(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    sliding_window: int | None = None,
-    softcap: float | None = None,
-    is_causal: bool | None = None,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """transformers attention function (``attn_implementation="bcr_varlen"``).
-
-    ``query`` is ``[B, Hq, L, D]``, ``key``/``value`` ``[B, Hkv, Lk, D]``; returns ``([B, L, Hq, D], None)``.
-    Without an attention mask and with ``L == Lk`` the rows are split into sequences from, in order,
-    the ``cu_seq_lens_q``/``max_length_q`` kwargs (see :func:`packed_model_kwargs`; they index the
-    flattened ``B * L`` tokens), or the ``position_ids`` kwarg (a sequence starts wherever the
-    position does not continue; see :func:`cu_seqlens_from_position_ids`), and run through
-    :func:`varlen_attention`. With a padding mask (``[B, 1, L, Lk]``, built by :func:`bcr_varlen_mask`)
-    or a cache (``L != Lk``, generation) it is transformers' SDPA attention. As with
-    ``flash_attention_2``, an all-ones 2-D attention mask counts as no mask, so packed ``position_ids``
-    still split the row (``sdpa``/``eager`` would not split it then).
-    """
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    if softcap is not None:
-        raise NotImplementedError("bcr_varlen attention does not support softcap; use eager attention")
-    if kwargs.get("s_aux") is not None or kwargs.get("position_bias") is not None:
-        raise NotImplementedError("bcr_varlen attention does not support attention sinks or position bias")
-    B, hq, L, D = query.shape
-    Lk = key.shape[2]
-    cu = kwargs.get("cu_seq_lens_q")
-    position_ids = kwargs.get("position_ids")
-    varlen = attention_mask is None and L == Lk and (cu is not None or position_ids is not None)
-    if not varlen:
-        if attention_mask is None and sliding_window is not None and Lk > sliding_window:
-            raise NotImplementedError("bcr_varlen attention does not support sliding-window attention")
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-            is_causal=is_causal, **kwargs,
-        )
-
-    if cu is not None:
-        cu_k = kwargs.get("cu_seq_lens_k")
-        if cu_k is not None and cu_k is not cu and not torch.equal(cu_k.to(cu.device), cu):
-            raise NotImplementedError("bcr_varlen attention needs cu_seq_lens_k == cu_seq_lens_q (self-attention)")
-        max_seqlen = _as_int(kwargs.get("max_length_q"))
-    else:
-        cu, max_seqlen = _cu_cache.get(position_ids, B)
-    if sliding_window is not None and _max_seqlen(cu, max_seqlen) > sliding_window:
-        raise NotImplementedError(
-            f"bcr_varlen attention does not support sliding-window attention (window {sliding_window} is "
-            "shorter than the longest packed sequence); use flash_attention_2 or sdpa"
-        )
-    if dropout:
-        raise NotImplementedError("bcr_varlen attention does not support attention dropout; set attention_dropout=0")
-    # [B, H, L, D] -> [B * L, H, D] (a free view when query comes from the usual [B, L, H, D] projection)
-    q = query.transpose(1, 2).reshape(B * L, hq, D)
-    k = key.transpose(1, 2).reshape(B * L, key.shape[1], D)
-    v = value.transpose(1, 2).reshape(B * L, value.shape[1], value.shape[-1])
-    out = varlen_attention(q, k, v, cu, max_seqlen, causal=causal, softmax_scale=scaling)
-    return out.view(B, L, hq, value.shape[-1]), None
-
-
-def bcr_varlen_mask(
-    batch_size: int,
-    q_length: int,
-    kv_length: int,
-    q_offset=0,
-    kv_offset=0,
-    mask_function=None,
-    attention_mask: torch.Tensor | None = None,
-    **kwargs,
-):
-    """transformers mask function for ``"bcr_varlen"``: no mask unless one is needed.
-
-    Returns None (no ``[L, L]`` mask is built; packing is read from ``position_ids`` by the attention
-    function) when there is no padding and queries and keys line up (``q_length == kv_length``, no
-    cache offset). Otherwise -- padding, or decoding with a cache -- it is transformers' SDPA mask.
-    """
-    no_padding = attention_mask is None or bool(attention_mask.all())
-    if no_padding and q_length == kv_length and not (isinstance(kv_offset, int) and kv_offset != 0):
-        return None
-    from transformers.masking_utils import sdpa_mask
-
-    if mask_function is not None:
-        kwargs["mask_function"] = mask_function
-    return sdpa_mask(
-        batch_size=batch_size,
-        q_length=q_length,
-        kv_length=kv_length,
-        q_offset=q_offset,
-        kv_offset=kv_offset,
-        attention_mask=attention_mask,
-        **kwargs,
-    )
-
-
-def register_transformers() -> bool:
-    """Register ``"bcr_varlen"`` with transformers' attention and mask interfaces (idempotent).
-
-    Runs at ``import bcr_kernels``; returns False when transformers is not installed.
-    """
-    if importlib.util.find_spec("transformers") is None:
-        return False
-    try:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface
-    except ImportError:
-        return False
-    AttentionInterface.register(ATTN_IMPLEMENTATION, bcr_varlen_attention_forward)
-    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, bcr_varlen_mask)
-    return True
-
-
-register_transformers()
+            out = runners[name](q, k, v, cu, max_seqlen, causal, scale, sliding_window)
+        except torch.OutOfMemoryError:
+            raise  # the SDPA fallback needs more memory, not less
+        except (RuntimeError, ValueError) as exc:  # unsupported GPU / head dim: fall through
+            _warn_once(name, f"varlen_attention: {name} failed ({exc}); trying the next path")
+            continue
+        if out is not None:
+            return name, out
+    return "sdpa", _sdpa_varlen(q, k, v, bounds, causal, scale, sliding_window)

@@ -9,10 +9,14 @@ Every implementation gets the same packed tokens (lengths drawn once per shape, 
   varlen flash kernel on CUDA; grouped SDPA on the CPU);
 - ``bcr_sdpa``: the same entry point forced onto its SDPA grouping path (CUDA only: on the CPU it is
   ``bcr``);
+- ``bcr_window``: ``bcr`` with a sliding window of a quarter of the longest length (flash-attn's
+  ``window_size`` on CUDA, a band mask on the SDPA path), as Mistral / Gemma sliding layers run;
 - ``reference``: :func:`bcr_kernels.reference.varlen_attention` (one 3-D SDPA call per sequence, with
   ``repeat_interleave`` copies of k/v);
 - ``padded``: the classic unpacked layout -- every sequence padded to the longest, one causal
   ``[S, H, Lmax, D]`` SDPA call (``enable_gqa``), padding stripped afterwards.
+
+For the ``bcr*`` rows ``extra_info["backend"]`` records the path that ran (``last_dispatch()``).
 
 On CUDA: bf16, D=128, head layouts of Qwen2.5-1.5B (12 q / 2 kv heads) and Qwen3-4B (32 / 8), packs of
 8k and 32k tokens with lengths uniform in [64, 4096]; peak memory is recorded. On CPU: fp32, one
@@ -28,7 +32,7 @@ import torch.nn.functional as F
 pytest.importorskip("pytest_benchmark", reason="pytest-benchmark not installed")
 
 from bcr_kernels import reference
-from bcr_kernels.varlen_attention import varlen_attention
+from bcr_kernels.varlen_attention import last_dispatch, varlen_attention
 
 pytestmark = pytest.mark.benchmark(group="varlen_attention")
 
@@ -47,7 +51,7 @@ else:
     SHAPES = [(1024, 8, 2, 32, 16, 256)]
     DTYPE = torch.float32
     ROUNDS = 3
-IMPLS = ["bcr", "bcr_sdpa", "reference", "padded"]
+IMPLS = ["bcr", "bcr_sdpa", "bcr_window", "reference", "padded"]
 MODES = ["fwd", "fwd_bwd"]
 
 
@@ -83,6 +87,8 @@ def _make_impl(name):
         if not CUDA:
             pytest.skip("on the CPU bcr already runs its SDPA path")
         return lambda q, k, v, cu, m: varlen_attention(q, k, v, cu, m, backend="sdpa")
+    if name == "bcr_window":
+        return lambda q, k, v, cu, m: varlen_attention(q, k, v, cu, m, sliding_window=max(1, m // 4))
     if name == "reference":
         return lambda q, k, v, cu, m: reference.varlen_attention(q, k, v, cu, m)
     if name == "padded":
@@ -140,10 +146,13 @@ def test_varlen_attention(benchmark, impl, mode, shape):
         peak = torch.cuda.max_memory_allocated()
         benchmark.extra_info["peak_mem_over_inputs_bytes"] = peak - base
         benchmark.extra_info["device"] = torch.cuda.get_device_name()
+    if impl.startswith("bcr"):
+        benchmark.extra_info["backend"] = last_dispatch().backend
 
     benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=1)
 
     # causal attention FLOPs actually needed: 4 * sum(L^2 / 2) * Hq * D forward, 2.5x that fwd+bwd
+    # (full attention's count: for bcr_window, which needs less, it is an upper bound)
     flops = 2 * sum(n * n for n in lengths) * hq * d * (1.0 if mode == "fwd" else 3.5)
     benchmark.extra_info.update(
         impl=impl, mode=mode, T=T, Hq=hq, Hkv=hkv, D=d, S=len(lengths), max_seqlen=max_seqlen,

@@ -1,10 +1,10 @@
-"""varlen_attention against the per-sequence reference, and the "bcr_varlen" transformers backend.
+"""varlen_attention against the per-sequence reference (the transformers backend: test_transformers_attention.py).
 
-Op level: values and q/k/v gradients against ``bcr_kernels.reference.varlen_attention`` (GQA and
-MHA, causal and not, explicit softmax scale, fp32 and bf16, T=1, length-1 and empty sequences, the
-padded-group and the no-padding layouts of the SDPA path). Model level: a packed row through tiny
-random Qwen2 / Llama models with ``attn_implementation="bcr_varlen"`` gives the logits and the
-parameter gradients of running each sequence on its own with the stock sdpa/eager attention.
+Values and q/k/v gradients against ``bcr_kernels.reference.varlen_attention`` (GQA and MHA, causal
+and not, explicit softmax scale, fp32 and bf16, T=1, length-1 and empty sequences, the padded-group
+and the no-padding layouts of the SDPA path); sliding windows against a masked-softmax oracle; the
+dispatch (compute dtype under autocast, forced backends, fallbacks, OOM) and cu_seqlens validation
+on every path.
 """
 
 from __future__ import annotations
@@ -14,13 +14,12 @@ import sys
 import pytest
 import torch
 
-import bcr_kernels  # noqa: F401  (registers "bcr_varlen" with transformers)
 from bcr_kernels import reference
 from bcr_kernels.varlen_attention import (
-    ATTN_IMPLEMENTATION,
-    bcr_varlen_attention_forward,
-    bcr_varlen_mask,
+    choose_backend,
+    compute_dtype,
     cu_seqlens_from_position_ids,
+    last_dispatch,
     packed_model_kwargs,
     position_ids_from_cu_seqlens,
     varlen_attention,
@@ -232,177 +231,169 @@ def test_position_ids_round_trip_and_kwargs():
     assert kw["cu_seq_lens_q"].tolist() == cu.tolist() and kw["cu_seq_lens_q"].dtype == torch.int32
 
 
-# ---------------------------------------------------------------- transformers integration
-
-transformers = pytest.importorskip("transformers")
+# ---------------------------------------------------------------- sliding window
 
 
-def test_registered_with_transformers():
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-
-    assert AttentionInterface._global_mapping[ATTN_IMPLEMENTATION] is bcr_varlen_attention_forward
-    assert ALL_MASK_ATTENTION_FUNCTIONS[ATTN_IMPLEMENTATION] is bcr_varlen_mask
-
-
-def _tiny(arch, attn="bcr_varlen", **extra):
-    torch.manual_seed(0)
-    common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **extra)
-    if arch == "qwen2":
-        cfg = transformers.Qwen2Config(**common)
-        model = transformers.Qwen2ForCausalLM(cfg)
-    else:
-        cfg = transformers.LlamaConfig(**common)
-        model = transformers.LlamaForCausalLM(cfg)
-    model.set_attn_implementation(attn)
-    return model
+def _windowed_oracle(q, k, v, cu, causal, window, scale=None):
+    """Per sequence: explicit scores, a |query - key| < window band (and causality), softmax, values."""
+    hq, hkv = q.shape[1], k.shape[1]
+    out = []
+    for s, e in zip(cu.tolist()[:-1], cu.tolist()[1:]):
+        if e == s:
+            continue
+        qs = q[s:e].transpose(0, 1)
+        ks = k[s:e].transpose(0, 1).repeat_interleave(hq // hkv, dim=0)
+        vs = v[s:e].transpose(0, 1).repeat_interleave(hq // hkv, dim=0)
+        scores = qs @ ks.transpose(1, 2) * (scale if scale is not None else q.shape[-1] ** -0.5)
+        pos = torch.arange(e - s)
+        dist = pos[:, None] - pos[None, :]
+        keep = dist.abs() < window
+        if causal:
+            keep &= dist >= 0
+        out.append((scores.masked_fill(~keep, float("-inf")).softmax(-1) @ vs).transpose(0, 1))
+    return torch.cat(out) if out else q.new_zeros(0, hq, v.shape[-1])
 
 
-def test_no_dense_mask_for_packed_rows():
-    from transformers.masking_utils import create_causal_mask
-
-    model = _tiny("qwen2")
-    pos = position_ids_from_cu_seqlens(_cu([3, 5, 1]))
-    mask = create_causal_mask(config=model.config, inputs_embeds=torch.zeros(1, 9, 64), attention_mask=None,
-                              cache=None, position_ids=pos)
-    assert mask is None
-    # a real padding mask still becomes an SDPA mask
-    pad = torch.ones(2, 9, dtype=torch.long)
-    pad[0, :2] = 0
-    mask = create_causal_mask(config=model.config, inputs_embeds=torch.zeros(2, 9, 64), attention_mask=pad,
-                              cache=None, position_ids=None)
-    assert mask is not None and mask.shape[-2:] == (9, 9)
+WINDOW_LENGTHS = {
+    "slices_and_pads": [3, 250, 400, 240, 2],  # long slices, a padded long group, a padded short group
+    "padded_short": [10, 9, 2, 1, 0, 12],  # one padded group, sequences longer and shorter than the window
+    "equal_lengths": [16, 16, 16],  # the one [S, L] batch layout, every sequence longer than the window
+}
 
 
-def test_mask_with_cache_offset_is_sdpa_mask():
-    """Chunked prefill (queries after cached keys): a real mask, not None, even without padding."""
-    from transformers.masking_utils import causal_mask_function, sdpa_mask
-
-    kw = {"batch_size": 1, "q_length": 3, "kv_length": 5, "q_offset": 2, "kv_offset": 0,
-          "mask_function": causal_mask_function, "attention_mask": None, "allow_is_causal_skip": True,
-          "device": "cpu"}
-    mask = bcr_varlen_mask(**kw)
-    assert mask is not None and torch.equal(mask, sdpa_mask(**kw))
-    assert bcr_varlen_mask(**{**kw, "q_length": 5, "q_offset": 0}) is None
-
-
-PACK = [7, 1, 12, 4]
-
-
-def _per_sequence(model, seqs, weights):
-    """Logits and loss of running each sequence alone."""
-    logits = [model(input_ids=s[None], use_cache=False).logits[0] for s in seqs]
-    logits = torch.cat(logits)
-    return logits, (logits * weights).sum()
-
-
-@pytest.mark.parametrize("arch", ["qwen2", "llama"])
-@pytest.mark.parametrize("route", ["position_ids", "packed_kwargs"])
-def test_packed_model_matches_per_sequence(arch, route):
-    model = _tiny(arch).train()  # dropout is 0; train mode exercises the training path
-    g = torch.Generator().manual_seed(1)
-    seqs = [torch.randint(0, 128, (n,), generator=g) for n in PACK]
-    cu = _cu(PACK)
+@pytest.mark.parametrize("lengths", list(WINDOW_LENGTHS.values()), ids=list(WINDOW_LENGTHS))
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("window", [1, 5, 64])
+def test_sliding_window_matches_oracle(lengths, causal, window):
+    cu = _cu(lengths)
     T = int(cu[-1])
-    weights = torch.randn(T, 128, generator=g)
+    q, k, v = _qkv(T, 4, 2, 8)
+    g = torch.randn(T, 4, 8)
+    out, grads = _fwd_bwd(varlen_attention, q, k, v, cu, g, causal=causal, sliding_window=window, softmax_scale=0.4)
+    ref, ref_grads = _fwd_bwd(_windowed_oracle, q, k, v, cu, g, causal=causal, window=window, scale=0.4)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for name, a, b in zip("qkv", grads, ref_grads):
+        assert torch.isfinite(a).all(), f"grad {name} has non-finite entries"
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"grad {n}: {m}")
+    # where a sequence is longer than the window it is in effect (the oracle comparison can fail)
+    full = varlen_attention(q, k, v, cu, causal=causal, softmax_scale=0.4)
+    assert ((full - out).abs().max() > 1e-3) == (window < max(lengths))
 
-    model.set_attn_implementation("sdpa")
-    ref_logits, ref_loss = _per_sequence(model, seqs, weights)
-    ref_grads = torch.autograd.grad(ref_loss, list(model.parameters()))
 
-    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+def test_sliding_window_longer_than_every_sequence_is_plain_attention():
+    cu = _cu([7, 1, 5])
+    q, k, v = (t.detach() for t in _qkv(13, 2, 1, 8))
+    torch.testing.assert_close(varlen_attention(q, k, v, cu, sliding_window=7), varlen_attention(q, k, v, cu),
+                               atol=0, rtol=0)
+    assert last_dispatch().sliding_window is None  # recorded as what ran: no window
+    varlen_attention(q, k, v, cu, sliding_window=6)
+    assert last_dispatch().sliding_window == 6
+    with pytest.raises(ValueError, match="sliding_window"):
+        varlen_attention(q, k, v, cu, sliding_window=0)
+
+
+# ---------------------------------------------------------------- dispatch: dtype, forced backends, fallbacks
+
+
+def test_choose_backend_is_decided_on_the_compute_dtype():
+    both = {"flash_attn", "torch_varlen"}
+    assert choose_backend("cuda", torch.bfloat16, available=both) == ("flash_attn", "torch_varlen", "sdpa")
+    assert choose_backend("cuda", torch.float16, available={"torch_varlen"}) == ("torch_varlen", "sdpa")
+    assert choose_backend("cuda", torch.float32, available=both) == ("sdpa",)
+    assert choose_backend("cpu", torch.bfloat16, available=both) == ("sdpa",)
+    assert choose_backend("cuda", torch.bfloat16, "flash_attn", available=both) == ("flash_attn",)
+    assert choose_backend("cuda", torch.bfloat16, "sdpa", available=both) == ("sdpa",)
+
+
+def test_forced_backend_is_never_silently_ignored():
+    with pytest.raises(ValueError, match="needs CUDA fp16/bf16"):
+        choose_backend("cuda", torch.float32, "flash_attn", available={"flash_attn"})
+    with pytest.raises(ValueError, match="needs CUDA fp16/bf16"):
+        choose_backend("cpu", torch.bfloat16, "torch_varlen", available={"torch_varlen"})
+    with pytest.raises(RuntimeError, match="not available: flash-attn is not installed"):
+        choose_backend("cuda", torch.bfloat16, "flash_attn", available={"torch_varlen"})
+    with pytest.raises(ValueError, match="backend must be one of"):
+        choose_backend("cuda", torch.bfloat16, "nope")
+    q, k, v = _qkv(6, 4, 2, 8)  # CPU fp32: the op refuses a forced CUDA kernel instead of running SDPA
+    for backend in ("flash_attn", "torch_varlen"):
+        with pytest.raises(ValueError, match=backend):
+            varlen_attention(q, k, v, _cu([6]), backend=backend)
+
+
+def test_autocast_casts_to_the_autocast_dtype_and_records_it():
+    """RoPE under autocast hands over fp32 q, k and a bf16 v: the op computes in bf16, as autocast would."""
+    cu = _cu([9, 4])
+    q, k = (torch.randn(13, 4, 8, requires_grad=True) for _ in range(2))
+    v = torch.randn(13, 2, 8).to(torch.bfloat16).requires_grad_()
+    k = k[:, :2]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert compute_dtype(q, k, v) == torch.bfloat16
+        out = varlen_attention(q, k, v, cu)
+    rec = last_dispatch()
+    assert (rec.backend, rec.device_type, rec.dtype) == ("sdpa", "cpu", torch.bfloat16)
+    assert rec.input_dtypes == (torch.float32, torch.float32, torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    # on CUDA the same dtype takes the fast kernels first
+    assert choose_backend("cuda", rec.dtype, available={"flash_attn", "torch_varlen"})[0] == "flash_attn"
+    ref = reference.varlen_attention(q.detach().bfloat16().float(), k.detach().bfloat16().float(), v.detach().float(), cu)
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+    out.float().sum().backward()
+    assert q.grad.dtype == torch.float32 and v.grad.dtype == torch.bfloat16
+    # outside autocast, mixed dtypes compute in their common dtype
+    assert compute_dtype(q, k, v) == torch.float32
+
+
+def _fake_flash(calls, exc=None):
+    def run(q, k, v, cu, max_seqlen, causal, scale, sliding_window=None):
+        calls.append((cu.tolist(), max_seqlen))
+        if exc is not None:
+            raise exc
+        return reference.varlen_attention(q, k, v, cu, causal=causal, softmax_scale=scale)
+    return run
+
+
+def _pretend_cuda(monkeypatch, run):
+    """Route the CPU tensors down the CUDA candidate list, with ``run`` standing in for flash-attn."""
+    monkeypatch.setattr(va_module, "choose_backend", lambda *a, **kw: ("flash_attn", "sdpa"))
+    monkeypatch.setattr(va_module, "_run_flash_attn", run)
+
+
+def test_fast_path_validates_cu_seqlens(monkeypatch):
     calls = []
-    real = va_module.varlen_attention
-
-    def spy(*a, **kw):
-        calls.append(a[3].tolist())
-        return real(*a, **kw)
-
-    va_module.varlen_attention = spy
-    try:
-        kwargs = {"position_ids": position_ids_from_cu_seqlens(cu)}
-        if route == "packed_kwargs":
-            kwargs.update(packed_model_kwargs(cu, max(PACK)))
-        logits = model(input_ids=torch.cat(seqs)[None], **kwargs).logits[0]
-    finally:
-        va_module.varlen_attention = real
-    assert calls == [cu.tolist()] * model.config.num_hidden_layers  # every layer took the varlen path
-    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-4)
-    loss = (logits * weights).sum()
-    grads = torch.autograd.grad(loss, list(model.parameters()))
-    for (name, _), a, b in zip(model.named_parameters(), grads, ref_grads):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+    _pretend_cuda(monkeypatch, _fake_flash(calls))
+    q, k, v = (t.detach() for t in _qkv(6, 4, 2, 8))
+    for bad in (_cu([2, 3]), torch.tensor([0, 4, 2, 6], dtype=torch.int32), torch.tensor([1, 6], dtype=torch.int32)):
+        with pytest.raises(ValueError, match="cu_seqlens"):
+            varlen_attention(q, k, v, bad, max_seqlen=6)
+    with pytest.raises(ValueError, match="max_seqlen=3 is shorter"):
+        varlen_attention(q, k, v, _cu([2, 4]), max_seqlen=3)
+    assert calls == []  # the kernel never saw a bad cu_seqlens
+    out = varlen_attention(q, k, v, _cu([2, 4]), max_seqlen=4)
+    assert calls == [([0, 2, 6], 4)] and last_dispatch().backend == "flash_attn"
+    torch.testing.assert_close(out, reference.varlen_attention(q, k, v, _cu([2, 4])))
 
 
-def test_packed_model_matches_eager_reference():
-    model = _tiny("qwen2").eval()
-    g = torch.Generator().manual_seed(2)
-    seqs = [torch.randint(0, 128, (n,), generator=g) for n in PACK]
-    model.set_attn_implementation("eager")
-    with torch.no_grad():
-        ref = torch.cat([model(input_ids=s[None]).logits[0] for s in seqs])
-        model.set_attn_implementation(ATTN_IMPLEMENTATION)
-        # use_cache left at its default (True): the packed row must still be split
-        out = model(input_ids=torch.cat(seqs)[None], position_ids=position_ids_from_cu_seqlens(_cu(PACK))).logits[0]
-        with torch.inference_mode():  # inference tensors (no version counter) take the same path
-            inf = model(input_ids=torch.cat(seqs)[None],
-                        position_ids=position_ids_from_cu_seqlens(_cu(PACK))).logits[0].clone()
-        # without position_ids the row is one sequence: visibly different (the comparison can fail)
-        joined = model(input_ids=torch.cat(seqs)[None]).logits[0]
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(inf, ref, atol=1e-5, rtol=1e-4)
-    assert (joined[PACK[0]:] - ref[PACK[0]:]).abs().max() > 1e-2
+def test_validation_is_read_once_per_tensor_and_sees_in_place_edits():
+    q, k, v = (t.detach() for t in _qkv(6, 4, 2, 8))
+    cu = _cu([2, 4])
+    varlen_attention(q, k, v, cu)
+    assert va_module._validated.ref() is cu  # the next layer with this tensor reuses the checked copy
+    cu[1] = 7  # in place: the version counter moves, the cached copy is not used
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        varlen_attention(q, k, v, cu)
 
 
-def test_position_ids_read_once_per_forward(monkeypatch):
-    """Every layer gets the same position_ids object: cu_seqlens is derived (one host sync) once."""
-    model = _tiny("qwen2").eval()
-    calls = []
-    real = va_module.cu_seqlens_from_position_ids
-    monkeypatch.setattr(va_module, "cu_seqlens_from_position_ids", lambda p: calls.append(1) or real(p))
-    pos = position_ids_from_cu_seqlens(_cu([5, 3]))
-    with torch.no_grad():
-        model(input_ids=torch.randint(0, 128, (1, 8)), position_ids=pos)
-        assert len(calls) == 1
-        model(input_ids=torch.randint(0, 128, (1, 8)), position_ids=pos.clone())  # a new tensor: derived again
-        assert len(calls) == 2
-
-
-@pytest.mark.parametrize("arch", ["qwen2", "llama"])
-def test_batched_rows_and_padding_follow_sdpa(arch):
-    model = _tiny(arch).eval()
-    ids = torch.randint(0, 128, (3, 9))
-    pad = torch.ones(3, 9, dtype=torch.long)
-    pad[1, :3] = 0  # left padding
-    with torch.no_grad():
-        model.set_attn_implementation(ATTN_IMPLEMENTATION)
-        plain, padded = model(input_ids=ids).logits, model(input_ids=ids, attention_mask=pad).logits
-        gen = model.generate(ids, attention_mask=pad, max_new_tokens=4, do_sample=False)
-        model.set_attn_implementation("sdpa")
-        plain_ref, padded_ref = model(input_ids=ids).logits, model(input_ids=ids, attention_mask=pad).logits
-        gen_ref = model.generate(ids, attention_mask=pad, max_new_tokens=4, do_sample=False)
-    torch.testing.assert_close(plain, plain_ref, atol=1e-5, rtol=1e-4)
-    keep = pad.bool()
-    torch.testing.assert_close(padded[keep], padded_ref[keep], atol=1e-5, rtol=1e-4)
-    assert torch.equal(gen, gen_ref)
-
-
-def test_sliding_window_in_effect_raises():
-    model = _tiny("qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=0).eval()
-    ids = torch.randint(0, 128, (1, 10))
-    with torch.no_grad(), pytest.raises(NotImplementedError, match="sliding"):
-        model(input_ids=ids, position_ids=position_ids_from_cu_seqlens(_cu([6, 4])))
-    with torch.no_grad():  # window longer than every packed sequence: nothing to slide, it runs
-        model(input_ids=ids[:, :7], position_ids=position_ids_from_cu_seqlens(_cu([3, 4])))
-
-
-def test_softcap_raises():
-    q = torch.randn(1, 4, 5, 8)
-    kv = torch.randn(1, 2, 5, 8)
-    module = torch.nn.Module()
-    with pytest.raises(NotImplementedError, match="softcap"):
-        bcr_varlen_attention_forward(module, q, kv, kv, None, softcap=30.0, position_ids=torch.arange(5)[None])
+def test_fast_path_failure_falls_back_but_oom_is_reraised(monkeypatch):
+    q, k, v = (t.detach() for t in _qkv(9, 4, 2, 8))
+    cu = _cu([4, 5])
+    _pretend_cuda(monkeypatch, _fake_flash([], RuntimeError("head dim 8 not supported")))
+    with pytest.warns(RuntimeWarning, match="flash_attn failed"):
+        out = varlen_attention(q, k, v, cu)
+    assert last_dispatch().backend == "sdpa"
+    torch.testing.assert_close(out, reference.varlen_attention(q, k, v, cu))
+    _pretend_cuda(monkeypatch, _fake_flash([], torch.OutOfMemoryError("CUDA out of memory")))
+    with pytest.raises(torch.OutOfMemoryError):
+        varlen_attention(q, k, v, cu)
 
 
 # ---------------------------------------------------------------- CUDA kernels (flash-attn / torch varlen)
@@ -426,3 +417,41 @@ def test_cuda_backends_match_reference(backend, causal):
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a.float(), b, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["auto", "flash_attn", "torch_varlen", "sdpa"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_cuda_sliding_window_matches_oracle(backend, causal):
+    if backend != "auto" and backend != "sdpa" and backend not in va_module.available_backends():
+        pytest.skip(f"{backend} is not installed")
+    lengths = [300, 1, 0, 77, 128, 5]
+    cu = _cu(lengths, device="cuda")
+    T = int(cu[-1])
+    q, k, v = _qkv(T, 8, 2, 64, dtype=torch.bfloat16, device="cuda")
+    g = torch.randn(T, 8, 64, device="cuda").to(torch.bfloat16)
+    out, grads = _fwd_bwd(varlen_attention, q, k, v, cu, g, max_seqlen=max(lengths), causal=causal,
+                          sliding_window=50, backend=backend)
+    if backend != "auto":
+        assert last_dispatch().backend == backend
+    q32, k32, v32 = (t.detach().float().cpu().requires_grad_() for t in (q, k, v))
+    ref, ref_grads = _fwd_bwd(_windowed_oracle, q32, k32, v32, cu.cpu(), g.float().cpu(), causal=causal, window=50)
+    torch.testing.assert_close(out.float().cpu(), ref, atol=2e-2, rtol=2e-2)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a.float().cpu(), b, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_autocast_mixed_dtypes_take_the_fast_kernel():
+    if not va_module.available_backends():
+        pytest.skip("neither flash-attn nor torch varlen_attn is available")
+    cu = _cu([100, 28], device="cuda")
+    q, k = torch.randn(128, 4, 64, device="cuda"), torch.randn(128, 2, 64, device="cuda")
+    v = torch.randn(128, 2, 64, device="cuda").to(torch.bfloat16)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = varlen_attention(q, k, v, cu, 100)
+    assert out.dtype == torch.bfloat16 and last_dispatch().backend in ("flash_attn", "torch_varlen")
+    with pytest.raises(ValueError, match="cu_seqlens"):  # validated on the fast path too
+        varlen_attention(q.bfloat16(), k.bfloat16(), v, _cu([100, 27], device="cuda"), 100)
