@@ -50,12 +50,12 @@ from bcr_kernels import (
     LogprobsOutput,
     fused_linear_logprobs,
     fused_linear_policy_loss,
+    packed_model_kwargs,
     policy_loss,
     scatter_instance_advantages,
 )
 from bcr_kernels.transformers_attention import ATTN_IMPLEMENTATION, check_supported
 from bcr_kernels.transformers_attention import register as register_bcr_varlen
-from bcr_kernels.varlen_attention import packed_model_kwargs
 
 from .bundling import Bundler, BundleStream, bundle_sequential
 from .checkpoint import find_checkpoint, load_checkpoint, save_model, save_trainer_checkpoint

@@ -19,7 +19,12 @@ from ._policy_loss import policy_loss
 from ._scatter_instance_advantages import scatter_instance_advantages
 from ._token_logprobs import token_logprobs
 from .outputs import FusedPolicyLossOutput, LogprobsOutput, PolicyLossOutput
-from .varlen_attention import varlen_attention
+from ._varlen_attention import (
+    cu_seqlens_from_position_ids,
+    packed_model_kwargs,
+    position_ids_from_cu_seqlens,
+    varlen_attention,
+)
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -28,12 +33,15 @@ __all__ = [
     "LogprobsOutput",
     "PolicyLossOutput",
     "REDUCTIONS",
+    "cu_seqlens_from_position_ids",
     "default_chunk_tokens",
     "fused_linear_logprobs",
     "fused_linear_policy_loss",
     "outputs",
+    "packed_model_kwargs",
     "packed_targets",
     "policy_loss",
+    "position_ids_from_cu_seqlens",
     "reference",
     "scatter_instance_advantages",
     "token_logprobs",

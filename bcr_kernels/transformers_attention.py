@@ -7,8 +7,8 @@ modules load (at once if they already have), without importing transformers itse
 kernels stays as cheap as importing torch. transformers is imported lazily here for that reason.
 
 A packed row (``[1, T]`` input ids whose ``position_ids`` restart at 0 at every sequence start, or
-with the ``cu_seq_lens_q`` / ``max_length_q`` kwargs of :func:`bcr_kernels.varlen_attention.packed_model_kwargs`)
-runs through :func:`bcr_kernels.varlen_attention.varlen_attention`, per layer with the layer's
+with the ``cu_seq_lens_q`` / ``max_length_q`` kwargs of :func:`bcr_kernels.packed_model_kwargs`)
+runs through :func:`bcr_kernels.varlen_attention`, per layer with the layer's
 sliding window and scale; padded batches and cached generation take transformers' SDPA attention.
 
 :func:`check_supported` tells, before any training step, whether a model's attention is one this
@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 import torch
 
-from .varlen_attention import cu_seqlens_from_position_ids, varlen_attention
+from ._varlen_attention import cu_seqlens_from_position_ids, varlen_attention
 
 __all__ = [
     "ATTN_IMPLEMENTATION",

@@ -279,7 +279,7 @@ def build_model(preset: str, attn: str, dtype, device, seed: int):
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    import bcr_kernels.varlen_attention  # noqa: F401  (registers "bcr_varlen")
+    import bcr_kernels  # noqa: F401  (registers "bcr_varlen")
 
     cfg = Qwen2Config(**PRESETS[preset]["model"])
     with torch.random.fork_rng(devices=[]):
@@ -327,7 +327,7 @@ def make_step(variant: str, model, samples: list[dict], device, args: dict):
         policy_loss,
         scatter_instance_advantages,
     )
-    from bcr_kernels.varlen_attention import packed_model_kwargs
+    from bcr_kernels._varlen_attention import packed_model_kwargs
 
     eps = 0.2
     n_completion = sum(len(s["completion_ids"]) for s in samples)

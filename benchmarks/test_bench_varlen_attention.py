@@ -32,7 +32,7 @@ import torch.nn.functional as F
 pytest.importorskip("pytest_benchmark", reason="pytest-benchmark not installed")
 
 from bcr_kernels import reference
-from bcr_kernels.varlen_attention import last_dispatch, varlen_attention
+from bcr_kernels._varlen_attention import last_dispatch, varlen_attention
 
 pytestmark = pytest.mark.benchmark(group="varlen_attention")
 

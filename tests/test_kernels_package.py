@@ -20,9 +20,6 @@ MODULES = sorted(m.name for m in pkgutil.iter_modules(bcr_kernels.__path__))
 
 @pytest.mark.parametrize("name", MODULES)
 def test_no_attribute_shadows_a_module(name):
-    if name == "varlen_attention":
-        pytest.xfail("bcr_kernels.varlen_attention (module) is shadowed by the function of that name; "
-                     "its module is renamed with the transformers integration")
     module = importlib.import_module(f"bcr_kernels.{name}")
     attr = getattr(bcr_kernels, name, module)
     assert attr is module, f"bcr_kernels.{name} is {attr!r}, not the module bcr_kernels.{name}"

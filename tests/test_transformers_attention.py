@@ -27,7 +27,7 @@ from bcr_kernels.transformers_attention import (
     check_supported,
     register,
 )
-from bcr_kernels.varlen_attention import (
+from bcr_kernels._varlen_attention import (
     choose_backend,
     last_dispatch,
     packed_model_kwargs,

@@ -9,13 +9,12 @@ on every path.
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 
+import bcr_kernels._varlen_attention as va_module  # the private helpers under test
 from bcr_kernels import reference
-from bcr_kernels.varlen_attention import (
+from bcr_kernels._varlen_attention import (
     choose_backend,
     compute_dtype,
     cu_seqlens_from_position_ids,
@@ -24,9 +23,6 @@ from bcr_kernels.varlen_attention import (
     position_ids_from_cu_seqlens,
     varlen_attention,
 )
-
-# `bcr_kernels.varlen_attention` the attribute is the function; the module lives in sys.modules.
-va_module = sys.modules["bcr_kernels.varlen_attention"]
 
 CUDA = torch.cuda.is_available()
 
