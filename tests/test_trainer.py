@@ -135,15 +135,15 @@ def test_non_finite_loss_skips_the_update_and_writes_no_nan(tmp_path, tiny_token
     real = trainer_module.policy_loss
 
     def nan_loss(*args, **kwargs):
-        loss, metrics = real(*args, **kwargs)
-        return loss * float("nan"), metrics
+        out = real(*args, **kwargs)
+        return out._replace(loss=out.loss * float("nan"))
 
     monkeypatch.setattr(trainer_module, "policy_loss", nan_loss)
     real_fused = trainer_module.fused_linear_policy_loss  # the num_iterations == 1 path
 
     def nan_fused(*args, **kwargs):
-        loss, *rest = real_fused(*args, **kwargs)
-        return (loss * float("nan"), *rest)
+        out = real_fused(*args, **kwargs)
+        return out._replace(loss=out.loss * float("nan"))
 
     monkeypatch.setattr(trainer_module, "fused_linear_policy_loss", nan_fused)
     cfg = _cfg(tmp_path, max_steps=2)
