@@ -11,9 +11,10 @@
   deletes them first (so a later ``resume_from=latest`` can never pick up the older run). Leftover
   temporaries of a write that was killed are cleaned up once the lock is held
   (``bcr.checkpoint.remove_stale_temporaries``).
-- **Schedule on resume.** Resuming with a changed schedule (``max_steps``, ``learning_rate``,
-  ``lr_scheduler_type``, warm-up, ...) warns and names every change; the learning rate then follows
-  the new settings from the first resumed update on.
+- **Settings on resume.** Resuming with a changed schedule or optimizer setting (``max_steps``,
+  ``learning_rate``, ``lr_scheduler_type``, warm-up, ``weight_decay``, Adam betas / epsilon) warns
+  and names every change; the run then follows the new settings from the first resumed update on
+  (a loaded optimizer and scheduler would otherwise silently keep the checkpoint's).
 
 Every check that needs no write (``preflight``) runs before the CLI loads a model.
 """
@@ -40,9 +41,10 @@ from .distributed import fail_together
 
 LOCK_FILE = ".bcr-run.lock"
 METRICS_FILE = "metrics.jsonl"
-# Options that decide the learning rate of every update; a resume that changes one is warned about.
+# Options that decide the learning rate of every update, and the optimizer's own settings: a resume
+# that changes one is warned about and then follows the new value.
 SCHEDULE_KEYS = ("max_steps", "num_train_epochs", "learning_rate", "lr_scheduler_type", "warmup_ratio",
-                 "warmup_steps", "num_iterations")
+                 "warmup_steps", "num_iterations", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon")
 
 
 class RunDirError(ConfigError):
@@ -132,7 +134,8 @@ def _describe_holder(path: Path) -> str:
         info = {}
     if not info:
         return "a process that is just starting"
-    return f"pid {info.get('pid')} on {info.get('host')}, run {info.get('run_id')}, since {info.get('started')}"
+    parts = {"pid": "pid {}", "host": "on {}", "run_id": "run {}", "started": "since {}"}
+    return " ".join(text.format(info[key]) for key, text in parts.items() if key in info)
 
 
 def _in_use(output_dir, holder: str) -> RunDirError:
@@ -228,21 +231,21 @@ def schedule_changes(state: dict, cfg, total_steps: int) -> list[str]:
     return changes
 
 
-def resume_schedule(state: dict, cfg, *, total_steps: int, optimizer, scheduler, where) -> list[str]:
-    """After ``load_checkpoint``: when the schedule options changed, warn (naming each change) and
-    re-base the learning rate on the new ones, so the first resumed update already follows them
-    (the loaded scheduler would otherwise keep the old peak and the rate the old schedule reached).
-    Returns the changes; with none, nothing is touched."""
+def resume_settings(state: dict, cfg, *, total_steps: int, optimizer, scheduler, where) -> list[str]:
+    """After ``load_checkpoint``: when a schedule or optimizer option changed, warn (naming each
+    change) and put the new values into the loaded optimizer and scheduler, so the first resumed
+    update already follows them (the loaded state would otherwise keep the checkpoint's peak rate,
+    the rate its schedule had reached, and its weight decay, betas and epsilon). Returns the
+    changes; with none, nothing is touched."""
     changes = schedule_changes(state, cfg, total_steps)
     if not changes:
         return changes
     scheduler.base_lrs = [cfg.learning_rate] * len(scheduler.base_lrs)
     lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
     for group, lr in zip(optimizer.param_groups, lrs):
-        group["initial_lr"] = cfg.learning_rate
-        group["lr"] = lr
+        group.update(initial_lr=cfg.learning_rate, lr=lr, weight_decay=cfg.weight_decay,
+                     betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
     scheduler._last_lr = lrs
-    warnings.warn(f"resuming {where} with a changed schedule: {', '.join(changes)}; the learning rate follows the "
-                  "new settings from this update on (so the run differs from one trained with them from the start)",
-                  stacklevel=3)
+    warnings.warn(f"resuming {where} with changed settings: {', '.join(changes)}; the run follows the new ones "
+                  "from this update on (so it differs from a run trained with them from the start)", stacklevel=3)
     return changes
