@@ -23,7 +23,6 @@ import difflib
 import math
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence, TypeVar
 
@@ -267,8 +266,3 @@ def parse_cli(cls: type[T], argv: Sequence[str], prog: str) -> T | None:
 def to_yaml(obj) -> str:
     """Dump a config dataclass as YAML that ``load_dataclass`` reads back."""
     return yaml.safe_dump(dataclasses.asdict(obj), sort_keys=False)
-
-
-def die(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 2

@@ -207,7 +207,10 @@ def open_run_dir(cfg, *, rank: int = 0) -> Iterator[RunDir]:
                           "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
             try:
                 for old in check_fresh_start(cfg):  # only with overwrite_output_dir=true
-                    shutil.rmtree(old) if old.is_dir() else old.unlink()
+                    if old.is_dir():
+                        shutil.rmtree(old)
+                    else:
+                        old.unlink()
                 remove_stale_temporaries(cfg.output_dir)
             except BaseException:
                 lock.release()
