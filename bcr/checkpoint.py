@@ -20,7 +20,8 @@ nodes). Either kind resumes at any world size and with either strategy: DCP resh
 full ``optimizer.pt`` is scattered into the shards.
 
 A checkpoint is written to a hidden temporary directory, then renamed into place, so a crash never
-leaves a half-written ``checkpoint-<step>``. Parameters that are not finite are never written.
+leaves a half-written ``checkpoint-<step>`` (``remove_stale_temporaries`` clears what a kill left
+when the next run starts). Parameters that are not finite are never written.
 Only the newest ``save_total_limit`` checkpoints are kept.
 """
 
