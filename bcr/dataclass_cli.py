@@ -212,7 +212,11 @@ def nested_options(cls: type, values: Mapping[str, Any], current: Any = None,
         if dot:
             value = {rest: value}
         if dataclasses.is_dataclass(inner) and isinstance(value, Mapping):
-            value = dataclasses.replace(inner, **nested_options(type(inner), value, inner, f"section {name!r}"))
+            kwargs = nested_options(type(inner), value, inner, f"section {name!r}")
+            try:
+                value = dataclasses.replace(inner, **kwargs)
+            except ConfigError as err:  # "temperature=nan: ..." -> "rl.temperature=nan: ..."
+                raise ConfigError(f"{name}.{err}") from None
         elif dot:
             raise ConfigError(f"option {name!r} of {cls.__name__} has no sub-options; write {name}=VALUE")
         out[name] = value

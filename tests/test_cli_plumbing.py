@@ -208,7 +208,7 @@ def test_other_user_errors_in_process(tmp_path, capsys):
     a_file.write_text("x")
     cases = [(["eval", "samples_per_bundle=abc"], "samples_per_bundle='abc'"), (["eval", "temperature=-1"], "temperature"),
              (["train", "seed=0.5"], "seed=0.5"), (["train", "learning_rate=inf"], "learning_rate=inf"),
-             (["demo", "rl_temperature=nan"], "rl_temperature=nan"),
+             (["demo", "rl.temperature=nan"], "rl.temperature=nan"), (["demo", "eval.top_p=2"], "eval.top_p"),
              (["train", f"model={tmp_path}", f"output_dir={a_file / 'run'}"], "cannot be created")]
     (tmp_path / "config.json").write_text("{}")  # enough for the model check, which comes first
     for argv, words in cases:
@@ -221,7 +221,7 @@ def test_other_user_errors_in_process(tmp_path, capsys):
     (["train", "max_steps=1.5"], "max_steps"), (["train", "learning_rate=[1]"], "learning_rate"),
     (["train", "temperature=nan"], "temperature"), (["train", "max_grad_norm=nan"], "max_grad_norm"),
     (["eval", "top_p=0"], "top_p"), (["eval", "top_p=1.5"], "top_p"), (["eval", "n_values=[1, 2.5]"], "n_values"),
-    (["demo", "rl_steps=2.5"], "rl_steps"),
+    (["demo", "sft.steps=2.5"], "sft.steps"), (["demo", "rl.max_steps=[1]"], "rl.max_steps"),
 ])
 def test_config_errors_in_process(capsys, argv, field):
     assert main(argv) == 2
