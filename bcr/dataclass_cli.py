@@ -12,8 +12,9 @@ Values are parsed as YAML scalars/collections, so ``3``, ``1e-5``, ``true``, ``[
 annotation, so a config class states its types once and gets the same errors everywhere: ``int``
 takes whole numbers only (``1.5`` is refused, ``2.0`` and ``"3"`` become ints), ``float`` takes
 finite numbers only (NaN and inf are refused), a list or mapping where a scalar belongs is refused
-with the option's name, a scalar where a list belongs becomes a one-element list, and ``None``
-(also written ``None`` on the command line) is taken only by ``X | None`` fields.
+with the option's name, a single value where a list belongs is checked as one item (the class
+decides whether one item may stand for the list), and ``None`` (also written ``None`` on the
+command line) is taken only by ``X | None`` fields.
 """
 
 from __future__ import annotations
@@ -103,12 +104,13 @@ def _to_bool(name: str, value: Any) -> bool:
 _SCALARS = {"int": _to_int, "float": _to_float, "str": _to_str, "bool": _to_bool}
 
 
-def _to_list(name: str, value: Any, item: str | None) -> list:
+def _to_list(name: str, value: Any, item: str | None) -> Any:
     if isinstance(value, Mapping):
         raise ConfigError(f"{name}={value!r}: expected a list, not a mapping")
-    items = list(value) if isinstance(value, (list, tuple)) else [value]
     convert = _SCALARS.get(item or "")
-    return [convert(name, v) for v in items] if convert else items
+    if not isinstance(value, (list, tuple)):  # one item: checked, and left to the class to wrap (or refuse)
+        return convert(name, value) if convert else value
+    return [convert(name, v) for v in value] if convert else list(value)
 
 
 def _coerce(name: str, value: Any, annotation: str) -> Any:
@@ -216,7 +218,8 @@ def nested_options(cls: type, values: Mapping[str, Any], current: Any = None,
             try:
                 value = dataclasses.replace(inner, **kwargs)
             except ConfigError as err:  # "temperature=nan: ..." -> "rl.temperature=nan: ..."
-                raise ConfigError(f"{name}.{err}") from None
+                text = str(err)
+                raise ConfigError(text if text.startswith(f"{name}.") else f"{name}.{text}") from None
         elif dot:
             raise ConfigError(f"option {name!r} of {cls.__name__} has no sub-options; write {name}=VALUE")
         out[name] = value

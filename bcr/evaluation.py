@@ -128,6 +128,8 @@ class EvalConfig:
     def __post_init__(self):
         if self.models is None:
             self.models = {}
+        if not isinstance(self.n_values, (list, tuple)):
+            self.n_values = [self.n_values]
         check_fields(self)  # types from the annotations: whole ints, finite floats, no list for a scalar
         if not self.n_values or any(n < 1 for n in self.n_values) or len(set(self.n_values)) != len(self.n_values):
             raise ConfigError(f"n_values must be distinct positive integers, got {self.n_values!r}")

@@ -117,7 +117,8 @@ def test_check_fields_on_any_dataclass():
         def __post_init__(self):
             check_fields(self)
 
-    assert Cfg(steps="4", rate=1, names="a", mixed="anything") == Cfg(4, 1.0, ["a"], "anything")
+    assert Cfg(steps="4", rate=1, names=["a"], mixed="anything") == Cfg(4, 1.0, ["a"], "anything")
+    assert Cfg(names=2).names == "2"  # one item is checked; wrapping it is the class's call
     assert Cfg(names=[1, "b"]).names == ["1", "b"]
     with pytest.raises(ConfigError, match="rate=inf"):
         Cfg(rate=math.inf)
