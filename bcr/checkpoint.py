@@ -20,7 +20,8 @@ nodes). Either kind resumes at any world size and with either strategy: DCP resh
 full ``optimizer.pt`` is scattered into the shards.
 
 A checkpoint is written to a hidden temporary directory, then renamed into place, so a crash never
-leaves a half-written ``checkpoint-<step>``. Parameters that are not finite are never written.
+leaves a half-written ``checkpoint-<step>`` (``remove_stale_temporaries`` clears what a kill left
+when the next run starts). Parameters that are not finite are never written.
 Only the newest ``save_total_limit`` checkpoints are kept.
 """
 
@@ -46,6 +47,29 @@ _NAME = re.compile(rf"^{PREFIX}(\d+)$")
 
 class NonFiniteCheckpointError(RuntimeError):
     """The model has NaN/inf parameters; the checkpoint was not written."""
+
+
+class NonFiniteWeightsError(RuntimeError):
+    """An optimizer update made a parameter NaN/inf; training stopped before saving anything."""
+
+
+def assert_finite_parameters(model, step: int) -> None:
+    """Raise ``NonFiniteWeightsError`` naming ``step``, the first bad parameter and the fix when a
+    trainable parameter of ``model`` (this rank's shard, for FSDP2) holds NaN/inf.
+
+    Meant right after ``optimizer.step()``: the run stops at the update that broke the weights, and
+    the newest checkpoint (written before it) stays the last good state. One device sync per call.
+    """
+    params = [(n, p.to_local() if hasattr(p, "to_local") else p) for n, p in model.named_parameters()
+              if p.requires_grad and torch.is_floating_point(p)]
+    if not params or bool(torch.stack([torch.isfinite(p).all() for _, p in params]).all()):
+        return
+    name = next(n for n, p in params if not torch.isfinite(p).all())
+    raise NonFiniteWeightsError(
+        f"step {step}: the optimizer update made parameter {name} NaN/inf, so training stopped (nothing of this "
+        "step was saved; the newest checkpoint is the last good state). Lower learning_rate or set "
+        "max_grad_norm > 0 to clip gradients, then resume_from=latest or start afresh"
+    )
 
 
 def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
@@ -104,6 +128,36 @@ def check_finite(model, state_dict: dict | None = None) -> None:
                 f"parameter {name} holds NaN/inf; refusing to write a checkpoint (lower learning_rate, "
                 "check max_grad_norm, or resume from an earlier checkpoint)"
             )
+
+
+# Temporaries of a write that a kill interrupted (``save_checkpoint`` and the trainer's final save).
+_STALE_TMP = re.compile(rf"^\.(tmp-{PREFIX}\d+-.+|tmp-final-.+)$")
+_STALE_OLD = re.compile(rf"^\.old-({PREFIX}\d+)-.+$")
+
+
+def remove_stale_temporaries(output_dir: str | Path) -> list[str]:
+    """Remove what a killed write left in ``output_dir``; returns the names handled.
+
+    ``.tmp-checkpoint-*`` / ``.tmp-final-*`` folders are half-written and deleted. An
+    ``.old-checkpoint-<step>-*`` folder is the previous copy of a step being rewritten: it is put
+    back when the kill came before the new ``checkpoint-<step>`` was renamed into place, else deleted.
+    Call it only while no other process writes into ``output_dir`` (the trainer holds its run lock).
+    """
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    handled = []
+    for d in sorted(root.iterdir()):
+        old = _STALE_OLD.match(d.name)
+        if not d.is_dir() or not (old or _STALE_TMP.match(d.name)):
+            continue
+        final = root / old.group(1) if old else None
+        if final is not None and not final.exists() and (d / STATE_FILE).is_file():
+            os.replace(d, final)
+        else:
+            shutil.rmtree(d, ignore_errors=True)
+        handled.append(d.name)
+    return handled
 
 
 def save_checkpoint(output_dir: str | Path, step: int, *, model, optimizer=None, scheduler=None, tokenizer=None,

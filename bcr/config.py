@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from .dataclass_cli import ConfigError, load_dataclass
+from .dataclass_cli import ConfigError, check_fields, load_dataclass
 
 # TRL loss_type -> the reduction of bcr_kernels.policy_loss (see its docstring).
 LOSS_TYPES = {
@@ -36,6 +36,36 @@ SHARED_ADVANTAGES = ("mean", "zero")
 ROLLOUT_ENGINES = ("hf", "vllm")
 DISTRIBUTED_STRATEGIES = ("auto", "fsdp2", "ddp")
 REPORT_TO = ("tensorboard", "wandb")
+CHOICES = {"loss_type": LOSS_TYPES, "lr_scheduler_type": SCHEDULERS, "scale_rewards": SCALE_REWARDS,
+           "advantage_mode": ADVANTAGE_MODES, "shared_advantage": SHARED_ADVANTAGES,
+           "rollout_engine": ROLLOUT_ENGINES, "distributed_strategy": DISTRIBUTED_STRATEGIES}
+POSITIVE_INTS = ("num_generations", "max_completion_length", "bundles_per_step", "gradient_accumulation_steps",
+                 "num_iterations", "logging_steps", "lora_r")
+OPTIONAL_POSITIVE_INTS = ("max_prompt_length", "max_tokens_per_microbatch", "chunk_tokens", "generation_batch_size",
+                          "save_total_limit", "limit", "eval_limit")
+# Range checks of one field: name -> (holds, what the message says). Types (and NaN/inf) are
+# checked before, from the annotations (``bcr.dataclass_cli.check_fields``).
+RANGES = {
+    "distributed_timeout": (lambda v: v > 0, "must be > 0 seconds"),
+    "learning_rate": (lambda v: v >= 0, "must be >= 0"),
+    "weight_decay": (lambda v: v >= 0, "must be >= 0"),
+    "adam_beta1": (lambda v: 0 <= v < 1, "must lie in [0, 1)"),
+    "adam_beta2": (lambda v: 0 <= v < 1, "must lie in [0, 1)"),
+    "adam_epsilon": (lambda v: v >= 0, "must be >= 0"),
+    "max_grad_norm": (lambda v: v >= 0, "must be >= 0 (0 disables clipping)"),
+    "warmup_ratio": (lambda v: 0 <= v <= 1, "must lie in [0, 1]"),
+    "warmup_steps": (lambda v: v >= 0, "must be >= 0"),
+    "max_steps": (lambda v: v == -1 or v >= 1, "must be -1 (use num_train_epochs) or >= 1"),
+    "temperature": (lambda v: v > 0, "must be > 0 (sampling needs a positive temperature)"),
+    "top_p": (lambda v: 0 < v <= 1, "must lie in (0, 1]"),
+    "beta": (lambda v: v >= 0, "must be >= 0 (0.0 disables the KL term and the reference model)"),
+    "epsilon": (lambda v: v >= 0, "must be >= 0"),
+    "epsilon_high": (lambda v: v is None or v >= 0, "must be >= 0 (None: epsilon)"),
+    "save_steps": (lambda v: v >= 0, "must be >= 0 (0: save only at the end)"),
+    "eval_steps": (lambda v: v >= 0, "must be >= 0 (0: never)"),
+    "vllm_gpu_memory_utilization": (lambda v: 0 < v <= 1, "must lie in (0, 1]"),
+    "lora_dropout": (lambda v: 0 <= v < 1, "must lie in [0, 1)"),
+}
 
 
 def _help(text: str, **kw) -> Any:
@@ -162,96 +192,47 @@ class BCRConfig:
     save_steps: int = _help("checkpoint every this many steps (0: only at the end)", default=0)
     save_total_limit: int | None = _help("keep only the newest this many checkpoints (None: all)", default=2)
     resume_from: str | None = _help("'latest' (newest checkpoint in output_dir) or a checkpoint path", default=None)
+    overwrite_output_dir: bool = _help(
+        "start afresh in an output_dir that holds another run: delete its checkpoints and metrics.jsonl first "
+        "(without it such a start is refused; resume_from continues the run instead)",
+        default=False,
+    )
     report_to: list[str] = field(default_factory=list, metadata={"help": "extra loggers: 'tensorboard', 'wandb'"})
     disable_progress_bar: bool = _help("no rich progress bar", default=False)
 
     def __post_init__(self) -> None:
-        self._coerce_numbers()
-        self.n_problems = _normalise_n_problems(self.n_problems)
         if isinstance(self.report_to, str):
             self.report_to = [] if self.report_to in ("", "none") else [self.report_to]
         if isinstance(self.lora_target_modules, str):
             self.lora_target_modules = [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
+        check_fields(self)  # types from the annotations: whole ints, finite floats, no list for a scalar
+        self.n_problems = _normalise_n_problems(self.n_problems)
         self._validate()
-
-    def _coerce_numbers(self) -> None:
-        """YAML reads ``1e-4`` as a string (YAML 1.1 wants ``1.0e-4``): turn numeric strings into numbers."""
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            target = {"float": float, "float | None": float, "int": int, "int | None": int}.get(str(f.type))
-            if target is None or not isinstance(value, str):
-                continue
-            try:
-                number = float(value)
-            except ValueError:
-                raise ConfigError(f"{f.name}={value!r}: expected a number") from None
-            if target is int and not number.is_integer():
-                raise ConfigError(f"{f.name}={value!r}: expected an integer")
-            setattr(self, f.name, target(number))
 
     # ------------------------------------------------------------------------------------------
     def _validate(self) -> None:
         def fail(name: str, msg: str) -> None:
             raise ConfigError(f"{name}={getattr(self, name)!r}: {msg}")
 
-        def choice(name: str, allowed) -> None:
+        for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 fail(name, f"must be one of {list(allowed)}")
-
-        choice("loss_type", LOSS_TYPES)
-        choice("lr_scheduler_type", SCHEDULERS)
-        choice("scale_rewards", SCALE_REWARDS)
-        choice("advantage_mode", ADVANTAGE_MODES)
-        choice("shared_advantage", SHARED_ADVANTAGES)
-        choice("rollout_engine", ROLLOUT_ENGINES)
-        choice("distributed_strategy", DISTRIBUTED_STRATEGIES)
-        if not self.distributed_timeout > 0:
-            fail("distributed_timeout", "must be > 0 seconds")
         for name in self.report_to:
             if name not in REPORT_TO:
                 raise ConfigError(f"report_to={self.report_to!r}: {name!r} is not one of {list(REPORT_TO)}")
-        positive = ("num_generations", "max_completion_length", "bundles_per_step", "gradient_accumulation_steps",
-                    "num_iterations", "logging_steps", "lora_r")
-        for name in positive:
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+        for name in POSITIVE_INTS:
+            if getattr(self, name) < 1:
                 fail(name, "must be an integer >= 1")
+        for name in OPTIONAL_POSITIVE_INTS:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                fail(name, "must be None or an integer >= 1")
+        for name, (holds, msg) in RANGES.items():
+            if not holds(getattr(self, name)):
+                fail(name, msg)
         if self.num_generations < 2:
             fail("num_generations", "GRPO needs at least 2 completions per prompt to compare; set num_generations >= 2")
-        for name in ("max_prompt_length", "max_tokens_per_microbatch", "chunk_tokens", "generation_batch_size",
-                     "save_total_limit", "limit", "eval_limit"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                fail(name, "must be None or an integer >= 1")
-        if self.learning_rate < 0:
-            fail("learning_rate", "must be >= 0")
-        if self.weight_decay < 0:
-            fail("weight_decay", "must be >= 0")
-        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
-            raise ConfigError("adam_beta1 and adam_beta2 must lie in [0, 1)")
-        if self.max_grad_norm < 0:
-            fail("max_grad_norm", "must be >= 0 (0 disables clipping)")
-        if not 0 <= self.warmup_ratio <= 1:
-            fail("warmup_ratio", "must lie in [0, 1]")
-        if self.warmup_steps < 0:
-            fail("warmup_steps", "must be >= 0")
-        if self.max_steps == 0 or self.max_steps < -1:
-            fail("max_steps", "must be -1 (use num_train_epochs) or >= 1")
         if self.max_steps == -1 and self.num_train_epochs <= 0:
             fail("num_train_epochs", "must be > 0 when max_steps = -1")
-        if self.temperature <= 0:
-            fail("temperature", "must be > 0 (sampling needs a positive temperature)")
-        if not 0 < self.top_p <= 1:
-            fail("top_p", "must lie in (0, 1]")
-        if self.beta < 0:
-            fail("beta", "must be >= 0 (0.0 disables the KL term and the reference model)")
-        if self.epsilon < 0 or (self.epsilon_high is not None and self.epsilon_high < 0):
-            raise ConfigError("epsilon and epsilon_high must be >= 0")
-        if self.save_steps < 0:
-            fail("save_steps", "must be >= 0 (0: save only at the end)")
-        if self.eval_steps < 0:
-            fail("eval_steps", "must be >= 0 (0: never)")
-        if not 0 < self.vllm_gpu_memory_utilization <= 1:
-            fail("vllm_gpu_memory_utilization", "must lie in (0, 1]")
 
     # ------------------------------------------------------------------------------------------
     @property

@@ -7,17 +7,25 @@ Used by every ``bcr`` command::
 Values are parsed as YAML scalars/collections, so ``3``, ``1e-5``, ``true``, ``[1, 2, 4]`` and
 ``{2: 0.5, 3: 0.5}`` mean what they look like. Help text for a field comes from
 ``field(metadata={"help": ...})``.
+
+``check_fields(obj)`` (called by each config's ``__post_init__``) holds every value to its field's
+annotation, so a config class states its types once and gets the same errors everywhere: ``int``
+takes whole numbers only (``1.5`` is refused, ``2.0`` and ``"3"`` become ints), ``float`` takes
+finite numbers only (NaN and inf are refused), a list or mapping where a scalar belongs is refused
+with the option's name, a single value where a list belongs is checked as one item (the class
+decides whether one item may stand for the list), and ``None`` (also written ``None`` on the
+command line) is taken only by ``X | None`` fields.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import sys
+import math
+import os
+import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence, TypeVar
-
-import re
 
 import yaml
 
@@ -41,6 +49,98 @@ def _yaml_load(text: str):
 
 class ConfigError(ValueError):
     """A configuration the user wrote cannot be used; the message names the key and the fix."""
+
+
+def _kind_name(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    return f"a {type(value).__name__}"
+
+
+def _to_int(name: str, value: Any) -> int:
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ConfigError(f"{name}={value!r}: expected an integer") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name}={value!r}: expected an integer, not {_kind_name(value)}")
+    if not (math.isfinite(value) and float(value).is_integer()):
+        raise ConfigError(f"{name}={value!r}: expected an integer")
+    return int(value)
+
+
+def _to_float(name: str, value: Any) -> float:
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ConfigError(f"{name}={value!r}: expected a number") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name}={value!r}: expected a number, not {_kind_name(value)}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{name}={value!r}: expected a finite number")
+    return float(value)
+
+
+def _to_str(name: str, value: Any) -> str:
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{name}={value!r}: expected a string, not {_kind_name(value)}")
+    return value
+
+
+def _to_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name}={value!r}: expected true or false")
+    return value
+
+
+_SCALARS = {"int": _to_int, "float": _to_float, "str": _to_str, "bool": _to_bool}
+
+
+def _to_list(name: str, value: Any, item: str | None) -> Any:
+    if isinstance(value, Mapping):
+        raise ConfigError(f"{name}={value!r}: expected a list, not a mapping")
+    convert = _SCALARS.get(item or "")
+    if not isinstance(value, (list, tuple)):  # one item: checked, and left to the class to wrap (or refuse)
+        return convert(name, value) if convert else value
+    return [convert(name, v) for v in value] if convert else list(value)
+
+
+def _coerce(name: str, value: Any, annotation: str) -> Any:
+    kinds = [k.strip() for k in annotation.split("|")]
+    optional = "None" in kinds
+    kinds = [k for k in kinds if k != "None"]
+    if len(kinds) != 1:  # e.g. ``int | dict``: the config checks such a field itself
+        return value
+    if optional and (value is None or value == "None"):
+        return None
+    if value is None:
+        raise ConfigError(f"{name}=None: a value is required")
+    kind = kinds[0]
+    if kind in _SCALARS:
+        return _SCALARS[kind](name, value)
+    if kind == "list" or kind.startswith("list["):
+        return _to_list(name, value, kind[5:-1] if kind.startswith("list[") else None)
+    if kind == "dict" or kind.startswith("dict["):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{name}={value!r}: expected a mapping such as {{key: value}}")
+        return dict(value)
+    return value
+
+
+def check_fields(obj) -> None:
+    """Hold every field of the dataclass ``obj`` to its annotation (see the module docstring);
+    converts in place and raises ``ConfigError`` naming the field."""
+    for f in dataclasses.fields(obj):
+        annotation = f.type.__name__ if isinstance(f.type, type) else str(f.type)
+        setattr(obj, f.name, _coerce(f.name, getattr(obj, f.name), annotation))
 
 
 def _field_names(cls) -> list[str]:
@@ -114,7 +214,12 @@ def nested_options(cls: type, values: Mapping[str, Any], current: Any = None,
         if dot:
             value = {rest: value}
         if dataclasses.is_dataclass(inner) and isinstance(value, Mapping):
-            value = dataclasses.replace(inner, **nested_options(type(inner), value, inner, f"section {name!r}"))
+            kwargs = nested_options(type(inner), value, inner, f"section {name!r}")
+            try:
+                value = dataclasses.replace(inner, **kwargs)
+            except ConfigError as err:  # "temperature=nan: ..." -> "rl.temperature=nan: ..."
+                text = str(err)
+                raise ConfigError(text if text.startswith(f"{name}.") else f"{name}.{text}") from None
         elif dot:
             raise ConfigError(f"option {name!r} of {cls.__name__} has no sub-options; write {name}=VALUE")
         out[name] = value
@@ -168,8 +273,3 @@ def parse_cli(cls: type[T], argv: Sequence[str], prog: str) -> T | None:
 def to_yaml(obj) -> str:
     """Dump a config dataclass as YAML that ``load_dataclass`` reads back."""
     return yaml.safe_dump(dataclasses.asdict(obj), sort_keys=False)
-
-
-def die(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 2

@@ -64,7 +64,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bcr.dataclass_cli import ConfigError
+from bcr.dataclass_cli import ConfigError, check_fields
 from bcr.io import atomic_write_text
 from bcr.report import write_run_outputs
 from bcr.scaling import TIMING_KEY, stable_seed, summarize_records
@@ -93,7 +93,7 @@ class EvalConfig:
     split: str | None = field(default=None, metadata=_help("data split (default: the benchmark's test split)"))
     limit: int | None = field(default=None, metadata=_help("evaluate only the first `limit` problems"))
     data_dir: str | None = field(default=None, metadata=_help("directory holding <benchmark>/<split>.jsonl"))
-    n_values: list = field(default_factory=lambda: [1, 2, 3, 4, 5, 8], metadata=_help("the Ns to sweep"))
+    n_values: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5, 8], metadata=_help("the Ns to sweep"))
     samples_per_bundle: int = field(default=1, metadata=_help("k samples per bundle; accuracy is pass@1 averaged over k"))
     budget_mode: str = field(
         default="per_prompt",
@@ -126,12 +126,11 @@ class EvalConfig:
     )
 
     def __post_init__(self):
-        if isinstance(self.n_values, int):
+        if self.models is None:
+            self.models = {}
+        if not isinstance(self.n_values, (list, tuple)):
             self.n_values = [self.n_values]
-        try:
-            self.n_values = [int(n) for n in self.n_values]
-        except (TypeError, ValueError):
-            raise ConfigError(f"n_values must be a list of positive integers, got {self.n_values!r}") from None
+        check_fields(self)  # types from the annotations: whole ints, finite floats, no list for a scalar
         if not self.n_values or any(n < 1 for n in self.n_values) or len(set(self.n_values)) != len(self.n_values):
             raise ConfigError(f"n_values must be distinct positive integers, got {self.n_values!r}")
         if self.budget_mode not in ("per_prompt", "per_problem"):
@@ -143,10 +142,13 @@ class EvalConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if not 0 < self.confidence < 1:
             raise ConfigError(f"confidence must be in (0, 1), got {self.confidence!r}")
-        if self.models is None:
-            self.models = {}
-        if not isinstance(self.models, Mapping):
-            raise ConfigError(f"models must be a mapping name: path, got {self.models!r}")
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature must be > 0 (sampling needs a positive temperature), got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must lie in (0, 1], got {self.top_p!r}")
+        for name in ("verify_timeout", "distributed_timeout"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0 seconds, got {getattr(self, name)!r}")
 
     def max_new_tokens(self, n_actual: int) -> int:
         """The completion budget of a prompt holding ``n_actual`` problems."""
@@ -358,6 +360,26 @@ def _open_engine(name: str, model, tokenizer, cfg: EvalConfig):
     return make_engine(cfg.engine, model, tokenizer, **dict(cfg.engine_kwargs))
 
 
+def _check_paths(models: Mapping[str, Any], tokenizer, cfg: EvalConfig) -> None:
+    """Every path the sweep needs, checked before anything is loaded or written."""
+    from bcr.run_dir import check_output_dir
+
+    check_output_dir(cfg.output_dir)
+    for name, model in models.items():
+        if not isinstance(model, (str, os.PathLike)) or cfg.engine != "hf":
+            continue  # an in-memory model or engine; vLLM resolves its own names
+        path = Path(str(model))
+        if not path.exists():
+            raise ConfigError(f"model path {str(path)!r} for {name!r} does not exist; pass a local HF model directory")
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model path {str(path)!r} for {name!r} is not a model directory (no config.json); "
+                              "pass a directory written by save_pretrained")
+    paths = tokenizer.values() if isinstance(tokenizer, Mapping) else [tokenizer]
+    for tok in paths:
+        if isinstance(tok, (str, os.PathLike)) and not Path(str(tok)).exists():
+            raise ConfigError(f"tokenizer path {str(tok)!r} does not exist; pass a local tokenizer directory")
+
+
 def _release_memory() -> None:
     """Free the last model before the next one loads (matters on a GPU)."""
     import gc
@@ -535,6 +557,7 @@ def evaluate_scaling(
     models = _normalize_models(models)
     if cfg.baseline is not None and cfg.baseline not in models:
         raise ConfigError(f"baseline {cfg.baseline!r} is not one of the models {list(models)}")
+    _check_paths(models, tokenizer, cfg)
     problems = _load(problems if problems is not None else cfg.benchmark, cfg)
 
     from bcr.bundling import bundle_sequential

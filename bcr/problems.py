@@ -36,6 +36,7 @@ the first error messages.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -272,10 +273,31 @@ def _label_for(path: Path) -> str:
     return stem
 
 
+def _not_utf8(e: UnicodeDecodeError, column: int) -> str:
+    return (f"not UTF-8 (byte 0x{e.object[e.start]:02x} at column {column}); "
+            "re-save the file as UTF-8")
+
+
+def _read_utf8(path: Path) -> str:
+    """The file as text; a byte that is not UTF-8 is a ``DataError`` naming its line and column."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        lineno = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(f"{path}:{lineno}: {_not_utf8(e, column)}") from None
+
+
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
     """Yield (location, record-or-exception) for each non-blank line."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield f"{path}:{lineno}", DataError(_not_utf8(e, e.start + 1))
+                continue
             if not line.strip():
                 continue
             try:
@@ -285,7 +307,7 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _iter_json(path: Path) -> Iterator[tuple[str, Any]]:
-    text = path.read_text(encoding="utf-8")
+    text = _read_utf8(path)
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
@@ -309,7 +331,7 @@ def _iter_json(path: Path) -> Iterator[tuple[str, Any]]:
 
 def _iter_csv(path: Path) -> Iterator[tuple[str, Any]]:
     delim = "\t" if path.suffix.lower() == ".tsv" else ","
-    with open(path, encoding="utf-8", newline="") as f:
+    with io.StringIO(_read_utf8(path), newline="") as f:
         reader = csv.DictReader(f, delimiter=delim)
         if reader.fieldnames is None:
             return

@@ -36,7 +36,6 @@ import contextlib
 import copy
 import dataclasses
 import math
-import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -58,10 +57,15 @@ from bcr_kernels.transformers_attention import ATTN_IMPLEMENTATION, check_suppor
 from bcr_kernels.transformers_attention import register as register_bcr_varlen
 
 from .bundling import Bundler, BundleStream, bundle_sequential
-from .checkpoint import find_checkpoint, load_checkpoint, save_model, save_trainer_checkpoint
+from .checkpoint import (
+    assert_finite_parameters,
+    find_checkpoint,
+    load_checkpoint,
+    save_model,
+    save_trainer_checkpoint,
+)
 from .config import BCRConfig
 from .distributed import (
-    RankFailedError,
     all_reduce_sum,
     dist_info,
     fail_together,
@@ -76,6 +80,7 @@ from .parsing import ParsedCompletion, completion_segment_ids, parse_completion
 from .prompts import PromptTemplate, render_prompt
 from .rewards import compute_advantages, instance_rewards
 from .rollout import Generation, derive_seed, make_engine
+from .run_dir import open_run_dir, resume_settings
 
 # Fewer completion tokens per problem than this and a bundle can hardly ever be answered in full.
 MIN_TOKENS_PER_PROBLEM = 8
@@ -277,6 +282,7 @@ class BCRTrainer:
         self.step = 0  # completed training steps
         self.last_metrics: dict = {}
         self._updating = False  # True while the parameters are between two step boundaries
+        self.run_id: str | None = None  # set by train(); recorded in every checkpoint
 
     def _prepare_models(self, model) -> tuple:
         """LoRA, gradient checkpointing, the packed forward's attention, and the frozen reference
@@ -496,6 +502,7 @@ class BCRTrainer:
             if finite:
                 self._updating = True
                 self.optimizer.step()
+                assert_finite_parameters(self.model, self.step + 1)  # stop at the update that broke them
                 stats.add("loss", total_loss)
                 stats.add("grad_norm", grad_norm)
             else:
@@ -582,7 +589,13 @@ class BCRTrainer:
     # The loop
     # ------------------------------------------------------------------------------------------
     def train(self) -> dict:
-        """Run until ``total_steps``; returns the metrics of the last step."""
+        """Run until ``total_steps``; returns the metrics of the last step. Holds ``output_dir`` for
+        the run (``bcr.run_dir``: one run per directory, its run id, leftover temporaries removed)."""
+        with open_run_dir(self.config, rank=self.rank) as run:
+            self.run_id = run.run_id
+            return self._train()
+
+    def _train(self) -> dict:
         cfg = self.config
         logger = MetricsLogger(cfg.output_dir, report_to=cfg.report_to, run_name=cfg.run_name,
                                config=cfg.to_dict(), rank=self.rank)
@@ -653,7 +666,8 @@ class BCRTrainer:
     def _state(self) -> dict:
         return {"step": self.step, "epoch": self.bundles.epoch_progress(self.step),
                 "bundle_position": self.step * self.config.bundles_per_step, "world_size": self.world_size,
-                "total_steps": self.total_steps, "config": self.config.to_dict(), "metrics": self.last_metrics}
+                "total_steps": self.total_steps, "config": self.config.to_dict(), "metrics": self.last_metrics,
+                "run_id": self.run_id}
 
     def save_checkpoint(self) -> Path | None:
         """``output_dir/checkpoint-<step>``; every rank must call it. Rank 0 writes the HF directory
@@ -667,6 +681,8 @@ class BCRTrainer:
 
     def _resume(self, path: Path) -> None:
         state = load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+        resume_settings(state, self.config, total_steps=self.total_steps, optimizer=self.optimizer,
+                        scheduler=self.scheduler, where=path)
         saved = state.get("config", {})
         for key in ("bundles_per_step", "n_problems", "seed", "num_generations"):
             if key in saved and saved[key] != getattr(self.config, key) and not (
@@ -720,61 +736,3 @@ def _apply_lora(model, cfg: BCRConfig):
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
-
-
-# ----------------------------------------------------------------------------------------------
-# CLI: bcr train --config cfg.yaml key=value ...
-# ----------------------------------------------------------------------------------------------
-def load_train_problems(cfg: BCRConfig, which: str = "train") -> list:
-    from .problems import load_problems
-
-    source = cfg.train_data if which == "train" else cfg.eval_data
-    split = cfg.train_split if which == "train" else cfg.eval_split
-    limit = cfg.limit if which == "train" else cfg.eval_limit
-    if not source:
-        raise FileNotFoundError("train_data is empty; set train_data=<file, benchmark name, or 'synthetic'>")
-    if source.startswith("synthetic"):
-        from .synthetic import make_arithmetic_problems
-
-        return make_arithmetic_problems(limit or 512, seed=cfg.seed + (0 if which == "train" else 1))
-    return list(load_problems(source, split, limit, data_dir=cfg.data_dir))
-
-
-def cli_main(argv: Sequence[str]) -> int:
-    from .dataclass_cli import ConfigError, die, parse_cli
-    from .distributed import init_distributed, teardown_distributed
-
-    try:
-        cfg = parse_cli(BCRConfig, argv, prog="bcr train")
-        if cfg is None:  # --help
-            return 0
-    except (ConfigError, ValueError) as err:
-        return die(str(err))
-    init_distributed(cfg.distributed_timeout)  # a no-op unless launched by torchrun with several processes
-    try:
-        return _train_cli(cfg)
-    finally:
-        teardown_distributed()
-
-
-def _train_cli(cfg: BCRConfig) -> int:
-    from .dataclass_cli import ConfigError, die
-    from .problems import DataError
-
-    try:
-        train = load_train_problems(cfg, "train")
-        evals = load_train_problems(cfg, "eval") if cfg.eval_data else None
-        trainer = BCRTrainer(cfg.model, train, cfg, eval_problems=evals)
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as err:
-        return die(str(err))
-    try:
-        trainer.train()
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except RankFailedError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 1
-    if trainer.rank == 0:
-        print(f"done: model and checkpoints in {cfg.output_dir}")
-    return 0

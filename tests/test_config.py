@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+from pathlib import Path
 
 import pytest
 
 from bcr.config import BCRConfig
-from bcr.dataclass_cli import ConfigError, dataclass_help, load_dataclass
+from bcr.dataclass_cli import ConfigError, check_fields, dataclass_help, load_dataclass
 
 
 def test_defaults_follow_trl():
@@ -65,3 +67,60 @@ def test_help_lists_every_option_with_its_default():
     for f in dataclasses.fields(BCRConfig):
         assert f"  {f.name} = " in text, f.name
     assert "bundles_per_step = 8" in text and "GLOBAL number of bundles" in text
+
+
+@pytest.mark.parametrize("field,value,words", [
+    ("max_steps", 1.5, "expected an integer"), ("seed", 0.5, "expected an integer"),
+    ("max_steps", [1], "not a list"), ("learning_rate", [1], "not a list"), ("num_generations", {"a": 1}, "mapping"),
+    ("learning_rate", math.inf, "finite"), ("temperature", math.nan, "finite"), ("max_grad_norm", math.nan, "finite"),
+    ("max_grad_norm", "nan", "finite"), ("warmup_ratio", -math.inf, "finite"), ("epsilon_high", math.nan, "finite"),
+    ("limit", 2.5, "expected an integer"), ("bf16", "maybe", "true or false"), ("gradient_checkpointing", 1, "true"),
+    ("output_dir", ["a"], "expected a string"), ("seed", True, "expected an integer"),
+    ("lora_dropout", 1.0, "[0, 1)"), ("report_to", {"tensorboard": 1}, "expected a list"),
+])
+def test_types_come_from_the_annotations(field, value, words):
+    with pytest.raises(ConfigError, match=rf"^{field}=") as err:
+        BCRConfig(**{field: value})
+    assert words in str(err.value)
+
+
+def test_values_are_converted_to_their_field_type():
+    c = load_dataclass(BCRConfig, None, ["max_steps=2.0", "seed=3", "limit=None", "run_name=123", "learning_rate=1e-4",
+                                         "report_to=tensorboard", "warmup_steps=1e1"])
+    assert (c.max_steps, c.seed, c.limit, c.run_name, c.learning_rate, c.report_to, c.warmup_steps) == (
+        2, 3, None, "123", 1e-4, ["tensorboard"], 10)
+    assert all(type(v) is int for v in (c.max_steps, c.seed, c.warmup_steps))
+    assert BCRConfig(max_steps="7").max_steps == 7 and BCRConfig().overwrite_output_dir is False
+    assert BCRConfig(output_dir=Path("/tmp/x")).output_dir == "/tmp/x"
+
+
+@pytest.mark.parametrize("field,value", [
+    ("temperature", -1.0), ("temperature", 0.0), ("temperature", math.nan), ("top_p", 0.0), ("top_p", 1.5),
+    ("samples_per_bundle", "abc"), ("n_values", [1, 2.5]), ("verify_timeout", 0.0), ("seed", 0.5),
+    ("max_completion_length", [16]),
+])
+def test_eval_config_rejects_impossible_sampling(field, value):
+    from bcr.evaluation import EvalConfig
+
+    with pytest.raises(ConfigError, match=field):
+        EvalConfig(**{field: value})
+
+
+def test_check_fields_on_any_dataclass():
+    @dataclasses.dataclass
+    class Cfg:
+        steps: int = 1
+        rate: float | None = None
+        names: list[str] = dataclasses.field(default_factory=list)
+        mixed: int | dict = 3  # more than one type: left to the class
+
+        def __post_init__(self):
+            check_fields(self)
+
+    assert Cfg(steps="4", rate=1, names=["a"], mixed="anything") == Cfg(4, 1.0, ["a"], "anything")
+    assert Cfg(names=2).names == "2"  # one item is checked; wrapping it is the class's call
+    assert Cfg(names=[1, "b"]).names == ["1", "b"]
+    with pytest.raises(ConfigError, match="rate=inf"):
+        Cfg(rate=math.inf)
+    with pytest.raises(ConfigError, match="steps=None: a value is required"):
+        Cfg(steps=None)

@@ -322,3 +322,37 @@ def test_directory_source(tmp_path):
 
 def test_benchmark_table_has_the_contract_names():
     assert {"gsm8k", "math500", "aime24", "aime25", "amc23", "minerva", "olympiadbench", "math_train"} <= set(BENCHMARKS)
+
+
+@pytest.mark.parametrize("suffix,line", [("jsonl", 3), ("json", 3), ("csv", 3)])
+def test_a_byte_that_is_not_utf8_names_file_line_and_column(tmp_path, suffix, line):
+    path = tmp_path / f"latin1.{suffix}"
+    if suffix == "csv":
+        text = 'problem,answer\n"1 + 1",2\n"caf\xe9 costs 3",3\n'
+    else:
+        rows = [{"problem": "1 + 1", "answer": "2"}, {"problem": "caf\xe9 costs 3", "answer": "3"}]
+        text = ("[\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n]\n" if suffix == "json"
+                else "\n" + "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    path.write_bytes(text.encode("latin-1"))
+    column = text.splitlines()[line - 1].index("\xe9") + 1
+    with pytest.raises(DataError, match=rf"^{path}:{line}: not UTF-8 \(byte 0xe9 at column {column}\)"):
+        load_problems(path)
+
+
+def test_skip_invalid_skips_a_line_that_is_not_utf8(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(b'{"problem": "1 + 1", "answer": "2"}\n{"problem": "caf\xe9", "answer": "3"}\n'
+                     b'{"problem": "2 + 2", "answer": "4"}\n')
+    with pytest.warns(UserWarning, match="mixed.jsonl:2: not UTF-8"):
+        loaded = load_problems(path, skip_invalid=True)
+    assert [p.answer for p in loaded] == ["2", "4"]
+
+
+def test_an_empty_training_file_is_named(tmp_path):
+    from bcr.config import BCRConfig
+    from bcr.train_cli import load_train_problems
+
+    path = tmp_path / "empty.jsonl"
+    path.write_text("\n")
+    with pytest.raises(DataError, match=rf"^{path}: holds no problems \(train_data="):
+        load_train_problems(BCRConfig(train_data=str(path)))

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bcr.config import BCRConfig
-from bcr.dataclass_cli import ConfigError
+from bcr.dataclass_cli import ConfigError, check_fields
 from bcr.evaluation import EvalConfig
 from bcr.prompts import PromptTemplate
 
@@ -65,6 +65,7 @@ class TaskConfig:
         default=True)
 
     def __post_init__(self) -> None:
+        check_fields(self)  # types from the annotations: whole ints, finite floats, no list for a scalar
         for name in ("problem_steps", "problem_digits", "verify_loops"):
             setattr(self, name, _int_range("task", name, getattr(self, name)))
         _at_least_one("task", self, ("num_train_problems", "num_eval_problems"))
@@ -82,6 +83,7 @@ class ModelConfig:
     num_kv_heads: int = _help("key/value heads", default=2)
 
     def __post_init__(self) -> None:
+        check_fields(self)  # types from the annotations: whole ints, finite floats, no list for a scalar
         _at_least_one("model", self, ("vocab_size", "hidden_size", "num_layers"))
 
 
@@ -96,6 +98,7 @@ class SFTConfig:
     weight_decay: float = _help("AdamW weight decay", default=0.01)
 
     def __post_init__(self) -> None:
+        check_fields(self)  # types from the annotations: whole ints, finite floats, no list for a scalar
         self.n_values = _n_list("sft", "n_values", self.n_values)
         _at_least_one("sft", self, ("steps", "batch_size"))
 
@@ -108,6 +111,7 @@ class LengthConfig:
     penalty_weight: float = _help("weight of the Kimi-1.5 length reward added to accuracy", default=1.0)
 
     def __post_init__(self) -> None:
+        check_fields(self)  # types from the annotations: whole ints, finite floats, no list for a scalar
         _at_least_one("length", self, ("max_completion_length",))
 
 
@@ -158,6 +162,7 @@ class DemoConfig:
     eval: EvalConfig = _help("stage 4: the task-scaling sweep; an EvalConfig", default_factory=default_eval)
 
     def __post_init__(self) -> None:
+        check_fields(self)  # types from the annotations: whole ints, finite floats, no list for a scalar
         for name in ("from_stage", "stop_after"):
             if getattr(self, name) not in STAGES:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: must be one of {list(STAGES)}")

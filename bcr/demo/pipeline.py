@@ -16,6 +16,7 @@ from rich.console import Console
 
 from bcr.dataclass_cli import parse_cli, to_yaml
 from bcr.io import atomic_write_text
+from bcr.run_dir import check_output_dir
 
 from .config import STAGES, DemoConfig, check_renamed, demo_help
 from .stages import read_stage, run_bcr, run_eval, run_length, run_sft, stage_dir
@@ -59,5 +60,6 @@ def cli_main(argv: Sequence[str]) -> int:
     cfg = parse_cli(DemoConfig, argv, prog="bcr demo")
     if cfg is None:
         return 0
+    check_output_dir(cfg.output_dir)
     run_demo(cfg)
     return 0

@@ -1,0 +1,64 @@
+"""``bcr train [--config FILE.yaml] [key=value ...]``: a ``BCRConfig`` run from the command line.
+
+Order: parse and validate the config, check every path (``model``, ``output_dir``, ``resume_from``)
+and the output directory's lock and start rules, load the problems, and only then load the model
+and train. Errors propagate to ``bcr.cli.main``, which prints them as one line.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from .config import BCRConfig
+from .dataclass_cli import ConfigError, parse_cli
+from .distributed import init_distributed, teardown_distributed
+from .problems import DataError, load_problems
+from .run_dir import preflight
+from .synthetic import make_arithmetic_problems
+from .trainer import BCRTrainer
+
+
+def load_train_problems(cfg: BCRConfig, which: str = "train") -> list:
+    """The training (``which="train"``) or held-out (``"eval"``) problems a config names."""
+    option = "train_data" if which == "train" else "eval_data"
+    source = cfg.train_data if which == "train" else cfg.eval_data
+    split = cfg.train_split if which == "train" else cfg.eval_split
+    limit = cfg.limit if which == "train" else cfg.eval_limit
+    if not source:
+        raise ConfigError(f"{option} is empty; set {option}=<file, benchmark name, or 'synthetic'>")
+    if source.startswith("synthetic"):
+        return make_arithmetic_problems(limit or 512, seed=cfg.seed + (0 if which == "train" else 1))
+    problems = load_problems(source, split, limit, data_dir=cfg.data_dir)
+    if not problems:
+        raise DataError(f"{problems.report.path}: holds no problems ({option}={source!r}); "
+                        f"point {option} at a file with at least one row")
+    return list(problems)
+
+
+def check_model_dir(model: str) -> None:
+    """``model`` is a local model directory (one with config.json)."""
+    if not model or not (Path(model) / "config.json").is_file():
+        raise ConfigError(f"model={model!r} is not a local model directory (no config.json); set model=<path of a "
+                          "directory written by save_pretrained> (download it first with huggingface-cli download)")
+
+
+def cli_main(argv: Sequence[str]) -> int:
+    cfg = parse_cli(BCRConfig, argv, prog="bcr train")
+    if cfg is None:  # --help
+        return 0
+    check_model_dir(cfg.model)
+    # Under torchrun only the first process probes the lock: the others may start after it took it.
+    preflight(cfg, probe_lock=os.environ.get("RANK", "0") == "0")
+    init_distributed(cfg.distributed_timeout)  # a no-op unless launched by torchrun with several processes
+    try:
+        train = load_train_problems(cfg, "train")
+        evals = load_train_problems(cfg, "eval") if cfg.eval_data else None
+        trainer = BCRTrainer(cfg.model, train, cfg, eval_problems=evals)
+        trainer.train()
+    finally:
+        teardown_distributed()
+    if trainer.rank == 0:
+        print(f"done: model and checkpoints in {cfg.output_dir}")
+    return 0
