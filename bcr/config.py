@@ -36,6 +36,7 @@ SHARED_ADVANTAGES = ("mean", "zero")
 ROLLOUT_ENGINES = ("hf", "vllm")
 DISTRIBUTED_STRATEGIES = ("auto", "fsdp2", "ddp")
 REPORT_TO = ("tensorboard", "wandb")
+MODEL_DTYPES = ("auto", "float32", "bfloat16")  # bcr.model_loading.DTYPES
 
 
 def _help(text: str, **kw) -> Any:
@@ -45,7 +46,15 @@ def _help(text: str, **kw) -> Any:
 @dataclass
 class BCRConfig:
     # --- model, output, data -------------------------------------------------------------------
-    model: str = _help("local path of a Hugging Face causal LM directory (config.json + weights)", default="")
+    model: str = _help(
+        "the model: a local Hugging Face directory, a .gguf file, or a Hub id (see bcr.model_loading)", default=""
+    )
+    model_dtype: str = _help(
+        "dtype the weights load in: 'float32' (fp32 master weights; bf16 comes from autocast), 'bfloat16', or "
+        "'auto' (the checkpoint's dtype; fp32 on the CPU)",
+        default="float32",
+    )
+    gguf_file: str | None = _help("with model=<directory>: the .gguf file inside it to load", default=None)
     output_dir: str = _help("where checkpoints, metrics.jsonl and the final model go", default="outputs/bcr")
     run_name: str | None = _help("a name for the run in TensorBoard / W&B (default: output_dir's name)", default=None)
     seed: int = _help("seeds model init, bundling and every rollout", default=0)
@@ -196,6 +205,7 @@ class BCRConfig:
                 fail(name, f"must be one of {list(allowed)}")
 
         choice("loss_type", LOSS_TYPES)
+        choice("model_dtype", MODEL_DTYPES)
         choice("lr_scheduler_type", SCHEDULERS)
         choice("scale_rewards", SCALE_REWARDS)
         choice("advantage_mode", ADVANTAGE_MODES)

@@ -66,6 +66,7 @@ from typing import Any
 
 from bcr.dataclass_cli import ConfigError
 from bcr.io import atomic_write_text
+from bcr.model_loading import load_model, load_tokenizer, resolve_model_source
 from bcr.report import write_run_outputs
 from bcr.scaling import TIMING_KEY, stable_seed, summarize_records
 
@@ -81,7 +82,13 @@ def _help(text: str) -> dict:
 class EvalConfig:
     """Settings of a task-scaling sweep (``bcr eval``); every field is a ``key=value`` option."""
 
-    model: str | None = field(default=None, metadata=_help("path of one HF model directory (or use models=)"))
+    model: str | None = field(
+        default=None, metadata=_help("one model: an HF directory, a .gguf file or a Hub id (or use models=)")
+    )
+    model_dtype: str = field(
+        default="auto", metadata=_help("dtype the weights load in: auto (the checkpoint's; fp32 on the CPU), float32, bfloat16")
+    )
+    gguf_file: str | None = field(default=None, metadata=_help("with model=<directory>: the .gguf file inside it"))
     models: dict = field(
         default_factory=dict, metadata=_help("several models by name, e.g. {base: /p1, bcr: /p2}")
     )
@@ -319,18 +326,11 @@ def _tokenizer_for(name: str, model, tokenizer):
     if isinstance(tokenizer, Mapping):
         tokenizer = tokenizer.get(name)
     if isinstance(tokenizer, (str, os.PathLike)):
-        from .tokenizer_loading import load_tokenizer
-
         return load_tokenizer(tokenizer)
     if tokenizer is not None:
         return tokenizer
     if isinstance(model, (str, os.PathLike)):
-        path = Path(str(model))
-        if not path.exists():
-            raise ConfigError(f"model path {str(path)!r} for {name!r} does not exist; pass a local HF model directory")
-        from .tokenizer_loading import load_tokenizer
-
-        return load_tokenizer(path)
+        return load_tokenizer(model)
     if _is_engine(model):
         return getattr(model, "tokenizer", None)
     raise ConfigError(f"model {name!r} is an in-memory model: pass its tokenizer (tokenizer=...)")
@@ -343,16 +343,7 @@ def _open_engine(name: str, model, tokenizer, cfg: EvalConfig):
     from bcr.rollout import make_engine
 
     if isinstance(model, (str, os.PathLike)) and cfg.engine == "hf":
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        path = Path(str(model))
-        if not path.exists():
-            raise ConfigError(f"model path {str(path)!r} for {name!r} does not exist; pass a local HF model directory")
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto")
-        if torch.cuda.is_available():
-            model = model.to("cuda")
-        model.eval()
+        model, _ = load_model(model, dtype=cfg.model_dtype, with_tokenizer=False)
     elif isinstance(model, os.PathLike):
         model = str(model)
     return make_engine(cfg.engine, model, tokenizer, **dict(cfg.engine_kwargs))
@@ -374,7 +365,8 @@ def _release_memory() -> None:
 
 def _model_identity(model) -> str:
     if isinstance(model, (str, os.PathLike)):
-        return str(Path(str(model)).resolve())
+        path = Path(str(model))
+        return str(path.resolve()) if path.exists() else str(model)  # a Hub id stays an id
     return f"<{type(model).__name__}>"
 
 
@@ -399,6 +391,8 @@ def _fingerprint(cfg: EvalConfig, problems, models: Mapping[str, Any]) -> dict:
     }
     if cfg.numbered_single:  # only when set, so run directories written before the option still resume
         fingerprint["numbered_single"] = True
+    if cfg.model_dtype != "auto":  # likewise
+        fingerprint["model_dtype"] = cfg.model_dtype
     return fingerprint
 
 
@@ -523,7 +517,10 @@ def evaluate_scaling(
     if models is None:
         if cfg.models and cfg.model:
             raise ConfigError("give either model=/path or models={name: /path}, not both")
-        models = dict(cfg.models) or (cfg.model and _normalize_models(cfg.model))
+        if cfg.gguf_file and not cfg.model:
+            raise ConfigError("gguf_file goes with model=<directory>; with models= give each .gguf file's path")
+        model = str(Path(cfg.model) / cfg.gguf_file) if cfg.model and cfg.gguf_file else cfg.model
+        models = dict(cfg.models) or (model and _normalize_models(model))
         if not models:
             raise ConfigError("no model to evaluate: pass model=/path or models={name: /path}")
     if tokenizer is None and cfg.tokenizer:
@@ -532,6 +529,9 @@ def evaluate_scaling(
     if cfg.baseline is not None and cfg.baseline not in models:
         raise ConfigError(f"baseline {cfg.baseline!r} is not one of the models {list(models)}")
     problems = _load(problems if problems is not None else cfg.benchmark, cfg)
+    for model in models.values():  # a model that cannot load fails here, before anything is written
+        if isinstance(model, (str, os.PathLike)):
+            resolve_model_source(model)
 
     from bcr.bundling import bundle_sequential
 
@@ -628,7 +628,7 @@ def _finish(out: Path, existing: list[dict], models, problems, cfg: EvalConfig) 
 def _summary_config(cfg: EvalConfig, problems, models) -> dict:
     """The settings shown in summary.json: everything that decides the numbers, nothing machine-local."""
     skip = {"output_dir", "progress", "plots", "resume", "model", "models", "tokenizer", "data_dir", "engine_kwargs",
-            "batch_size", "distributed_timeout"}
+            "batch_size", "distributed_timeout", "gguf_file"}
     conf = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}
     conf["benchmark"] = cfg.benchmark if isinstance(cfg.benchmark, str) else str(cfg.benchmark)
     conf["num_problems"] = len(problems)
