@@ -493,8 +493,9 @@ def evaluate_scaling(
     """Run (or resume) a task-scaling sweep and write the run directory; returns the summary.
 
     Args:
-        models: ``{name: model}`` or one model; a model is an HF model directory, an in-memory HF
-            model (then pass ``tokenizer``), or a ready :class:`bcr.rollout.RolloutEngine`.
+        models: ``{name: model}`` or one model; a model is an HF model directory, a ``.gguf`` file or
+            a Hub id (see :func:`bcr.model_loading.load_model`), an in-memory HF model (then pass
+            ``tokenizer``), or a ready :class:`bcr.rollout.RolloutEngine`.
             Default: ``config.models`` / ``config.model``.
         problems: a list of :class:`bcr.problems.Problem`, a benchmark name or a data file
             (see :func:`bcr.problems.load_problems`). Default: ``config.benchmark``.

@@ -242,8 +242,8 @@ class BCRTrainer:
     """Train ``model`` on ``train_problems`` with Batched Contextual Reinforcement.
 
     Args:
-        model: a local model directory (loaded with ``AutoModelForCausalLM.from_pretrained``) or an
-            HF causal LM.
+        model: a local model directory, a ``.gguf`` file or a Hub id (loaded by
+            ``bcr.model_loading.load_model`` in ``config.model_dtype``), or an HF causal LM.
         train_problems: ``bcr.problems.Problem`` objects (``problem`` text and reference ``answer``).
         config: a ``BCRConfig``.
         tokenizer: defaults to the one saved with ``model``.
