@@ -66,7 +66,7 @@ from typing import Any
 
 from bcr.dataclass_cli import ConfigError
 from bcr.io import atomic_write_text
-from bcr.model_loading import load_model, load_tokenizer, resolve_model_source
+from bcr.model_loading import DTYPES, load_model, load_tokenizer, resolve_model_source
 from bcr.report import write_run_outputs
 from bcr.scaling import TIMING_KEY, stable_seed, summarize_records
 
@@ -143,6 +143,8 @@ class EvalConfig:
             raise ConfigError(f"n_values must be distinct positive integers, got {self.n_values!r}")
         if self.budget_mode not in ("per_prompt", "per_problem"):
             raise ConfigError(f"budget_mode must be 'per_prompt' or 'per_problem', got {self.budget_mode!r}")
+        if self.model_dtype not in DTYPES:
+            raise ConfigError(f"model_dtype must be one of {list(DTYPES)}, got {self.model_dtype!r}")
         if self.ci_method not in ("bootstrap", "normal"):
             raise ConfigError(f"ci_method must be 'bootstrap' or 'normal', got {self.ci_method!r}")
         for name in ("samples_per_bundle", "batch_size", "max_completion_length", "per_problem_budget", "n_bootstrap"):

@@ -142,7 +142,8 @@ def _hub_source(repo_id: str) -> ModelSource:
                              f"local cache while HF_HUB_OFFLINE is set; {download}")
     if not _endpoint_reachable(constants.ENDPOINT):
         raise ModelLoadError(f"model={repo_id!r}: no local directory of that name, and the Hub id is not in the "
-                             f"local cache and {constants.ENDPOINT} cannot be reached; {download}")
+                             f"local cache and {constants.ENDPOINT} cannot be reached; {download} "
+                             "(HF_HUB_OFFLINE=1 skips the network check)")
     return ModelSource("hub", repo_id)
 
 
@@ -197,13 +198,19 @@ def load_model(source, *, dtype: str | torch.dtype = "auto", gguf_file: str | No
 def load_tokenizer(source, *, gguf_file: str | None = None, **kwargs):
     """The tokenizer (and chat template) of ``source``, as the model was saved with it.
 
-    For a directory or a Hub id: ``AutoTokenizer.from_pretrained``, unless it tokenises differently
-    from the ``tokenizer.json`` saved there (then that file, with a warning; see the module docstring).
+    For a directory (a model's, or one holding only a tokenizer) or a Hub id:
+    ``AutoTokenizer.from_pretrained``, unless it tokenises differently from the ``tokenizer.json``
+    saved there (then that file, with a warning; see the module docstring).
     """
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
     from transformers.utils import cached_file
 
-    resolved = source if isinstance(source, ModelSource) else resolve_model_source(source, gguf_file=gguf_file)
+    if isinstance(source, ModelSource):
+        resolved = source
+    elif gguf_file is None and isinstance(source, (str, os.PathLike)) and Path(source).expanduser().is_dir():
+        resolved = ModelSource("directory", str(Path(source).expanduser()))  # no config.json needed
+    else:
+        resolved = resolve_model_source(source, gguf_file=gguf_file)
     kwargs = {**_source_kwargs(resolved), **kwargs}
     try:
         auto = AutoTokenizer.from_pretrained(resolved.location, **kwargs)

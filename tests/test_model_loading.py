@@ -57,6 +57,13 @@ def test_directory_loads_model_tokenizer_and_chat_template(model_dir, tiny_token
     assert load_tokenizer(str(model_dir))(TEXT)["input_ids"] == tiny_tokenizer(TEXT)["input_ids"]
 
 
+def test_tokenizer_only_directory(tmp_path, tiny_tokenizer):
+    tiny_tokenizer.save_pretrained(tmp_path / "tok")
+    assert load_tokenizer(tmp_path / "tok")(TEXT)["input_ids"] == tiny_tokenizer(TEXT)["input_ids"]
+    with pytest.raises(ModelLoadError, match="tokenizer of model=.*could not be loaded"):
+        load_tokenizer(tmp_path)  # an empty directory
+
+
 @pytest.mark.parametrize(("dtype", "expected"), [("float32", torch.float32), ("bfloat16", torch.bfloat16),
                                                  (torch.bfloat16, torch.bfloat16)])
 def test_dtype(model_dir, dtype, expected):
@@ -203,3 +210,11 @@ def test_eval_refuses_a_bad_model_before_writing(tmp_path):
         evaluate_scaling(problems=make_arithmetic_problems(4, seed=0),
                          config=EvalConfig(models={"a": str(bad)}, gguf_file="x.gguf", output_dir=str(out), n_values=[1]))
     assert not out.exists()
+
+
+def test_configs_validate_model_dtype():
+    with pytest.raises(ConfigError, match="model_dtype"):
+        BCRConfig(model_dtype="fp16")
+    with pytest.raises(ConfigError, match="model_dtype"):
+        EvalConfig(model_dtype="half")
+    assert BCRConfig().model_dtype == "float32" and EvalConfig().model_dtype == "auto"
