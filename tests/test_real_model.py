@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from bcr.config import BCRConfig
 from bcr.evaluation import cli_main as eval_cli
-from bcr.model_loading import load_tokenizer
+from bcr.model_loading import load_tokenizer, resolve_model_source
 from bcr.packing import Sample, pack_row
 from bcr.prompts import render_prompt
 from bcr.synthetic import make_arithmetic_problems
@@ -44,6 +44,9 @@ def test_loader_opens_the_gguf_file(smollm2):
     for (name, a), b in zip(model.state_dict().items(), reloaded.state_dict().values()):
         assert torch.equal(a, b), name
     assert load_tokenizer(smollm2.hf_dir)(SENTENCE)["input_ids"] == tok(SENTENCE)["input_ids"]
+    # the same file named as directory + gguf_file
+    assert resolve_model_source(smollm2.gguf.parent, gguf_file=smollm2.gguf.name) == resolve_model_source(smollm2.gguf)
+    assert resolve_model_source(str(smollm2.gguf)).kind == "gguf"
 
 
 def test_three_problem_prompt_renders_through_the_chat_template(smollm2):
