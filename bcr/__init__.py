@@ -22,6 +22,8 @@ _EXPORTS = {
     "BCRTrainer": "bcr.trainer",
     "evaluate_scaling": "bcr.evaluation",
     "EvalConfig": "bcr.evaluation",
+    "load_model": "bcr.model_loading",
+    "ModelLoadError": "bcr.model_loading",
 }
 
 __all__ = sorted(_EXPORTS)

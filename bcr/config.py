@@ -36,9 +36,11 @@ SHARED_ADVANTAGES = ("mean", "zero")
 ROLLOUT_ENGINES = ("hf", "vllm")
 DISTRIBUTED_STRATEGIES = ("auto", "fsdp2", "ddp")
 REPORT_TO = ("tensorboard", "wandb")
+MODEL_DTYPES = ("auto", "float32", "bfloat16")  # bcr.model_loading.DTYPES
 CHOICES = {"loss_type": LOSS_TYPES, "lr_scheduler_type": SCHEDULERS, "scale_rewards": SCALE_REWARDS,
            "advantage_mode": ADVANTAGE_MODES, "shared_advantage": SHARED_ADVANTAGES,
-           "rollout_engine": ROLLOUT_ENGINES, "distributed_strategy": DISTRIBUTED_STRATEGIES}
+           "rollout_engine": ROLLOUT_ENGINES, "distributed_strategy": DISTRIBUTED_STRATEGIES,
+           "model_dtype": MODEL_DTYPES}
 POSITIVE_INTS = ("num_generations", "max_completion_length", "bundles_per_step", "gradient_accumulation_steps",
                  "num_iterations", "logging_steps", "lora_r")
 OPTIONAL_POSITIVE_INTS = ("max_prompt_length", "max_tokens_per_microbatch", "chunk_tokens", "generation_batch_size",
@@ -75,7 +77,15 @@ def _help(text: str, **kw) -> Any:
 @dataclass
 class BCRConfig:
     # --- model, output, data -------------------------------------------------------------------
-    model: str = _help("local path of a Hugging Face causal LM directory (config.json + weights)", default="")
+    model: str = _help(
+        "the model: a local Hugging Face directory, a .gguf file, or a Hub id (see bcr.model_loading)", default=""
+    )
+    model_dtype: str = _help(
+        "dtype the weights load in: 'float32' (fp32 master weights; bf16 comes from autocast), 'bfloat16', or "
+        "'auto' (the checkpoint's dtype; fp32 on the CPU)",
+        default="float32",
+    )
+    gguf_file: str | None = _help("with model=<directory>: the .gguf file inside it to load", default=None)
     output_dir: str = _help("where checkpoints, metrics.jsonl and the final model go", default="outputs/bcr")
     run_name: str | None = _help("a name for the run in TensorBoard / W&B (default: output_dir's name)", default=None)
     seed: int = _help("seeds model init, bundling and every rollout", default=0)

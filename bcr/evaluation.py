@@ -66,6 +66,7 @@ from typing import Any
 
 from bcr.dataclass_cli import ConfigError, check_fields
 from bcr.io import atomic_write_text
+from bcr.model_loading import DTYPES, load_model, load_tokenizer, resolve_model_source
 from bcr.report import write_run_outputs
 from bcr.scaling import TIMING_KEY, stable_seed, summarize_records
 
@@ -81,7 +82,13 @@ def _help(text: str) -> dict:
 class EvalConfig:
     """Settings of a task-scaling sweep (``bcr eval``); every field is a ``key=value`` option."""
 
-    model: str | None = field(default=None, metadata=_help("path of one HF model directory (or use models=)"))
+    model: str | None = field(
+        default=None, metadata=_help("one model: an HF directory, a .gguf file or a Hub id (or use models=)")
+    )
+    model_dtype: str = field(
+        default="auto", metadata=_help("dtype the weights load in: auto (the checkpoint's; fp32 on the CPU), float32, bfloat16")
+    )
+    gguf_file: str | None = field(default=None, metadata=_help("with model=<directory>: the .gguf file inside it"))
     models: dict = field(
         default_factory=dict, metadata=_help("several models by name, e.g. {base: /p1, bcr: /p2}")
     )
@@ -135,6 +142,8 @@ class EvalConfig:
             raise ConfigError(f"n_values must be distinct positive integers, got {self.n_values!r}")
         if self.budget_mode not in ("per_prompt", "per_problem"):
             raise ConfigError(f"budget_mode must be 'per_prompt' or 'per_problem', got {self.budget_mode!r}")
+        if self.model_dtype not in DTYPES:
+            raise ConfigError(f"model_dtype must be one of {list(DTYPES)}, got {self.model_dtype!r}")
         if self.ci_method not in ("bootstrap", "normal"):
             raise ConfigError(f"ci_method must be 'bootstrap' or 'normal', got {self.ci_method!r}")
         for name in ("samples_per_bundle", "batch_size", "max_completion_length", "per_problem_budget", "n_bootstrap"):
@@ -321,18 +330,11 @@ def _tokenizer_for(name: str, model, tokenizer):
     if isinstance(tokenizer, Mapping):
         tokenizer = tokenizer.get(name)
     if isinstance(tokenizer, (str, os.PathLike)):
-        from .tokenizer_loading import load_tokenizer
-
         return load_tokenizer(tokenizer)
     if tokenizer is not None:
         return tokenizer
     if isinstance(model, (str, os.PathLike)):
-        path = Path(str(model))
-        if not path.exists():
-            raise ConfigError(f"model path {str(path)!r} for {name!r} does not exist; pass a local HF model directory")
-        from .tokenizer_loading import load_tokenizer
-
-        return load_tokenizer(path)
+        return load_tokenizer(model)
     if _is_engine(model):
         return getattr(model, "tokenizer", None)
     raise ConfigError(f"model {name!r} is an in-memory model: pass its tokenizer (tokenizer=...)")
@@ -345,16 +347,7 @@ def _open_engine(name: str, model, tokenizer, cfg: EvalConfig):
     from bcr.rollout import make_engine
 
     if isinstance(model, (str, os.PathLike)) and cfg.engine == "hf":
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        path = Path(str(model))
-        if not path.exists():
-            raise ConfigError(f"model path {str(path)!r} for {name!r} does not exist; pass a local HF model directory")
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto")
-        if torch.cuda.is_available():
-            model = model.to("cuda")
-        model.eval()
+        model, _ = load_model(model, dtype=cfg.model_dtype, with_tokenizer=False)
     elif isinstance(model, os.PathLike):
         model = str(model)
     return make_engine(cfg.engine, model, tokenizer, **dict(cfg.engine_kwargs))
@@ -396,7 +389,8 @@ def _release_memory() -> None:
 
 def _model_identity(model) -> str:
     if isinstance(model, (str, os.PathLike)):
-        return str(Path(str(model)).resolve())
+        path = Path(str(model))
+        return str(path.resolve()) if path.exists() else str(model)  # a Hub id stays an id
     return f"<{type(model).__name__}>"
 
 
@@ -421,6 +415,8 @@ def _fingerprint(cfg: EvalConfig, problems, models: Mapping[str, Any]) -> dict:
     }
     if cfg.numbered_single:  # only when set, so run directories written before the option still resume
         fingerprint["numbered_single"] = True
+    if cfg.model_dtype != "auto":  # likewise
+        fingerprint["model_dtype"] = cfg.model_dtype
     return fingerprint
 
 
@@ -525,8 +521,9 @@ def evaluate_scaling(
     """Run (or resume) a task-scaling sweep and write the run directory; returns the summary.
 
     Args:
-        models: ``{name: model}`` or one model; a model is an HF model directory, an in-memory HF
-            model (then pass ``tokenizer``), or a ready :class:`bcr.rollout.RolloutEngine`.
+        models: ``{name: model}`` or one model; a model is an HF model directory, a ``.gguf`` file or
+            a Hub id (see :func:`bcr.model_loading.load_model`), an in-memory HF model (then pass
+            ``tokenizer``), or a ready :class:`bcr.rollout.RolloutEngine`.
             Default: ``config.models`` / ``config.model``.
         problems: a list of :class:`bcr.problems.Problem`, a benchmark name or a data file
             (see :func:`bcr.problems.load_problems`). Default: ``config.benchmark``.
@@ -549,7 +546,10 @@ def evaluate_scaling(
     if models is None:
         if cfg.models and cfg.model:
             raise ConfigError("give either model=/path or models={name: /path}, not both")
-        models = dict(cfg.models) or (cfg.model and _normalize_models(cfg.model))
+        if cfg.gguf_file and not cfg.model:
+            raise ConfigError("gguf_file goes with model=<directory>; with models= give each .gguf file's path")
+        model = str(Path(cfg.model) / cfg.gguf_file) if cfg.model and cfg.gguf_file else cfg.model
+        models = dict(cfg.models) or (model and _normalize_models(model))
         if not models:
             raise ConfigError("no model to evaluate: pass model=/path or models={name: /path}")
     if tokenizer is None and cfg.tokenizer:
@@ -559,6 +559,9 @@ def evaluate_scaling(
         raise ConfigError(f"baseline {cfg.baseline!r} is not one of the models {list(models)}")
     _check_paths(models, tokenizer, cfg)
     problems = _load(problems if problems is not None else cfg.benchmark, cfg)
+    for model in models.values():  # a model that cannot load fails here, before anything is written
+        if isinstance(model, (str, os.PathLike)):
+            resolve_model_source(model)
 
     from bcr.bundling import bundle_sequential
 
@@ -654,7 +657,7 @@ def _finish(out: Path, existing: list[dict], models, problems, cfg: EvalConfig) 
 def _summary_config(cfg: EvalConfig, problems, models) -> dict:
     """The settings shown in summary.json: everything that decides the numbers, nothing machine-local."""
     skip = {"output_dir", "progress", "plots", "resume", "model", "models", "tokenizer", "data_dir", "engine_kwargs",
-            "batch_size", "distributed_timeout"}
+            "batch_size", "distributed_timeout", "gguf_file"}
     conf = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}
     conf["benchmark"] = cfg.benchmark if isinstance(cfg.benchmark, str) else str(cfg.benchmark)
     conf["num_problems"] = len(problems)

@@ -20,7 +20,12 @@ Record schemas understood (field names are matched case-insensitively):
   are dropped from a purely numeric answer (``1,600`` -> ``1600``);
 * MATH native: ``problem`` + ``solution`` (no ``answer``): the answer is the content of the *last*
   ``\\boxed{...}`` / ``\\fbox{...}`` in the solution (brace balanced, see :func:`extract_last_boxed`);
-* OlympiadBench native: ``question`` + ``final_answer`` (a list is joined with ``", "``).
+* OlympiadBench native: ``question`` + ``final_answer`` (a list is joined with ``", "``);
+* DAPO-Math-17k (the verl RL schema): ``prompt`` is a list of chat messages whose last ``user``
+  message holds the problem, ``reward_model`` is ``{"ground_truth": ...}`` and ``extra_info.index``
+  the id. The instruction DAPO wraps around each problem (a first line asking for a last line
+  ``Answer: $Answer`` and a closing ``Remember to put your answer on its own line ...``) is removed,
+  since a BCR prompt states its own answer format.
 
 An id is taken from ``id`` / ``unique_id`` / ``idx`` / ``problem_id``; a row without one gets the
 stable id ``"<label>-<row index>"`` where the label is the file stem (or ``<folder>-<stem>`` when the
@@ -186,6 +191,22 @@ def _gsm8k_split(answer: str) -> tuple[str, str]:
     return final, rationale
 
 
+_DAPO_HEAD = re.compile(r"Solve the following math problem[^\n]*Answer:[^\n]*\n\n")
+_DAPO_TAIL = re.compile(r"\n\nRemember to put your answer on its own line[^\n]*\Z")
+
+
+def _user_message(prompt: Any) -> str | None:
+    """The content of the last ``user`` message of a chat-message list, or None."""
+    if not isinstance(prompt, (list, tuple)):
+        return None
+    users = [m.get("content") for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
+    return users[-1] if users and isinstance(users[-1], str) and users[-1].strip() else None
+
+
+def _strip_dapo_instruction(text: str) -> str:
+    return _DAPO_TAIL.sub("", _DAPO_HEAD.sub("", text.strip(), count=1))
+
+
 def problem_from_record(rec: dict, *, default_id: str, source: str = "") -> Problem:
     """Turn one record (shared, GSM8K, MATH or OlympiadBench schema) into a :class:`Problem`.
 
@@ -214,6 +235,8 @@ def problem_from_record(rec: dict, *, default_id: str, source: str = "") -> Prob
         text = take("problem")
     elif not _is_missing(get("question")):
         text = take("question")
+    elif _user_message(get("prompt")) is not None:  # DAPO-Math-17k
+        text = _strip_dapo_instruction(_user_message(take("prompt")))
     else:
         present = ", ".join(map(str, rec)) or "none"
         raise DataError(
@@ -236,6 +259,8 @@ def problem_from_record(rec: dict, *, default_id: str, source: str = "") -> Prob
                 meta_extra["solution"] = rationale
         else:
             answer = _answer_text(raw)
+    elif isinstance(get("reward_model"), dict) and not _is_missing(get("reward_model").get("ground_truth")):
+        answer = _answer_text(take("reward_model")["ground_truth"])  # DAPO-Math-17k
     elif not _is_missing(get("solution")):  # MATH
         boxed = extract_last_boxed(str(get("solution")))
         if boxed is None:
@@ -257,6 +282,9 @@ def problem_from_record(rec: dict, *, default_id: str, source: str = "") -> Prob
         if not _is_missing(get(name)):
             pid = str(take(name))
             break
+    extra = get("extra_info")
+    if pid is None and isinstance(extra, dict) and not _is_missing(extra.get("index")):
+        pid = str(extra["index"])  # DAPO-Math-17k
     if pid is None:
         pid = default_id
 

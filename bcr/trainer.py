@@ -233,8 +233,8 @@ class BCRTrainer:
     """Train ``model`` on ``train_problems`` with Batched Contextual Reinforcement.
 
     Args:
-        model: a local model directory (loaded with ``AutoModelForCausalLM.from_pretrained``) or an
-            HF causal LM.
+        model: a local model directory, a ``.gguf`` file or a Hub id (loaded by
+            ``bcr.model_loading.load_model`` in ``config.model_dtype``), or an HF causal LM.
         train_problems: ``bcr.problems.Problem`` objects (``problem`` text and reference ``answer``).
         config: a ``BCRConfig``.
         tokenizer: defaults to the one saved with ``model``.
@@ -702,21 +702,11 @@ class BCRTrainer:
 # Model loading
 # ----------------------------------------------------------------------------------------------
 def _load_model(model, tokenizer, cfg: BCRConfig):
-    from transformers import AutoModelForCausalLM
-
-    from .tokenizer_loading import load_tokenizer
+    from .model_loading import load_model, load_tokenizer
 
     if isinstance(model, (str, Path)):
-        path = Path(model)
-        if not str(model) or not (path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"model={str(model)!r} is not a local model directory (no config.json); set model=<path of a "
-                "directory written by save_pretrained> (download it first with huggingface-cli download)"
-            )
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch.float32).to(device)
-        if tokenizer is None:
-            tokenizer = load_tokenizer(path, local_files_only=True)
+        model, loaded = load_model(model, dtype=cfg.model_dtype, gguf_file=cfg.gguf_file, with_tokenizer=tokenizer is None)
+        tokenizer = tokenizer if tokenizer is not None else loaded
     if tokenizer is None:
         name = getattr(model, "name_or_path", "")
         if name and Path(name).is_dir():

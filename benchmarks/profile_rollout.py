@@ -91,13 +91,14 @@ def load_model(
             tok,
             f"tiny-random Qwen2 (hidden {hidden}, {layers} layers, vocab {len(tok)})",
         )
-    from transformers import AutoModelForCausalLM
-
-    from bcr.tokenizer_loading import load_tokenizer
+    from bcr.model_loading import ModelLoadError, load_tokenizer, resolve_model_source
+    from bcr.model_loading import load_model as load_checkpoint
 
     path = Path(name)
-    if not path.exists():
-        raise SystemExit(f"--model {name!r}: no such directory (use tiny-random or a local HF model dir)")
+    try:
+        resolve_model_source(name)
+    except ModelLoadError as err:
+        raise SystemExit(f"--model: {err} (or use tiny-random)") from None
     candidates = [tokenizer_path] if tokenizer_path else [str(path), str(path.parent / "tokenizer")]
     tok, errors = None, []
     for c in candidates:
@@ -108,7 +109,7 @@ def load_model(
             errors.append(f"{c}: {type(exc).__name__}")
     if tok is None:
         raise SystemExit(f"no tokenizer found ({'; '.join(errors)}); pass --tokenizer DIR")
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
+    model, _ = load_checkpoint(name, dtype=dtype, device=device, with_tokenizer=False)
     return model, tok, f"{path} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params)"
 
 

