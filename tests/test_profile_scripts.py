@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 
 from bcr.rollout import HFEngine
 from bcr.tiny import tiny_model
+from benchmarks import gpu_check
 from benchmarks import profile_rollout as pr
 from benchmarks import profile_step as ps
 
@@ -192,3 +195,43 @@ def test_compile_mode_restores_the_forward(tiny_tokenizer, monkeypatch):
     with pr.mode_settings(model, pr.MODES["hf-compile"]):
         assert "forward" in vars(model)
     assert "forward" not in vars(model) and model.generation_config.cache_implementation is None
+
+
+def test_gpu_check_smoke(tmp_path, no_interpreter):
+    """The prepared GPU check at tiny sizes on the CPU: every part runs or says why it was skipped."""
+    rc = gpu_check.main([str(tmp_path), "--smoke"])
+    assert rc == 0
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert set(report["parts"]) == set(gpu_check.PARTS) and report["smoke"]
+    rows = report["rows"]
+    assert not [r for r in rows if r["measure"] == "error"], rows
+    assert all(r["met"] is None for r in rows)  # smoke sizes judge no target
+    by_part = {name: [r for r in rows if r["part"].startswith(prefix)] for name, prefix in
+               (("tests", "tests"), ("logprobs", "token_logprobs"), ("head", "LM head"),
+                ("step", "training step"), ("attention", "varlen attention"))}
+    assert all(by_part.values()), by_part
+    assert by_part["tests"][0]["value"].startswith("skipped: ")
+    if not torch.cuda.is_available():
+        assert all("needs CUDA" in r["value"] for r in by_part["logprobs"])
+        assert {r["measure"] for r in by_part["attention"] if "needs CUDA" in r["value"]} == {"flash_attn", "torch_varlen"}
+    data = report["parts"]
+    assert data["token_logprobs"]["forward_s"] > 0 and data["token_logprobs"]["bytes_backward"] > 0
+    assert data["head"]["fused"]["time_s"] > 0 and "fused_time_ratio" in data["head"]
+    assert data["step"]["packed_vs_padded_tokens_per_s"] > 0
+    assert data["attention"]["sdpa"]["forward_backward_s"] > 0
+    assert "| part | measurement | value | target | met |" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_gpu_check_hbm_peaks_by_device_name():
+    assert gpu_check.hbm_peak("NVIDIA H100 80GB HBM3", None)[0] == 3.35
+    assert gpu_check.hbm_peak("NVIDIA H100 PCIe", None)[0] == 2.0
+    assert gpu_check.hbm_peak("NVIDIA H200", None)[0] == 4.8
+    assert gpu_check.hbm_peak("NVIDIA GH200 480GB", None)[0] == 4.0
+    assert gpu_check.hbm_peak("NVIDIA A100-SXM4-80GB", None)[0] == 2.039
+    assert gpu_check.hbm_peak("Some GPU", None)[0] is None
+    assert gpu_check.hbm_peak("Some GPU", 1.5) == (1.5, "--hbm-peak")
+
+
+def test_gpu_check_shell_script_parses():
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
