@@ -17,7 +17,7 @@ if [[ $# -gt 0 && $1 != -* ]]; then
     out=$1
     shift
 fi
-python="${PYTHON:-python}"
+python="${PYTHON:-$(command -v python || command -v python3)}"
 limit="${GPU_CHECK_LIMIT_S:-480}"
 
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false

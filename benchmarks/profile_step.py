@@ -977,7 +977,11 @@ def main(argv=None) -> int:
     for v in args.variant_list:
         t0 = time.perf_counter()
         spec = child_spec(args, v, device, dtype, batch)
-        results.append(child_main(spec) if args.in_process else run_child(spec, args.timeout))
+        why = unavailable(v)  # known here already: no child needed to find out
+        if why:
+            results.append({"variant": v, "skipped": why})
+        else:
+            results.append(child_main(spec) if args.in_process else run_child(spec, args.timeout))
         print_result(results[-1], time.perf_counter() - t0)
     report = {
         "benchmark": "profile_step",

@@ -133,8 +133,14 @@ def test_profile_step_subprocess_child(no_interpreter):
     assert "error" not in r, r.get("error")
     assert r["runs"][0]["growth_bytes"] >= 0 and r["memory_method"]
     assert math.isfinite(r["runs"][0]["loss"])
-    bad = ps.run_child({**spec, "variant": "no-such-variant"}, timeout=120)
-    assert "error" in bad
+
+
+def test_harness_child_failure_comes_back_as_an_error():
+    """A child that cannot run reports an error (with its output's tail) instead of raising."""
+    from benchmarks import harness
+
+    bad = harness.run_child("benchmarks.no_such_module", {"variant": "x"}, timeout=60)
+    assert set(bad) == {"error"} and "No module named" in bad["error"]
 
 
 def test_profile_rollout_quick(tmp_path):
