@@ -314,6 +314,15 @@ def with_adamw(setup: Setup, loss_step: Callable[[PhaseTimer], float]) -> Step:
     return Step(run, optimizer)
 
 
+def loss_and_backward(timer: PhaseTimer, logp, adv, mask) -> float:
+    """The padded variants' tail: the clipped token-mean loss over ``mask``, then backward."""
+    with timer("loss"):
+        loss = clipped_token_loss(logp, adv, mask, mask.sum())
+    with timer("backward"):
+        loss.backward()
+    return float(loss.detach())
+
+
 def clipped_token_loss(logp, adv, mask, normalizer):
     """TRL's GRPO objective (``dapo``/token mean), eager PyTorch, per-token advantages."""
     old = logp.detach()  # num_iterations = 1: pi_old = pi_theta (the ratio is 1, its gradient is not)
@@ -558,11 +567,7 @@ def padded_eager(setup: Setup) -> Step:
         with timer("logprobs"):
             logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
             del logits
-        with timer("loss"):
-            loss = clipped_token_loss(logp, adv, mask, mask.sum())
-        with timer("backward"):
-            loss.backward()
-        return float(loss.detach())
+        return loss_and_backward(timer, logp, adv, mask)
 
     return with_adamw(setup, loss_step)
 
@@ -579,11 +584,7 @@ def trl_fused(setup: Setup) -> Step:
             labels = ids.masked_fill(attn == 0, -100)
             labels[:, :-Cm] = -100
             logp = model(input_ids=ids, attention_mask=attn, labels=labels, fused_lm_head=True).log_probs[:, -Cm:]
-        with timer("loss"):
-            loss = clipped_token_loss(logp, adv, cmask, cmask.sum())
-        with timer("backward"):
-            loss.backward()
-        return float(loss.detach())
+        return loss_and_backward(timer, logp, adv, cmask)
 
     return with_adamw(setup, loss_step)
 
@@ -601,11 +602,7 @@ def trl_selective(setup: Setup) -> Step:
         with timer("logprobs"):
             logp = selective_log_softmax(logits, ids[:, -Cm:])
             del logits
-        with timer("loss"):
-            loss = clipped_token_loss(logp, adv, cmask, cmask.sum())
-        with timer("backward"):
-            loss.backward()
-        return float(loss.detach())
+        return loss_and_backward(timer, logp, adv, cmask)
 
     return with_adamw(setup, loss_step)
 

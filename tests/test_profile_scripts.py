@@ -217,6 +217,7 @@ def test_gpu_check_smoke(tmp_path, no_interpreter):
                 ("step", "training step"), ("attention", "varlen attention"))}
     assert all(by_part.values()), by_part
     assert by_part["tests"][0]["value"].startswith("skipped: ")
+    assert "tests/test_varlen_attention.py" in gpu_check.gpu_test_files()  # what the GPU run collects
     if not torch.cuda.is_available():
         assert all("needs CUDA" in r["value"] for r in by_part["logprobs"])
         assert {r["measure"] for r in by_part["attention"] if "needs CUDA" in r["value"]} == {"flash_attn", "torch_varlen"}
