@@ -27,7 +27,8 @@ Variants (each in a FRESH subprocess: 1+ untimed warm-up steps, then ``--repeats
   from a copy of its code: ``prepare`` = until the backbone starts (packing, advantages, normaliser),
   ``forward`` = the decoder's forward, ``logprobs`` = the fused head + loss (until the gradient reaches
   the backbone's output), ``backward`` = the rest of backward and the clipping, ``optimizer`` = from
-  the optimizer's step pre-hook to the end of the update.
+  the optimizer's step pre-hook to the end of the update. (Its ``--trace`` has the trainer's own ops
+  but no ``bcr_step/`` phase ranges.)
 - ``packed-two-pass``: the same packed backbone written out with the kernels of the unfused path (what
   the trainer runs with ``num_iterations > 1``): ``bcr_kernels.fused_linear_logprobs`` ->
   ``scatter_instance_advantages`` -> ``policy_loss``.
@@ -227,40 +228,40 @@ def batch_stats(spec: dict) -> dict:
 
 
 class PhaseTimer:
-    """Wall time per phase (CUDA synchronised at each boundary; each phase also a profiler range).
+    """Wall time per phase, CUDA synchronised at each boundary.
 
-    ``with timer("forward"): ...`` times a block; ``timer.begin(name)`` ends the open phase and
-    starts ``name`` (for hooks fired from inside code that is not ours), ``timer.end()`` closes it.
+    ``with timer("forward"): ...`` times a block and marks it as a profiler range (``--trace``).
+    ``timer.begin(name)`` ends the open phase and starts ``name``; ``timer.end()`` closes it. These two
+    are for hooks fired inside code that is not ours (the trainer's), possibly on autograd's own
+    thread, so they time but mark no profiler range (a range must end on the thread that began it).
     """
 
     def __init__(self, device: torch.device):
         self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         self.times: dict[str, float] = {}
-        self._open: tuple[str, float, record_function] | None = None
+        self._open: tuple[str, float] | None = None
 
     def begin(self, name: str) -> None:
         self.end()
         self.sync()
-        scope = record_function(f"bcr_step/{name}")
-        scope.__enter__()
-        self._open = (name, time.perf_counter(), scope)
+        self._open = (name, time.perf_counter())
 
     def end(self) -> None:
         if self._open is None:
             return
         self.sync()
-        name, t0, scope = self._open
+        name, t0 = self._open
         self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
-        scope.__exit__(None, None, None)
         self._open = None
 
     @contextlib.contextmanager
     def __call__(self, name: str):
-        self.begin(name)
-        try:
-            yield
-        finally:
-            self.end()
+        with record_function(f"bcr_step/{name}"):
+            self.begin(name)
+            try:
+                yield
+            finally:
+                self.end()
 
 
 @dataclass
