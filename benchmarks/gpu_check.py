@@ -7,7 +7,8 @@ Nothing is downloaded: every model is random-init from a config of Qwen2.5-1.5B'
 28 layers, 12 query / 2 key-value heads of 128, vocabulary 151936). Parts (``--parts``), each written
 to ``<OUT_DIR>/gpu_check.json`` as soon as it finishes, so a run cut short keeps what it measured:
 
-- ``tests``: ``pytest -m gpu tests`` in a subprocess (budget 150 s).
+- ``tests``: ``pytest -m gpu`` over the test modules that hold ``gpu``-marked tests, in a subprocess
+  (budget 150 s).
 - ``token_logprobs``: ``bcr_kernels.token_logprobs`` on bf16 logits ``[T, V]`` (T = 16384, V = 151936),
   forward and backward timed separately with CUDA events. Bytes moved are the op's minimum traffic:
   forward reads the logits once (``T V 2`` bytes) plus targets (``8 T``) and writes fp32 log-probs
@@ -22,17 +23,17 @@ to ``<OUT_DIR>/gpu_check.json`` as soon as it finishes, so a run cut short keeps
   Median time and peak extra CUDA memory (``max_memory_allocated`` over the step minus what was
   allocated before it, i.e. the gradients plus every temporary). Targets: fused <= 1/8 of the
   materialised memory at <= 1.15x its time. (Budget 40 s.)
+- ``attention``: ``bcr_kernels.varlen_attention`` on one packed row of the 1.5B attention shape
+  (T = 16384 in 13 sequences of 256..2048 tokens, seeded, bf16), forward and forward + backward, with each
+  backend forced: ``flash_attn``, ``torch_varlen`` (``torch.nn.attention.varlen``), ``sdpa``; a
+  backend that is not available (or that falls back to SDPA) is reported as skipped with the reason.
+  (Budget 20 s.)
 - ``step``: the full training step at equal batch (``python -m benchmarks.profile_step --preset
   qwen2.5-1.5b``: 8 completions, budget 1024; each variant in a fresh process): ``packed``
   (``BCRTrainer``'s own update) vs ``padded-eager`` vs ``packed-liger`` and ``trl`` where installed.
   Targets: packed >= 1.5x padded-eager tokens/s at <= 0.5x its peak memory (``max_memory_allocated``),
   and ahead of the fastest of Liger / TRL. (Budget 240 s: up to four children, each compiling its
   kernels in its warm-up step.)
-- ``attention``: ``bcr_kernels.varlen_attention`` on one packed row of the 1.5B attention shape
-  (T = 16384 in 16 sequences of 256..2048 tokens, bf16), forward and forward + backward, with each
-  backend forced: ``flash_attn``, ``torch_varlen`` (``torch.nn.attention.varlen``), ``sdpa``; a
-  backend that is not available (or that falls back to SDPA) is reported as skipped with the reason.
-  (Budget 20 s.)
 
 ``--smoke`` runs every part at tiny sizes on whatever device there is (CPU in CI): parts or
 measurements that need CUDA are skipped with the reason, and no target is judged. It proves the
@@ -446,8 +447,8 @@ PARTS: dict[str, Callable[[Context], dict]] = {
     "tests": part_tests,
     "token_logprobs": part_token_logprobs,
     "head": part_head,
-    "step": part_step,
     "attention": part_attention,
+    "step": part_step,  # last: the longest part, the one a cut-short run loses
 }
 
 
