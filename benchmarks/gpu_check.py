@@ -430,10 +430,14 @@ def part_attention(ctx: Context) -> dict:
             out = kernel_varlen_attention(q, k, v, cu, max(lengths), backend)
             return torch.autograd.grad(out, [q, k, v], torch.ones_like(out))
 
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            tf = median_time(fwd, dev, s)
-            tb = median_time(fwd_bwd, dev, s)
+        try:  # a forced backend that cannot run either warns and falls back to SDPA, or raises
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                tf = median_time(fwd, dev, s)
+                tb = median_time(fwd_bwd, dev, s)
+        except (RuntimeError, ValueError, NotImplementedError) as exc:
+            rows.append(skipped(part, backend, f"{type(exc).__name__}: {exc}"[:300]))
+            continue
         fell_back = [str(w.message) for w in caught if "using SDPA" in str(w.message)]
         if fell_back and backend != "sdpa":
             rows.append(skipped(part, backend, fell_back[0]))
