@@ -1,6 +1,6 @@
 """CPU profile of the LM-head + token log-prob step: fused chunked path vs materialised logits.
 
-    python benchmarks/cpu_fused_logprobs.py --out benchmarks/results/cpu_fused_logprobs.json
+    python -m benchmarks.cpu_fused_logprobs --out benchmarks/results/cpu_fused_logprobs.json
 
 For each dtype, token count T and variant, one FRESH Python subprocess builds the inputs
 (``hidden [T, H]``, ``weight [V, H]``, both requiring grad, random ``targets``, an arbitrary upstream
@@ -23,7 +23,8 @@ when they exceed the gradients' size (this favours the materialised variant at s
 plain ``peak growth`` (``VmHWM - baseline``) is reported as well. Children run with ``MALLOC_MMAP_THRESHOLD_=1 MiB``
 so freed large blocks go back to the OS (glibc's dynamic threshold could otherwise keep freed blocks
 resident and hide them from the next step's growth). If ``clear_refs`` is not writable, a sampling
-thread (1 ms period) reads ``VmRSS`` instead (a lower bound; the JSON says which method ran).
+thread (1 ms period) reads ``VmRSS`` instead (a lower bound; the JSON says which method ran). Both are
+``benchmarks.harness.MemoryProbe``; the fresh children are ``benchmarks.harness.run_child``.
 
 Time: wall-clock of each measured step (``time.perf_counter``); the table shows the median and the
 spread (min-max) over repeats. Other processes on the machine add noise: compare medians, and repeat.
@@ -33,35 +34,35 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
+import platform
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import rss  # noqa: E402  (benchmarks/rss.py, beside this script)
+import torch
+import torch.nn.functional as F
 
+from bcr.io import atomic_write_json
+from bcr_kernels import fused_linear_logprobs
 
+from . import harness
+from .harness import MiB
+
+MODULE = "benchmarks.cpu_fused_logprobs"
 VARIANTS = ("ours", "materialised", "trl")
-MiB = 2**20
+# the CPU users' path (the kernels' chunked PyTorch code, never the interpreter); freed large blocks
+# go back to the OS at once so the next step's growth is not hidden
+CHILD_ENV = {"BCR_KERNEL_BACKEND": "torch", "MALLOC_MMAP_THRESHOLD_": str(1 * MiB), "MALLOC_TRIM_THRESHOLD_": str(1 * MiB)}
 
 
 # --------------------------------------------------------------------------------------------------
 # child: one variant, one shape
 
 
-
-
 def _make_step(variant: str, chunk_tokens: int | None):
-    import torch
-    import torch.nn.functional as F
-
     if variant == "ours":
-        from bcr_kernels import fused_linear_logprobs
 
         def logprobs(hidden, weight, targets):
             return fused_linear_logprobs(hidden, weight, targets, chunk_tokens=chunk_tokens).logp
@@ -89,8 +90,6 @@ def _make_step(variant: str, chunk_tokens: int | None):
 
 
 def child_main(spec: dict) -> dict:
-    import torch
-
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     dtype = getattr(torch, spec["dtype"])
@@ -107,27 +106,16 @@ def child_main(spec: dict) -> dict:
     del grads
     gc.collect()
 
-    times, extras, growths, method = [], [], [], None
+    probe = harness.MemoryProbe(torch.device("cpu"))
+    times, extras, growths = [], [], []
     for _ in range(spec["repeats"]):
         gc.collect()
-        can_reset = rss.reset_peak()
-        base = rss.proc_status()["VmRSS"]
-        if can_reset:
-            method = "VmHWM reset via /proc/self/clear_refs"
+        with probe.measure() as mem:
             t0 = time.perf_counter()
             grads = step(hidden, weight, targets, upstream)
-            dt = time.perf_counter() - t0
-            peak = rss.proc_status()["VmHWM"]
-        else:
-            method = "VmRSS sampled every 1 ms (lower bound)"
-            with rss.PeakSampler() as s:
-                t0 = time.perf_counter()
-                grads = step(hidden, weight, targets, upstream)
-                dt = time.perf_counter() - t0
-            peak = s.peak
-        times.append(dt)
-        extras.append(peak - base - grad_bytes)
-        growths.append(peak - base)
+            times.append(time.perf_counter() - t0)
+        extras.append(mem["growth_bytes"] - grad_bytes)
+        growths.append(mem["growth_bytes"])
         del grads
     return {
         **spec,
@@ -136,7 +124,7 @@ def child_main(spec: dict) -> dict:
         "peak_growth_bytes": growths,
         "grad_bytes": grad_bytes,
         "input_bytes": sum(t.numel() * t.element_size() for t in (hidden, weight)),
-        "memory_method": method,
+        "memory_method": probe.method,
         "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
     }
@@ -157,19 +145,8 @@ def _available(variant: str) -> tuple[bool, str]:
 
 
 def run_child(spec: dict, timeout: float) -> dict:
-    env = dict(os.environ)
-    env["BCR_KERNEL_BACKEND"] = "torch"  # the CPU users' path; never the interpreter
-    env.pop("TRITON_INTERPRET", None)
-    env["MALLOC_MMAP_THRESHOLD_"] = str(1 * MiB)
-    env["MALLOC_TRIM_THRESHOLD_"] = str(1 * MiB)
-    repo = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
-    with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec), "--child-out", out.name]
-        proc = subprocess.run(cmd, check=False, env=env, timeout=timeout, capture_output=True, text=True)
-        if proc.returncode != 0:
-            return {**spec, "error": f"exit {proc.returncode}: {proc.stderr.strip()[-2000:]}"}
-        return json.loads(Path(out.name).read_text())
+    result = harness.run_child(MODULE, spec, timeout=timeout, env=CHILD_ENV)
+    return {**spec, **result} if "error" in result else result
 
 
 def _fmt_time(r):
@@ -237,7 +214,7 @@ def print_table(rows: list[dict], results: list[dict]) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, nargs="+", default=[512, 2048, 4096])
     p.add_argument("--hidden", type=int, default=1536)
     p.add_argument("--vocab", type=int, default=151936)
@@ -251,14 +228,11 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=1800, help="seconds per child")
     p.add_argument("--out", type=Path, default=None, help="write JSON results here")
-    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args.child is not None:
-        result = child_main(json.loads(args.child))
-        Path(args.child_out).write_text(json.dumps(result))
-        return 0
+        return harness.child_entry(args.child, child_main)
 
     results = []
     for dtype in args.dtypes:
@@ -291,19 +265,14 @@ def main(argv=None) -> int:
     rows = summarise(results)
     print_table(rows, results)
     if args.out is not None:
-        import platform
-
         payload = {
-            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if argv is None else argv,
+            "command": harness.command(MODULE, argv),
             "machine": {"platform": platform.platform(), "processor": platform.processor(),
                         "cpu_count": os.cpu_count(), "loadavg": os.getloadavg()},
             "summary": rows,
             "runs": results,
         }
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(args.out.suffix + ".tmp")
-        tmp.write_text(json.dumps(payload, indent=2))
-        tmp.replace(args.out)
+        atomic_write_json(args.out, payload)
         print(f"wrote {args.out}")
     return 0
 

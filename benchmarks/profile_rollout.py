@@ -1,9 +1,9 @@
 """Rollout throughput against N (problems per context) with the ``hf`` engine's decoding paths.
 
-    python benchmarks/profile_rollout.py                                # tiny random Qwen2, N = 1, 2, 4, 8
-    python benchmarks/profile_rollout.py --model runs/demo/sft          # a local model dir (the demo's SFT model)
-    python benchmarks/profile_rollout.py --data /path/test.jsonl        # problems from a file / benchmark name
-    python benchmarks/profile_rollout.py --quick                        # seconds; what the smoke test runs
+    python -m benchmarks.profile_rollout                                # tiny random Qwen2, N = 1, 2, 4, 8
+    python -m benchmarks.profile_rollout --model runs/demo/sft          # a local model dir (the demo's SFT model)
+    python -m benchmarks.profile_rollout --data /path/test.jsonl        # problems from a file / benchmark name
+    python -m benchmarks.profile_rollout --quick                        # seconds; what the smoke test runs
 
 The same ``--num-problems`` problems (synthetic arithmetic from ``bcr.synthetic``, or ``--data``) are
 bundled N at a time (``bcr.bundling.bundle_sequential``), rendered with ``bcr.prompts.render_prompt``
@@ -26,9 +26,11 @@ Modes (``--modes``), all producing completions for the same prompts, seeds and b
   (the engine's only path before ``decode="loop"``).
 - ``hf-sequential``: the same with ``batch_size=G``: one bundle per ``generate`` call (what a caller
   looping over prompts gets).
-- ``hf-static``: ``hf`` with ``cache_implementation="static"`` (a pre-allocated KV cache).
+- ``hf-static``: ``hf`` with ``cache_implementation="static"`` (a pre-allocated KV cache), set on the
+  model's own ``generation_config`` while the mode runs (``generate`` fills the settings the engine
+  leaves unset from it) and restored afterwards.
 - ``hf-compile``: ``hf-static`` with the model's forward under ``torch.compile`` (slow first call; the
-  warm-up absorbs it, but each new shape recompiles).
+  warm-up absorbs it, but each new shape recompiles); the plain forward is restored afterwards.
 - ``loop``: ``bcr.rollout.make_engine("hf", model, tokenizer)`` exactly as the trainer uses it: the
   engine's own decode loop (``decode="loop"``: the same left-padded prefill, ``DynamicCache``, the same
   seeded sampler, no generation-utils machinery per token) with finished rows dropped from the batch
@@ -39,28 +41,35 @@ Modes (``--modes``), all producing completions for the same prompts, seeds and b
 Every mode's completions are compared token by token with ``hf`` (``same_as_hf`` column).
 
 Output: a table on stdout, ``<out>.json`` (raw timings, versions, command), ``<out>.md`` (markdown
-snippet) and ``<out>.png`` (problems/s and tokens/s vs N, one line per mode).
+snippet) and ``<out>.png`` (problems/s and tokens/s vs N, one line per mode), written through
+``benchmarks.harness``.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
-import os
-import platform
+import contextlib
 import statistics
-import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import torch
 
-MODES = ("hf", "hf-sequential", "hf-static", "hf-compile", "loop", "loop-nocompact")
+from bcr.bundling import bundle_sequential
+from bcr.model_loading import ModelLoadError, load_tokenizer, resolve_model_source
+from bcr.model_loading import load_model as load_checkpoint
+from bcr.problems import load_problems
+from bcr.prompts import render_prompt
+from bcr.rollout import HFEngine, make_engine
+from bcr.synthetic import make_arithmetic_problems
+from bcr.tiny import build_tokenizer, tiny_model
+
+from . import harness
+
+MODULE = "benchmarks.profile_rollout"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -81,8 +90,6 @@ def load_model(
 ):
 
     if name == "tiny-random":
-        from bcr.tiny import build_tokenizer, tiny_model
-
         corpus = [p.problem for p in problems] + [p.meta.get("solution", "") for p in problems]
         tok = build_tokenizer(corpus, vocab_size=vocab)
         model = tiny_model(tok, arch="qwen2", hidden_size=hidden, num_layers=layers, seed=seed, dtype=dtype)
@@ -91,9 +98,6 @@ def load_model(
             tok,
             f"tiny-random Qwen2 (hidden {hidden}, {layers} layers, vocab {len(tok)})",
         )
-    from bcr.model_loading import ModelLoadError, load_tokenizer, resolve_model_source
-    from bcr.model_loading import load_model as load_checkpoint
-
     path = Path(name)
     try:
         resolve_model_source(name)
@@ -115,14 +119,10 @@ def load_model(
 
 def load_problem_set(data: str | None, num: int, seed: int):
     if data:
-        from bcr.problems import load_problems
-
         probs = load_problems(data, split="test" if not Path(data).exists() else None, limit=num)
         if len(probs) < num:
             raise SystemExit(f"--data {data}: only {len(probs)} problems, need --num-problems {num}")
         return probs, str(data)
-    from bcr.synthetic import make_arithmetic_problems
-
     return make_arithmetic_problems(num, seed=seed), f"bcr.synthetic arithmetic (seed {seed})"
 
 
@@ -130,50 +130,65 @@ def load_problem_set(data: str | None, num: int, seed: int):
 # engines
 
 
-def make_mode_engine(mode: str, model, tok, num_generations: int, ignore_eos: bool):
-    import torch
+def generate_engine(model, tok, num_generations: int) -> HFEngine:
+    """The engine on ``model.generate``: all rows of a step in one call."""
+    return HFEngine(model, tok, decode="generate")
 
-    from bcr.rollout import HFEngine, make_engine
 
-    class StaticCacheEngine(HFEngine):
-        """HFEngine whose generate uses a static KV cache (and optionally a compiled forward)."""
+def sequential_engine(model, tok, num_generations: int) -> HFEngine:
+    """``model.generate`` once per bundle (``batch_size=G``)."""
+    return HFEngine(model, tok, batch_size=num_generations, decode="generate")
 
-        extra: ClassVar[dict] = {"cache_implementation": "static"}
 
-        def _decode_generate(self, *args):
-            from transformers import GenerationConfig
-
-            original = GenerationConfig.__init__
-            extra = self.extra
-
-            def patched(cfg, *a, **kw):  # add the cache option to the engine's own config
-                original(cfg, *a, **{**kw, **extra})
-
-            GenerationConfig.__init__ = patched
-            try:
-                return super()._decode_generate(*args)
-            finally:
-                GenerationConfig.__init__ = original
-
-    if mode == "hf":
-        engine = HFEngine(model, tok, decode="generate")
-    elif mode == "hf-sequential":
-        engine = HFEngine(model, tok, batch_size=num_generations, decode="generate")
-    elif mode == "hf-static":
-        engine = StaticCacheEngine(model, tok, decode="generate")
-    elif mode == "hf-compile":
-        engine = StaticCacheEngine(model, tok, decode="generate")
-        model.forward = torch.compile(model.forward, dynamic=False)
-    elif mode == "loop":
-        engine = make_engine("hf", model, tok)
-        assert engine.decode == "loop" and engine.compact_finished
-    elif mode == "loop-nocompact":
-        engine = HFEngine(model, tok, decode="loop", compact_finished=False)
-    else:
-        raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
-    if ignore_eos:
-        engine.eos_ids = [-1]  # an id no token has: every completion runs to its budget
+def trainer_engine(model, tok, num_generations: int) -> HFEngine:
+    """Exactly what the trainer builds: ``make_engine("hf", ...)`` (its own decode loop, compacting)."""
+    engine = make_engine("hf", model, tok)
+    assert engine.decode == "loop" and engine.compact_finished
     return engine
+
+
+def loop_nocompact_engine(model, tok, num_generations: int) -> HFEngine:
+    return HFEngine(model, tok, decode="loop", compact_finished=False)
+
+
+@dataclass(frozen=True)
+class Mode:
+    engine: Callable[..., HFEngine]  # (model, tokenizer, G) -> engine
+    generation: dict = field(default_factory=dict)  # defaults on model.generation_config while it runs
+    compile: bool = False  # the model's forward under torch.compile while it runs
+
+
+STATIC = {"cache_implementation": "static"}
+MODES: dict[str, Mode] = {
+    "hf": Mode(generate_engine),
+    "hf-sequential": Mode(sequential_engine),
+    "hf-static": Mode(generate_engine, STATIC),
+    "hf-compile": Mode(generate_engine, STATIC, compile=True),
+    "loop": Mode(trainer_engine),
+    "loop-nocompact": Mode(loop_nocompact_engine),
+}
+
+
+@contextlib.contextmanager
+def mode_settings(model, mode: Mode) -> Iterator[None]:
+    """Apply ``mode``'s generation defaults and compiled forward to ``model``; restore both after."""
+    config = model.generation_config
+    saved = {key: getattr(config, key, None) for key in mode.generation}
+    own_forward = vars(model).get("forward")  # None: the class's forward (the usual case)
+    for key, value in mode.generation.items():
+        setattr(config, key, value)
+    if mode.compile:
+        model.forward = torch.compile(model.forward, dynamic=False)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            setattr(config, key, value)
+        if mode.compile:
+            if own_forward is None:
+                del model.forward
+            else:
+                model.forward = own_forward
 
 
 # --------------------------------------------------------------------------------------------------
@@ -181,58 +196,59 @@ def make_mode_engine(mode: str, model, tok, num_generations: int, ignore_eos: bo
 
 
 def run_mode(mode: str, model, tok, problems, args) -> list[dict]:
-    from bcr.bundling import bundle_sequential
-    from bcr.prompts import render_prompt
+    engine = MODES[mode].engine(model, tok, args.num_generations)
+    if args.ignore_eos:
+        engine.eos_ids = [-1]  # an id no token has: every completion runs to its budget
+    with mode_settings(model, MODES[mode]):
+        return [run_point(mode, engine, tok, problems, n, args) for n in args.n_values]
 
-    engine = make_mode_engine(mode, model, tok, args.num_generations, args.ignore_eos)
-    rows = []
-    for n in args.n_values:
-        bundles = bundle_sequential(problems, n)
-        prompts = [render_prompt(b, tok) for b in bundles]
-        kw = {
-            "num_generations": args.num_generations,
-            "max_new_tokens": args.per_problem_budget * n,
-            "temperature": args.temperature,
-            "top_p": args.top_p,
-        }
-        for _ in range(args.warmup):
-            engine.generate(prompts, seed=10_000 + args.seed, **kw)
-        times, outs = [], None
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            outs = engine.generate(prompts, seed=args.seed, **kw)
-            times.append(time.perf_counter() - t0)
-        gens = [g for group in outs for g in group]
-        answered = sum(len(b) for b in bundles) * args.num_generations
-        tokens = sum(len(g.completion_ids) for g in gens)
-        prompt_tokens = sum(len(g.prompt_ids) for g in gens)
-        med = statistics.median(times)
-        rows.append(
-            {
-                "mode": mode,
-                "n": n,
-                "prompts": len(prompts),
-                "rows": len(gens),
-                "max_new_tokens": args.per_problem_budget * n,
-                "times_s": times,
-                "time_s": med,
-                "problems_per_s": answered / med,
-                "problems_per_s_min": answered / max(times),
-                "problems_per_s_max": answered / min(times),
-                "tokens_per_s": tokens / med,
-                "generated_tokens": tokens,
-                "prompt_tokens": prompt_tokens,
-                "tokens_per_problem": tokens / answered,
-                "truncated_frac": sum(g.truncated for g in gens) / len(gens),
-                "completions": [g.completion_ids for g in gens],
-            }
-        )
-        print(
-            f"  {mode:13s} N={n}: {med:7.2f} s  {answered / med:7.2f} problems/s  {tokens / med:8.1f} tokens/s  "
-            f"({tokens / answered:.1f} tokens/problem, {100 * rows[-1]['truncated_frac']:.0f} % truncated)",
-            flush=True,
-        )
-    return rows
+
+def run_point(mode: str, engine: HFEngine, tok, problems, n: int, args) -> dict:
+    """One (mode, N) point: warm-up calls, then ``args.repeats`` timed calls of ``engine.generate``."""
+    bundles = bundle_sequential(problems, n)
+    prompts = [render_prompt(b, tok) for b in bundles]
+    kw = {
+        "num_generations": args.num_generations,
+        "max_new_tokens": args.per_problem_budget * n,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+    }
+    for _ in range(args.warmup):
+        engine.generate(prompts, seed=10_000 + args.seed, **kw)
+    times, outs = [], None
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        outs = engine.generate(prompts, seed=args.seed, **kw)
+        times.append(time.perf_counter() - t0)
+    gens = [g for group in outs for g in group]
+    answered = sum(len(b) for b in bundles) * args.num_generations
+    tokens = sum(len(g.completion_ids) for g in gens)
+    prompt_tokens = sum(len(g.prompt_ids) for g in gens)
+    med = statistics.median(times)
+    row = {
+        "mode": mode,
+        "n": n,
+        "prompts": len(prompts),
+        "rows": len(gens),
+        "max_new_tokens": args.per_problem_budget * n,
+        "times_s": times,
+        "time_s": med,
+        "problems_per_s": answered / med,
+        "problems_per_s_min": answered / max(times),
+        "problems_per_s_max": answered / min(times),
+        "tokens_per_s": tokens / med,
+        "generated_tokens": tokens,
+        "prompt_tokens": prompt_tokens,
+        "tokens_per_problem": tokens / answered,
+        "truncated_frac": sum(g.truncated for g in gens) / len(gens),
+        "completions": [g.completion_ids for g in gens],
+    }
+    print(
+        f"  {mode:13s} N={n}: {med:7.2f} s  {answered / med:7.2f} problems/s  {tokens / med:8.1f} tokens/s  "
+        f"({tokens / answered:.1f} tokens/problem, {100 * row['truncated_frac']:.0f} % truncated)",
+        flush=True,
+    )
+    return row
 
 
 def compare_to_hf(rows: list[dict]) -> None:
@@ -314,32 +330,15 @@ def plot(report: dict, path: Path) -> None:
         fontsize=9,
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    harness.save_figure(fig, path)
     plt.close(fig)
 
 
-def versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "triton"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def main(argv=None) -> int:
+def parse_args(argv) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=f"python -m {MODULE}",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", default="tiny-random", help="tiny-random, or a local HF model directory")
     p.add_argument(
@@ -380,24 +379,26 @@ def main(argv=None) -> int:
         help="output prefix (default benchmarks/results/profile_rollout_<model>_<device>)",
     )
     args = p.parse_args(argv)
-
-    import torch
-
     if args.quick:
         args.num_problems, args.n_values, args.per_problem_budget = 4, [1, 2], 4
         args.repeats, args.warmup, args.num_generations = 1, 0, 2
         args.hidden, args.layers, args.vocab = 32, 1, 300
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.num_problems % max(args.n_values):
         p.error(
             f"--num-problems {args.num_problems} must be a multiple of max N = {max(args.n_values)} "
             "(every N must see the same problems in full bundles)"
         )
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    for m in modes:
+    args.mode_list = [m.strip() for m in args.modes.split(",") if m.strip()]
+    for m in args.mode_list:
         if m not in MODES:
-            p.error(f"unknown mode {m!r}; choose from {MODES}")
+            p.error(f"unknown mode {m!r}; choose from {tuple(MODES)}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(
         "cuda"
         if args.device == "auto" and torch.cuda.is_available()
@@ -416,42 +417,25 @@ def main(argv=None) -> int:
         device=device,
         dtype=dtype,
     )
-    device_name = (
-        torch.cuda.get_device_name()
-        if device.type == "cuda"
-        else f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
-    )
+    device_name = harness.device_name(device.type)
     print(
         f"profile_rollout: {model_name} on {device_name}; {len(problems)} problems, N in {args.n_values}, "
         f"G={args.num_generations}, {args.per_problem_budget} tokens/problem",
         flush=True,
     )
-    rows = []
-    forward = model.forward
-    for mode in modes:
-        rows += run_mode(mode, model, tok, problems, args)
-        model.forward = forward  # undo hf-compile's wrapper
+    rows = [row for mode in args.mode_list for row in run_mode(mode, model, tok, problems, args)]
     compare_to_hf(rows)
     slug = "tiny-random" if args.model == "tiny-random" else Path(args.model).name
-    out = (
-        Path(args.out)
-        if args.out
-        else REPO / "benchmarks" / "results" / f"profile_rollout_{slug}_{device.type}"
-    )
-    git = subprocess.run(
-        ["git", "rev-parse", "HEAD"], check=False, cwd=REPO, capture_output=True, text=True
-    ).stdout.strip()
+    out = Path(args.out) if args.out else harness.RESULTS / f"profile_rollout_{slug}_{device.type}"
     report = {
         "benchmark": "profile_rollout",
         "model": model_name,
         "device": device.type,
         "device_name": device_name,
-        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": " ".join(
-            ["python", "benchmarks/profile_rollout.py"] + (sys.argv[1:] if argv is None else list(argv))
-        ),
-        "versions": versions(),
-        "git_commit": git,
+        "date": harness.now(),
+        "command": harness.command(MODULE, argv),
+        "versions": harness.versions(("torch", "transformers", "triton")),
+        "git_commit": harness.git_state()["commit"],
         "torch_threads": torch.get_num_threads(),
         "problems": problems_name,
         "num_problems": len(problems),
@@ -465,9 +449,7 @@ def main(argv=None) -> int:
         "rows": [{k: v for k, v in r.items() if k != "completions"} for r in rows],
     }
     md = markdown(report)
-    _atomic_write(out.with_suffix(".json"), json.dumps(report, indent=1))
-    _atomic_write(out.with_suffix(".md"), md)
-    plot(report, out.with_suffix(".png"))
+    harness.write_report(out, report, md, plot)
     print()
     print(md)
     print(f"wrote {out.with_suffix('.json')}, .md, .png")

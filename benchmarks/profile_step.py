@@ -1,8 +1,8 @@
 """Profile one full BCR training step against padded eager PyTorch, Liger and TRL, side by side.
 
-    python benchmarks/profile_step.py --preset cpu-small            # the issue-10 CPU shape (minutes)
-    python benchmarks/profile_step.py --preset tiny --repeats 1     # seconds; what the smoke test runs
-    python benchmarks/profile_step.py --preset qwen2.5-1.5b         # on a GPU (bf16)
+    python -m benchmarks.profile_step --preset cpu-small            # the issue-10 CPU shape (minutes)
+    python -m benchmarks.profile_step --preset tiny --repeats 1     # seconds; what the smoke test runs
+    python -m benchmarks.profile_step --preset qwen2.5-1.5b         # on a GPU (bf16)
 
 A *step* is what ``bcr.trainer.BCRTrainer.update`` does for one batch of rollouts with
 ``num_iterations=1``: build the batch tensors from token lists, forward, completion-token log-probs,
@@ -17,14 +17,21 @@ spans after a short shared preamble, -1), with per-instance advantages drawn fro
 
 Variants (each in a FRESH subprocess: 1+ untimed warm-up steps, then ``--repeats`` measured steps):
 
-- ``packed``: one padding-free row (``bcr.packing.pack_samples``: position ids restarting per
-  sequence, ``cu_seqlens``), attention through the ``"bcr_varlen"`` transformers backend registered by
-  ``bcr_kernels.varlen_attention``; backbone hidden states at completion-target positions only ->
-  ``bcr_kernels.fused_linear_logprobs`` -> ``scatter_instance_advantages`` -> ``policy_loss``. This is
-  ``bcr.trainer.completion_logprobs`` + ``BCRTrainer.update`` written out so each phase is timed.
-- ``packed-fused-loss``: the ``packed`` backbone, then ``bcr_kernels.fused_linear_policy_loss``
-  (what ``BCRTrainer.update`` runs with ``num_iterations=1``): log-probs, loss and the LM-head
-  gradients in one chunked forward (3 big matmuls instead of 4), reported as ``logprobs``.
+- ``packed``: the trainer's own code. A real ``bcr.trainer.BCRTrainer`` is built on the model
+  (``attn_implementation="bcr_varlen"``, ``num_iterations=1``, ``loss_type="dapo"``, ``bf16=False`` so
+  it computes in the preset's dtype like every other variant) and its update runs on the prepared
+  ``bcr.packing.Sample`` objects: ``pack_samples`` into padding-free rows, the varlen backbone,
+  ``scatter_instance_advantages``, ``fused_linear_policy_loss`` (log-probs, loss and the LM-head
+  gradients in one chunked forward), backward, gradient-norm clipping (``max_grad_norm=1.0``, which the
+  other variants do not do), AdamW, LR schedule. Phases come from hooks on the trainer's objects, not
+  from a copy of its code: ``prepare`` = until the backbone starts (packing, advantages, normaliser),
+  ``forward`` = the decoder's forward, ``logprobs`` = the fused head + loss (until the gradient reaches
+  the backbone's output), ``backward`` = the rest of backward and the clipping, ``optimizer`` = from
+  the optimizer's step pre-hook to the end of the update. (Its ``--trace`` has the trainer's own ops
+  but no ``bcr_step/`` phase ranges.)
+- ``packed-two-pass``: the same packed backbone written out with the kernels of the unfused path (what
+  the trainer runs with ``num_iterations > 1``): ``bcr_kernels.fused_linear_logprobs`` ->
+  ``scatter_instance_advantages`` -> ``policy_loss``.
 - ``padded-eager``: the same sequences right-padded into ``[B, Lmax]`` with an attention mask (the
   model's default ``sdpa`` attention), full ``[B, Lmax, V]`` logits -> ``log_softmax`` -> ``gather``,
   per-token advantages and a masked clipped loss in eager PyTorch. The baseline of the ratios.
@@ -60,7 +67,7 @@ same numerator for every variant, so the ratio is the inverse ratio of step time
 
 Output: a table on stdout, ``<out>.json`` (every raw measurement, versions, thread count, command),
 ``<out>.md`` (a markdown snippet: ratios vs ``padded-eager`` with min-max spread over repeats) and
-``<out>.png`` (phase times and peak memory per variant). Ratios are the claims; absolute CPU times
+``<out>.png`` (phase times and peak memory per variant), written through ``benchmarks.harness``. Ratios are the claims; absolute CPU times
 are context. Other processes on the machine add noise: compare medians and repeat.
 """
 
@@ -68,31 +75,38 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as _dt
 import gc
-import json
+import importlib.util
 import math
 import os
-import platform
+import random
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import rss  # noqa: E402  (benchmarks/rss.py, beside this script)
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+from transformers import AutoModelForCausalLM, Qwen2Config
 
+from bcr.config import BCRConfig
+from bcr.packing import Sample, pack_samples
+from bcr.synthetic import make_arithmetic_problems
+from bcr.tiny import build_tokenizer
+from bcr.trainer import BCRTrainer
+from bcr_kernels import fused_linear_logprobs, policy_loss, scatter_instance_advantages
+from bcr_kernels import packed_model_kwargs
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from . import harness
+from .harness import MiB
 
-VARIANTS = ("packed", "packed-fused-loss", "padded-eager", "packed-liger", "trl", "trl-selective")
+MODULE = "benchmarks.profile_step"
 BASELINE = "padded-eager"
 PHASES = ("prepare", "forward", "logprobs", "loss", "backward", "optimizer")
-MiB = 2**20
+EPSILON = 0.2
+RENAMED = {"packed-fused-loss": "packed (it now times BCRTrainer.update, which runs the fused loss)"}
 
 # Model shapes (Qwen2 configs; random init). ``batch`` holds the default batch of each preset.
 PRESETS = {
@@ -141,6 +155,7 @@ PRESETS = {
 }
 
 
+
 # --------------------------------------------------------------------------------------------------
 # the synthetic batch (pure python; the same lists for every variant)
 
@@ -158,8 +173,6 @@ def make_batch_spec(
     seed: int,
 ) -> dict:
     """Token ids, segment ids and per-instance advantages of a synthetic rollout batch (seeded)."""
-    import random
-
     rng = random.Random(seed)
     n_trunc = round(truncated_frac * num_completions)
     lengths = []
@@ -210,411 +223,474 @@ def batch_stats(spec: dict) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------
-# memory probes
+# one step of one variant
 
 
+class PhaseTimer:
+    """Wall time per phase, CUDA synchronised at each boundary.
 
+    ``with timer("forward"): ...`` times a block and marks it as a profiler range (``--trace``).
+    ``timer.begin(name)`` ends the open phase and starts ``name``; ``timer.end()`` closes it. These two
+    are for hooks fired inside code that is not ours (the trainer's), possibly on autograd's own
+    thread, so they time but mark no profiler range (a range must end on the thread that began it).
+    """
 
-class MemoryProbe:
-    """Peak memory of one step: CUDA allocator stats, or the process RSS on the CPU."""
+    def __init__(self, device: torch.device):
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.times: dict[str, float] = {}
+        self._open: tuple[str, float] | None = None
 
-    def __init__(self, device):
-        self.device = device
-        self.method = None
+    def begin(self, name: str) -> None:
+        self.end()
+        self.sync()
+        self._open = (name, time.perf_counter())
+
+    def end(self) -> None:
+        if self._open is None:
+            return
+        self.sync()
+        name, t0 = self._open
+        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
+        self._open = None
 
     @contextlib.contextmanager
-    def measure(self):
-        import torch
+    def __call__(self, name: str):
+        with record_function(f"bcr_step/{name}"):
+            self.begin(name)
+            try:
+                yield
+            finally:
+                self.end()
 
-        result = {}
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            self.method = "torch.cuda.max_memory_allocated"
-            yield result
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated()
-            result.update(peak_bytes=peak, growth_bytes=peak - base, base_bytes=base)
-            return
-        if rss.reset_peak():
-            base = rss.proc_status()["VmRSS"]
-            self.method = "VmHWM reset via /proc/self/clear_refs"
-            yield result
-            peak = rss.proc_status()["VmHWM"]
-        else:
-            self.method = "VmRSS sampled every 1 ms (lower bound)"
-            with rss.PeakSampler() as s:
-                base = rss.proc_status()["VmRSS"]
-                yield result
-            peak = s.peak
-        result.update(peak_bytes=peak, growth_bytes=peak - base, base_bytes=base)
+
+@dataclass
+class Setup:
+    """What a variant builds its step from: the model, the batch (token lists) and the child's spec."""
+
+    model: torch.nn.Module
+    samples: list[dict]
+    device: torch.device
+    spec: dict
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(s["completion_ids"]) for s in self.samples)
+
+    def bcr_samples(self) -> list[Sample]:
+        return [Sample(s["prompt_ids"], s["completion_ids"], s["advantages"], s["segment_ids"]) for s in self.samples]
+
+
+@dataclass
+class Step:
+    """One full training step, optimizer included (``run(timer)`` returns the loss), and the optimizer
+    whose gradients the child frees before each measured step."""
+
+    run: Callable[[PhaseTimer], float]
+    optimizer: torch.optim.Optimizer
+
+
+def build_model(preset: str, attn: str, dtype: torch.dtype, device: torch.device, seed: int):
+    """The preset's random-init Qwen2 (seeded). On CUDA the weights are drawn on the GPU (a 1.5B model
+    initialises in seconds there instead of tens of seconds on the CPU; the values differ, the cost
+    does not)."""
+    cfg = Qwen2Config(**PRESETS[preset]["model"])
+    on_gpu = device.type == "cuda"
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if on_gpu else []), torch.device(device.type):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=attn)
+    return model.to(device).train()
+
+
+def with_adamw(setup: Setup, loss_step: Callable[[PhaseTimer], float]) -> Step:
+    """A hand-written step (forward + loss + backward) followed by AdamW."""
+    optimizer = torch.optim.AdamW(setup.model.parameters(), lr=1e-6, weight_decay=0.0)
+
+    def run(timer: PhaseTimer) -> float:
+        loss = loss_step(timer)
+        with timer("optimizer"):
+            optimizer.step()
+        return loss
+
+    return Step(run, optimizer)
+
+
+def loss_and_backward(timer: PhaseTimer, logp, adv, mask) -> float:
+    """The padded variants' tail: the clipped token-mean loss over ``mask``, then backward."""
+    with timer("loss"):
+        loss = clipped_token_loss(logp, adv, mask, mask.sum())
+    with timer("backward"):
+        loss.backward()
+    return float(loss.detach())
+
+
+def clipped_token_loss(logp, adv, mask, normalizer):
+    """TRL's GRPO objective (``dapo``/token mean), eager PyTorch, per-token advantages."""
+    old = logp.detach()  # num_iterations = 1: pi_old = pi_theta (the ratio is 1, its gradient is not)
+    coef_1 = torch.exp(logp - old)
+    coef_2 = torch.clamp(coef_1, 1 - EPSILON, 1 + EPSILON)
+    per_token = -torch.min(coef_1 * adv, coef_2 * adv)
+    return (per_token * mask).sum() / normalizer
+
+
+# ---- packed: the trainer's own update
+
+
+def trainer_config(setup: Setup) -> BCRConfig:
+    """The trainer settings of the ``packed`` variant (the loss of every other variant)."""
+    spec = setup.spec
+    return BCRConfig(
+        n_problems=1,  # only bundling reads it; the prepared samples carry their own N
+        max_completion_length=spec["batch"]["budget"],
+        learning_rate=1e-6,
+        weight_decay=0.0,
+        epsilon=EPSILON,
+        loss_type="dapo",
+        num_iterations=1,
+        beta=0.0,
+        max_tokens_per_microbatch=spec.get("max_tokens_per_row"),
+        chunk_tokens=spec.get("chunk_tokens"),
+        attn_implementation="bcr_varlen",
+        bf16=False,
+        seed=spec["seed"],
+    )
+
+
+def trainer_update(trainer: BCRTrainer, samples: list[Sample]) -> float:
+    """THE one call into the trainer: one update on prepared samples; returns the loss it optimised."""
+    return trainer.update(samples).reduce().get("loss", math.nan)
+
+
+def time_trainer_phases(trainer: BCRTrainer, clock: Callable[[], PhaseTimer | None]) -> None:
+    """Hooks on the trainer's decoder and optimizer that switch ``clock()``'s phase (see the docstring)."""
+
+    def begin(name: str) -> None:
+        timer = clock()
+        if timer is not None:
+            timer.begin(name)
+
+    def after_forward(module, args, output) -> None:
+        begin("logprobs")
+        hidden = output.last_hidden_state
+        if hidden.requires_grad:
+            hidden.register_hook(lambda grad: begin("backward"))
+
+    decoder = trainer.model.get_decoder()
+    decoder.register_forward_pre_hook(lambda module, args: begin("forward"))
+    decoder.register_forward_hook(after_forward)
+    trainer.optimizer.register_step_pre_hook(lambda optimizer, args, kwargs: begin("optimizer"))
+
+
+def packed(setup: Setup) -> Step:
+    trainer = BCRTrainer(
+        setup.model, make_arithmetic_problems(1, seed=0), trainer_config(setup), tokenizer=build_tokenizer()
+    )
+    samples = setup.bcr_samples()
+    current: list[PhaseTimer | None] = [None]
+    time_trainer_phases(trainer, lambda: current[0])
+
+    def run(timer: PhaseTimer) -> float:
+        current[0] = timer
+        timer.begin("prepare")
+        try:
+            return trainer_update(trainer, samples)
+        finally:
+            timer.end()
+            current[0] = None
+
+    return Step(run, trainer.optimizer)
+
+
+# ---- packed, written out with the kernels
+
+
+def packed_rows(setup: Setup, timer: PhaseTimer) -> list:
+    with timer("prepare"):
+        rows = pack_samples(setup.bcr_samples(), setup.spec.get("max_tokens_per_row"))
+        return [r.to(setup.device) for r in rows]
+
+
+def packed_hidden(setup: Setup, row, timer: PhaseTimer) -> torch.Tensor:
+    with timer("forward"):
+        out = setup.model.get_decoder()(
+            input_ids=row.input_ids[None],
+            position_ids=row.position_ids[None],
+            use_cache=False,
+            **packed_model_kwargs(row.cu_seqlens, row.max_seqlen),
+        )
+        return out.last_hidden_state[0].index_select(0, row.completion_index)
+
+
+def packed_advantages(row) -> torch.Tensor:
+    return scatter_instance_advantages(
+        row.instance_advantages,
+        row.completion_segment_ids,
+        row.completion_cu_seqlens,
+        num_instances=row.num_instances,
+        shared="mean",
+    )
+
+
+def packed_two_pass(setup: Setup) -> Step:
+    head = setup.model.get_output_embeddings()
+
+    def loss_step(timer: PhaseTimer) -> float:
+        total = 0.0
+        for row in packed_rows(setup, timer):
+            hidden = packed_hidden(setup, row, timer)
+            with timer("logprobs"):
+                logp = kernel_logprobs(hidden, head, row.completion_targets, setup.spec.get("chunk_tokens"))
+            with timer("loss"):
+                adv = packed_advantages(row)
+                loss = kernel_policy_loss(logp, adv, row.completion_cu_seqlens, setup.completion_tokens)
+            with timer("backward"):
+                loss.backward()
+            total += float(loss.detach())
+        return total
+
+    return with_adamw(setup, loss_step)
+
+
+def kernel_logprobs(hidden, head, targets, chunk_tokens):
+    """``bcr_kernels.fused_linear_logprobs`` of the completion targets (fp32 ``[C]``)."""
+    return fused_linear_logprobs(hidden, head.weight, targets, bias=head.bias, chunk_tokens=chunk_tokens).logp
+
+
+def kernel_policy_loss(logp, adv, cu_seqlens, normalizer):
+    """``bcr_kernels.policy_loss`` at ratio 1, token mean over ``normalizer`` tokens (the loss only)."""
+    loss, _ = policy_loss(
+        logp,
+        logp.detach(),
+        adv,
+        torch.ones_like(logp),
+        cu_seqlens,
+        epsilon=EPSILON,
+        reduction="token_mean",
+        normalizer=float(normalizer),
+    )
+    return loss
+
+
+def packed_liger(setup: Setup) -> Step:
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    compiled = setup.spec.get("liger_compiled")
+    liger = LigerFusedLinearGRPOLoss(
+        beta=0.0,
+        use_ref_model=False,
+        loss_type="dapo",
+        epsilon_low=EPSILON,
+        epsilon_high=EPSILON,
+        chunk_size=setup.spec.get("liger_chunk", 1024),
+        compiled=setup.device.type == "cuda" if compiled is None else compiled,
+        temperature=1.0,
+    )
+    head = setup.model.get_output_embeddings()
+
+    def loss_step(timer: PhaseTimer) -> float:
+        total = 0.0
+        for row in packed_rows(setup, timer):
+            hidden = packed_hidden(setup, row, timer)
+            with timer("logprobs"):  # Liger: log-probs + loss (+ LM-head grads) in one fused forward
+                C = hidden.shape[0]
+                out = liger(
+                    hidden[:, None, :],
+                    head.weight,
+                    row.completion_targets[:, None],
+                    torch.ones(C, 1, device=setup.device, dtype=torch.long),
+                    packed_advantages(row),
+                    bias=head.bias,
+                    num_items_in_batch=setup.completion_tokens,
+                )
+                loss = out[0] if isinstance(out, tuple) else out
+            with timer("backward"):
+                loss.backward()
+            total += float(loss.detach())
+        return total
+
+    return with_adamw(setup, loss_step)
+
+
+# ---- padded: tensors built from the same token lists
+
+
+def token_advantages(s: dict) -> torch.Tensor:
+    """Each completion token's advantage: its instance's, or the mean over instances for shared text."""
+    inst, seg = torch.tensor(s["advantages"]), torch.tensor(s["segment_ids"])
+    return torch.where(seg >= 0, inst[seg.clamp(min=0)], inst.mean())
+
+
+def right_padded(setup: Setup, timer: PhaseTimer):
+    """``[B, L]`` ids right-padded, attention mask, target-position mask and advantages ``[B, L-1]``."""
+    with timer("prepare"):
+        B = len(setup.samples)
+        L = max(len(s["prompt_ids"]) + len(s["completion_ids"]) for s in setup.samples)
+        ids = torch.zeros(B, L, dtype=torch.long)
+        attn = torch.zeros(B, L, dtype=torch.long)
+        mask, adv = torch.zeros(B, L - 1), torch.zeros(B, L - 1)
+        for b, s in enumerate(setup.samples):
+            P, C = len(s["prompt_ids"]), len(s["completion_ids"])
+            ids[b, : P + C] = torch.tensor(s["prompt_ids"] + s["completion_ids"])
+            attn[b, : P + C] = 1
+            mask[b, P - 1 : P + C - 1] = 1
+            adv[b, P - 1 : P + C - 1] = token_advantages(s)
+        return [t.to(setup.device) for t in (ids, attn, mask, adv)]
+
+
+def left_right_padded(setup: Setup, timer: PhaseTimer):
+    """TRL's layout: prompts left-padded to Pmax, completions right-padded to Cmax."""
+    with timer("prepare"):
+        B = len(setup.samples)
+        Pm = max(len(s["prompt_ids"]) for s in setup.samples)
+        Cm = max(len(s["completion_ids"]) for s in setup.samples)
+        ids = torch.zeros(B, Pm + Cm, dtype=torch.long)
+        attn = torch.zeros(B, Pm + Cm, dtype=torch.long)
+        cmask, adv = torch.zeros(B, Cm), torch.zeros(B, Cm)
+        for b, s in enumerate(setup.samples):
+            P, C = len(s["prompt_ids"]), len(s["completion_ids"])
+            ids[b, Pm - P : Pm] = torch.tensor(s["prompt_ids"])
+            ids[b, Pm : Pm + C] = torch.tensor(s["completion_ids"])
+            attn[b, Pm - P : Pm + C] = 1
+            cmask[b, :C] = 1
+            adv[b, :C] = token_advantages(s)
+        return (*[t.to(setup.device) for t in (ids, attn, cmask, adv)], Cm)
+
+
+def padded_eager(setup: Setup) -> Step:
+    model = setup.model
+
+    def loss_step(timer: PhaseTimer) -> float:
+        ids, attn, mask, adv = right_padded(setup, timer)
+        with timer("forward"):
+            logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits  # [B, L, V]
+        with timer("logprobs"):
+            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+            del logits
+        return loss_and_backward(timer, logp, adv, mask)
+
+    return with_adamw(setup, loss_step)
+
+
+def trl_fused(setup: Setup) -> Step:
+    from trl.trainer.utils import add_fused_lm_head
+
+    model = setup.model
+    add_fused_lm_head(model, temperature=1.0, outputs=("log_probs",))
+
+    def loss_step(timer: PhaseTimer) -> float:
+        ids, attn, cmask, adv, Cm = left_right_padded(setup, timer)
+        with timer("forward"):  # backbone + TRL's chunked fused LM head (only scored positions)
+            labels = ids.masked_fill(attn == 0, -100)
+            labels[:, :-Cm] = -100
+            logp = model(input_ids=ids, attention_mask=attn, labels=labels, fused_lm_head=True).log_probs[:, -Cm:]
+        return loss_and_backward(timer, logp, adv, cmask)
+
+    return with_adamw(setup, loss_step)
+
+
+def trl_selective(setup: Setup) -> Step:
+    from trl.trainer.utils import selective_log_softmax
+
+    model = setup.model
+
+    def loss_step(timer: PhaseTimer) -> float:
+        ids, attn, cmask, adv, Cm = left_right_padded(setup, timer)
+        with timer("forward"):
+            logits = model(input_ids=ids, attention_mask=attn, logits_to_keep=Cm + 1, use_cache=False).logits
+            logits = logits[:, :-1, :]  # [B, Cm, V]
+        with timer("logprobs"):
+            logp = selective_log_softmax(logits, ids[:, -Cm:])
+            del logits
+        return loss_and_backward(timer, logp, adv, cmask)
+
+    return with_adamw(setup, loss_step)
+
+
+@dataclass(frozen=True)
+class Variant:
+    build: Callable[[Setup], Step]
+    attn: str  # the model's attention implementation
+    needs: str | None = None  # optional package it needs
+
+
+VARIANTS: dict[str, Variant] = {
+    "packed": Variant(packed, "bcr_varlen"),
+    "packed-two-pass": Variant(packed_two_pass, "bcr_varlen"),
+    "padded-eager": Variant(padded_eager, "sdpa"),
+    "packed-liger": Variant(packed_liger, "bcr_varlen", "liger_kernel"),
+    "trl": Variant(trl_fused, "sdpa", "trl"),
+    "trl-selective": Variant(trl_selective, "sdpa", "trl"),
+}
+
+
+def unavailable(name: str) -> str | None:
+    """Why variant ``name`` cannot run here (its optional package is missing), or None."""
+    needs = VARIANTS[name].needs
+    if needs is None:
+        return None
+    if importlib.util.find_spec(needs) is None:
+        return f"{needs} is not installed (pip install 'bcr[bench]' or {needs.replace('_', '-')})"
+    if needs == "trl":
+        try:
+            from trl.trainer import utils as trl_utils
+        except Exception as exc:  # noqa: BLE001  (any import-time failure of an optional package)
+            return f"trl not importable ({type(exc).__name__}: {exc})"
+        if name == "trl" and not hasattr(trl_utils, "add_fused_lm_head"):
+            return "this trl has no add_fused_lm_head (TRL < 1.x); see trl-selective"
+    return None
 
 
 # --------------------------------------------------------------------------------------------------
 # child: one variant
 
 
-class PhaseTimer:
-    def __init__(self, device):
-        import torch
-
-        self.cuda = device.type == "cuda"
-        self.sync = torch.cuda.synchronize if self.cuda else (lambda: None)
-        self.times: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def __call__(self, name: str):
-        from torch.profiler import record_function
-
-        self.sync()
-        t0 = time.perf_counter()
-        with record_function(f"bcr_step/{name}"):
-            yield
-        self.sync()
-        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
+def measure(step: Step, device: torch.device) -> tuple[float, float, dict]:
+    """Run one step: (loss, wall seconds, seconds per phase)."""
+    timer = PhaseTimer(device)
+    t0 = time.perf_counter()
+    loss = step.run(timer)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return loss, time.perf_counter() - t0, timer.times
 
 
-def build_model(preset: str, attn: str, dtype, device, seed: int):
-    import torch
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
-    import bcr_kernels  # noqa: F401  (registers "bcr_varlen")
-
-    cfg = Qwen2Config(**PRESETS[preset]["model"])
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=attn)
-    return model.to(device).train()
-
-
-def _variant_available(variant: str, device_type: str) -> tuple[bool, str]:
-    import importlib.util
-
-    if variant == "packed-liger" and importlib.util.find_spec("liger_kernel") is None:
-        return False, "liger_kernel is not installed (pip install 'bcr[bench]' or liger-kernel)"
-    if variant in ("trl", "trl-selective"):
-        if importlib.util.find_spec("trl") is None:
-            return False, "trl is not installed (pip install 'bcr[bench]' or trl)"
-        try:
-            from trl.trainer import utils as trl_utils
-        except Exception as exc:  # noqa: BLE001
-            return False, f"trl not importable ({type(exc).__name__}: {exc})"
-        if variant == "trl" and not hasattr(trl_utils, "add_fused_lm_head"):
-            return False, "this trl has no add_fused_lm_head (TRL < 1.x); see trl-selective"
-    return True, ""
-
-
-def _clipped_token_loss(logp, adv, mask, epsilon: float, normalizer):
-    """TRL's GRPO objective (``dapo``/token mean), eager PyTorch, per-token advantages."""
-    import torch
-
-    old = logp.detach()  # num_iterations = 1: pi_old = pi_theta (the ratio is 1, its gradient is not)
-    coef_1 = torch.exp(logp - old)
-    coef_2 = torch.clamp(coef_1, 1 - epsilon, 1 + epsilon)
-    per_token = -torch.min(coef_1 * adv, coef_2 * adv)
-    return (per_token * mask).sum() / normalizer
-
-
-def make_step(variant: str, model, samples: list[dict], device, args: dict):
-    """A closure running one training step of ``variant`` (without the optimizer) on ``samples``."""
-    import torch
-
-    from bcr.packing import Sample, pack_samples
-    from bcr_kernels import (
-        fused_linear_logprobs,
-        fused_linear_policy_loss,
-        policy_loss,
-        scatter_instance_advantages,
-    )
-    from bcr_kernels._varlen_attention import packed_model_kwargs
-
-    eps = 0.2
-    n_completion = sum(len(s["completion_ids"]) for s in samples)
-    head = model.get_output_embeddings()
-    decoder = model.get_decoder()
-    pad_id = 0
-
-    def packed_rows(timer):
-        with timer("prepare"):
-            objs = [
-                Sample(s["prompt_ids"], s["completion_ids"], s["advantages"], s["segment_ids"])
-                for s in samples
-            ]
-            rows = [r.to(device) for r in pack_samples(objs, args.get("max_tokens_per_row"))]
-        return rows
-
-    def packed_hidden(row, timer):
-        with timer("forward"):
-            out = decoder(
-                input_ids=row.input_ids[None],
-                position_ids=row.position_ids[None],
-                use_cache=False,
-                **packed_model_kwargs(row.cu_seqlens, row.max_seqlen),
-            )
-            hidden = out.last_hidden_state[0].index_select(0, row.completion_index)
-        return hidden
-
-    def packed_advantages(row):
-        return scatter_instance_advantages(
-            row.instance_advantages,
-            row.completion_segment_ids,
-            row.completion_cu_seqlens,
-            num_instances=row.num_instances,
-            shared="mean",
-        )
-
-    if variant == "packed":
-
-        def step(timer):
-            for row in packed_rows(timer):
-                hidden = packed_hidden(row, timer)
-                with timer("logprobs"):
-                    logp = fused_linear_logprobs(
-                        hidden,
-                        head.weight,
-                        row.completion_targets,
-                        bias=head.bias,
-                        chunk_tokens=args.get("chunk_tokens"),
-                    ).logp
-                with timer("loss"):
-                    adv = packed_advantages(row)
-                    loss, _ = policy_loss(
-                        logp,
-                        logp.detach(),
-                        adv,
-                        torch.ones_like(logp),
-                        row.completion_cu_seqlens,
-                        epsilon=eps,
-                        reduction="token_mean",
-                        normalizer=float(n_completion),
-                    )
-                with timer("backward"):
-                    loss.backward()
-            return float(loss.detach())
-
-        return step
-
-    if variant == "packed-fused-loss":
-
-        def step(timer):
-            for row in packed_rows(timer):
-                hidden = packed_hidden(row, timer)
-                with timer("logprobs"):  # log-probs + loss + LM-head grads in one fused forward
-                    adv = packed_advantages(row)
-                    loss, *_ = fused_linear_policy_loss(
-                        hidden,
-                        head.weight,
-                        row.completion_targets,
-                        adv,
-                        torch.ones_like(adv),
-                        row.completion_cu_seqlens,
-                        bias=head.bias,
-                        epsilon=eps,
-                        reduction="token_mean",
-                        normalizer=float(n_completion),
-                        chunk_tokens=args.get("chunk_tokens"),
-                    )
-                with timer("backward"):
-                    loss.backward()
-            return float(loss.detach())
-
-        return step
-
-    if variant == "packed-liger":
-        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
-
-        compiled = args.get("liger_compiled")
-        compiled = device.type == "cuda" if compiled is None else compiled
-        liger = LigerFusedLinearGRPOLoss(
-            beta=0.0,
-            use_ref_model=False,
-            loss_type="dapo",
-            epsilon_low=eps,
-            epsilon_high=eps,
-            chunk_size=args.get("liger_chunk", 1024),
-            compiled=compiled,
-            temperature=1.0,
-        )
-
-        def step(timer):
-            for row in packed_rows(timer):
-                hidden = packed_hidden(row, timer)
-                with timer("logprobs"):  # Liger: log-probs + loss (+ LM-head grads) in one fused forward
-                    adv = packed_advantages(row)
-                    C = hidden.shape[0]
-                    out = liger(
-                        hidden[:, None, :],
-                        head.weight,
-                        row.completion_targets[:, None],
-                        torch.ones(C, 1, device=device, dtype=torch.long),
-                        adv,
-                        bias=head.bias,
-                        num_items_in_batch=n_completion,
-                    )
-                    loss = out[0] if isinstance(out, tuple) else out
-                with timer("backward"):
-                    loss.backward()
-            return float(loss.detach())
-
-        return step
-
-    # ---- padded variants: tensors built from the same token lists
-    B = len(samples)
-
-    def right_padded(timer):
-        with timer("prepare"):
-            L = max(len(s["prompt_ids"]) + len(s["completion_ids"]) for s in samples)
-            ids = torch.full((B, L), pad_id, dtype=torch.long)
-            attn = torch.zeros(B, L, dtype=torch.long)
-            mask = torch.zeros(B, L - 1)  # target positions that predict a completion token
-            adv = torch.zeros(B, L - 1)
-            for b, s in enumerate(samples):
-                P, C = len(s["prompt_ids"]), len(s["completion_ids"])
-                ids[b, : P + C] = torch.tensor(s["prompt_ids"] + s["completion_ids"])
-                attn[b, : P + C] = 1
-                mask[b, P - 1 : P + C - 1] = 1
-                inst = torch.tensor(s["advantages"])
-                seg = torch.tensor(s["segment_ids"])
-                adv[b, P - 1 : P + C - 1] = torch.where(seg >= 0, inst[seg.clamp(min=0)], inst.mean())
-            return ids.to(device), attn.to(device), mask.to(device), adv.to(device)
-
-    def left_right_padded(timer):
-        """TRL's layout: prompts left-padded to Pmax, completions right-padded to Cmax."""
-        with timer("prepare"):
-            Pm = max(len(s["prompt_ids"]) for s in samples)
-            Cm = max(len(s["completion_ids"]) for s in samples)
-            ids = torch.full((B, Pm + Cm), pad_id, dtype=torch.long)
-            attn = torch.zeros(B, Pm + Cm, dtype=torch.long)
-            cmask = torch.zeros(B, Cm)
-            adv = torch.zeros(B, Cm)
-            for b, s in enumerate(samples):
-                P, C = len(s["prompt_ids"]), len(s["completion_ids"])
-                ids[b, Pm - P : Pm] = torch.tensor(s["prompt_ids"])
-                ids[b, Pm : Pm + C] = torch.tensor(s["completion_ids"])
-                attn[b, Pm - P : Pm + C] = 1
-                cmask[b, :C] = 1
-                inst = torch.tensor(s["advantages"])
-                seg = torch.tensor(s["segment_ids"])
-                adv[b, :C] = torch.where(seg >= 0, inst[seg.clamp(min=0)], inst.mean())
-            return ids.to(device), attn.to(device), cmask.to(device), adv.to(device), Cm
-
-    if variant == "padded-eager":
-
-        def step(timer):
-            ids, attn, mask, adv = right_padded(timer)
-            with timer("forward"):
-                logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits  # [B, L, V]
-            with timer("logprobs"):
-                logp = (
-                    torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-                )
-                del logits
-            with timer("loss"):
-                loss = _clipped_token_loss(logp, adv, mask, eps, mask.sum())
-            with timer("backward"):
-                loss.backward()
-            return float(loss.detach())
-
-        return step
-
-    if variant == "trl":
-        from trl.trainer.utils import add_fused_lm_head
-
-        add_fused_lm_head(model, temperature=1.0, outputs=("log_probs",))
-
-        def step(timer):
-            ids, attn, cmask, adv, Cm = left_right_padded(timer)
-            with timer("forward"):  # backbone + TRL's chunked fused LM head (only scored positions)
-                labels = ids.masked_fill(attn == 0, -100)
-                labels[:, :-Cm] = -100
-                out = model(input_ids=ids, attention_mask=attn, labels=labels, fused_lm_head=True)
-                logp = out.log_probs[:, -Cm:]
-            with timer("loss"):
-                loss = _clipped_token_loss(logp, adv, cmask, eps, cmask.sum())
-            with timer("backward"):
-                loss.backward()
-            return float(loss.detach())
-
-        return step
-
-    if variant == "trl-selective":
-        from trl.trainer.utils import selective_log_softmax
-
-        def step(timer):
-            ids, attn, cmask, adv, Cm = left_right_padded(timer)
-            with timer("forward"):
-                logits = model(
-                    input_ids=ids, attention_mask=attn, logits_to_keep=Cm + 1, use_cache=False
-                ).logits
-                logits = logits[:, :-1, :]  # [B, Cm, V]
-            with timer("logprobs"):
-                logp = selective_log_softmax(logits, ids[:, -Cm:])
-                del logits
-            with timer("loss"):
-                loss = _clipped_token_loss(logp, adv, cmask, eps, cmask.sum())
-            with timer("backward"):
-                loss.backward()
-            return float(loss.detach())
-
-        return step
-
-    raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
+def traced(enabled: bool, device: torch.device):
+    if not enabled:
+        return contextlib.nullcontext()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    return profile(activities=acts)
 
 
 def child_main(spec: dict) -> dict:
-    import torch
-
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
+    name = spec["variant"]
+    if name not in VARIANTS:
+        raise ValueError(f"unknown variant {name!r}; choose from {tuple(VARIANTS)}")
+    why = unavailable(name)
+    if why:
+        return {"variant": name, "skipped": why}
     device = torch.device(spec["device"])
-    dtype = getattr(torch, spec["dtype"])
-    variant = spec["variant"]
-    ok, why = _variant_available(variant, device.type)
-    if not ok:
-        return {"variant": variant, "skipped": why}
-    batch = make_batch_spec(**spec["batch"])
-    attn = "bcr_varlen" if variant in ("packed", "packed-fused-loss", "packed-liger") else "sdpa"
-    model = build_model(spec["preset"], attn, dtype, device, spec["seed"])
+    model = build_model(spec["preset"], VARIANTS[name].attn, getattr(torch, spec["dtype"]), device, spec["seed"])
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.0)
-    step = make_step(variant, model, batch["samples"], device, spec)
-    probe = MemoryProbe(device)
-
-    def one_step():
-        timer = PhaseTimer(device)
-        t0 = time.perf_counter()
-        loss = step(timer)
-        with timer("optimizer"):
-            optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        total = time.perf_counter() - t0
-        return loss, total, timer.times
-
+    step = VARIANTS[name].build(Setup(model, make_batch_spec(**spec["batch"])["samples"], device, spec))
+    probe = harness.MemoryProbe(device)
     for _ in range(spec["warmup"]):
-        optimizer.zero_grad(set_to_none=True)
-        one_step()
+        step.optimizer.zero_grad(set_to_none=True)
+        measure(step, device)
     runs = []
     for i in range(spec["repeats"]):
-        optimizer.zero_grad(set_to_none=True)
+        step.optimizer.zero_grad(set_to_none=True)
         gc.collect()
-        trace = spec.get("trace") and i == spec["repeats"] - 1
-        prof_ctx = contextlib.nullcontext()
-        if trace:
-            from torch.profiler import ProfilerActivity, profile
-
-            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-            prof_ctx = profile(activities=acts)
-        with prof_ctx as prof, probe.measure() as mem:
-            loss, total, phases = one_step()
+        trace = bool(spec.get("trace")) and i == spec["repeats"] - 1
+        with traced(trace, device) as prof, probe.measure() as mem:
+            loss, total, phases = measure(step, device)
         if trace:
             Path(spec["trace"]).mkdir(parents=True, exist_ok=True)
-            prof.export_chrome_trace(str(Path(spec["trace"]) / f"{variant}.json"))
+            prof.export_chrome_trace(str(Path(spec["trace"]) / f"{name}.json"))
         runs.append({"time_s": total, "phases_s": phases, "loss": loss, **mem})
-    optimizer.zero_grad(set_to_none=True)
+    step.optimizer.zero_grad(set_to_none=True)
     return {
-        "variant": variant,
+        "variant": name,
         "attn_implementation": model.config._attn_implementation,
         "runs": runs,
         "param_bytes": param_bytes,
@@ -623,27 +699,14 @@ def child_main(spec: dict) -> dict:
     }
 
 
+def run_child(spec: dict, timeout: float) -> dict:
+    """``child_main(spec)`` in a fresh process (``{"variant", "error"}`` when it fails)."""
+    result = harness.run_child(MODULE, spec, timeout=timeout)
+    return {"variant": spec["variant"], **result} if "error" in result else result
+
+
 # --------------------------------------------------------------------------------------------------
 # parent
-
-
-def run_child(spec: dict, timeout: float) -> dict:
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)  # the CPU user's path is the PyTorch one, never the interpreter
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 * MiB))
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
-    with tempfile.TemporaryDirectory() as tmp:
-        spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
-        spec_path.write_text(json.dumps(spec))
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(spec_path), str(out_path)]
-        try:
-            proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return {"variant": spec["variant"], "error": f"timed out after {timeout:.0f} s"}
-        if proc.returncode != 0 or not out_path.exists():
-            tail = (proc.stderr or proc.stdout or "")[-2000:]
-            return {"variant": spec["variant"], "error": f"exit {proc.returncode}: {tail}"}
-        return json.loads(out_path.read_text())
 
 
 def _median(xs):
@@ -779,71 +842,35 @@ def plot(report: dict, path: Path) -> None:
         ax.tick_params(axis="x", rotation=20)
     fig.suptitle(f"profile_step {report['preset']} on {report['device_name']}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    harness.save_figure(fig, path)
     plt.close(fig)
 
 
-def versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "triton", "trl", "liger-kernel"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = None
-    return out
 
 
-def git_state() -> dict:
-    """The commit and the locally modified files the numbers were measured on."""
-
-    def run(*cmd):
-        try:
-            return subprocess.run(
-                ["git", *cmd], check=False, cwd=REPO, capture_output=True, text=True, timeout=10
-            ).stdout.strip()
-        except Exception:  # noqa: BLE001
-            return None
-
-    status = run("status", "--porcelain", "--", "bcr", "bcr_kernels", "benchmarks")
-    return {"commit": run("rev-parse", "HEAD"), "modified": status.splitlines() if status else []}
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def main(argv=None) -> int:
+def parse_args(argv) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=f"python -m {MODULE}",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {tuple(VARIANTS)}")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: the preset's)")
     p.add_argument("--num-completions", type=int, default=None)
     p.add_argument("--budget", type=int, default=None, help="completion budget (max_completion_length)")
     p.add_argument("--min-completion", type=int, default=None)
     p.add_argument("--prompt-len", type=int, nargs=2, default=None, metavar=("MIN", "MAX"))
-    p.add_argument(
-        "--truncated-frac", type=float, default=0.25, help="share of completions cut at the budget"
-    )
+    p.add_argument("--truncated-frac", type=float, default=0.25, help="share of completions cut at the budget")
     p.add_argument("--length-dist", choices=("uniform", "loguniform"), default="uniform")
     p.add_argument("--n-problems", type=int, default=4, help="instances per completion (N)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in each child")
-    p.add_argument(
-        "--chunk-tokens", type=int, default=None, help="fused_linear_logprobs chunk (default: its own)"
-    )
-    p.add_argument(
-        "--max-tokens-per-row", type=int, default=None, help="packed rows of at most this many tokens"
-    )
+    p.add_argument("--chunk-tokens", type=int, default=None, help="fused LM-head chunk (default: the kernel's)")
+    p.add_argument("--max-tokens-per-row", type=int, default=None, help="packed rows of at most this many tokens")
     p.add_argument("--liger-chunk", type=int, default=1024, help="tokens per chunk of Liger's fused loss")
     p.add_argument(
         "--liger-compiled",
@@ -859,26 +886,24 @@ def main(argv=None) -> int:
         help="run the variants in this process (no memory isolation; for smoke tests only)",
     )
     p.add_argument(
-        "--out",
-        default=None,
-        help="output prefix (default benchmarks/results/profile_step_<preset>_<device>)",
+        "--out", default=None, help="output prefix (default benchmarks/results/profile_step_<preset>_<device>)"
     )
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.variant_list = [v.strip() for v in args.variants.split(",") if v.strip()]
+    for v in args.variant_list:
+        if v in RENAMED:
+            p.error(f"variant {v!r} was renamed: use {RENAMED[v]}")
+        if v not in VARIANTS:
+            p.error(f"unknown variant {v!r}; choose from {tuple(VARIANTS)}")
+    return args
 
-    if args.child:
-        spec = json.loads(Path(args.child[0]).read_text())
-        _atomic_write(Path(args.child[1]), json.dumps(child_main(spec)))
-        return 0
 
-    import torch
-
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+def batch_settings(args: argparse.Namespace) -> dict:
+    """``make_batch_spec`` arguments: the command line's, else the preset's defaults."""
     preset = PRESETS[args.preset]
     b = preset["batch"]
-    batch = {
+    return {
         "num_completions": args.num_completions or b["num_completions"],
         "budget": args.budget or b["budget"],
         "min_completion": args.min_completion or b["min_completion"],
@@ -889,64 +914,70 @@ def main(argv=None) -> int:
         "vocab_size": preset["model"]["vocab_size"],
         "seed": args.seed,
     }
-    stats = batch_stats(make_batch_spec(**batch))
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    for v in variants:
-        if v not in VARIANTS:
-            p.error(f"unknown variant {v!r}; choose from {VARIANTS}")
-    dtype = args.dtype or preset["dtype"]
-    liger_compiled = {"auto": None, "yes": True, "no": False}[args.liger_compiled]
-    out = (
-        Path(args.out)
-        if args.out
-        else REPO / "benchmarks" / "results" / f"profile_step_{args.preset}_{device}"
-    )
-    device_name = (
-        torch.cuda.get_device_name()
-        if device == "cuda"
-        else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    )
 
+
+def child_spec(args: argparse.Namespace, variant: str, device: str, dtype: str, batch: dict) -> dict:
+    return {
+        "variant": variant,
+        "preset": args.preset,
+        "device": device,
+        "dtype": dtype,
+        "batch": batch,
+        "seed": args.seed,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "threads": args.threads,
+        "chunk_tokens": args.chunk_tokens,
+        "max_tokens_per_row": args.max_tokens_per_row,
+        "liger_chunk": args.liger_chunk,
+        "liger_compiled": {"auto": None, "yes": True, "no": False}[args.liger_compiled],
+        "trace": args.trace,
+    }
+
+
+def print_result(r: dict, wall: float) -> None:
+    v = r["variant"]
+    if "skipped" in r:
+        print(f"  {v:15s} skipped: {r['skipped']}", flush=True)
+    elif "error" in r:
+        print(f"  {v:15s} ERROR: {r['error']}", flush=True)
+    else:
+        ts = [x["time_s"] for x in r["runs"]]
+        ms = [x["growth_bytes"] / MiB for x in r["runs"]]
+        print(
+            f"  {v:15s} step {statistics.median(ts):7.3f} s  (runs {', '.join(f'{t:.3f}' for t in ts)}), "
+            f"step memory {statistics.median(ms):8.0f} MiB  [{wall:.0f} s wall]",
+            flush=True,
+        )
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        return harness.child_entry(args.child, child_main)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    preset = PRESETS[args.preset]
+    dtype = args.dtype or preset["dtype"]
+    batch = batch_settings(args)
+    stats = batch_stats(make_batch_spec(**batch))
+    device_name = harness.device_name(device)
     print(
         f"profile_step: preset {args.preset}, {device_name}, {dtype}; batch {stats['num_sequences']} seqs, "
         f"{stats['real_tokens']} real tokens, {stats['padded_positions']} padded positions",
         flush=True,
     )
     results = []
-    for v in variants:
-        spec = {
-            "variant": v,
-            "preset": args.preset,
-            "device": device,
-            "dtype": dtype,
-            "batch": batch,
-            "seed": args.seed,
-            "repeats": args.repeats,
-            "warmup": args.warmup,
-            "threads": args.threads,
-            "chunk_tokens": args.chunk_tokens,
-            "max_tokens_per_row": args.max_tokens_per_row,
-            "liger_chunk": args.liger_chunk,
-            "liger_compiled": liger_compiled,
-            "trace": args.trace,
-        }
+    for v in args.variant_list:
         t0 = time.perf_counter()
-        r = child_main(spec) if args.in_process else run_child(spec, args.timeout)
-        results.append(r)
-        if "skipped" in r:
-            print(f"  {v:14s} skipped: {r['skipped']}", flush=True)
-        elif "error" in r:
-            print(f"  {v:14s} ERROR: {r['error']}", flush=True)
+        spec = child_spec(args, v, device, dtype, batch)
+        why = unavailable(v)  # known here already: no child needed to find out
+        if why:
+            results.append({"variant": v, "skipped": why})
         else:
-            ts = [x["time_s"] for x in r["runs"]]
-            ms = [x["growth_bytes"] / MiB for x in r["runs"]]
-            print(
-                f"  {v:14s} step {statistics.median(ts):7.3f} s  (runs {', '.join(f'{t:.3f}' for t in ts)}), "
-                f"step memory {statistics.median(ms):8.0f} MiB  [{time.perf_counter() - t0:.0f} s wall]",
-                flush=True,
-            )
-    summary = summarize(results, stats)
-    method = next((r.get("memory_method") for r in results if r.get("memory_method")), None)
+            results.append(child_main(spec) if args.in_process else run_child(spec, args.timeout))
+        print_result(results[-1], time.perf_counter() - t0)
     report = {
         "benchmark": "profile_step",
         "preset": args.preset,
@@ -954,33 +985,27 @@ def main(argv=None) -> int:
         "device": device,
         "device_name": device_name,
         "dtype": dtype,
-        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": " ".join(
-            ["python", "benchmarks/profile_step.py"] + (sys.argv[1:] if argv is None else list(argv))
-        ),
-        "versions": versions(),
-        "git": git_state(),
-        "torch_threads": next(
-            (r["torch_threads"] for r in results if "torch_threads" in r), torch.get_num_threads()
-        ),
+        "date": harness.now(),
+        "command": harness.command(MODULE, argv),
+        "versions": harness.versions(),
+        "git": harness.git_state(),
+        "torch_threads": next((r["torch_threads"] for r in results if "torch_threads" in r), torch.get_num_threads()),
         "cpu_count": os.cpu_count(),
         "repeats": args.repeats,
         "warmup": args.warmup,
-        "batch_spec": {k: v for k, v in batch.items()},
+        "batch_spec": dict(batch),
         "batch": stats,
-        "memory_method": method,
+        "memory_method": next((r["memory_method"] for r in results if r.get("memory_method")), None),
         "results": results,
-        "summary": summary,
+        "summary": summarize(results, stats),
     }
+    out = Path(args.out) if args.out else harness.RESULTS / f"profile_step_{args.preset}_{device}"
     md = markdown(report)
-    _atomic_write(out.with_suffix(".json"), json.dumps(report, indent=1))
-    _atomic_write(out.with_suffix(".md"), md)
-    plot(report, out.with_suffix(".png"))
+    harness.write_report(out, report, md, plot)
     print()
     print(md)
     print(f"wrote {out.with_suffix('.json')}, .md, .png")
-    failed = [r["variant"] for r in results if "error" in r]
-    return 1 if failed else 0
+    return 1 if any("error" in r for r in results) else 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""Benchmarks and profiling scripts of bcr; run the scripts as modules (``python -m benchmarks.profile_step``)."""
