@@ -41,12 +41,13 @@ from pathlib import Path
 import torch
 
 from bcr_kernels import (
+    branch_layout,
     fused_linear_logprobs,
     fused_linear_policy_loss,
     policy_loss,
     scatter_instance_advantages,
 )
-from bcr_kernels.varlen_attention import packed_model_kwargs
+from bcr_kernels.varlen_attention import ATTN_IMPLEMENTATION, packed_model_kwargs
 
 from .bundling import Bundler
 from .checkpoint import _check_finite, find_checkpoint, load_checkpoint, save_checkpoint, save_optimizer_dcp
@@ -108,7 +109,12 @@ def completion_logprobs(model, batch: PackedBatch, *, temperature: float = 1.0, 
     loss at ratio 1 is fused in as well and ``(loss, metrics, logp[, entropy])`` is returned.
     """
     kwargs = {}
-    if attn_implementation not in ("sdpa", "eager"):  # flash-style backends take the sequence boundaries
+    if batch.shared_prompts:  # completions continue a prompt packed once: only bcr_varlen knows the layout
+        if attn_implementation != ATTN_IMPLEMENTATION:
+            raise ValueError(f"a shared-prompt row needs attn_implementation={ATTN_IMPLEMENTATION!r}, "
+                             f"got {attn_implementation!r}; set shared_prompt=false")
+        kwargs = {"bcr_branch_layout": branch_layout(batch.position_ids)}
+    elif attn_implementation not in ("sdpa", "eager"):  # flash-style backends take the sequence boundaries
         kwargs = packed_model_kwargs(batch.cu_seqlens, batch.max_seqlen)
     with attention_implementation(model, attn_implementation):
         out = model.get_decoder()(

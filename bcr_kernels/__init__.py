@@ -11,16 +11,20 @@ from .fused_linear_policy_loss import fused_linear_policy_loss
 from .packed_targets import packed_targets
 from .policy_loss import policy_loss
 from .scatter_instance_advantages import scatter_instance_advantages
+from .shared_prefix_attention import BranchLayout, branch_layout, shared_prefix_attention
 from .token_logprobs import token_logprobs
 from .varlen_attention import varlen_attention
 
 __all__ = [
+    "BranchLayout",
+    "branch_layout",
     "fused_linear_logprobs",
     "fused_linear_policy_loss",
     "packed_targets",
     "policy_loss",
     "reference",
     "scatter_instance_advantages",
+    "shared_prefix_attention",
     "token_logprobs",
     "varlen_attention",
 ]

@@ -65,6 +65,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from .shared_prefix_attention import shared_prefix_attention
+
 __all__ = [
     "ATTN_IMPLEMENTATION",
     "bcr_varlen_attention_forward",
@@ -479,6 +481,9 @@ def bcr_varlen_attention_forward(
         raise NotImplementedError("bcr_varlen attention does not support attention sinks or position bias")
     B, hq, L, D = query.shape
     Lk = key.shape[2]
+    layout = kwargs.get("bcr_branch_layout")
+    if layout is not None:  # a row whose groups share their prompts (see shared_prefix_attention)
+        return _branch_attention(query, key, value, attention_mask, layout, scaling, sliding_window, dropout)
     cu = kwargs.get("cu_seq_lens_q")
     position_ids = kwargs.get("position_ids")
     varlen = attention_mask is None and L == Lk and (cu is not None or position_ids is not None)
@@ -512,6 +517,21 @@ def bcr_varlen_attention_forward(
     v = value.transpose(1, 2).reshape(B * L, value.shape[1], value.shape[-1])
     out = varlen_attention(q, k, v, cu, max_seqlen, causal=causal, softmax_scale=scaling)
     return out.view(B, L, hq, value.shape[-1]), None
+
+
+def _branch_attention(query, key, value, attention_mask, layout, scaling, sliding_window, dropout):
+    B, hq, L, D = query.shape
+    if B != 1 or key.shape[2] != L or attention_mask is not None:
+        raise ValueError("bcr_branch_layout needs one packed row ([1, T]) with no attention mask and no cache")
+    if sliding_window is not None and layout.max_seqlen_k > sliding_window:
+        raise NotImplementedError("shared-prompt rows do not support sliding-window attention; set shared_prompt=false")
+    if dropout:
+        raise NotImplementedError("bcr_varlen attention does not support attention dropout; set attention_dropout=0")
+    q = query.transpose(1, 2).reshape(L, hq, D)
+    k = key.transpose(1, 2).reshape(L, key.shape[1], D)
+    v = value.transpose(1, 2).reshape(L, value.shape[1], value.shape[-1])
+    out = shared_prefix_attention(q, k, v, layout, softmax_scale=scaling)
+    return out.view(1, L, hq, value.shape[-1]), None
 
 
 def bcr_varlen_mask(
