@@ -34,6 +34,7 @@ SCALE_REWARDS = ("group", "batch", "none")
 ADVANTAGE_MODES = ("instance", "sequence")
 SHARED_ADVANTAGES = ("mean", "zero")
 ROLLOUT_ENGINES = ("hf", "vllm")
+SHARED_PROMPT = ("auto", "true", "false")
 DISTRIBUTED_STRATEGIES = ("auto", "fsdp2", "ddp")
 REPORT_TO = ("tensorboard", "wandb")
 
@@ -131,6 +132,10 @@ class BCRConfig:
 
     # --- efficiency -----------------------------------------------------------------------------
     gradient_checkpointing: bool = _help("recompute activations in backward to save memory", default=False)
+    shared_prompt: str = _help(
+        "compute each prompt once for its G samples, in rollout prefill and in the training forward: auto (on "
+        "when it saves tokens: G > 1 with bcr_varlen attention and no sliding window) | true | false; the "
+        "update is the same either way", default="auto")
     bf16: bool | None = _help("bf16 autocast for the training forward (None: on when CUDA is used)", default=None)
     chunk_tokens: int | None = _help("tokens per chunk of the fused LM-head log-prob kernel", default=None)
     attn_implementation: str | None = _help(
@@ -201,6 +206,9 @@ class BCRConfig:
         choice("advantage_mode", ADVANTAGE_MODES)
         choice("shared_advantage", SHARED_ADVANTAGES)
         choice("rollout_engine", ROLLOUT_ENGINES)
+        if isinstance(self.shared_prompt, bool):  # YAML and key=value read true/false as booleans
+            self.shared_prompt = "true" if self.shared_prompt else "false"
+        choice("shared_prompt", SHARED_PROMPT)
         choice("distributed_strategy", DISTRIBUTED_STRATEGIES)
         if not self.distributed_timeout > 0:
             fail("distributed_timeout", "must be > 0 seconds")

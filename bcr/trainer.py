@@ -52,6 +52,7 @@ from bcr_kernels.varlen_attention import ATTN_IMPLEMENTATION, packed_model_kwarg
 from .bundling import Bundler
 from .checkpoint import _check_finite, find_checkpoint, load_checkpoint, save_checkpoint, save_optimizer_dcp
 from .config import BCRConfig
+from .dataclass_cli import ConfigError
 from .distributed import (
     RankFailedError,
     all_reduce_max,
@@ -195,6 +196,19 @@ def full_weights(root):
 # ----------------------------------------------------------------------------------------------
 # Rewards
 # ----------------------------------------------------------------------------------------------
+def _share_prompts(cfg: BCRConfig, model, attn_implementation: str) -> bool:
+    """Whether the training forward packs each group's prompt once (``shared_prompt``; see pack_row)."""
+    config = getattr(model, "config", None)
+    sliding = getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True)
+    usable = attn_implementation == ATTN_IMPLEMENTATION and not sliding
+    if cfg.shared_prompt == "true" and not usable:
+        raise ConfigError(
+            f"shared_prompt=true needs attn_implementation={ATTN_IMPLEMENTATION!r} and a model without sliding-window "
+            f"attention (got {attn_implementation!r}, sliding_window={getattr(config, 'sliding_window', None)}); "
+            "set shared_prompt=auto or false")
+    return cfg.shared_prompt == "true" or (cfg.shared_prompt == "auto" and usable and cfg.num_generations > 1)
+
+
 def _template(template, numbered_single: bool):
     """The prompt template of the run: the one given, with ``config.numbered_single`` applied."""
     from .prompts import PromptTemplate
@@ -332,7 +346,9 @@ class BCRTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(cfg.lr_scheduler_type, warmup, total_updates))
 
-        engine_kw = {"max_prompt_length": cfg.max_prompt_length, "batch_size": cfg.generation_batch_size}
+        self.share_prompts = _share_prompts(cfg, self.model, self.attn_implementation)
+        engine_kw = {"max_prompt_length": cfg.max_prompt_length, "batch_size": cfg.generation_batch_size,
+                     "shared_prefill": cfg.shared_prompt != "false"}
         if cfg.rollout_engine == "vllm":
             engine_kw = {"gpu_memory_utilization": cfg.vllm_gpu_memory_utilization, "seed": cfg.seed}
         self.engine = make_engine(cfg.rollout_engine, self.model, self.tokenizer, **engine_kw)
@@ -511,7 +527,13 @@ class BCRTrainer:
         per = math.ceil(len(samples) / k) if samples else 1
         rows = [row.to(self.device)
                 for i in range(0, len(samples), per)
-                for row in pack_samples(samples[i : i + per], cfg.max_tokens_per_microbatch)]
+                for row in pack_samples(samples[i : i + per], cfg.max_tokens_per_microbatch,
+                                        share_prompts=self.share_prompts)]
+        # step totals over all ranks (each rank adds its share with weight 1 / world_size)
+        processed = sum(r.num_tokens for r in rows)
+        stats.add("tokens/processed", processed, 1.0 / self.world_size)
+        stats.add("tokens/saved_by_shared_prompt",
+                  sum(len(s.prompt_ids) + len(s.completion_ids) for s in samples) - processed, 1.0 / self.world_size)
         normalizer = self._normalizer(samples)
         shared = cfg.shared_advantage if cfg.advantage_mode == "instance" else "mean"
         advantages = [scatter_instance_advantages(r.instance_advantages, r.completion_segment_ids,

@@ -136,3 +136,43 @@ def test_shared_row_needs_bcr_varlen():
     row = pack_row([Sample([1, 2], [3, 4], [1.0]), Sample([1, 2], [5], [1.0])], share_prompts=True)
     with pytest.raises(ValueError, match="shared_prompt=false"):
         completion_logprobs(model, row, attn_implementation="sdpa")
+
+
+def _instance_token_reward(completion_ids, n_problems, **kw):
+    return [[sum(t % (n + 1) == k for t in ids) / max(len(ids), 1) for k in range(n)]
+            for ids, n in zip(completion_ids, n_problems)]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"gradient_accumulation_steps": 2}, {"max_tokens_per_microbatch": 250}, {"gradient_checkpointing": True},
+     {"num_iterations": 2}, {"beta": 0.1}],
+    ids=["plain", "accumulation", "row-cap", "checkpointing", "num_iterations", "kl-ref"],
+)
+def test_trainer_update_is_the_same_with_shared_prompts(tmp_path, tiny_tokenizer, options):
+    """One BCRTrainer step with shared_prompt=true gives the update of shared_prompt=false, and logs the
+    tokens it did not process. lr = 1 with adam_epsilon = 1 makes the update -g / (|g| + 1), smooth in g."""
+    from bcr.config import BCRConfig
+    from bcr.synthetic import make_arithmetic_problems
+    from bcr.trainer import BCRTrainer
+
+    problems = make_arithmetic_problems(12, seed=0)
+    deltas, metrics = {}, {}
+    for share in ("false", "true"):
+        model = tiny_model(tiny_tokenizer, seed=0)
+        before = {k: v.detach().clone() for k, v in model.named_parameters()}
+        cfg = BCRConfig(output_dir=str(tmp_path / share), n_problems=2, num_generations=3, max_completion_length=16,
+                        bundles_per_step=2, max_steps=1, learning_rate=1.0, adam_epsilon=1.0, max_grad_norm=0.0,
+                        disable_progress_bar=True, shared_prompt=share, **options)
+        trainer = BCRTrainer(model, problems, cfg, tokenizer=tiny_tokenizer, reward_fn=_instance_token_reward)
+        assert trainer.share_prompts == (share == "true")
+        trainer.train()
+        deltas[share] = {k: v.detach() - before[k] for k, v in model.named_parameters()}
+        metrics[share] = trainer.last_metrics
+    assert max(float(d.abs().max()) for d in deltas["false"].values()) > 1e-4
+    for k, d in deltas["false"].items():
+        torch.testing.assert_close(deltas["true"][k], d, rtol=1e-4, atol=1e-6, msg=k)
+    assert metrics["false"]["tokens/saved_by_shared_prompt"] == 0
+    assert metrics["true"]["tokens/saved_by_shared_prompt"] > 0
+    assert (metrics["true"]["tokens/processed"] + metrics["true"]["tokens/saved_by_shared_prompt"]
+            == metrics["false"]["tokens/processed"])
