@@ -34,13 +34,14 @@ SCALE_REWARDS = ("group", "batch", "none")
 ADVANTAGE_MODES = ("instance", "sequence")
 SHARED_ADVANTAGES = ("mean", "zero")
 ROLLOUT_ENGINES = ("hf", "vllm")
+SHARED_PROMPT = ("auto", "true", "false")
 DISTRIBUTED_STRATEGIES = ("auto", "fsdp2", "ddp")
 REPORT_TO = ("tensorboard", "wandb")
 MODEL_DTYPES = ("auto", "float32", "bfloat16")  # bcr.model_loading.DTYPES
 CHOICES = {"loss_type": LOSS_TYPES, "lr_scheduler_type": SCHEDULERS, "scale_rewards": SCALE_REWARDS,
            "advantage_mode": ADVANTAGE_MODES, "shared_advantage": SHARED_ADVANTAGES,
            "rollout_engine": ROLLOUT_ENGINES, "distributed_strategy": DISTRIBUTED_STRATEGIES,
-           "model_dtype": MODEL_DTYPES}
+           "model_dtype": MODEL_DTYPES, "shared_prompt": SHARED_PROMPT}
 POSITIVE_INTS = ("num_generations", "max_completion_length", "bundles_per_step", "gradient_accumulation_steps",
                  "num_iterations", "logging_steps", "lora_r")
 OPTIONAL_POSITIVE_INTS = ("max_prompt_length", "max_tokens_per_microbatch", "chunk_tokens", "generation_batch_size",
@@ -171,6 +172,10 @@ class BCRConfig:
 
     # --- efficiency -----------------------------------------------------------------------------
     gradient_checkpointing: bool = _help("recompute activations in backward to save memory", default=False)
+    shared_prompt: str = _help(
+        "compute each prompt once for its G samples, in rollout prefill and in the training forward: auto (on "
+        "when it saves tokens: G > 1 with bcr_varlen attention and no sliding window) | true | false; the "
+        "update is the same either way", default="auto")
     bf16: bool | None = _help(
         "bf16 compute with fp32 master weights and fp32 gradient reduction (FSDP2's mixed-precision policy; "
         "one process runs it on a one-rank mesh; not with distributed_strategy=ddp). None: on with CUDA "
@@ -215,6 +220,8 @@ class BCRConfig:
             self.report_to = [] if self.report_to in ("", "none") else [self.report_to]
         if isinstance(self.lora_target_modules, str):
             self.lora_target_modules = [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
+        if isinstance(self.shared_prompt, bool):  # YAML and key=value read true/false as booleans
+            self.shared_prompt = "true" if self.shared_prompt else "false"
         check_fields(self)  # types from the annotations: whole ints, finite floats, no list for a scalar
         self.n_problems = _normalise_n_problems(self.n_problems)
         self._validate()

@@ -52,6 +52,7 @@ class PackedBatch:
     completion_segment_ids: torch.Tensor  # [C]
     completion_cu_seqlens: torch.Tensor  # [S + 1] int32
     sample_indices: list[int] = field(default_factory=list)  # which input samples this row holds
+    shared_prompts: bool = False  # some completions continue a prompt packed once (see pack_row)
 
     @property
     def num_tokens(self) -> int:
@@ -73,45 +74,84 @@ class PackedBatch:
         return PackedBatch(**moved)
 
 
-def pack_row(samples: Sequence[Sample], sample_indices: Sequence[int] | None = None) -> PackedBatch:
-    """Pack ``samples`` into one row (no padding)."""
+def _groups(samples: Sequence[Sample], share_prompts: bool) -> list[list[int]]:
+    """Indices of the samples packed as one sequence: runs of equal prompts when sharing, else one each."""
+    groups: list[list[int]] = []
+    for i, s in enumerate(samples):
+        if share_prompts and groups and list(samples[groups[-1][0]].prompt_ids) == list(s.prompt_ids):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def pack_row(samples: Sequence[Sample], sample_indices: Sequence[int] | None = None, *,
+             share_prompts: bool = False) -> PackedBatch:
+    """Pack ``samples`` into one row (no padding).
+
+    With ``share_prompts``, consecutive samples with the same prompt are packed as one sequence
+    ``[prompt, completion 1, ..., completion G]`` whose completions all continue at position ``P``
+    (see ``bcr_kernels.shared_prefix_attention``): the prompt is in the row once, and the first token
+    of every completion is predicted at the prompt's last position. The ``completion_*`` fields list
+    every completion token in sample order either way; the per-position fields (``targets``,
+    ``loss_mask``, ``segment_ids``) follow each position's own branch, so at a shared prompt's last
+    position they describe the first completion.
+    """
     if not samples:
         raise ValueError("pack_row needs at least one sample")
     ids: list[int] = []
     positions: list[int] = []
-    mask: list[bool] = []
-    segments: list[int] = []
-    lengths: list[int] = []
+    lengths: list[int] = []  # one per packed sequence (a group when sharing)
+    branches: list[int] = []  # one per branch: a sequence's trunk, or a completion continuing its prompt
+    predicted_at: list[int] = []  # the position whose hidden state predicts each completion token
+    completion_targets: list[int] = []
+    completion_segments: list[int] = []
     completion_lengths: list[int] = []
     n_max = max(max(len(s.advantages) for s in samples), 1)
     advantages = torch.zeros(len(samples), n_max, dtype=torch.float32)
     num_instances = torch.zeros(len(samples), dtype=torch.long)
-    for row, s in enumerate(samples):
-        P, C = len(s.prompt_ids), len(s.completion_ids)
+    for group in _groups(samples, share_prompts):
+        prompt = list(samples[group[0]].prompt_ids)
+        P = len(prompt)
         if P == 0:
             raise ValueError("a sample needs at least one prompt token (the first completion token is predicted from it)")
-        seg = [-1] * C if s.segment_ids is None else [int(x) for x in s.segment_ids]
-        if len(seg) != C:
-            raise ValueError(f"sample {row}: {len(seg)} segment ids for {C} completion tokens")
-        ids += list(s.prompt_ids) + list(s.completion_ids)
-        positions += range(P + C)
-        # Position i predicts token i + 1: the completion tokens are predicted at P - 1 .. P + C - 2.
-        mask += [False] * (P - 1) + [True] * C + [False]
-        segments += [-1] * (P - 1) + seg + [-1]
-        lengths.append(P + C)
-        completion_lengths.append(C)
-        advantages[row, : len(s.advantages)] = torch.as_tensor(list(s.advantages), dtype=torch.float32)
-        num_instances[row] = len(s.advantages)
+        prompt_last = len(ids) + P - 1
+        ids += prompt
+        positions += range(P)
+        for j, row in enumerate(group):
+            s = samples[row]
+            C = len(s.completion_ids)
+            seg = [-1] * C if s.segment_ids is None else [int(x) for x in s.segment_ids]
+            if len(seg) != C:
+                raise ValueError(f"sample {row}: {len(seg)} segment ids for {C} completion tokens")
+            start = len(ids)
+            branches.append(P + C if j == 0 else C)
+            ids += list(s.completion_ids)
+            positions += range(P, P + C)
+            # Position i predicts token i + 1 of its branch; a completion's first token is predicted at
+            # the prompt's last position.
+            predicted_at += [prompt_last] + list(range(start, start + C - 1)) if C else []
+            completion_targets += list(s.completion_ids)
+            completion_segments += seg
+            completion_lengths.append(C)
+            advantages[row, : len(s.advantages)] = torch.as_tensor(list(s.advantages), dtype=torch.float32)
+            num_instances[row] = len(s.advantages)
+        lengths.append(len(ids) - (prompt_last + 1 - P))
     input_ids = torch.tensor(ids, dtype=torch.long)
-    cu_seqlens = _cumsum(lengths)
-    loss_mask = torch.tensor(mask, dtype=torch.bool)
-    segment_ids = torch.tensor(segments, dtype=torch.long)
-    targets = packed_targets(input_ids, cu_seqlens)
-    completion_index = loss_mask.nonzero().squeeze(-1)
+    targets = packed_targets(input_ids, _cumsum(branches))  # the next token of each position's branch
+    completion_index = torch.tensor(predicted_at, dtype=torch.long)
+    loss_mask = torch.zeros(len(ids), dtype=torch.bool)
+    loss_mask[completion_index] = True
+    segment_ids = torch.full((len(ids),), -1, dtype=torch.long)
+    seen: set[int] = set()
+    for at, seg in zip(predicted_at, completion_segments):
+        if at not in seen:  # a shared prompt's last position: the first completion's segment
+            segment_ids[at] = seg
+            seen.add(at)
     return PackedBatch(
         input_ids=input_ids,
         position_ids=torch.tensor(positions, dtype=torch.long),
-        cu_seqlens=cu_seqlens,
+        cu_seqlens=_cumsum(lengths),
         max_seqlen=max(lengths),
         targets=targets,
         loss_mask=loss_mask,
@@ -119,31 +159,36 @@ def pack_row(samples: Sequence[Sample], sample_indices: Sequence[int] | None = N
         instance_advantages=advantages,
         num_instances=num_instances,
         completion_index=completion_index,
-        completion_targets=targets[completion_index],
-        completion_segment_ids=segment_ids[completion_index],
+        completion_targets=torch.tensor(completion_targets, dtype=torch.long),
+        completion_segment_ids=torch.tensor(completion_segments, dtype=torch.long),
         completion_cu_seqlens=_cumsum(completion_lengths),
         sample_indices=list(range(len(samples)) if sample_indices is None else sample_indices),
+        shared_prompts=share_prompts and len(branches) > len(lengths),
     )
 
 
-def pack_samples(samples: Sequence[Sample], max_tokens: int | None = None) -> list[PackedBatch]:
+def pack_samples(samples: Sequence[Sample], max_tokens: int | None = None, *,
+                 share_prompts: bool = False) -> list[PackedBatch]:
     """Pack ``samples`` in order into rows of at most ``max_tokens`` tokens (one row when None).
 
-    A sample longer than ``max_tokens`` gets a row of its own; sequences are never split.
+    A sample longer than ``max_tokens`` gets a row of its own; sequences are never split. With
+    ``share_prompts`` a run of samples with the same prompt costs its prompt once per row it lands in.
     """
     rows: list[list[int]] = []
     current: list[int] = []
     used = 0
     for i, s in enumerate(samples):
-        n = len(s.prompt_ids) + len(s.completion_ids)
+        shares = share_prompts and current and list(samples[current[-1]].prompt_ids) == list(s.prompt_ids)
+        n = len(s.completion_ids) + (0 if shares else len(s.prompt_ids))
         if current and max_tokens is not None and used + n > max_tokens:
             rows.append(current)
             current, used = [], 0
+            n = len(s.prompt_ids) + len(s.completion_ids)
         current.append(i)
         used += n
     if current:
         rows.append(current)
-    return [pack_row([samples[i] for i in row], row) for row in rows]
+    return [pack_row([samples[i] for i in row], row, share_prompts=share_prompts) for row in rows]
 
 
 def _cumsum(lengths: Sequence[int]) -> torch.Tensor:

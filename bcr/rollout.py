@@ -15,7 +15,8 @@ KV cache). It draws each sampled token itself from a per-row ``torch.Generator``
 the global RNG is never touched. Two decoding paths give the same tokens for the same seeds:
 ``decode="loop"`` (default) is a short prefill + one-token-per-step loop over a ``DynamicCache`` that drops
 finished rows from the batch; ``decode="generate"`` runs ``model.generate`` with the sampler as a logits
-processor. ``VLLMEngine`` (colocated vLLM) is used when vllm is installed.
+processor. With ``shared_prefill`` (default; loop only) each distinct prompt of a batch is prefilled once
+and its KV cache and last logits are copied to its G rows, so the prompt costs one forward, not G. ``VLLMEngine`` (colocated vLLM) is used when vllm is installed.
 """
 
 from __future__ import annotations
@@ -137,17 +138,20 @@ class HFEngine:
     ``generate`` also applies processors named in the model's own ``generation_config`` (e.g. a
     ``repetition_penalty``); the loop samples from the plain tempered (top-p) model distribution, the one
     the trainer scores. ``compact_finished`` (loop only): drop finished rows from the batch and the KV
-    cache once at most half of the current rows are still running.
+    cache once at most half of the current rows are still running. ``shared_prefill`` (loop only): prefill
+    each distinct prompt of a batch once and give its KV cache to every row that continues it.
     """
 
     DECODE_MODES = ("loop", "generate")
 
     def __init__(self, model, tokenizer, *, max_prompt_length: int | None = None, batch_size: int | None = None,
-                 decode: str = "loop", compact_finished: bool = True):
+                 decode: str = "loop", compact_finished: bool = True, shared_prefill: bool = True):
         if decode not in self.DECODE_MODES:
             raise ValueError(f"unknown decode {decode!r}; use one of {self.DECODE_MODES}")
         self.decode = decode
         self.compact_finished = compact_finished
+        self.shared_prefill = shared_prefill
+        self.prefill_tokens = 0  # prompt tokens (padding included) the prefills of this engine processed
         self.model = model
         self.tokenizer = tokenizer
         self.max_prompt_length = max_prompt_length
@@ -209,13 +213,15 @@ class HFEngine:
 
     def _generate_rows(self, prompts: list[list[int]], seeds: list[int], budget: int, temperature: float, top_p: float):
         device = next(self.model.parameters()).device
-        input_ids, attention_mask = _left_pad(prompts, self.pad_id)
-        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         sampler = _SeededSampler(seeds, temperature, top_p)
         if self.decode == "loop":
-            new = self._decode_loop(input_ids, attention_mask, sampler, budget)
+            unique, source = _distinct(prompts) if self.shared_prefill else (prompts, None)
+            # the same padded width as the unshared batch, so a row's prefill sees the same shapes
+            input_ids, attention_mask = _left_pad(unique, self.pad_id, width=max(len(p) for p in prompts))
+            new = self._decode_loop(input_ids.to(device), attention_mask.to(device), sampler, budget, source)
         else:
-            new = self._decode_generate(input_ids, attention_mask, sampler, budget)
+            input_ids, attention_mask = _left_pad(prompts, self.pad_id)
+            new = self._decode_generate(input_ids.to(device), attention_mask.to(device), sampler, budget)
         generations = []
         for ids, completion in zip(prompts, new):
             completion, truncated = _cut_at_eos(completion, self.eos_ids)
@@ -242,9 +248,13 @@ class HFEngine:
         )
         return out[:, input_ids.shape[1] :].tolist()
 
-    def _decode_loop(self, input_ids, attention_mask, sampler: _SeededSampler, budget: int) -> list[list[int]]:
+    def _decode_loop(self, input_ids, attention_mask, sampler: _SeededSampler, budget: int,
+                     source: list[int] | None = None) -> list[list[int]]:
         """Prefill the left-padded prompts, then feed one sampled token per step through the KV cache.
 
+        ``source[j]`` is the prefilled row that output row ``j`` continues (None: row ``j`` itself): the
+        prefill runs once per distinct prompt, then the cache and the last logits are gathered to the
+        output rows, and decoding goes on as if every row had been prefilled on its own.
         Returns each row's new tokens (pad after its EOS; cut by the caller). ``rows`` maps the current
         batch to the original rows; with ``compact_finished`` the finished rows leave the batch (and
         the cache) once they are at least half of it, so the later steps run on fewer rows.
@@ -252,7 +262,6 @@ class HFEngine:
         from transformers import DynamicCache
 
         model, device = self.model, input_ids.device
-        B = input_ids.shape[0]
         mask = attention_mask
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # what generate derives from the mask
         cache = DynamicCache(config=model.config)
@@ -260,7 +269,14 @@ class HFEngine:
         if _accepts(model, "logits_to_keep"):
             cache_kw["logits_to_keep"] = 1
         out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **cache_kw)
+        self.prefill_tokens += input_ids.numel()
         cache_kw.pop("logits_to_keep", None)
+        logits = out.logits[:, -1, :]
+        if source is not None:
+            index = torch.tensor(source, device=device)
+            cache.batch_select_indices(index)
+            logits, mask, positions = logits[index], mask[index], positions[index]
+        B = logits.shape[0]
         eos = torch.tensor(self.eos_ids, device=device)
         tokens = torch.full((B, budget), self.pad_id, dtype=torch.long, device=device)
         rows = torch.arange(B, device=device)  # original row of each current batch row
@@ -268,7 +284,7 @@ class HFEngine:
         done = torch.zeros(B, dtype=torch.bool, device=device)
         position = positions[:, -1:]
         for step in range(budget):
-            nxt = sampler.sample(out.logits[:, -1, :].float(), rows_list)
+            nxt = sampler.sample(logits.float(), rows_list)
             nxt = nxt.masked_fill(done, self.pad_id)
             tokens[rows, step] = nxt
             done = done | torch.isin(nxt, eos)
@@ -283,11 +299,19 @@ class HFEngine:
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
             position = position + 1
             out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=position, use_cache=True, **cache_kw)
+            logits = out.logits[:, -1, :]
         return tokens[:, : step + 1].tolist()
 
 
-def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
+def _distinct(prompts: list[list[int]]) -> tuple[list[list[int]], list[int]]:
+    """The distinct prompts in first-seen order, and for each input the index of its distinct prompt."""
+    index: dict[tuple[int, ...], int] = {}
+    source = [index.setdefault(tuple(p), len(index)) for p in prompts]
+    return [list(p) for p in index], source
+
+
+def _left_pad(prompts: list[list[int]], pad_id: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts) if width is None else width
     input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for i, ids in enumerate(prompts):

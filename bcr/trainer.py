@@ -47,6 +47,7 @@ import torch
 from bcr_kernels import (
     FusedPolicyLossOutput,
     LogprobsOutput,
+    branch_layout,
     fused_linear_logprobs,
     fused_linear_policy_loss,
     packed_model_kwargs,
@@ -65,6 +66,7 @@ from .checkpoint import (
     save_trainer_checkpoint,
 )
 from .config import BCRConfig
+from .dataclass_cli import ConfigError
 from .distributed import (
     all_reduce_sum,
     dist_info,
@@ -118,7 +120,12 @@ def _completion_head_inputs(model, batch: PackedBatch, attn_implementation: str)
     """The backbone on the whole row; the hidden states at the target positions of completion tokens,
     and the LM head's weight and bias."""
     kwargs = {}
-    if attn_implementation not in ("sdpa", "eager"):  # flash-style backends take the sequence boundaries
+    if batch.shared_prompts:  # completions continue a prompt packed once: only bcr_varlen knows the layout
+        if attn_implementation != ATTN_IMPLEMENTATION:
+            raise ValueError(f"a shared-prompt row needs attn_implementation={ATTN_IMPLEMENTATION!r}, "
+                             f"got {attn_implementation!r}; set shared_prompt=false")
+        kwargs = {"bcr_branch_layout": branch_layout(batch.position_ids)}
+    elif attn_implementation not in ("sdpa", "eager"):  # flash-style backends take the sequence boundaries
         kwargs = packed_model_kwargs(batch.cu_seqlens, batch.max_seqlen)
     with attention_implementation(model, attn_implementation):
         out = model.get_decoder()(
@@ -167,6 +174,19 @@ class PackedLogprobs(torch.nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Rewards
 # ----------------------------------------------------------------------------------------------
+def _share_prompts(cfg: BCRConfig, model, attn_implementation: str) -> bool:
+    """Whether the training forward packs each group's prompt once (``shared_prompt``; see pack_row)."""
+    config = getattr(model, "config", None)
+    sliding = getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True)
+    usable = attn_implementation == ATTN_IMPLEMENTATION and not sliding
+    if cfg.shared_prompt == "true" and not usable:
+        raise ConfigError(
+            f"shared_prompt=true needs attn_implementation={ATTN_IMPLEMENTATION!r} and a model without sliding-window "
+            f"attention (got {attn_implementation!r}, sliding_window={getattr(config, 'sliding_window', None)}); "
+            "set shared_prompt=auto or false")
+    return cfg.shared_prompt == "true" or (cfg.shared_prompt == "auto" and usable and cfg.num_generations > 1)
+
+
 def _template(template, numbered_single: bool):
     """The prompt template of the run: the one given, with ``config.numbered_single`` applied."""
     if not numbered_single:
@@ -227,6 +247,7 @@ class Microbatches:
     advantages: list[torch.Tensor]
     normalizer: float
     real: int
+    unshared_tokens: int = 0  # the tokens of the real rows had no prompt been shared
 
 
 class BCRTrainer:
@@ -275,7 +296,9 @@ class BCRTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(cfg.lr_scheduler_type, warmup, total_updates))
 
-        engine_kw = {"max_prompt_length": cfg.max_prompt_length, "batch_size": cfg.generation_batch_size}
+        self.share_prompts = _share_prompts(cfg, self.model, self.attn_implementation)
+        engine_kw = {"max_prompt_length": cfg.max_prompt_length, "batch_size": cfg.generation_batch_size,
+                     "shared_prefill": cfg.shared_prompt != "false"}
         if cfg.rollout_engine == "vllm":
             engine_kw = {"gpu_memory_utilization": cfg.vllm_gpu_memory_utilization, "seed": cfg.seed}
         self.engine = make_engine(cfg.rollout_engine, self.model, self.tokenizer, **engine_kw)
@@ -441,14 +464,17 @@ class BCRTrainer:
         per = math.ceil(len(samples) / cfg.gradient_accumulation_steps) if samples else 1
         rows = [row.to(self.device)
                 for i in range(0, len(samples), per)
-                for row in pack_samples(samples[i : i + per], cfg.max_tokens_per_microbatch)]
+                for row in pack_samples(samples[i : i + per], cfg.max_tokens_per_microbatch,
+                                        share_prompts=self.share_prompts)]
         normalizer = self._normalizer(samples)
         shared = cfg.shared_advantage if cfg.advantage_mode == "instance" else "mean"
         advantages = [scatter_instance_advantages(r.instance_advantages, r.completion_segment_ids,
                                                   r.completion_cu_seqlens, num_instances=r.num_instances,
                                                   shared=shared) for r in rows]
         padded = self.scale.even_rows(list(zip(rows, advantages)))
-        return Microbatches([r for r, _ in padded], [a for _, a in padded], normalizer, real=len(rows))
+        unshared = sum(len(s.prompt_ids) + len(s.completion_ids) for s in samples)
+        return Microbatches([r for r, _ in padded], [a for _, a in padded], normalizer, real=len(rows),
+                            unshared_tokens=unshared)
 
     def _normalizer(self, samples: list[Sample]) -> float:
         """The loss denominator of the whole global batch, per rank (gradients are averaged over ranks)."""
@@ -493,6 +519,10 @@ class BCRTrainer:
         """``num_iterations`` optimizer updates on ``batch``; a non-finite loss or gradient on any
         rank skips the update (the schedule still advances). Returns the update's metrics."""
         cfg, stats = self.config, StepStats()
+        processed = sum(row.num_tokens for row in batch.rows[: batch.real])
+        # step totals over all ranks: each rank adds its share with weight 1 / world_size
+        stats.add("tokens/processed", processed, 1.0 / self.world_size)
+        stats.add("tokens/saved_by_shared_prompt", batch.unshared_tokens - processed, 1.0 / self.world_size)
         for _ in range(cfg.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
             finite, total_loss = self._backward(batch, old, ref, stats)

@@ -17,6 +17,7 @@ from ._fused_linear_policy_loss import fused_linear_policy_loss
 from ._packed_targets import packed_targets
 from ._policy_loss import policy_loss
 from ._scatter_instance_advantages import scatter_instance_advantages
+from ._shared_prefix_attention import BranchLayout, branch_layout, shared_prefix_attention
 from ._token_logprobs import token_logprobs
 from .outputs import FusedPolicyLossOutput, LogprobsOutput, PolicyLossOutput
 from ._varlen_attention import (
@@ -27,12 +28,14 @@ from ._varlen_attention import (
 )
 
 __all__ = [
+    "BranchLayout",
     "DEFAULT_CHUNK_BYTES",
     "FusedPolicyLossOutput",
     "IGNORE_INDEX",
     "LogprobsOutput",
     "PolicyLossOutput",
     "REDUCTIONS",
+    "branch_layout",
     "cu_seqlens_from_position_ids",
     "default_chunk_tokens",
     "fused_linear_logprobs",
@@ -44,6 +47,7 @@ __all__ = [
     "position_ids_from_cu_seqlens",
     "reference",
     "scatter_instance_advantages",
+    "shared_prefix_attention",
     "token_logprobs",
     "varlen_attention",
 ]

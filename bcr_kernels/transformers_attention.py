@@ -28,7 +28,8 @@ from collections.abc import Callable
 
 import torch
 
-from ._varlen_attention import cu_seqlens_from_position_ids, varlen_attention
+from ._shared_prefix_attention import shared_prefix_attention
+from ._varlen_attention import compute_dtype, cu_seqlens_from_position_ids, varlen_attention
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
@@ -277,6 +278,9 @@ def bcr_varlen_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
             is_causal=is_causal, **kwargs,
         )
+    layout = kwargs.get("bcr_branch_layout")
+    if layout is not None:  # a row whose groups share their prompts (see shared_prefix_attention)
+        return _branch_attention(query, key, value, layout, scaling, sliding_window, dropout, causal)
     cu = kwargs.get("cu_seq_lens_q")
     position_ids = kwargs.get("position_ids")
     if cu is not None:
@@ -298,6 +302,25 @@ def bcr_varlen_attention_forward(
     out = varlen_attention(q, k, v, cu, max_seqlen, causal=causal, softmax_scale=scaling,
                            sliding_window=sliding_window)
     return out.view(B, L, hq, value.shape[-1]), None
+
+
+def _branch_attention(query, key, value, layout, scaling, sliding_window, dropout, causal):
+    """One packed row with a ``bcr_branch_layout`` kwarg: completions that share their prompt."""
+    B, hq, L, D = query.shape
+    if B != 1:
+        raise ValueError(f"bcr_branch_layout needs one packed row ([1, T]), got a batch of {B}")
+    if not causal:
+        raise NotImplementedError("shared-prompt rows are causal by construction; this layer is not causal")
+    if sliding_window is not None and layout.max_seqlen_k > sliding_window:
+        raise NotImplementedError("shared-prompt rows do not support sliding-window attention; set shared_prompt=false")
+    if dropout:
+        raise NotImplementedError("bcr_varlen attention does not support attention dropout; set attention_dropout=0")
+    dtype = compute_dtype(query, key, value)  # as autocast would (RoPE leaves q, k in fp32, v in bf16)
+    q = query.transpose(1, 2).reshape(L, hq, D).to(dtype)
+    k = key.transpose(1, 2).reshape(L, key.shape[1], D).to(dtype)
+    v = value.transpose(1, 2).reshape(L, value.shape[1], value.shape[-1]).to(dtype)
+    out = shared_prefix_attention(q, k, v, layout, softmax_scale=scaling)
+    return out.view(1, L, hq, value.shape[-1]), None
 
 
 def bcr_varlen_mask(

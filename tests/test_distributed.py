@@ -412,5 +412,19 @@ def test_strategy_resolution_and_global_std():
     torch.testing.assert_close(c[1], (rewards[1] - rewards[1].mean(0)) / (2.0 + 1e-4))
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_processes_without_shared_prompts_train_like_one_with_them(tmp_path, model_dir, reference, strategy):
+    """The reference run packs each group's prompt once (shared_prompt=auto, G = 2); two ranks that do
+    not share prompts end with the same weights."""
+    out = tmp_path / "ws2-unshared"
+    proc, _ = _torchrun([__file__, "train", str(model_dir), str(out), strategy, "shared_prompt=false"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    ref_params, ref_rows = reference
+    _assert_params_close(_load(out), ref_params)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["tokens/saved_by_shared_prompt"] == 0 for r in rows)
+    assert all(r["tokens/saved_by_shared_prompt"] > 0 for r in ref_rows)
+
+
 if __name__ == "__main__":
     _worker(sys.argv[1:])

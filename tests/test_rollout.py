@@ -108,8 +108,10 @@ def _eos_biased(model, eos: int, bias: float):
     ids=["near-greedy", "top_p", "early-eos"],
 )
 @pytest.mark.parametrize("compact", [True, False], ids=["compact", "no-compact"])
-def test_decode_loop_matches_generate(tiny_tokenizer, tiny_qwen2, temperature, top_p, eos_bias, compact):
-    """The own decode loop samples exactly the tokens of ``model.generate`` with the same per-row sampler."""
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-prefill", "own-prefill"])
+def test_decode_loop_matches_generate(tiny_tokenizer, tiny_qwen2, temperature, top_p, eos_bias, compact, shared):
+    """The own decode loop samples exactly the tokens of ``model.generate`` with the same per-row sampler,
+    whether each prompt is prefilled once for its G rows or once per row."""
     model = _eos_biased(tiny_qwen2, tiny_tokenizer.eos_token_id, eos_bias)
     prompts = [*PROMPTS, "Problem 1: 1 + 1\nProblem 2: 5 * 6\nProblem 3: 9 - 2"]  # unequal lengths: padding
     kw = {"num_generations": 4, "max_new_tokens": 24, "temperature": temperature, "top_p": top_p,
@@ -119,7 +121,8 @@ def test_decode_loop_matches_generate(tiny_tokenizer, tiny_qwen2, temperature, t
     hook = model.register_forward_pre_hook(lambda _m, _a, k: batch_sizes.append(k["input_ids"].shape[0]),
                                            with_kwargs=True)
     try:
-        loop = HFEngine(model, tiny_tokenizer, decode="loop", compact_finished=compact).generate(prompts, **kw)
+        engine = HFEngine(model, tiny_tokenizer, decode="loop", compact_finished=compact, shared_prefill=shared)
+        loop = engine.generate(prompts, **kw)
     finally:
         hook.remove()
     def ids(out):
@@ -132,7 +135,25 @@ def test_decode_loop_matches_generate(tiny_tokenizer, tiny_qwen2, temperature, t
         assert len(set(lengths)) > 3
     else:
         assert all(g.truncated for grp in ref for g in grp)
-    assert (min(batch_sizes) < max(batch_sizes)) == (compact and eos_bias > 0)  # finished rows left
+    decode_sizes = batch_sizes[1:]  # the first forward is the prefill
+    assert batch_sizes[0] == len(prompts) * (1 if shared else kw["num_generations"])
+    assert (min(decode_sizes) < max(decode_sizes)) == (compact and eos_bias > 0)  # finished rows left
+
+
+@pytest.mark.parametrize("batch_size", [None, 3, 5], ids=["one-batch", "groups-split-3", "groups-split-5"])
+def test_shared_prefill_equals_own_prefill(tiny_tokenizer, tiny_qwen2, batch_size):
+    """Sharing the prefill changes no token, also when a batch cuts a group in two, and the prefill
+    processes each distinct prompt once: G times fewer prompt tokens when a batch holds whole groups."""
+    prompts = [*PROMPTS, "Problem 1: 1 + 1\nProblem 2: 5 * 6\nProblem 3: 9 - 2", PROMPTS[0]]  # a repeat too
+    kw = {"num_generations": 4, "max_new_tokens": 12, "temperature": 1.0, "seed": 5}
+    own = HFEngine(tiny_qwen2, tiny_tokenizer, batch_size=batch_size, shared_prefill=False)
+    shared = HFEngine(tiny_qwen2, tiny_tokenizer, batch_size=batch_size, shared_prefill=True)
+    assert shared.generate(prompts, **kw) == own.generate(prompts, **kw)
+    assert shared.prefill_tokens < own.prefill_tokens
+    if batch_size is None:  # one batch: the repeated prompt is prefilled once too
+        width = max(len(tiny_tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
+        assert own.prefill_tokens == len(prompts) * 4 * width
+        assert shared.prefill_tokens == (len(prompts) - 1) * width
 
 
 def test_decode_default_and_validation(tiny_tokenizer, tiny_qwen2):
