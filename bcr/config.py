@@ -78,6 +78,12 @@ class BCRConfig:
         "instead of the plain single-problem prompt (see bcr.prompts.PromptTemplate.numbered_single)",
         default=False,
     )
+    reward_extraction: str = _help(
+        "how rewards read answers: 'strict' (the BCR answer format, the default: the format is part of the "
+        "task) or 'flexible' (also the last \\boxed{}, 'answer is ...' or the last number per section; "
+        "see bcr.scoring)",
+        default="strict",
+    )
     shared_advantage: str = _help(
         "advantage of shared tokens (text not attributed to one problem): 'mean' of the instances or 'zero'",
         default="mean",

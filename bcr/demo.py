@@ -464,10 +464,9 @@ def length_penalty_reward(num_generations: int, *, method: str = "kimi", weight:
     from .rewards import length_penalty_rewards
 
     def reward(completions, completion_ids, answer, parsed, **_):
-        from .verify import answers_match
+        from .scoring import score_completion
 
-        acc = [sum(a is not None and answers_match(a, r) for a, r in zip(p.answers, refs)) / len(refs)
-               for p, refs in zip(parsed, answer)]
+        acc = [sum(score_completion(p, refs).correct) / len(refs) for p, refs in zip(parsed, answer)]
         out = []
         for start in range(0, len(acc), num_generations):
             lengths = [len(ids) for ids in completion_ids[start: start + num_generations]]
