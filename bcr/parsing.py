@@ -705,7 +705,8 @@ def flexible_answers(text: str, parsed: ParsedCompletion, *, truncated: bool = F
     An instance keeps its strict answer when it has one. Otherwise its *section* is searched: its
     segment, or for N = 1 without a segment the parsed section (after a think block). In it the
     last complete ``oxed{}`` wins, else the value after the last "answer is", else the last number
-    (as lm-evaluation-harness' ``flexible-extract`` takes the last number). Of a ``truncated``
+    (as lm-evaluation-harness' ``flexible-extract`` takes the last number); a header line opening the
+    section is not searched. Of a ``truncated``
     completion, "answer is" values and numbers on the unterminated last line are ignored (they may
     be cut off). Instances with N > 1 and no segment stay without an answer. Never raises.
     """
@@ -721,6 +722,9 @@ def flexible_answers(text: str, parsed: ParsedCompletion, *, truncated: bool = F
                 out.append(inst.answer)
                 continue
             section = text[span[0] : span[1]]
+            header = _HEADER_RE.match(section)
+            if header is not None:  # "Problem 2" is not an answer
+                section = section[header.end() :]
             found = _flexible_in(section)
             if found is not None and truncated and span[1] == len(text) and not extract_boxed(section):
                 section = section[: section.rfind("\n") + 1]  # drop the line the budget cut
