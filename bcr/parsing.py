@@ -163,8 +163,8 @@ _LABEL_CORE_RE = re.compile(
     r"(?:\(?(?P<k>\d{1,4})\)?)?[ \t]*+(?:\*\*|__)?[ \t]*+[:：][ \t]*+(?:\*\*|__)?)"
 )
 
-_BOXED_RE = re.compile(r"\\(?:boxed|fbox)[ \t]*(?=[{ ])")
-_BLANKS_RE = re.compile(r"[ \t]*+")
+# the name and the blanks before the argument (a match ends where the argument begins)
+_BOXED_RE = re.compile(r"\\(?:boxed|fbox)[ \t]*(?=[{ ])[ \t]*+")
 _TOKEN_RE = re.compile(r"[^\s$]+")
 # a backslash and the character it escapes; braces are matched with these pairs blanked out
 _ESCAPE_RE = re.compile(r"\\[\s\S]")
@@ -244,22 +244,19 @@ def _find_boxes(text: str, lo: int, hi: int) -> list[tuple[int, tuple[str, int] 
     The argument is ``{...}`` read with balanced braces, or (``\\boxed 5``) a single token up to
     whitespace or ``$``.
     """
-    names = list(_BOXED_RE.finditer(text, lo, hi))
-    args = [_BLANKS_RE.match(text, m.end(), hi).end() for m in names]
-    opens = [i for i in args if i < hi and text[i] == "{"]
+    names = [(m.start(), m.end()) for m in _BOXED_RE.finditer(text, lo, hi)]
+    opens = [i for _, i in names if i < hi and text[i] == "{"]
     closes = dict(zip(opens, _closing_braces(text, opens, hi)))
     out: list[tuple[int, tuple[str, int] | None]] = []
-    for m, i in zip(names, args):
-        got = None
-        if i in closes:
-            end = closes[i]
-            if end is not None:
-                got = text[i + 1 : end - 1].strip(), end
-        elif i < hi:
+    for start, i in names:
+        end = closes.get(i, 0)
+        if end is None:  # unclosed
+            out.append((start, None))
+        elif end:
+            out.append((start, (text[i + 1 : end - 1].strip(), end)))
+        else:
             token = _TOKEN_RE.match(text, i, hi)
-            if token is not None:
-                got = token.group(0), token.end()
-        out.append((m.start(), got))
+            out.append((start, (token.group(0), token.end()) if token is not None else None))
     return out
 
 
@@ -293,7 +290,7 @@ def _clean_plain(value: str) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(slots=True)
 class _Cand:
     value: str | None
     start: int  # where the label (or the \boxed) begins
@@ -303,7 +300,7 @@ class _Cand:
     k: int | None = None  # label number; None = free
 
 
-@dataclass
+@dataclass(slots=True)
 class _Label:
     start: int  # including a ``**`` / ``__`` and blanks before the word "answer"
     end: int  # just past the colon (and blanks / ``**`` after it)
@@ -354,13 +351,14 @@ def _find_labels(text: str, lo: int, hi: int) -> list[_Label]:
     labels = []
     floor = lo
     for m in _LABEL_CORE_RE.finditer(text, lo, hi):
-        core = m.start()
-        start = floor + len(text[floor:core].rstrip(" \t"))
+        start = m.start()
+        if start > floor and text[start - 1] in " \t":
+            start = floor + len(text[floor:start].rstrip(" \t"))
         if start - 2 >= floor and text[start - 2 : start] in ("**", "__"):
             start -= 2
         kk = m.group("k")
-        labels.append(_Label(start, m.end(), int(kk) if kk is not None else None))
         floor = m.end()
+        labels.append(_Label(start, floor, int(kk) if kk is not None else None))
     return labels
 
 
