@@ -238,8 +238,14 @@ def _closing_braces(text: str, opens: list[int], hi: int) -> list[int | None]:
     return [int(e) if h else None for e, h in zip(ends.tolist(), hit.tolist())]
 
 
-def _find_boxes(text: str, lo: int, hi: int) -> list[tuple[int, tuple[str, int] | None]]:
-    """Every ``\\boxed`` / ``\\fbox`` in ``text[lo:hi]``: (start, (content, end) or None if unclosed).
+# a box: (start, argument) with the argument (content start, content end, box end), None if unclosed
+_Box = tuple[int, tuple[int, int, int] | None]
+
+
+def _find_boxes(text: str, lo: int, hi: int) -> list[_Box]:
+    """Every ``\\boxed`` / ``\\fbox`` in ``text[lo:hi]``, as :data:`_Box` (the content is
+    ``text[a:b].strip()``; it is cut out only when needed, as nested boxes would make copying every
+    content quadratic).
 
     The argument is ``{...}`` read with balanced braces, or (``\\boxed 5``) a single token up to
     whitespace or ``$``.
@@ -247,22 +253,27 @@ def _find_boxes(text: str, lo: int, hi: int) -> list[tuple[int, tuple[str, int] 
     names = [(m.start(), m.end()) for m in _BOXED_RE.finditer(text, lo, hi)]
     opens = [i for _, i in names if i < hi and text[i] == "{"]
     closes = dict(zip(opens, _closing_braces(text, opens, hi)))
-    out: list[tuple[int, tuple[str, int] | None]] = []
+    out: list[_Box] = []
     for start, i in names:
         end = closes.get(i, 0)
         if end is None:  # unclosed
             out.append((start, None))
         elif end:
-            out.append((start, (text[i + 1 : end - 1].strip(), end)))
+            out.append((start, (i + 1, end - 1, end)))
         else:
             token = _TOKEN_RE.match(text, i, hi)
-            out.append((start, (token.group(0), token.end()) if token is not None else None))
+            out.append((start, (i, token.end(), token.end()) if token is not None else None))
     return out
 
 
 def extract_boxed(text: str) -> list[tuple[str, int, int]]:
     """All complete ``\\boxed{...}`` (and ``\\fbox``) in ``text``: (content, start, end)."""
-    return [(got[0], start, got[1]) for start, got in _find_boxes(text, 0, len(text)) if got is not None]
+    return [(text[a:b].strip(), start, end) for start, (a, b, end) in _find_boxed(text, 0, len(text))]
+
+
+def _find_boxed(text: str, lo: int, hi: int) -> list[tuple[int, tuple[int, int, int]]]:
+    """The complete boxes of :func:`_find_boxes`."""
+    return [(start, got) for start, got in _find_boxes(text, lo, hi) if got is not None]
 
 
 def _clean_plain(value: str) -> str:
@@ -292,12 +303,21 @@ def _clean_plain(value: str) -> str:
 
 @dataclass(slots=True)
 class _Cand:
-    value: str | None
+    value: str | None  # a plain value; a boxed one is text[content[0]:content[1]].strip()
     start: int  # where the label (or the \boxed) begins
     line_start: int
     end: int  # end of the answer's line (exclusive), or where the next label begins
     boxed: bool
     k: int | None = None  # label number; None = free
+    content: tuple[int, int] | None = None  # the boxed value's span
+
+    @property
+    def present(self) -> bool:
+        """Whether the candidate holds a value (an empty box does)."""
+        return self.value is not None or self.content is not None
+
+    def answer(self, text: str) -> str | None:
+        return text[self.content[0] : self.content[1]].strip() if self.content is not None else self.value
 
 
 @dataclass(slots=True)
@@ -366,7 +386,7 @@ def _label_value(
     text: str,
     label: _Label,
     next_label: int,
-    boxes: list[tuple[int, tuple[str, int] | None]],
+    boxes: list[_Box],
     box_starts: list[int],
     lines: _Lines,
     truncated: bool,
@@ -377,6 +397,7 @@ def _label_value(
     val_limit = min(le, next_label)
     j = bisect.bisect_left(box_starts, label.end)
     value: str | None = None
+    content: tuple[int, int] | None = None
     end = val_limit
     boxed = False
     used: int | None = None
@@ -385,7 +406,7 @@ def _label_value(
         used = boxes[j][0]
         got = boxes[j][1]
         if got is not None:
-            value, bend = got
+            content, bend = got[:2], got[2]
             boxed = True
             end = max(val_limit, lines.end(bend)) if bend > val_limit else val_limit
             if next_label < end:
@@ -397,7 +418,7 @@ def _label_value(
             used = p
             got = boxes[j][1]
             if got is not None:
-                value, bend = got
+                content, bend = got[:2], got[2]
                 boxed = True
                 end = lines.end(bend)
                 if next_label < end:
@@ -409,7 +430,7 @@ def _label_value(
             value = v
     if end <= label.start:
         end = val_limit
-    return _Cand(value, label.start, lines.start(label.start), end, boxed, label.k), used
+    return _Cand(value, label.start, lines.start(label.start), end, boxed, label.k, content), used
 
 
 def _scan(text: str, lo: int, hi: int, truncated: bool) -> _Found:
@@ -429,15 +450,15 @@ def _scan(text: str, lo: int, hi: int, truncated: bool) -> _Found:
             consumed.add(used)
         if cand.k is not None:
             labelled.append(cand)
-        elif cand.value is not None:
+        elif cand.present:
             plain_free.append(cand)  # "Answer: \boxed{..}" too: a free boxed answer starting at the label
 
     box_free: list[_Cand] = []
     for start, got in boxes:
         if start in consumed or got is None:
             continue
-        value, bend = got
-        box_free.append(_Cand(value, start, lines.start(start), lines.end(bend), True, None))
+        a, b, bend = got
+        box_free.append(_Cand(None, start, lines.start(start), lines.end(bend), True, None, (a, b)))
     # unnumbered "Answer: \boxed{}" lines are boxed candidates; keep them with the free boxes
     box_free.extend(c for c in plain_free if c.boxed)
     box_free.sort(key=lambda c: c.start)
@@ -459,10 +480,10 @@ def _last_of(cands: list[_Cand]) -> tuple[_Cand, bool]:
 
 def _winner_single(found: _Found) -> _Winners:
     """N = 1: the last boxed answer anywhere, else the last ``Answer:`` / ``Answer 1:`` line."""
-    boxed = [c for c in found.labelled if c.k == 1 and c.boxed and c.value is not None] + found.box_free
+    boxed = [c for c in found.labelled if c.k == 1 and c.boxed and c.present] + found.box_free
     if boxed:
         return {1: _last_of(sorted(boxed, key=lambda c: c.start))}
-    plain = [c for c in found.labelled if c.k == 1 and c.value is not None] + found.plain_free
+    plain = [c for c in found.labelled if c.k == 1 and c.present] + found.plain_free
     if plain:
         return {1: _last_of(sorted(plain, key=lambda c: c.start))}
     return {}
@@ -485,7 +506,7 @@ def _winners_multi(n: int, headers: list[tuple[int, int]], found: _Found) -> _Wi
     winners: _Winners = {}
     by_k: dict[int, list[_Cand]] = {}
     for c in labelled:
-        if c.value is not None:
+        if c.present:
             by_k.setdefault(c.k, []).append(c)
     for k, cs in by_k.items():
         winners[k] = _last_of(cs)
@@ -565,13 +586,14 @@ def _resolve_overlaps(tentative: list[tuple[int, int, int]]) -> dict[int, Span]:
     return {k: (s, e) for s, e, k in segs}
 
 
-def _instances(n: int, winners: _Winners, spans: dict[int, Span]) -> list[InstanceParse]:
+def _instances(text: str, n: int, winners: _Winners, spans: dict[int, Span]) -> list[InstanceParse]:
     instances = [InstanceParse() for _ in range(n)]
     for k in range(1, n + 1):
         inst = instances[k - 1]
         c, dup = winners.get(k, (None, False))
-        if c is not None and c.value is not None and c.value != "":
-            inst.answer = c.value
+        value = c.answer(text) if c is not None else None
+        if value is not None and value != "":
+            inst.answer = value
             inst.missing = False
         inst.duplicate = dup and not inst.missing
         inst.span = spans.get(k)
@@ -627,7 +649,7 @@ def _parse_impl(text: str, n: int, truncated: bool) -> ParsedCompletion:
     headers = [(k, s) for k, s in found.headers if 1 <= k <= n]
     winners = _winner_single(found) if n == 1 else _winners_multi(n, headers, found)
     spans = _resolve_overlaps(_tentative_segments(n, headers, winners, lo, len(text)))
-    instances = _instances(n, winners, spans)
+    instances = _instances(text, n, winners, spans)
     if truncated:
         _mark_truncated(text, instances, spans, lo)
     _mark_out_of_order(instances, spans)
@@ -686,9 +708,10 @@ def _answer_is_value(section: str) -> str | None:
 
 
 def _flexible_in(section: str) -> str | None:
-    boxes = extract_boxed(section)
+    boxes = _find_boxed(section, 0, len(section))
     if boxes:
-        return boxes[-1][0] or None
+        a, b, _ = boxes[-1][1]
+        return section[a:b].strip() or None
     value = _answer_is_value(section)
     if value is not None:
         return value
@@ -724,7 +747,7 @@ def flexible_answers(text: str, parsed: ParsedCompletion, *, truncated: bool = F
             if header is not None:  # "Problem 2" is not an answer
                 section = section[header.end() :]
             found = _flexible_in(section)
-            if found is not None and truncated and span[1] == len(text) and not extract_boxed(section):
+            if found is not None and truncated and span[1] == len(text) and not _find_boxed(section, 0, len(section)):
                 section = section[: section.rfind("\n") + 1]  # drop the line the budget cut
                 found = _flexible_in(section)
             out.append(found)

@@ -14,7 +14,8 @@ Families:
 - ``spaces``: one line of spaces; ``tabs_label``: ``**Answer`` followed by a run of tabs and spaces
   (the label pattern); ``header_spaces``: ``### `` followed by spaces (the header pattern);
 - ``unclosed_boxes``: ``\boxed{`` repeated, never closed; ``nested_braces``: one ``\boxed{`` around
-  deeply nested ``{{{...}}}``; ``unbalanced_braces``: ``\boxed{`` + ``{`` runs, closed once;
+  deeply nested ``{{{...}}}``; ``nested_boxes``: ``\boxed{\boxed{...}}`` nested thousands deep;
+  ``unbalanced_braces``: ``\boxed{`` + ``{`` runs, closed once;
 - ``labels``: thousands of ``Answer k: \boxed{k}`` lines (N = 64); ``labels_one_line``: the same on
   one line; ``headers``: thousands of ``### Problem k`` headers with work and answers (N = 64);
 - ``unicode``: random code points (all planes, newlines included);
@@ -67,6 +68,11 @@ def unclosed_boxes(size: int) -> tuple[str, int]:
 def nested_braces(size: int) -> tuple[str, int]:
     depth = size // 2
     return "Answer 1: \\boxed{" + "{" * depth + "1" + "}" * depth + "}", 1
+
+
+def nested_boxes(size: int) -> tuple[str, int]:
+    depth = size // 8
+    return "\\boxed{" * depth + "1" + "}" * depth, 1
 
 
 def unbalanced_braces(size: int) -> tuple[str, int]:
@@ -127,6 +133,7 @@ FAMILIES: dict[str, Callable[[int], tuple[str, int]]] = {
     "header_spaces": header_spaces,
     "unclosed_boxes": unclosed_boxes,
     "nested_braces": nested_braces,
+    "nested_boxes": nested_boxes,
     "unbalanced_braces": unbalanced_braces,
     "labels": labels,
     "labels_one_line": labels_one_line,
