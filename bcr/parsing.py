@@ -166,8 +166,9 @@ _LABEL_CORE_RE = re.compile(
 # the name and the blanks before the argument (a match ends where the argument begins)
 _BOXED_RE = re.compile(r"\\(?:boxed|fbox)[ \t]*(?=[{ ])[ \t]*+")
 _TOKEN_RE = re.compile(r"[^\s$]+")
-# a backslash and the character it escapes; braces are matched with these pairs blanked out
-_ESCAPE_RE = re.compile(r"\\[\s\S]")
+# escapes that matter for brace matching (a backslash before any other character skips a character
+# that is neither a brace nor a backslash); braces are matched with these pairs blanked out
+_ESCAPE_RE = re.compile(r"\\[\\{}]")
 _BRACE_RE = re.compile(r"[{}]")
 
 # a plain (unboxed) value needs a letter, digit or LaTeX command to count as an answer
