@@ -180,8 +180,9 @@ _LEAD_WRAP_RE = re.compile(r"(?:\s|\$\$?|\\\(|\\\[|\*\*)*")
 class _Lines:
     """Line boundaries inside ``text[lo:hi]``.
 
-    The scan asks about increasing positions, many of them on the same line; the last answer is
-    remembered so that a long line holding thousands of labels is searched once, not once per label.
+    The scan asks about increasing positions (and, for the ends of nested boxes, decreasing ones),
+    many of them on the same line; the last answer is remembered so that a long line holding
+    thousands of labels or boxes is searched once, not once per label.
     """
 
     def __init__(self, text: str, lo: int, hi: int) -> None:
@@ -192,6 +193,9 @@ class _Lines:
     def end(self, pos: int) -> int:
         """Index of the newline ending the line of ``pos`` (``hi`` on the last line)."""
         if self._end_from <= pos <= self._end:
+            return self._end
+        if 0 <= pos < self._end_from and self.text.find("\n", pos, self._end_from) < 0:
+            self._end_from = pos  # the same line, further left (the closing ends of nested boxes)
             return self._end
         e = self.text.find("\n", pos, self.hi)
         e = self.hi if e < 0 else e
