@@ -387,6 +387,15 @@ def _find_labels(text: str, lo: int, hi: int) -> list[_Label]:
     return labels
 
 
+def _boxed_end(box_line_end: int, bend: int, val_limit: int, next_label: int) -> int:
+    """Where a labelled boxed answer ends: its line's end (not before the label's value limit),
+    or where the next label begins when that comes first (never inside the box)."""
+    end = max(val_limit, box_line_end) if bend > val_limit else val_limit
+    if next_label < end:
+        end = max(next_label, bend)
+    return end
+
+
 def _label_value(
     text: str,
     label: _Label,
@@ -413,9 +422,7 @@ def _label_value(
         if got is not None:
             content, bend = got[:2], got[2]
             boxed = True
-            end = max(val_limit, lines.end(bend)) if bend > val_limit else val_limit
-            if next_label < end:
-                end = max(next_label, bend)
+            end = _boxed_end(lines.end(bend), bend, val_limit, next_label)
     elif not text[label.end : val_limit].strip(" \t*_$") and le < hi and val_limit == le:
         # the label ends its line: accept a \boxed at the start of the next non-empty line
         p = _LEAD_WRAP_RE.match(text, le + 1, hi).end()
@@ -425,9 +432,7 @@ def _label_value(
             if got is not None:
                 content, bend = got[:2], got[2]
                 boxed = True
-                end = lines.end(bend)
-                if next_label < end:
-                    end = max(next_label, bend)
+                end = _boxed_end(lines.end(bend), bend, le, next_label)
     if used is None:
         v = _clean_plain(text[label.end : val_limit])
         cut = truncated and le >= hi  # unterminated last line of a truncated completion
@@ -508,28 +513,31 @@ def _by_section(cands: list[_Cand], headers: list[tuple[int, int]]) -> dict[int,
 def _winners_multi(n: int, headers: list[tuple[int, int]], found: _Found) -> _Winners:
     """N > 1: rules 1-3 of the module docstring (labels, then header sections, then text order)."""
     labelled = [c for c in found.labelled if c.k is not None and 1 <= c.k <= n]
-    winners: _Winners = {}
     by_k: dict[int, list[_Cand]] = {}
     for c in labelled:
         if c.present:
             by_k.setdefault(c.k, []).append(c)
-    for k, cs in by_k.items():
-        winners[k] = _last_of(cs)
+    winners: _Winners = {k: _last_of(cs) for k, cs in by_k.items()}
     if headers:
-        sections = [_by_section(found.box_free, headers), _by_section(found.plain_free, headers)]
-        header_ks = {k for k, _ in headers}
-        for k in range(1, n + 1):
-            if k in winners or k not in header_ks:
-                continue
-            for pool in sections:
-                if k in pool:
-                    winners[k] = _last_of(pool[k])
-                    break
+        _add_section_winners(winners, n, headers, found)
     elif not labelled:
         pool = found.box_free if found.box_free else found.plain_free
         for i, c in enumerate(pool[-n:]):
             winners[i + 1] = (c, False)
     return winners
+
+
+def _add_section_winners(winners: _Winners, n: int, headers: list[tuple[int, int]], found: _Found) -> None:
+    """Rule 2: an instance without a labelled answer takes the last free answer of its sections."""
+    sections = [_by_section(found.box_free, headers), _by_section(found.plain_free, headers)]
+    header_ks = {k for k, _ in headers}
+    for k in range(1, n + 1):
+        if k in winners or k not in header_ks:
+            continue
+        for pool in sections:
+            if k in pool:
+                winners[k] = _last_of(pool[k])
+                break
 
 
 # ----------------------------------------------------------------------------------------------
