@@ -225,7 +225,7 @@ def _closing_braces(text: str, opens: list[int], hi: int) -> list[int | None]:
         return []
     start = opens[0]
     blanked = _ESCAPE_RE.sub("\0\0", text[start:hi])
-    codes = np.frombuffer(blanked.encode("utf-32-le"), dtype=np.uint32)
+    codes = np.frombuffer(blanked.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
     pos = np.flatnonzero((codes == 123) | (codes == 125))  # braces, relative to start
     depth = np.cumsum(np.where(codes[pos] == 123, 1, -1))  # nesting depth after each brace
     at = np.searchsorted(pos, np.asarray(opens, dtype=np.int64) - start)  # each open's brace index

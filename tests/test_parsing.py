@@ -384,6 +384,11 @@ def test_unclosed_and_nested_boxes():
     assert extract_boxed("\\boxed{a\\}b} \\boxed{\\\\}") == [("a\\}b", 0, 12), ("\\\\", 13, 23)]
 
 
+def test_lone_surrogates_are_text():
+    text = "x \ud800 Answer 1: \\boxed{\udfff 5}\nAnswer 2: \\boxed{7}"
+    assert parse_completion(text, 2).answers == ["\udfff 5", "7"]
+
+
 LOOP_FRAGMENTS = ["Answer 1:", "Answer:", "\\boxed{", "{", "}", "\\", "### Problem 2", "Problem 1:", " ", "\t", "\n",
                   "**", "42", "</think>", "answer is 7", "$"]
 
