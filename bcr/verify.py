@@ -43,6 +43,7 @@ and turning answers into rewards is :mod:`bcr.scoring`'s job.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import os
@@ -331,6 +332,12 @@ class _Helper:
                 self.proc.wait(timeout=5)
             except Exception:
                 pass
+            for pipe in (self.proc.stdin, self.proc.stdout):
+                try:
+                    if pipe is not None:
+                        pipe.close()
+                except Exception:
+                    pass
         self.proc = None
         self.buf = b""
 
@@ -398,6 +405,14 @@ class _HelperPool:
         self._idle: list[_Helper] = []
         self._count = 0
 
+    def close(self) -> None:
+        """Stop the idle helpers (at exit; a helper in use is left to its caller)."""
+        with self._cond:
+            idle, self._idle = self._idle, []
+            self._count -= len(idle)
+        for helper in idle:
+            helper._kill()
+
     def _acquire(self) -> _Helper:
         with self._cond:
             while not self._idle and self._count >= self.max_helpers:
@@ -421,6 +436,7 @@ class _HelperPool:
 
 
 _HELPERS = _HelperPool(MAX_HELPERS)
+atexit.register(_HELPERS.close)
 
 
 def _bounded_math_verify(pred: str, ref: str, timeout: float) -> bool:
