@@ -80,6 +80,7 @@ decoding, :func:`completion_segment_ids` glues the two.
 from __future__ import annotations
 
 import bisect
+import operator
 import re
 from collections import deque
 from collections.abc import Sequence
@@ -325,6 +326,9 @@ class _Cand:
         return text[self.content[0] : self.content[1]].strip() if self.content is not None else self.value
 
 
+_START = operator.attrgetter("start")
+
+
 @dataclass(slots=True)
 class _Label:
     start: int  # including a ``**`` / ``__`` and blanks before the word "answer"
@@ -463,15 +467,14 @@ def _scan(text: str, lo: int, hi: int, truncated: bool) -> _Found:
         elif cand.present:
             plain_free.append(cand)  # "Answer: \boxed{..}" too: a free boxed answer starting at the label
 
-    box_free: list[_Cand] = []
-    for start, got in boxes:
-        if start in consumed or got is None:
-            continue
-        a, b, bend = got
-        box_free.append(_Cand(None, start, lines.start(start), lines.end(bend), True, None, (a, b)))
+    box_free = [
+        _Cand(None, start, lines.start(start), lines.end(got[2]), True, None, got[:2])
+        for start, got in boxes
+        if got is not None and start not in consumed
+    ]
     # unnumbered "Answer: \boxed{}" lines are boxed candidates; keep them with the free boxes
     box_free.extend(c for c in plain_free if c.boxed)
-    box_free.sort(key=lambda c: c.start)
+    box_free.sort(key=_START)
     plain_free = [c for c in plain_free if not c.boxed]
     return _Found(_find_headers(text, lo, hi), labelled, box_free, plain_free)
 
@@ -492,10 +495,10 @@ def _winner_single(found: _Found) -> _Winners:
     """N = 1: the last boxed answer anywhere, else the last ``Answer:`` / ``Answer 1:`` line."""
     boxed = [c for c in found.labelled if c.k == 1 and c.boxed and c.present] + found.box_free
     if boxed:
-        return {1: _last_of(sorted(boxed, key=lambda c: c.start))}
+        return {1: (max(boxed, key=_START), len(boxed) > 1)}  # starts are distinct
     plain = [c for c in found.labelled if c.k == 1 and c.present] + found.plain_free
     if plain:
-        return {1: _last_of(sorted(plain, key=lambda c: c.start))}
+        return {1: (max(plain, key=_START), len(plain) > 1)}
     return {}
 
 
