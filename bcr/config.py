@@ -38,10 +38,11 @@ SHARED_PROMPT = ("auto", "true", "false")
 DISTRIBUTED_STRATEGIES = ("auto", "fsdp2", "ddp")
 REPORT_TO = ("tensorboard", "wandb")
 MODEL_DTYPES = ("auto", "float32", "bfloat16")  # bcr.model_loading.DTYPES
+REWARD_EXTRACTIONS = ("strict", "flexible")  # bcr.scoring.EXTRACTIONS
 CHOICES = {"loss_type": LOSS_TYPES, "lr_scheduler_type": SCHEDULERS, "scale_rewards": SCALE_REWARDS,
            "advantage_mode": ADVANTAGE_MODES, "shared_advantage": SHARED_ADVANTAGES,
            "rollout_engine": ROLLOUT_ENGINES, "distributed_strategy": DISTRIBUTED_STRATEGIES,
-           "model_dtype": MODEL_DTYPES, "shared_prompt": SHARED_PROMPT}
+           "model_dtype": MODEL_DTYPES, "shared_prompt": SHARED_PROMPT, "reward_extraction": REWARD_EXTRACTIONS}
 POSITIVE_INTS = ("num_generations", "max_completion_length", "bundles_per_step", "gradient_accumulation_steps",
                  "num_iterations", "logging_steps", "lora_r")
 OPTIONAL_POSITIVE_INTS = ("max_prompt_length", "max_tokens_per_microbatch", "chunk_tokens", "generation_batch_size",
@@ -118,6 +119,12 @@ class BCRConfig:
         "N = 1 prompts use the numbered format of N > 1 ('Problem 1:', '### Problem 1', 'Answer 1:') "
         "instead of the plain single-problem prompt (see bcr.prompts.PromptTemplate.numbered_single)",
         default=False,
+    )
+    reward_extraction: str = _help(
+        "how rewards read answers: 'strict' (the BCR answer format, the default: the format is part of the "
+        "task) or 'flexible' (also the last \\boxed{}, 'answer is ...' or the last number per section; "
+        "see bcr.scoring)",
+        default="strict",
     )
     shared_advantage: str = _help(
         "advantage of shared tokens (text not attributed to one problem): 'mean' of the instances or 'zero'",

@@ -33,10 +33,12 @@ Run directory (``output_dir``)
 ------------------------------
 - ``results.jsonl``: one line per (model, N, bundle index, sample index) with the problem ids and
   reference answers, a hash of the prompt, the completion text and token count, truncation, the
-  parsed answers and per-instance correctness. Non-deterministic fields (wall time) sit under the
-  ``"timing"`` key. Lines are appended and fsynced after every generate call (a *batch* of
-  ``batch_size`` bundles); an interrupted sweep restarted with the same settings reads the finished
-  keys, drops a torn last line and generates only what is missing. Each bundle's sampling seed
+  parsed answers and per-instance correctness, both ``strict`` (the BCR answer format: ``answered``,
+  ``correct``) and ``flexible`` (``flexible_answers``, ``flexible_correct``: last ``\\boxed{}``,
+  "answer is ...", or last number per section; see :mod:`bcr.scoring`). Non-deterministic fields
+  (wall time) sit under the ``"timing"`` key. Lines are appended and fsynced after every generate
+  call (a *batch* of ``batch_size`` bundles); an interrupted sweep restarted with the same settings
+  reads the finished keys, drops a torn last line and generates only what is missing. Each bundle's sampling seed
   depends only on (seed, N, bundle index) and the engine makes every completion a function of its
   own prompt and seed, so a resumed sweep - or one whose batches are split across ranks and merged
   by key - writes the same records as an uninterrupted one. Batches are a fixed partition of the
@@ -452,7 +454,7 @@ def run_batch(engine, tokenizer, spec: BatchSpec, bundles, cfg: EvalConfig, done
     trainer passes its own so that its periodic evaluation renders prompts as its training does."""
     from bcr.parsing import parse_completion
     from bcr.prompts import PromptTemplate, render_prompt
-    from bcr.verify import answers_match
+    from bcr.scoring import score_completion
 
     k = cfg.samples_per_bundle
     chosen = [bundles[b] for b in spec.bundle_indices]
@@ -479,11 +481,11 @@ def run_batch(engine, tokenizer, spec: BatchSpec, bundles, cfg: EvalConfig, done
             if key in done:
                 continue
             parsed = parse_completion(gen.text, len(bundle), truncated=gen.truncated)
-            answers = list(parsed.answers)
-            correct = [
-                a is not None and bool(answers_match(a, p.answer, timeout=cfg.verify_timeout))
-                for a, p in zip(answers, bundle)
-            ]
+            refs = [p.answer for p in bundle]
+            strict = score_completion(parsed, refs, timeout=cfg.verify_timeout)
+            flexible = score_completion(parsed, refs, text=gen.text, truncated=gen.truncated,
+                                        extraction="flexible", timeout=cfg.verify_timeout)
+            answers = list(strict.answers)
             records.append(
                 {
                     "model": spec.model,
@@ -502,7 +504,9 @@ def run_batch(engine, tokenizer, spec: BatchSpec, bundles, cfg: EvalConfig, done
                     "truncated": bool(gen.truncated),
                     "parsed_answers": answers,
                     "answered": [a is not None for a in answers],
-                    "correct": correct,
+                    "correct": strict.correct,
+                    "flexible_answers": flexible.answers,
+                    "flexible_correct": flexible.correct,
                     TIMING_KEY: {"batch_index": spec.batch_index, "generate_s": round(elapsed, 6)},
                 }
             )
@@ -718,13 +722,16 @@ def _print_summary(summary: Mapping, output_dir: str) -> None:
     from rich.table import Table
 
     table = Table(title="task-scaling sweep")
-    for col in ("model", "N", "accuracy %", "95% CI", "tokens/problem", "truncated %", "problems/s"):
+    for col in ("model", "N", "accuracy % (strict)", "95% CI", "flexible %", "tokens/problem", "truncated %",
+                "problems/s"):
         table.add_column(col)
     for r in summary["rows"]:
         pps = (r.get(TIMING_KEY) or {}).get("problems_per_s")
+        flexible = r.get("flexible_accuracy")
         table.add_row(
             str(r["model"]), str(r["n_problems"]), f"{100 * r['accuracy']:.1f}",
             f"[{100 * r['accuracy_ci_low']:.1f}, {100 * r['accuracy_ci_high']:.1f}]",
+            f"{100 * flexible:.1f}" if flexible is not None else "-",
             f"{r['tokens_per_problem']:.1f}", f"{100 * r['truncation_rate']:.1f}",
             f"{pps:.2f}" if pps else "-",
         )

@@ -80,15 +80,21 @@ decoding, :func:`completion_segment_ids` glues the two.
 from __future__ import annotations
 
 import bisect
+import operator
 import re
+from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any
+
+import numpy as np
 
 __all__ = [
     "InstanceParse",
     "ParsedCompletion",
     "completion_segment_ids",
     "extract_boxed",
+    "flexible_answers",
     "parse_completion",
     "segment_ids_for_tokens",
     "token_offsets",
@@ -101,8 +107,8 @@ Span = tuple[int, int]
 class InstanceParse:
     """What the parser found for one instance (problem) of a completion."""
 
-    answer: Optional[str] = None
-    span: Optional[Span] = None
+    answer: str | None = None
+    span: Span | None = None
     missing: bool = True
     duplicate: bool = False
     out_of_order: bool = False
@@ -117,7 +123,7 @@ class ParsedCompletion:
     shared_spans: list[Span] = field(default_factory=list)
 
     @property
-    def answers(self) -> list[Optional[str]]:
+    def answers(self) -> list[str | None]:
         return [inst.answer for inst in self.instances]
 
     @property
@@ -132,24 +138,39 @@ class ParsedCompletion:
 # ----------------------------------------------------------------------------------------------
 # Lexical pieces
 # ----------------------------------------------------------------------------------------------
+#
+# Every pattern runs in time linear in its input: runs of spaces and tabs are matched with
+# possessive quantifiers (``*+``), which give back nothing, so a failed match never re-splits a long
+# run between two adjacent ``[ \t]*``. Possessive and greedy agree on every match here because
+# the element after each run can never start with a space or a tab.
 
 _THINK_CLOSE = "</think>"
 
 _HEADER_RE = re.compile(
-    r"^[ \t]*(?P<hash>\#{1,6}[ \t]*)?(?P<bold>\*\*|__)?[ \t]*(?:problem|question)[ \t]*"
-    r"(?:\#[ \t]*)?\(?(?P<k>\d{1,4})\)?[ \t]*(?P<bold2>\*\*|__)?[ \t]*(?P<punct>[:：.)\]])?"
+    r"^[ \t]*+(?P<hash>\#{1,6}[ \t]*+)?(?P<bold>\*\*|__)?[ \t]*+(?:problem|question)[ \t]*+"
+    r"(?:\#[ \t]*+)?\(?(?P<k>\d{1,4})\)?[ \t]*+(?P<bold2>\*\*|__)?[ \t]*+(?P<punct>[:：.)\]])?"
     r"(?P<rest>[^\n]*)$",
     re.IGNORECASE | re.MULTILINE,
 )
 
-_LABEL_RE = re.compile(
-    r"(?:\*\*|__)?[ \t]*\b(?:final[ \t]+)?answer[ \t]*"
-    r"(?:(?:to|for|of)[ \t]+)?(?:(?:problem|question)[ \t]*)?(?:\#[ \t]*)?"
-    r"(?:\(?(?P<k>\d{1,4})\)?)?[ \t]*(?:\*\*|__)?[ \t]*[:：][ \t]*(?:\*\*|__)?",
-    re.IGNORECASE,
+# A label is ``(?:\*\*|__)?[ \t]*`` followed by this core; the optional lead-in is found by looking
+# back from the core (see _find_labels) instead of being retried at every space of a long run.
+# The core is ``\b(?:final[ \t]+)?answer...`` (case-insensitive) written to start with a plain
+# character class, which the regex engine scans for quickly: only a, A, f, F fold to "a" / "f", and
+# ``\b`` before a word character is "no word character before it".
+_LABEL_CORE_RE = re.compile(
+    r"[aAfF](?<!\w[aAfF])(?:(?<=[fF])(?i:inal)[ \t]++(?i:answer)|(?<=[aA])(?i:nswer))"
+    r"(?i:[ \t]*+(?:(?:to|for|of)[ \t]++)?(?:(?:problem|question)[ \t]*+)?(?:\#[ \t]*+)?"
+    r"(?:\(?(?P<k>\d{1,4})\)?)?[ \t]*+(?:\*\*|__)?[ \t]*+[:：][ \t]*+(?:\*\*|__)?)"
 )
 
-_BOXED_RE = re.compile(r"\\(?:boxed|fbox)[ \t]*(?=[{ ])")
+# the name and the blanks before the argument (a match ends where the argument begins)
+_BOXED_RE = re.compile(r"\\(?:boxed|fbox)[ \t]*(?=[{ ])[ \t]*+")
+_TOKEN_RE = re.compile(r"[^\s$]+")
+# escapes that matter for brace matching (a backslash before any other character skips a character
+# that is neither a brace nor a backslash); braces are matched with these pairs blanked out
+_ESCAPE_RE = re.compile(r"\\[\\{}]")
+_BRACE_RE = re.compile(r"[{}]")
 
 # a plain (unboxed) value needs a letter, digit or LaTeX command to count as an answer
 _MEANINGFUL_RE = re.compile(r"[^\W_]|\\")
@@ -157,62 +178,108 @@ _MEANINGFUL_RE = re.compile(r"[^\W_]|\\")
 _LEAD_WRAP_RE = re.compile(r"(?:\s|\$\$?|\\\(|\\\[|\*\*)*")
 
 
-def _line_end(text: str, pos: int, limit: int) -> int:
-    e = text.find("\n", pos, limit)
-    return limit if e < 0 else e
+class _Lines:
+    """Line boundaries inside ``text[lo:hi]``.
+
+    The scan asks about increasing positions (and, for the ends of nested boxes, decreasing ones),
+    many of them on the same line; the last answer is remembered so that a long line holding
+    thousands of labels or boxes is searched once, not once per label.
+    """
+
+    def __init__(self, text: str, lo: int, hi: int) -> None:
+        self.text, self.lo, self.hi = text, lo, hi
+        self._end_from = self._end = -1  # no newline in [_end_from, _end)
+        self._start = self._start_to = -1  # no newline in [_start, _start_to)
+
+    def end(self, pos: int) -> int:
+        """Index of the newline ending the line of ``pos`` (``hi`` on the last line)."""
+        if self._end_from <= pos <= self._end:
+            return self._end
+        if 0 <= pos < self._end_from and self.text.find("\n", pos, self._end_from) < 0:
+            self._end_from = pos  # the same line, further left (the closing ends of nested boxes)
+            return self._end
+        e = self.text.find("\n", pos, self.hi)
+        e = self.hi if e < 0 else e
+        self._end_from, self._end = pos, e
+        return e
+
+    def start(self, pos: int) -> int:
+        """Index of the first character of the line of ``pos`` (not before ``lo``)."""
+        if self._start <= pos <= self._start_to:
+            return self._start
+        s = self.text.rfind("\n", self.lo, pos)
+        s = self.lo if s < 0 else s + 1
+        self._start, self._start_to = s, self.end(pos)
+        return s
 
 
-def _line_start(text: str, pos: int, lo: int) -> int:
-    s = text.rfind("\n", lo, pos)
-    return lo if s < 0 else s + 1
+def _closing_braces(text: str, opens: list[int], hi: int) -> list[int | None]:
+    """For each ``{`` at the (increasing) indices ``opens``: the index just past its matching ``}``
+    before ``hi``, or None when it is never closed. A backslash escapes the next character
+    (``\\{``, ``\\}``, ``\\\\``).
+
+    One vectorised pass over the braces, so N boxes cost O(len) rather than one scan to the end
+    per box. The pairing of backslashes agrees with a scan starting at any ``{`` that is not preceded
+    by a backslash (the only braces asked about: the arguments of ``\\boxed``).
+    """
+    if not opens:
+        return []
+    start = opens[0]
+    blanked = _ESCAPE_RE.sub("\0\0", text[start:hi])
+    codes = np.frombuffer(blanked.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    pos = np.flatnonzero((codes == 123) | (codes == 125))  # braces, relative to start
+    depth = np.cumsum(np.where(codes[pos] == 123, 1, -1))  # nesting depth after each brace
+    at = np.searchsorted(pos, np.asarray(opens, dtype=np.int64) - start)  # each open's brace index
+    target = depth[at] - 1  # its match is the first later brace where the depth falls to this
+    # braces sorted by (depth, index): the first entry >= (target, at + 1) is the match, if any
+    order = np.lexsort((np.arange(len(pos)), depth))
+    lowest = int(depth.min())
+    width = len(pos) + 1
+    keys = (depth[order] - lowest) * width + order
+    loc = np.searchsorted(keys, (target - lowest) * width + at + 1)
+    inside = loc < len(keys)
+    hit = np.zeros(len(opens), dtype=bool)
+    hit[inside] = depth[order[loc[inside]]] == target[inside]
+    ends = pos[order[np.minimum(loc, len(keys) - 1)]] + start + 1
+    return [int(e) if h else None for e, h in zip(ends.tolist(), hit.tolist())]
 
 
-def _read_braced(text: str, open_pos: int, limit: int) -> Optional[int]:
-    """Index just past the ``}`` matching the ``{`` at ``open_pos`` (backslash escapes skipped)."""
-    depth = 0
-    i = open_pos
-    while i < limit:
-        c = text[i]
-        if c == "\\":
-            i += 2
-            continue
-        if c == "{":
-            depth += 1
-        elif c == "}":
-            depth -= 1
-            if depth == 0:
-                return i + 1
-        i += 1
-    return None
+# a box: (start, argument) with the argument (content start, content end, box end), None if unclosed
+_Box = tuple[int, tuple[int, int, int] | None]
 
 
-def _boxed_at(text: str, m_end: int, limit: int) -> Optional[tuple[str, int]]:
-    """Read the argument of a ``\\boxed`` whose name ends at ``m_end``: (content, end) or None."""
-    i = m_end
-    while i < limit and text[i] in " \t":
-        i += 1
-    if i >= limit:
-        return None
-    if text[i] == "{":
-        end = _read_braced(text, i, limit)
-        if end is None:
-            return None
-        return text[i + 1 : end - 1].strip(), end
-    # ``\boxed 5``: a single token up to whitespace or ``$``
-    m = re.compile(r"[^\s$]+").match(text, i, limit)
-    if m is None:
-        return None
-    return m.group(0), m.end()
+def _find_boxes(text: str, lo: int, hi: int) -> list[_Box]:
+    """Every ``\\boxed`` / ``\\fbox`` in ``text[lo:hi]``, as :data:`_Box` (the content is
+    ``text[a:b].strip()``; it is cut out only when needed, as nested boxes would make copying every
+    content quadratic).
+
+    The argument is ``{...}`` read with balanced braces, or (``\\boxed 5``) a single token up to
+    whitespace or ``$``.
+    """
+    names = [(m.start(), m.end()) for m in _BOXED_RE.finditer(text, lo, hi)]
+    opens = [i for _, i in names if i < hi and text[i] == "{"]
+    closes = dict(zip(opens, _closing_braces(text, opens, hi)))
+    out: list[_Box] = []
+    for start, i in names:
+        end = closes.get(i, 0)
+        if end is None:  # unclosed
+            out.append((start, None))
+        elif end:
+            out.append((start, (i + 1, end - 1, end)))
+        else:
+            token = _TOKEN_RE.match(text, i, hi)
+            out.append((start, (i, token.end(), token.end()) if token is not None else None))
+    return out
 
 
 def extract_boxed(text: str) -> list[tuple[str, int, int]]:
     """All complete ``\\boxed{...}`` (and ``\\fbox``) in ``text``: (content, start, end)."""
-    out = []
-    for m in _BOXED_RE.finditer(text):
-        got = _boxed_at(text, m.end(), len(text))
-        if got is not None:
-            out.append((got[0], m.start(), got[1]))
-    return out
+    return [(text[a:b].strip(), start, end) for start, (a, b, end) in _find_boxed(text, 0, len(text))]
+
+
+def _find_boxed(text: str, lo: int, hi: int) -> list[tuple[int, tuple[int, int, int]]]:
+    """The complete boxes of :func:`_find_boxes`."""
+    return [(start, got) for start, got in _find_boxes(text, lo, hi) if got is not None]
 
 
 def _clean_plain(value: str) -> str:
@@ -235,19 +302,63 @@ def _clean_plain(value: str) -> str:
     return v.strip()
 
 
-@dataclass
+# ----------------------------------------------------------------------------------------------
+# Stage 1: scan the parsed section for headers, labels and boxes
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
 class _Cand:
-    value: Optional[str]
+    value: str | None  # a plain value; a boxed one is text[content[0]:content[1]].strip()
     start: int  # where the label (or the \boxed) begins
     line_start: int
     end: int  # end of the answer's line (exclusive), or where the next label begins
     boxed: bool
-    k: Optional[int] = None  # label number; None = free
+    k: int | None = None  # label number; None = free
+    content: tuple[int, int] | None = None  # the boxed value's span
+
+    @property
+    def present(self) -> bool:
+        """Whether the candidate holds a value (an empty box does)."""
+        return self.value is not None or self.content is not None
+
+    def answer(self, text: str) -> str | None:
+        return text[self.content[0] : self.content[1]].strip() if self.content is not None else self.value
 
 
-def _scan(text: str, lo: int, hi: int, truncated: bool):
-    """Headers, labelled answers and free answers inside ``text[lo:hi]``."""
-    headers: list[tuple[int, int]] = []  # (k, start)
+_START = operator.attrgetter("start")
+
+
+@dataclass(slots=True)
+class _Label:
+    start: int  # including a ``**`` / ``__`` and blanks before the word "answer"
+    end: int  # just past the colon (and blanks / ``**`` after it)
+    k: int | None
+
+
+@dataclass
+class _Found:
+    """What stage 1 found: headers as (k, start) in text order and the answer candidates."""
+
+    headers: list[tuple[int, int]]
+    labelled: list[_Cand]  # numbered labels, in text order
+    box_free: list[_Cand]  # free boxes and "Answer: \boxed{}" lines, by start
+    plain_free: list[_Cand]  # unnumbered "Answer: value" lines, in text order
+
+
+def _think_split(text: str) -> tuple[int, Span | None]:
+    """Where the parsed section starts, and the think block's span when it is excluded."""
+    close = text.rfind(_THINK_CLOSE)
+    if close >= 0:
+        post = close + len(_THINK_CLOSE)
+        if text[post:].strip():
+            return post, (0, post)
+    return 0, None
+
+
+def _find_headers(text: str, lo: int, hi: int) -> list[tuple[int, int]]:
+    """``(k, start)`` of every header line in ``text[lo:hi]`` (any k)."""
+    headers = []
     for m in _HEADER_RE.finditer(text, lo, hi):
         rest = m.group("rest").strip()
         ok = (
@@ -256,177 +367,215 @@ def _scan(text: str, lo: int, hi: int, truncated: bool):
         )
         if ok:
             headers.append((int(m.group("k")), m.start()))
+    return headers
 
-    labels = list(_LABEL_RE.finditer(text, lo, hi))
-    boxes = []
-    for m in _BOXED_RE.finditer(text, lo, hi):
-        got = _boxed_at(text, m.end(), hi)
-        boxes.append((m.start(), got))  # got None = unclosed
-    box_starts = [b[0] for b in boxes]
+
+def _find_labels(text: str, lo: int, hi: int) -> list[_Label]:
+    """Every ``Answer k:`` / ``Answer:`` label in ``text[lo:hi]``, in text order.
+
+    Equal to scanning with ``(?:\\*\\*|__)?[ \\t]*`` + :data:`_LABEL_CORE_RE` at every position: a
+    label starts at the earliest position, not before the previous label's end, from which blanks
+    (and one ``**`` / ``__`` before them) lead to the core.
+    """
+    labels = []
+    floor = lo
+    for m in _LABEL_CORE_RE.finditer(text, lo, hi):
+        start = m.start()
+        if start > floor and text[start - 1] in " \t":
+            start = floor + len(text[floor:start].rstrip(" \t"))
+        if start - 2 >= floor and text[start - 2 : start] in ("**", "__"):
+            start -= 2
+        kk = m.group("k")
+        floor = m.end()
+        labels.append(_Label(start, floor, int(kk) if kk is not None else None))
+    return labels
+
+
+def _boxed_end(box_line_end: int, bend: int, val_limit: int, next_label: int) -> int:
+    """Where a labelled boxed answer ends: its line's end (not before the label's value limit),
+    or where the next label begins when that comes first (never inside the box)."""
+    end = max(val_limit, box_line_end) if bend > val_limit else val_limit
+    if next_label < end:
+        end = max(next_label, bend)
+    return end
+
+
+def _label_value(
+    text: str,
+    label: _Label,
+    next_label: int,
+    boxes: list[_Box],
+    box_starts: list[int],
+    lines: _Lines,
+    truncated: bool,
+) -> tuple[_Cand, int | None]:
+    """The candidate a label gives, and the start of the box it consumed (None if none)."""
+    hi = lines.hi
+    le = lines.end(label.end)
+    val_limit = min(le, next_label)
+    j = bisect.bisect_left(box_starts, label.end)
+    value: str | None = None
+    content: tuple[int, int] | None = None
+    end = val_limit
+    boxed = False
+    used: int | None = None
+    if j < len(boxes) and boxes[j][0] < val_limit:
+        # a \boxed on the label's line (before a following label)
+        used = boxes[j][0]
+        got = boxes[j][1]
+        if got is not None:
+            content, bend = got[:2], got[2]
+            boxed = True
+            end = _boxed_end(lines.end(bend), bend, val_limit, next_label)
+    elif not text[label.end : val_limit].strip(" \t*_$") and le < hi and val_limit == le:
+        # the label ends its line: accept a \boxed at the start of the next non-empty line
+        p = _LEAD_WRAP_RE.match(text, le + 1, hi).end()
+        if j < len(boxes) and boxes[j][0] == p:
+            used = p
+            got = boxes[j][1]
+            if got is not None:
+                content, bend = got[:2], got[2]
+                boxed = True
+                end = _boxed_end(lines.end(bend), bend, le, next_label)
+    if used is None:
+        v = _clean_plain(text[label.end : val_limit])
+        cut = truncated and le >= hi  # unterminated last line of a truncated completion
+        if v and not cut and _MEANINGFUL_RE.search(v):
+            value = v
+    if end <= label.start:
+        end = val_limit
+    return _Cand(value, label.start, lines.start(label.start), end, boxed, label.k, content), used
+
+
+def _scan(text: str, lo: int, hi: int, truncated: bool) -> _Found:
+    """Stage 1: headers, labelled answers and free answers inside ``text[lo:hi]``."""
+    lines = _Lines(text, lo, hi)
+    labels = _find_labels(text, lo, hi)
+    boxes = _find_boxes(text, lo, hi)
+    box_starts = [start for start, _ in boxes]
 
     labelled: list[_Cand] = []
     plain_free: list[_Cand] = []
     consumed: set[int] = set()  # starts of boxes used as labelled values
-    for idx, m in enumerate(labels):
-        kk = m.group("k")
-        k = int(kk) if kk is not None else None
-        le = _line_end(text, m.end(), hi)
-        next_label = labels[idx + 1].start() if idx + 1 < len(labels) else hi
-        val_limit = min(le, next_label)
-        ls = _line_start(text, m.start(), lo)
-        # boxed on the same line (before a following label)?
-        j = bisect.bisect_left(box_starts, m.end())
-        value: Optional[str] = None
-        end = val_limit
-        boxed = False
-        found_box = False
-        if j < len(boxes) and boxes[j][0] < val_limit:
-            found_box = True
-            got = boxes[j][1]
-            consumed.add(boxes[j][0])
-            if got is not None:
-                value, bend = got
-                boxed = True
-                end = max(val_limit, _line_end(text, bend, hi)) if bend > val_limit else val_limit
-                if next_label < end:
-                    end = max(next_label, bend)
-        elif not text[m.end():val_limit].strip(" \t*_$") and le < hi and val_limit == le:
-            # label ends its line: accept a \boxed at the start of the next non-empty line
-            k2 = le + 1
-            while k2 < hi and text[k2] in " \t\n":
-                k2 += 1
-            lead = _LEAD_WRAP_RE.match(text, k2, hi)
-            p = lead.end() if lead else k2
-            if j < len(boxes) and boxes[j][0] == p:
-                found_box = True
-                consumed.add(boxes[j][0])
-                got = boxes[j][1]
-                if got is not None:
-                    value, bend = got
-                    boxed = True
-                    end = _line_end(text, bend, hi)
-                    if next_label < end:
-                        end = max(next_label, bend)
-        if not found_box:
-            raw = text[m.end():val_limit]
-            v = _clean_plain(raw)
-            cut = truncated and le >= hi  # unterminated last line of a truncated completion
-            if v and not cut and _MEANINGFUL_RE.search(v):
-                value = v
-        if end <= m.start():
-            end = val_limit
-        cand = _Cand(value, m.start(), ls, end, boxed, k)
-        if k is not None:
+    for idx, label in enumerate(labels):
+        next_label = labels[idx + 1].start if idx + 1 < len(labels) else hi
+        cand, used = _label_value(text, label, next_label, boxes, box_starts, lines, truncated)
+        if used is not None:
+            consumed.add(used)
+        if cand.k is not None:
             labelled.append(cand)
-        elif value is not None and not boxed:
-            plain_free.append(cand)
-        elif value is not None and boxed:
-            # "Answer: \boxed{..}" — a free boxed answer whose span starts at the label
-            plain_free.append(cand)
+        elif cand.present:
+            plain_free.append(cand)  # "Answer: \boxed{..}" too: a free boxed answer starting at the label
 
-    box_free: list[_Cand] = []
-    for start, got in boxes:
-        if start in consumed or got is None:
-            continue
-        value, bend = got
-        box_free.append(
-            _Cand(value, start, _line_start(text, start, lo), _line_end(text, bend, hi), True, None)
-        )
+    box_free = [
+        _Cand(None, start, lines.start(start), lines.end(got[2]), True, None, got[:2])
+        for start, got in boxes
+        if got is not None and start not in consumed
+    ]
     # unnumbered "Answer: \boxed{}" lines are boxed candidates; keep them with the free boxes
-    for c in plain_free:
-        if c.boxed:
-            box_free.append(c)
-    box_free.sort(key=lambda c: c.start)
+    box_free.extend(c for c in plain_free if c.boxed)
+    box_free.sort(key=_START)
     plain_free = [c for c in plain_free if not c.boxed]
-    return headers, labelled, box_free, plain_free
+    return _Found(_find_headers(text, lo, hi), labelled, box_free, plain_free)
 
 
-def _region_of(pos: int, hdr_starts: list[int]) -> int:
-    """Index of the header section containing ``pos`` (-1 before the first header)."""
-    return bisect.bisect_right(hdr_starts, pos) - 1
+# ----------------------------------------------------------------------------------------------
+# Stage 2: which answer wins, per instance
+# ----------------------------------------------------------------------------------------------
+
+# instance k -> (winning candidate, whether the winning rule saw more than one candidate)
+_Winners = dict[int, tuple[_Cand, bool]]
 
 
-def _parse_impl(text: str, n: int, truncated: bool) -> ParsedCompletion:
-    L = len(text)
-    lo, hi = 0, L
-    think_span: Optional[Span] = None
-    close = text.rfind(_THINK_CLOSE)
-    if close >= 0:
-        post = close + len(_THINK_CLOSE)
-        if text[post:].strip():
-            think_span = (0, post)
-            lo = post
+def _last_of(cands: list[_Cand]) -> tuple[_Cand, bool]:
+    return cands[-1], len(cands) > 1
 
-    headers, labelled, box_free, plain_free = _scan(text, lo, hi, truncated)
-    headers = [(k, s) for k, s in headers if 1 <= k <= n]
-    hdr_starts = [s for _, s in headers]
-    hdr_ks = [k for k, _ in headers]
 
-    winners: dict[int, _Cand] = {}
-    dup: dict[int, bool] = {}
-    if n == 1:
-        boxed_all = sorted(
-            [c for c in labelled if c.k == 1 and c.boxed and c.value is not None] + box_free,
-            key=lambda c: c.start,
-        )
-        if boxed_all:
-            winners[1] = boxed_all[-1]
-            dup[1] = len(boxed_all) > 1
-        else:
-            plain = sorted(
-                [c for c in labelled if c.k == 1 and c.value is not None] + plain_free,
-                key=lambda c: c.start,
-            )
-            if plain:
-                winners[1] = plain[-1]
-                dup[1] = len(plain) > 1
-    else:
-        by_k: dict[int, list[_Cand]] = {}
-        for c in labelled:
-            if c.k is not None and 1 <= c.k <= n and c.value is not None:
-                by_k.setdefault(c.k, []).append(c)
-        for k, cs in by_k.items():
-            winners[k] = cs[-1]
-            dup[k] = len(cs) > 1
-        any_label = any(c.k is not None and 1 <= c.k <= n for c in labelled)
-        if headers:
-            for k in range(1, n + 1):
-                if k in winners or k not in hdr_ks:
-                    continue
-                for pool in (box_free, plain_free):
-                    cs = [c for c in pool if (r := _region_of(c.start, hdr_starts)) >= 0 and hdr_ks[r] == k]
-                    if cs:
-                        winners[k] = cs[-1]
-                        dup[k] = len(cs) > 1
-                        break
-        elif not any_label:
-            pool = box_free if box_free else plain_free
-            if len(pool) > n:
-                pool = pool[-n:]
-            for i, c in enumerate(pool):
-                winners[i + 1] = c
-                dup[i + 1] = False
+def _winner_single(found: _Found) -> _Winners:
+    """N = 1: the last boxed answer anywhere, else the last ``Answer:`` / ``Answer 1:`` line."""
+    boxed = [c for c in found.labelled if c.k == 1 and c.boxed and c.present] + found.box_free
+    if boxed:
+        return {1: (max(boxed, key=_START), len(boxed) > 1)}  # starts are distinct
+    plain = [c for c in found.labelled if c.k == 1 and c.present] + found.plain_free
+    if plain:
+        return {1: (max(plain, key=_START), len(plain) > 1)}
+    return {}
 
-    # ---- tentative segments
-    win_ends = sorted((c.end, k) for k, c in winners.items())
-    tentative: list[tuple[int, int, int]] = []  # (start, end, k)
+
+def _by_section(cands: list[_Cand], headers: list[tuple[int, int]]) -> dict[int, list[_Cand]]:
+    """Candidates grouped by the instance whose header section holds them (text order kept)."""
+    starts = [s for _, s in headers]
+    out: dict[int, list[_Cand]] = {}
+    for c in cands:
+        r = bisect.bisect_right(starts, c.start) - 1
+        if r >= 0:
+            out.setdefault(headers[r][0], []).append(c)
+    return out
+
+
+def _winners_multi(n: int, headers: list[tuple[int, int]], found: _Found) -> _Winners:
+    """N > 1: rules 1-3 of the module docstring (labels, then header sections, then text order)."""
+    labelled = [c for c in found.labelled if c.k is not None and 1 <= c.k <= n]
+    by_k: dict[int, list[_Cand]] = {}
+    for c in labelled:
+        if c.present:
+            by_k.setdefault(c.k, []).append(c)
+    winners: _Winners = {k: _last_of(cs) for k, cs in by_k.items()}
+    if headers:
+        _add_section_winners(winners, n, headers, found)
+    elif not labelled:
+        pool = found.box_free if found.box_free else found.plain_free
+        for i, c in enumerate(pool[-n:]):
+            winners[i + 1] = (c, False)
+    return winners
+
+
+def _add_section_winners(winners: _Winners, n: int, headers: list[tuple[int, int]], found: _Found) -> None:
+    """Rule 2: an instance without a labelled answer takes the last free answer of its sections."""
+    sections = [_by_section(found.box_free, headers), _by_section(found.plain_free, headers)]
+    header_ks = {k for k, _ in headers}
     for k in range(1, n + 1):
-        c = winners.get(k)
-        if c is not None:
-            own = [s for kk, s in headers if kk == k and s <= c.line_start]
-            if own:
-                s = own[-1]
+        if k in winners or k not in header_ks:
+            continue
+        for pool in sections:
+            if k in pool:
+                winners[k] = _last_of(pool[k])
+                break
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 3: segments, flags and shared spans
+# ----------------------------------------------------------------------------------------------
+
+
+def _tentative_segments(
+    n: int, headers: list[tuple[int, int]], winners: _Winners, lo: int, hi: int
+) -> list[tuple[int, int, int]]:
+    """``(start, end, k)`` per instance before overlaps are resolved, sorted."""
+    hdr_starts = [s for _, s in headers]
+    own: dict[int, list[int]] = {}
+    for k, s in headers:
+        own.setdefault(k, []).append(s)
+    win_ends = sorted((c.end, k) for k, (c, _) in winners.items())
+    tentative = []
+    for k in range(1, n + 1):
+        if k in winners:
+            c = winners[k][0]
+            mine = own.get(k, [])
+            i = bisect.bisect_right(mine, c.line_start)
+            if i > 0:
+                s = mine[i - 1]  # the last header of k before its answer
             else:
                 s = lo
                 for e, kk in win_ends:
                     if kk != k and e <= c.start:
                         s = max(s, e)
-                for kk, hs in headers:
-                    if kk != k and hs <= c.line_start:
-                        s = max(s, hs)
+                i = bisect.bisect_right(hdr_starts, c.line_start)
+                if i > 0:  # the last header (of another instance) before the answer
+                    s = max(s, hdr_starts[i - 1])
             e = c.end
-        elif k in hdr_ks:
-            s = hdr_starts[hdr_ks.index(k)]
+        elif k in own:
+            s = own[k][0]
             nxt = bisect.bisect_right(hdr_starts, s)
             e = hdr_starts[nxt] if nxt < len(hdr_starts) else hi
         else:
@@ -436,6 +585,11 @@ def _parse_impl(text: str, n: int, truncated: bool) -> ParsedCompletion:
         if e > s:
             tentative.append((s, e, k))
     tentative.sort()
+    return tentative
+
+
+def _resolve_overlaps(tentative: list[tuple[int, int, int]]) -> dict[int, Span]:
+    """Cut each segment where the next begins; a segment cut to nothing is dropped."""
     segs: list[list[int]] = []
     for s, e, k in tentative:
         if segs and segs[-1][1] > s:
@@ -445,57 +599,77 @@ def _parse_impl(text: str, n: int, truncated: bool) -> ParsedCompletion:
         if segs and segs[-1][1] > s:  # still overlapping (equal starts after a pop): skip
             continue
         segs.append([s, e, k])
-    spans: dict[int, Span] = {k: (s, e) for s, e, k in segs}
+    return {k: (s, e) for s, e, k in segs}
 
+
+def _instances(text: str, n: int, winners: _Winners, spans: dict[int, Span]) -> list[InstanceParse]:
     instances = [InstanceParse() for _ in range(n)]
     for k in range(1, n + 1):
         inst = instances[k - 1]
-        c = winners.get(k)
-        if c is not None and c.value is not None and c.value != "":
-            inst.answer = c.value
+        c, dup = winners.get(k, (None, False))
+        value = c.answer(text) if c is not None else None
+        if value is not None and value != "":
+            inst.answer = value
             inst.missing = False
-        inst.duplicate = bool(dup.get(k, False)) and not inst.missing
+        inst.duplicate = dup and not inst.missing
         inst.span = spans.get(k)
+    return instances
 
-    if truncated:
-        text_end = len(text.rstrip())
-        reached = [k for k, (s, e) in spans.items() if e >= text_end and e > s]
-        if reached:
-            for k in reached:
-                instances[k - 1].truncated = True
-        else:
-            last_end = max((e for (s, e) in spans.values()), default=lo)
-            if text[last_end:hi].strip():
-                for k in range(1, n + 1):
-                    inst = instances[k - 1]
-                    if inst.missing and inst.span is None:
-                        inst.span = (last_end, hi)
-                        inst.truncated = True
-                        spans[k] = inst.span
-                        break
 
-    # ---- order flags
+def _mark_truncated(text: str, instances: list[InstanceParse], spans: dict[int, Span], lo: int) -> None:
+    """Flag the instance being written when the budget ran out (may give it the trailing text)."""
+    hi = len(text)
+    text_end = len(text.rstrip())
+    reached = [k for k, (s, e) in spans.items() if e >= text_end and e > s]
+    for k in reached:
+        instances[k - 1].truncated = True
+    if reached:
+        return
+    last_end = max((e for (s, e) in spans.values()), default=lo)
+    if not text[last_end:hi].strip():
+        return
+    for k, inst in enumerate(instances, start=1):
+        if inst.missing and inst.span is None:
+            inst.span = (last_end, hi)
+            inst.truncated = True
+            spans[k] = inst.span
+            return
+
+
+def _mark_out_of_order(instances: list[InstanceParse], spans: dict[int, Span]) -> None:
     starts = {k: s for k, (s, _) in spans.items()}
     for k, sk in starts.items():
-        for j, sj in starts.items():
-            if (j < k and sj > sk) or (j > k and sj < sk):
-                instances[k - 1].out_of_order = True
-                break
+        if any((j < k and sj > sk) or (j > k and sj < sk) for j, sj in starts.items()):
+            instances[k - 1].out_of_order = True
 
-    # ---- shared spans: the complement of instance spans, think block on its own
+
+def _shared_spans(spans: dict[int, Span], think_span: Span | None, length: int) -> list[Span]:
+    """The complement of the instance spans in ``[0, length)``, the think block on its own."""
     shared: list[Span] = []
-    cuts = sorted(spans.values())
     pos = 0
     if think_span is not None:
         shared.append(think_span)
         pos = think_span[1]
-    for s, e in cuts:
+    for s, e in sorted(spans.values()):
         if s > pos:
             shared.append((pos, s))
         pos = max(pos, e)
-    if pos < L:
-        shared.append((pos, L))
-    return ParsedCompletion(instances, shared)
+    if pos < length:
+        shared.append((pos, length))
+    return shared
+
+
+def _parse_impl(text: str, n: int, truncated: bool) -> ParsedCompletion:
+    lo, think_span = _think_split(text)
+    found = _scan(text, lo, len(text), truncated)
+    headers = [(k, s) for k, s in found.headers if 1 <= k <= n]
+    winners = _winner_single(found) if n == 1 else _winners_multi(n, headers, found)
+    spans = _resolve_overlaps(_tentative_segments(n, headers, winners, lo, len(text)))
+    instances = _instances(text, n, winners, spans)
+    if truncated:
+        _mark_truncated(text, instances, spans, lo)
+    _mark_out_of_order(instances, spans)
+    return ParsedCompletion(instances, _shared_spans(spans, think_span, len(text)))
 
 
 def parse_completion(text: str, n_problems: int, *, truncated: bool = False) -> ParsedCompletion:
@@ -520,12 +694,91 @@ def parse_completion(text: str, n_problems: int, *, truncated: bool = False) -> 
 
 
 # ----------------------------------------------------------------------------------------------
+# Flexible extraction (for models that ignore the answer format)
+# ----------------------------------------------------------------------------------------------
+
+# "answer is <value>" (the "final answer is", "so the answer is: ..." of instruct models)
+_ANSWER_IS_RE = re.compile(r"[aA](?<!\w[aA])(?i:nswer)[ \t]++(?i:is)\b[ \t:]*+")
+_NUMBER_RE = re.compile(r"-?\d+(?:,\d{3})*+(?:\.\d+)?(?:/\d+)?")
+_SENTENCE_END_RE = re.compile(r"\.(?:\s|$)|[,;](?:\s)|\s+(?:since|because|which|as)\b")
+_UNIT_AFTER_NUMBER_RE = re.compile(r"(-?\$?\d+(?:,\d{3})*+(?:\.\d+)?%?)[ \t]+[^\W\d_]")
+
+
+def _last_match(pattern: re.Pattern[str], s: str) -> re.Match[str] | None:
+    return next(iter(deque(pattern.finditer(s), maxlen=1)), None)
+
+
+def _answer_is_value(section: str) -> str | None:
+    """The value after the last "answer is" in ``section``: to the end of its sentence, cleaned;
+    a number followed by a word ("10 apples") gives the number."""
+    last = _last_match(_ANSWER_IS_RE, section)
+    if last is None:
+        return None
+    rest = section[last.end() : _Lines(section, 0, len(section)).end(last.end())]
+    cut = _SENTENCE_END_RE.search(rest)
+    value = _clean_plain(rest[: cut.start()] if cut else rest)
+    unit = _UNIT_AFTER_NUMBER_RE.match(value)
+    if unit:
+        value = unit.group(1)
+    return value if value and _MEANINGFUL_RE.search(value) else None
+
+
+def _flexible_in(section: str) -> str | None:
+    boxes = _find_boxed(section, 0, len(section))
+    if boxes:
+        a, b, _ = boxes[-1][1]
+        return section[a:b].strip() or None
+    value = _answer_is_value(section)
+    if value is not None:
+        return value
+    last = _last_match(_NUMBER_RE, section)
+    return last.group(0) if last is not None else None
+
+
+def flexible_answers(text: str, parsed: ParsedCompletion, *, truncated: bool = False) -> list[str | None]:
+    r"""Answers for models that ignore the BCR format, one per instance of ``parsed`` (the
+    :func:`parse_completion` of ``text``).
+
+    An instance keeps its strict answer when it has one. Otherwise its *section* is searched: its
+    segment, or for N = 1 without a segment the parsed section (after a think block). In it the
+    last complete ``oxed{}`` wins, else the value after the last "answer is", else the last number
+    (as lm-evaluation-harness' ``flexible-extract`` takes the last number); a header line opening the
+    section is not searched. Of a ``truncated``
+    completion, "answer is" values and numbers on the unterminated last line are ignored (they may
+    be cut off). Instances with N > 1 and no segment stay without an answer. Never raises.
+    """
+    strict = parsed.answers
+    try:
+        if not isinstance(text, str):
+            return list(strict)
+        lo, _ = _think_split(text)
+        out: list[str | None] = []
+        for inst in parsed.instances:
+            span = inst.span if inst.span is not None else ((lo, len(text)) if len(strict) == 1 else None)
+            if inst.answer is not None or span is None:
+                out.append(inst.answer)
+                continue
+            section = text[span[0] : span[1]]
+            header = _HEADER_RE.match(section)
+            if header is not None:  # "Problem 2" is not an answer
+                section = section[header.end() :]
+            found = _flexible_in(section)
+            if found is not None and truncated and span[1] == len(text) and not _find_boxed(section, 0, len(section)):
+                section = section[: section.rfind("\n") + 1]  # drop the line the budget cut
+                found = _flexible_in(section)
+            out.append(found)
+        return out
+    except Exception:  # pragma: no cover - defensive, like parse_completion
+        return list(strict)
+
+
+# ----------------------------------------------------------------------------------------------
 # Tokens
 # ----------------------------------------------------------------------------------------------
 
 
 def segment_ids_for_tokens(
-    offsets: Sequence[tuple[int, int]], spans: Sequence[Optional[Span]]
+    offsets: Sequence[tuple[int, int]], spans: Sequence[Span | None]
 ) -> list[int]:
     """Instance id (0-based) of each token, -1 for shared text.
 
@@ -572,7 +825,7 @@ def _offsets_from_pieces(pieces: list[str]) -> list[tuple[int, int]]:
     return out
 
 
-def _offsets_batched(tokenizer: Any, ids: list[int], full: str) -> Optional[list[tuple[int, int]]]:
+def _offsets_batched(tokenizer: Any, ids: list[int], full: str) -> list[tuple[int, int]] | None:
     """Fast path: each token's text in the context of its predecessor, in two batched decodes."""
     batch = getattr(tokenizer, "batch_decode", None)
     if batch is None or not ids:
@@ -591,7 +844,7 @@ def _offsets_batched(tokenizer: Any, ids: list[int], full: str) -> Optional[list
     return _offsets_from_pieces(pieces)
 
 
-def _offsets_incremental(tokenizer: Any, ids: list[int], full: str) -> Optional[list[tuple[int, int]]]:
+def _offsets_incremental(tokenizer: Any, ids: list[int], full: str) -> list[tuple[int, int]] | None:
     """Sequential incremental detokenisation with a small window (as streaming detokenisers do).
 
     Tokens that only produce part of a character (byte-level BPE) get a zero-width offset at the

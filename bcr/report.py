@@ -34,11 +34,15 @@ CSV_COLUMNS = [
     "accuracy",
     "accuracy_ci_low",
     "accuracy_ci_high",
+    "flexible_accuracy",
+    "flexible_accuracy_ci_low",
+    "flexible_accuracy_ci_high",
     "tokens_per_problem",
     "tokens_per_problem_ci_low",
     "tokens_per_problem_ci_high",
     "completion_tokens_mean",
     "answered_rate",
+    "flexible_answered_rate",
     "truncation_rate",
     "accuracy_by_position",
     f"{TIMING_KEY}.generation_s",
@@ -119,21 +123,26 @@ def render_report(summary: Mapping, *, plots: Mapping[str, str] | None = None, t
     out += ["## Accuracy, tokens and throughput per N", ""]
     out += [
         (f"Accuracy is pass@1 averaged over the samples of each bundle, with a {conf}% CI "
-        f"({summary.get('ci_method', 'bootstrap')} over problems). Tokens/problem = completion tokens / "
-        "problems in the bundle. Throughput is measured over generation wall time only."),
+        f"({summary.get('ci_method', 'bootstrap')} over problems). *Strict* reads the BCR answer format "
+        "(`Answer k: \\boxed{..}`); *flexible* also accepts, per section, the last `\\boxed{}`, "
+        "\"answer is ...\" or the last number (for models that ignore the format). Tokens/problem = "
+        "completion tokens / problems in the bundle. Throughput is measured over generation wall time only."),
         "",
     ]
-    header = ["model", "N", "problems", "bundles", "accuracy %", f"{conf}% CI", "tokens/problem", f"{conf}% CI",
-              "answered %", "truncated %", "accuracy by position %", "problems/s", "tokens/s"]
+    header = ["model", "N", "problems", "bundles", "accuracy % (strict)", f"{conf}% CI", "flexible %",
+              f"{conf}% CI", "tokens/problem", f"{conf}% CI", "answered % (strict / flexible)", "truncated %",
+              "accuracy by position %", "problems/s", "tokens/s"]
     rows = []
     for r in summary["rows"]:
         t = r.get(TIMING_KEY) or {}
         rows.append([
             str(r["model"]), str(r["n_problems"]), str(r["num_problems"]), str(r["num_bundles"]),
             _pct(r["accuracy"]), f"[{_pct(r['accuracy_ci_low'])}, {_pct(r['accuracy_ci_high'])}]",
+            _pct(r.get("flexible_accuracy")),
+            f"[{_pct(r.get('flexible_accuracy_ci_low'))}, {_pct(r.get('flexible_accuracy_ci_high'))}]",
             _f(r["tokens_per_problem"], 1),
             f"[{_f(r.get('tokens_per_problem_ci_low'), 1)}, {_f(r.get('tokens_per_problem_ci_high'), 1)}]",
-            _pct(r["answered_rate"]), _pct(r["truncation_rate"]),
+            f"{_pct(r['answered_rate'])} / {_pct(r.get('flexible_answered_rate'))}", _pct(r["truncation_rate"]),
             " / ".join(_pct(v, 0) for v in r["accuracy_by_position"]),
             _f(t.get("problems_per_s")), _f(t.get("tokens_per_s"), 1),
         ])

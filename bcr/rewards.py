@@ -2,6 +2,10 @@ r"""Per-instance rewards and GRPO-style advantages for N problems per completion
 
 * :func:`instance_rewards` — ``[G, N]`` accuracy rewards (1.0 correct, 0.0 wrong or missing; no
   format bonus) from parsed completions.
+
+All of them score through :func:`bcr.scoring.score_completion`; ``extraction="strict"`` (default: the
+answer format is part of the task) or ``"flexible"`` (``BCRConfig.reward_extraction``) picks how
+answers are read.
 * :func:`accuracy_reward` — the same as a TRL-style reward function
   ``f(prompts=..., completions=..., answer=..., **columns)`` returning one list of N floats per
   completion.
@@ -21,12 +25,13 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from bcr.parsing import ParsedCompletion, parse_completion
-from bcr.verify import _score_chunk, answers_match
+from bcr.scoring import check_extraction, score_chunk, score_completion
 
 __all__ = [
     "accuracy_reward",
@@ -55,14 +60,29 @@ def _per_completion_answers(answers: Any, g: int) -> list[list[str]]:
     return [[str(x) for x in answers]] * g
 
 
-def instance_rewards(parsed: Sequence[ParsedCompletion], answers: Sequence[Any]) -> torch.Tensor:
+def instance_rewards(
+    parsed: Sequence[ParsedCompletion],
+    answers: Sequence[Any],
+    *,
+    extraction: str = "strict",
+    texts: Sequence[str] | None = None,
+    truncated: Sequence[bool] | None = None,
+    timeout: float = 2.0,
+) -> torch.Tensor:
     """Rewards ``[G, N]``: 1.0 where instance n of completion g matches its reference, else 0.0.
 
     ``answers`` holds the N reference answers of the prompt (shared by its G completions), or one
     list of N per completion. Missing answers score 0.0; there is no format bonus.
+    ``extraction="flexible"`` needs the completion ``texts`` (and their ``truncated`` flags).
     """
+    check_extraction(extraction)
     g = len(parsed)
     refs = _per_completion_answers(answers, g)
+    if extraction == "flexible" and (texts is None or len(texts) != g):
+        raise ValueError(
+            f"instance_rewards: extraction='flexible' reads the completions: pass texts= (one per parsed "
+            f"completion, {g}), got {None if texts is None else len(texts)}"
+        )
     if g == 0:
         n = len(refs[0]) if refs else 0
         return torch.zeros(0, n, dtype=torch.float32)
@@ -74,9 +94,15 @@ def instance_rewards(parsed: Sequence[ParsedCompletion], answers: Sequence[Any])
                 f"instance_rewards: completion {i} was parsed for {len(pc.instances)} problems but has "
                 f"{len(ref)} reference answers (expected {n}); parse with n_problems = number of answers"
             )
-        for j, (inst, r) in enumerate(zip(pc.instances, ref)):
-            if inst.answer is not None and answers_match(inst.answer, r):
-                out[i, j] = 1.0
+        score = score_completion(
+            pc,
+            ref,
+            text=texts[i] if texts is not None else None,
+            truncated=bool(truncated[i]) if truncated is not None else False,
+            extraction=extraction,
+            timeout=timeout,
+        )
+        out[i] = torch.tensor(score.rewards, dtype=torch.float32)
     return out
 
 
@@ -93,10 +119,12 @@ def _completion_text(c: Any) -> str:
 
 
 def accuracy_reward(
-    prompts: Optional[Sequence[Any]],
+    prompts: Sequence[Any] | None,
     completions: Sequence[Any],
     answer: Sequence[Any],
-    n_problems: Optional[Sequence[int]] = None,
+    n_problems: Sequence[int] | None = None,
+    *,
+    extraction: str = "strict",
     **kw: Any,
 ) -> list[list[float]]:
     """TRL-style per-instance accuracy reward.
@@ -105,8 +133,10 @@ def accuracy_reward(
     content is used); ``answer[i]`` is the list of N reference answers for completion i (a bare
     string means N = 1); ``n_problems[i]`` defaults to ``len(answer[i])``. An optional
     ``truncated`` column (list of bools) marks completions that hit the token budget. Returns one
-    list of N floats (1.0 / 0.0) per completion.
+    list of N floats (1.0 / 0.0) per completion. ``extraction`` is ``"strict"`` or ``"flexible"``
+    (bind it with :func:`functools.partial`).
     """
+    check_extraction(extraction)
     if len(answer) != len(completions):
         raise ValueError(
             f"accuracy_reward: {len(completions)} completions but {len(answer)} answer rows; the "
@@ -122,12 +152,13 @@ def accuracy_reward(
                 f"accuracy_reward: completion {i} has n_problems={n} but {len(refs)} reference answers"
             )
         trunc = bool(truncated[i]) if truncated is not None else False
-        pc = parse_completion(_completion_text(c), n, truncated=trunc)
-        out.append([1.0 if (a is not None and answers_match(a, r)) else 0.0 for a, r in zip(pc.answers, refs)])
+        text = _completion_text(c)
+        pc = parse_completion(text, n, truncated=trunc)
+        out.append(score_completion(pc, refs, text=text, truncated=trunc, extraction=extraction).rewards)
     return out
 
 
-_POOL: Optional[ProcessPoolExecutor] = None
+_POOL: ProcessPoolExecutor | None = None
 _POOL_WORKERS = 0
 
 
@@ -147,16 +178,18 @@ def score_completions(
     answers: Sequence[Any],
     *,
     workers: int = 0,
-    truncated: Optional[Sequence[bool]] = None,
+    truncated: Sequence[bool] | None = None,
     timeout: float = 2.0,
+    extraction: str = "strict",
 ) -> tuple[list[ParsedCompletion], torch.Tensor]:
     """Parse and verify ``texts``; returns ``(parsed, rewards [len(texts), n_problems])``.
 
     ``answers`` is N references shared by all texts or one list of N per text. With
     ``workers > 0`` the work is split into chunks over a :class:`ProcessPoolExecutor` of that many
     processes (kept alive between calls and reused while ``workers`` stays the same); with
-    ``workers=0`` it runs in this process.
+    ``workers=0`` it runs in this process. ``extraction``: ``"strict"`` or ``"flexible"``.
     """
+    check_extraction(extraction)
     texts = list(texts)
     g = len(texts)
     refs = _per_completion_answers(answers, g) if g else []
@@ -166,17 +199,17 @@ def score_completions(
     trunc = [False] * g if truncated is None else [bool(t) for t in truncated]
     if len(trunc) != g:
         raise ValueError(f"score_completions: {len(trunc)} truncated flags for {g} texts")
-    items = [(t, n_problems, r, tr, float(timeout)) for t, r, tr in zip(texts, refs, trunc)]
+    items = [(t, n_problems, r, tr, float(timeout), extraction) for t, r, tr in zip(texts, refs, trunc)]
     if workers and workers > 0 and g > 1:
         pool = _get_pool(int(workers))
         n_chunks = min(g, int(workers) * 8)
         size = math.ceil(g / n_chunks)
         chunks = [items[i : i + size] for i in range(0, g, size)]
         results = []
-        for part in pool.map(_score_chunk, chunks):
+        for part in pool.map(score_chunk, chunks):
             results.extend(part)
     else:
-        results = _score_chunk(items)
+        results = score_chunk(items)
     parsed = [p for p, _ in results]
     rewards = torch.tensor([r for _, r in results], dtype=torch.float32).reshape(g, n_problems)
     return parsed, rewards
@@ -203,7 +236,7 @@ def _check_rewards(rewards: Any) -> list[torch.Tensor]:
     return out
 
 
-def _std(x: torch.Tensor, dim: Optional[int] = None) -> torch.Tensor:
+def _std(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Unbiased std like TRL (torch.std), 0 where fewer than two values."""
     n = x.numel() if dim is None else x.shape[dim]
     if n < 2:
@@ -217,7 +250,7 @@ def compute_advantages(
     scale_rewards: str = "group",
     advantage_mode: str = "instance",
     eps: float = 1e-4,
-    batch_std: Optional[float] = None,
+    batch_std: float | None = None,
 ) -> list[torch.Tensor]:
     """Group-relative advantages for each prompt's ``[G, N_b]`` reward matrix.
 
@@ -269,11 +302,11 @@ def compute_advantages(
 
 
 def length_penalty_rewards(
-    lengths: Union[Sequence[int], torch.Tensor],
-    correct: Union[Sequence[float], torch.Tensor],
+    lengths: Sequence[int] | torch.Tensor,
+    correct: Sequence[float] | torch.Tensor,
     *,
     method: str = "kimi",
-    target_length: Optional[Union[int, Sequence[int], torch.Tensor]] = None,
+    target_length: int | Sequence[int] | torch.Tensor | None = None,
     alpha: float = 0.0003,
 ) -> torch.Tensor:
     """Explicit length-penalty rewards for G completions of one prompt — **baselines only**.

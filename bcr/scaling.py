@@ -9,6 +9,8 @@ carries at least::
     completion_tokens, truncated, answered [bool per instance], correct [bool per instance],
     timing {"batch_index", "generate_s"}
 
+and, from sweeps that record it, flexible_answers / flexible_correct [per instance]
+
 so every number in a summary can be recomputed from ``results.jsonl`` alone.
 
 Definitions (one place, used by the report too):
@@ -24,6 +26,10 @@ Definitions (one place, used by the report too):
   recomputes the ratio (``ci_method="normal"``: the delta-method interval of the ratio).
 - **non-monotonic N**: the N at which tokens per problem rises over the previous N; *clear rises*
   are those whose CI lies wholly above the previous N's CI (a rise noise alone rarely explains).
+- **strict and flexible accuracy**: ``accuracy`` (and ``answered_rate``) use the BCR answer format
+  (``correct``); ``flexible_accuracy`` (its CI, ``flexible_answered_rate``) the same definitions on
+  ``flexible_correct`` / ``flexible_answers`` (see :mod:`bcr.scoring`), or None when a record lacks
+  them (a sweep recorded before they existed).
 - **answered rate**: fraction of instances with a parsed answer; **truncation rate**: fraction of
   completions that hit the token budget.
 - **accuracy by position**: mean correctness of the instances at position p (0-based) in their bundle.
@@ -240,20 +246,37 @@ def paired_bootstrap(
 # ----------------------------------------------------------------------------- per-(model, N) summary
 
 
-def problem_level(records: Iterable[Mapping]) -> dict[str, dict[str, float]]:
+def problem_level(records: Iterable[Mapping], correct_key: str = "correct") -> dict[str, dict[str, float]]:
     """Per problem id: mean correctness and mean completion tokens attributed to it over samples.
 
     A problem's token share in one completion is ``completion_tokens / n_actual`` (the completion
-    budget is shared, so tokens are split evenly over the instances of the bundle).
+    budget is shared, so tokens are split evenly over the instances of the bundle). ``correct_key``
+    names the correctness field (``"flexible_correct"`` for flexible extraction).
     """
     acc: dict[str, list[float]] = defaultdict(list)
     tok: dict[str, list[float]] = defaultdict(list)
     for r in records:
         share = r["completion_tokens"] / r["n_actual"]
-        for pid, ok in zip(r["problem_ids"], r["correct"]):
+        for pid, ok in zip(r["problem_ids"], r[correct_key]):
             acc[pid].append(float(ok))
             tok[pid].append(share)
     return {pid: {"accuracy": float(np.mean(acc[pid])), "tokens": float(np.mean(tok[pid]))} for pid in acc}
+
+
+def _flexible_accuracy(records: Sequence[Mapping], instances: int, *, seed: int, **ci) -> dict:
+    """``flexible_accuracy`` (+ CI) and ``flexible_answered_rate``; None where a record lacks them."""
+    if not all("flexible_correct" in r and "flexible_answers" in r for r in records):
+        keys = ("flexible_accuracy", "flexible_accuracy_ci_low", "flexible_accuracy_ci_high", "flexible_answered_rate")
+        return dict.fromkeys(keys)
+    per_problem = problem_level(records, correct_key="flexible_correct")
+    mean, lo, hi = mean_ci([per_problem[p]["accuracy"] for p in sorted(per_problem)], seed=seed, **ci)
+    answered = sum(sum(a is not None for a in r["flexible_answers"]) for r in records)
+    return {
+        "flexible_accuracy": mean,
+        "flexible_accuracy_ci_low": lo,
+        "flexible_accuracy_ci_high": hi,
+        "flexible_answered_rate": answered / instances,
+    }
 
 
 def summarize_group(
@@ -288,6 +311,10 @@ def summarize_group(
         seed=stable_seed(seed, model, n, "tokens"),
     )
     answered = sum(sum(bool(a) for a in r["answered"]) for r in records)
+    flexible = _flexible_accuracy(
+        records, instances, method=ci_method, confidence=confidence, n_bootstrap=n_bootstrap,
+        seed=stable_seed(seed, model, n, "flexible_accuracy"),
+    )
 
     by_position: dict[int, list[float]] = defaultdict(list)
     for r in records:
@@ -311,6 +338,7 @@ def summarize_group(
         "accuracy": mean,
         "accuracy_ci_low": lo,
         "accuracy_ci_high": hi,
+        **flexible,
         "tokens_per_problem": tokens / instances,
         "tokens_per_problem_ci_low": tok_lo,
         "tokens_per_problem_ci_high": tok_hi,

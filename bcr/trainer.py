@@ -397,11 +397,15 @@ class BCRTrainer:
     # Scoring and samples
     # ------------------------------------------------------------------------------------------
     def score(self, prompts: list[str], bundles: list[list], groups: list[list[Generation]]) -> Scored:
-        """Parse every completion into N answers; accuracy per instance; the training rewards
-        (``reward_fn`` when given, else the accuracy)."""
+        """Parse every completion into N answers; accuracy per instance (``reward_extraction``: the BCR
+        answer format, or also free-form answers); the training rewards (``reward_fn`` when given, else
+        the accuracy)."""
         parsed = [[parse_completion(g.text, len(problems), truncated=g.truncated) for g in group]
                   for problems, group in zip(bundles, groups)]
-        correct = [instance_rewards(p, [q.answer for q in problems]) for problems, p in zip(bundles, parsed)]
+        extraction = self.config.reward_extraction
+        correct = [instance_rewards(p, [q.answer for q in problems], extraction=extraction,
+                                    texts=[g.text for g in group], truncated=[g.truncated for g in group])
+                   for problems, group, p in zip(bundles, groups, parsed)]
         rewards = self._rewards(prompts, bundles, groups, parsed) if self.reward_fns else correct
         return Scored(parsed, correct, rewards)
 

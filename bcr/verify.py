@@ -29,16 +29,21 @@ content of ``\boxed{...}``; ``ref`` is a reference answer as written in the data
      used, in a persistent helper **subprocess** (``subprocess.Popen``, so it also works inside
      daemonic ``multiprocessing`` workers). The helper applies the same alarm internally; if it does
      not answer within ``timeout + 1 s`` it is killed and restarted on the next call, so even a hang
-     inside C code cannot block the caller. One request is in flight at a time (a lock).
+     inside C code cannot block the caller. Helpers form a pool, one per concurrent caller (started
+     on demand, kept for reuse, at most :data:`MAX_HELPERS`), so the bound holds for every caller:
+     16 threads checking at once each get their answer within ``timeout + 1 s``, not one after
+     another.
 
    A timeout counts as "no match" (False).
 6. Any exception anywhere -> False. ``answers_match`` never raises.
 
-Results are cached with :func:`functools.lru_cache` on ``(pred, ref, timeout)``.
+Results are cached with :func:`functools.lru_cache` on ``(pred, ref, timeout)``. Parsing completions
+and turning answers into rewards is :mod:`bcr.scoring`'s job.
 """
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import os
@@ -50,9 +55,8 @@ import sys
 import threading
 import time
 from fractions import Fraction
-from typing import Optional
 
-__all__ = ["MAX_VERIFY_CHARS", "REL_TOL", "answers_match", "normalize_answer", "parse_number"]
+__all__ = ["MAX_HELPERS", "MAX_VERIFY_CHARS", "REL_TOL", "answers_match", "normalize_answer", "parse_number"]
 
 #: Strings longer than this are compared by normalised string equality only.
 MAX_VERIFY_CHARS = 1000
@@ -62,6 +66,9 @@ REL_TOL = 1e-6
 _HARD_GRACE_S = 1.0
 #: Seconds allowed for the helper subprocess to start (it imports math-verify / sympy).
 _STARTUP_S = 60.0
+#: At most this many helper subprocesses (one per concurrent caller off the main thread); further
+#: concurrent callers wait for a helper to come back.
+MAX_HELPERS = 32
 
 
 # ----------------------------------------------------------------------------------------------
@@ -128,7 +135,7 @@ _FRAC_RE = re.compile(
 )
 
 
-def parse_number(s: str) -> Optional[tuple[Fraction, bool, bool]]:
+def parse_number(s: str) -> tuple[Fraction, bool, bool] | None:
     """``(value, written_with_decimal_point, has_percent)`` for a plain number, else None.
 
     ``s`` should already be normalised (:func:`normalize_answer`).
@@ -309,12 +316,13 @@ for line in sys.stdin.buffer:
 """
 
 
-class _SubprocessVerifier:
-    """A persistent helper process running :func:`_compare_with_alarm`, killed on overrun."""
+class _Helper:
+    """A persistent helper process running :func:`_compare_with_alarm`, killed on overrun.
+
+    Used by one caller at a time (the :class:`_HelperPool` hands it out)."""
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.proc: Optional[subprocess.Popen] = None
+        self.proc: subprocess.Popen | None = None
         self.buf = b""
 
     def _kill(self) -> None:
@@ -324,10 +332,16 @@ class _SubprocessVerifier:
                 self.proc.wait(timeout=5)
             except Exception:
                 pass
+            for pipe in (self.proc.stdin, self.proc.stdout):
+                try:
+                    if pipe is not None:
+                        pipe.close()
+                except Exception:
+                    pass
         self.proc = None
         self.buf = b""
 
-    def _readline(self, deadline: float) -> Optional[bytes]:
+    def _readline(self, deadline: float) -> bytes | None:
         assert self.proc is not None and self.proc.stdout is not None
         fd = self.proc.stdout.fileno()
         while b"\n" not in self.buf:
@@ -359,32 +373,77 @@ class _SubprocessVerifier:
         return True
 
     def compare(self, pred: str, ref: str, timeout: float) -> bool:
-        with self.lock:
-            try:
-                if self.proc is None or self.proc.poll() is not None:
-                    if not self._start():
-                        return False
-                assert self.proc is not None and self.proc.stdin is not None
-                self.proc.stdin.write((json.dumps([pred, ref, timeout]) + "\n").encode())
-                self.proc.stdin.flush()
-                line = self._readline(time.monotonic() + timeout + _HARD_GRACE_S)
-                if line is None:
-                    self._kill()
+        try:
+            if self.proc is None or self.proc.poll() is not None:
+                if not self._start():
                     return False
-                return line.strip() == b"1"
-            except Exception:
+            assert self.proc is not None and self.proc.stdin is not None
+            self.proc.stdin.write((json.dumps([pred, ref, timeout]) + "\n").encode())
+            self.proc.stdin.flush()
+            line = self._readline(time.monotonic() + timeout + _HARD_GRACE_S)
+            if line is None:
                 self._kill()
                 return False
+            return line.strip() == b"1"
+        except Exception:
+            self._kill()
+            return False
 
 
-_SUBPROCESS = _SubprocessVerifier()
+class _HelperPool:
+    """Helpers handed out one per concurrent caller: a caller takes an idle helper, or starts a new
+    one while fewer than :data:`MAX_HELPERS` exist (else it waits for one to come back), so the time
+    bound holds per caller, not per process."""
+
+    def __init__(self, max_helpers: int) -> None:
+        self.max_helpers = max_helpers
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget all helpers (a forked child must not share its parent's pipes)."""
+        self._cond = threading.Condition()
+        self._idle: list[_Helper] = []
+        self._count = 0
+
+    def close(self) -> None:
+        """Stop the idle helpers (at exit; a helper in use is left to its caller)."""
+        with self._cond:
+            idle, self._idle = self._idle, []
+            self._count -= len(idle)
+        for helper in idle:
+            helper._kill()
+
+    def _acquire(self) -> _Helper:
+        with self._cond:
+            while not self._idle and self._count >= self.max_helpers:
+                self._cond.wait()
+            if self._idle:
+                return self._idle.pop()  # the most recently used one: warm
+            self._count += 1
+            return _Helper()
+
+    def _release(self, helper: _Helper) -> None:
+        with self._cond:
+            self._idle.append(helper)
+            self._cond.notify()
+
+    def compare(self, pred: str, ref: str, timeout: float) -> bool:
+        helper = self._acquire()
+        try:
+            return helper.compare(pred, ref, timeout)
+        finally:
+            self._release(helper)
+
+
+_HELPERS = _HelperPool(MAX_HELPERS)
+atexit.register(_HELPERS.close)
 
 
 def _bounded_math_verify(pred: str, ref: str, timeout: float) -> bool:
     if _can_use_alarm():
         return _compare_with_alarm(pred, ref, timeout)
     if os.name == "posix":
-        return _SUBPROCESS.compare(pred, ref, timeout)
+        return _HELPERS.compare(pred, ref, timeout)
     # Non-POSIX, not the main thread: no way to interrupt; rely on the length cap.
     try:
         return _mv_compare(pred, ref)
@@ -414,7 +473,7 @@ def _match_cached(pred: str, ref: str, timeout: float) -> bool:
         return False
 
 
-def answers_match(pred: Optional[str], ref: str, *, timeout: float = 2.0) -> bool:
+def answers_match(pred: str | None, ref: str, *, timeout: float = 2.0) -> bool:
     """True when the predicted answer ``pred`` is equivalent to the reference ``ref``.
 
     See the module docstring for the exact rules. Never raises; never runs much longer than
@@ -434,28 +493,9 @@ def answers_match(pred: Optional[str], ref: str, *, timeout: float = 2.0) -> boo
 
 
 def _reset_after_fork() -> None:  # pragma: no cover - exercised by process pools
-    # A forked child must not talk to its parent's helper process through inherited pipes.
-    _SUBPROCESS.lock = threading.Lock()
-    _SUBPROCESS.proc = None
-    _SUBPROCESS.buf = b""
+    # A forked child must not talk to its parent's helper processes through inherited pipes.
+    _HELPERS.reset()
 
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_after_fork)
-
-
-def _score_chunk(items):
-    """Worker for :func:`bcr.rewards.score_completions`: ``(text, n, refs, truncated, timeout)`` ->
-    ``(ParsedCompletion, rewards list)``. Lives here (not in :mod:`bcr.rewards`) so that a
-    spawned pool worker does not have to import torch."""
-    from bcr.parsing import parse_completion
-
-    out = []
-    for text, n, refs, trunc, timeout in items:
-        pc = parse_completion(text, n, truncated=trunc)
-        row = [
-            1.0 if (a is not None and answers_match(a, r, timeout=timeout)) else 0.0
-            for a, r in zip(pc.answers, refs)
-        ]
-        out.append((pc, row))
-    return out

@@ -124,3 +124,12 @@ def test_check_fields_on_any_dataclass():
         Cfg(rate=math.inf)
     with pytest.raises(ConfigError, match="steps=None: a value is required"):
         Cfg(steps=None)
+
+
+def test_config_choices_match_the_modules_that_implement_them():
+    from bcr import config, model_loading, scoring
+
+    assert config.REWARD_EXTRACTIONS == scoring.EXTRACTIONS
+    assert config.MODEL_DTYPES == model_loading.DTYPES
+    with pytest.raises(ConfigError, match="reward_extraction"):
+        BCRConfig(reward_extraction="fuzzy")

@@ -13,9 +13,11 @@ import pytest
 
 from bcr.dataclass_cli import ConfigError
 from bcr.evaluation import EvalConfig, cli_main, evaluate_scaling, prompt_hash, read_results
+from bcr.parsing import parse_completion
 from bcr.report import PLOT_FILES
 from bcr.rollout import make_engine
 from bcr.scaling import strip_timing
+from bcr.scoring import score_completion
 from bcr.synthetic import make_arithmetic_problems
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -105,6 +107,12 @@ def test_sweep_writes_every_output(tmp_path, problems, tiny_qwen2, tiny_tokenize
         assert r["truncated"] == (r["completion_tokens"] == 24 and r["truncated"])  # bool, consistent with budget
         assert isinstance(r["completion"], str) and len(r["prompt_sha256"]) == 16
         assert r["answered"] == [a is not None for a in r["parsed_answers"]]
+        # flexible extraction keeps the strict answers and is scored by the same function
+        parsed = parse_completion(r["completion"], r["n_actual"], truncated=r["truncated"])
+        flexible = score_completion(parsed, r["references"], text=r["completion"], truncated=r["truncated"],
+                                    extraction="flexible")
+        assert (r["flexible_answers"], r["flexible_correct"]) == (flexible.answers, flexible.correct)
+        assert all(f for s, f in zip(r["correct"], r["flexible_correct"]) if s)
         assert set(r["timing"]) == {"batch_index", "generate_s"} and r["timing"]["generate_s"] > 0
     # the two samples of a bundle are different draws (a real sampler, not a stub)
     texts = {}
@@ -120,6 +128,10 @@ def test_sweep_writes_every_output(tmp_path, problems, tiny_qwen2, tiny_tokenize
         assert row["truncation_rate"] == pytest.approx(sum(r["truncated"] for r in recs) / len(recs))
         assert len(row["accuracy_by_position"]) == row["n_problems"]
         assert row["accuracy_ci_low"] <= row["accuracy"] <= row["accuracy_ci_high"]
+        assert row["flexible_accuracy_ci_low"] <= row["flexible_accuracy"] <= row["flexible_accuracy_ci_high"]
+        assert row["flexible_accuracy"] >= row["accuracy"]
+        flexible_answered = sum(a is not None for r in recs for a in r["flexible_answers"])
+        assert row["flexible_answered_rate"] == pytest.approx(flexible_answered / (2 * 12))
         assert row["tokens_per_problem_ci_low"] <= row["tokens_per_problem"] <= row["tokens_per_problem_ci_high"]
         assert row["timing"]["problems_per_s"] > 0 and row["timing"]["tokens_per_s"] > 0
     fit = summary["fits"]["model"]

@@ -3,6 +3,12 @@ Hypothesis fuzzing of the invariants, and token attribution with a real byte-lev
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import random
+import time
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -10,6 +16,8 @@ from hypothesis import strategies as st
 from bcr.parsing import (
     ParsedCompletion,
     completion_segment_ids,
+    extract_boxed,
+    flexible_answers,
     parse_completion,
     segment_ids_for_tokens,
     token_offsets,
@@ -272,6 +280,166 @@ def test_segment_ids_rules():
     ) == [0, 0, 0, 2, -1, -1, 0, -1, 2]
     # a token mostly in shared text goes to shared; a tie with shared goes to the instance
     assert segment_ids_for_tokens([(8, 13), (8, 12)], [(0, 10)]) == [-1, 0]
+
+
+# ------------------------------------------------------------------------------- random corpus, pinned
+#
+# The parser was restructured (stages as functions, linear-time patterns) without changing a single
+# result: the digest below is that of the parses of this corpus by the parser before the rewrite. A
+# deliberate change of the parsing rules changes it; recompute it then and say so in the commit.
+
+HEADERS = ["### Problem {k}", "**Problem {k}:**", "Problem {k}:", "## Question {k}", "Problem #{k}.", "Problem {k}",
+           "problem {k} asks for", "### Problem {k}\t", "  Problem ({k})", "__Problem {k}__", "# QUESTION {k})"]
+LABELS = ["Answer {k}: ", "**Answer {k}:** ", "Final Answer {k}: ", "Answer to Problem {k}: ", "Answer ({k}): ",
+          "Answer {k}： ", "answer for question {k}:", "**Answer {k}**: ", "Answer #{k}:", "Answer: ", "Final answer: "]
+VALUES = ["\\boxed{{{v}}}", "{v}", "$\\boxed{{{v}}}$", "\\boxed{{\\frac{{{v}}}{{2}}}}", "**{v}**", "${v}$.",
+          "\\boxed {v}", "\\fbox{{{v}}}", "\\boxed{{{v}", "\\boxed{{\\{{{v}\\}}}}", "...", "x = {v}", "\n\\boxed{{{v}}}"]
+WORDS = ["so", "we", "get", "the", "answer", "is", "x", "=", "+", "compute", "Answer", "Problem", "\\boxed{", "}",
+         "{", "$", "**", "\n", "\n\n", " ", "\t", "</think>", "<think>", "π", "答案", "：", "#", "(", ")", "1", "2", "."]
+
+
+SOUP = WORDS + ["\\", "\\\\", "\\{", "\\}", "{{", "}}", "\\boxed", "\\fbox{", "\\boxed {", "**Answer", "__Answer",
+                "Answer 2:", "Answer:", "answer  to problem 3 :", "Final  Answer 1：", "### Problem 2", "Problem 1.",
+                "**Problem 3:**", "  Problem 2", "\t", "\n\n", "$$", "\\(", "\\[", "12345", "(2)", "#"]
+
+
+def random_completion(rng: random.Random) -> tuple[str, int, bool]:
+    n = rng.choice([1, 1, 2, 3, 4, 5, 8])
+    kind = rng.random()
+    if kind < 0.15:
+        text = "".join(rng.choice(SOUP) if rng.random() < 0.9 else rng.choice(" \t") * rng.randint(1, 60)
+                       for _ in range(rng.randint(0, 120)))
+    elif kind < 0.3:
+        text = "".join(rng.choice(WORDS) if rng.random() < 0.8 else str(rng.randint(0, 12))
+                       for _ in range(rng.randint(0, 80)))
+    else:
+        parts = []
+        if rng.random() < 0.2:
+            parts.append("<think>\n" + rng.choice(["plan", "Answer 1: \\boxed{9}", "\\boxed{3}", ""]) +
+                         ("\n</think>\n" if rng.random() < 0.8 else "\n"))
+        order = list(range(1, n + 2))
+        if rng.random() < 0.2:
+            rng.shuffle(order)
+        for k in order:
+            if rng.random() < 0.1:
+                continue
+            if rng.random() < 0.7:
+                parts.append(rng.choice(HEADERS).format(k=k) + rng.choice(["\n", " ", "\n\n", ""]))
+            parts.append(rng.choice(["work", "We compute 3+4=7.", "", "Let x = 2.", "\\boxed{1} then"]) + "\n")
+            for _ in range(rng.choice([0, 1, 1, 1, 2])):
+                v = rng.choice([str(rng.randint(-5, 99)), "a", "\\frac{1}{3}", "", "1,000", "3.5"])
+                parts.append(rng.choice(LABELS).format(k=k) + rng.choice(VALUES).format(v=v))
+                parts.append(rng.choice(["\n", "\n\n", " ", ". ", ""]))
+        text = "".join(parts)
+    truncated = rng.random() < 0.25
+    if truncated and text:
+        text = text[: rng.randint(0, len(text))]
+    return text, n, truncated
+
+
+def random_corpus(seed: int, count: int) -> list[tuple[str, int, bool]]:
+    rng = random.Random(seed)
+    return [random_completion(rng) for _ in range(count)]
+
+
+def _corpus_digest(seed: int, count: int) -> str:
+    h = hashlib.sha256()
+    for text, n, truncated in random_corpus(seed, count):
+        pc = parse_completion(text, n, truncated=truncated)
+        h.update(json.dumps([[dataclasses.asdict(i) for i in pc.instances], pc.shared_spans]).encode())
+    return h.hexdigest()
+
+
+def test_random_corpus_parses_as_before_the_rewrite():
+    assert _corpus_digest(0, 5000) == "22b1e7b4d2a2a1b98c968633beeffac17d090519b93c12c040a7cebaefa5d32d"
+
+
+# ------------------------------------------------------------------------------- linear time
+
+ADVERSARIAL_200K = {
+    "spaces": (" " * 200_000, 2),
+    "tabs_after_label": ("**Answer" + " \t" * 100_000 + "x", 2),
+    "header_blanks": ("### " + " " * 200_000 + "x", 2),
+    "unclosed_boxes": ("\\boxed{" * 28_000, 2),
+    "nested_boxes": ("\\boxed{" * 10_000 + "1" + "}" * 10_000, 1),
+    "labels_one_line": ("".join(f"Answer {k % 64 + 1}: \\boxed{{{k}}} " for k in range(9000)), 64),
+    "spaces_then_label": (" " * 100_000 + "Answer 1:" + " " * 100_000 + "5", 1),
+}
+
+
+@pytest.mark.parametrize("name", list(ADVERSARIAL_200K))
+def test_adversarial_200k_parses_fast(name):
+    """A generous bound against quadratic behaviour (which takes minutes to hours on these inputs);
+    the speed target itself is measured by benchmarks/bench_parser.py."""
+    text, n = ADVERSARIAL_200K[name]
+    t0 = time.perf_counter()
+    pc = parse_completion(text, n, truncated=True)
+    assert time.perf_counter() - t0 < 2.0
+    check_invariants(text, pc, n)
+
+
+def test_unclosed_and_nested_boxes():
+    assert extract_boxed("\\boxed{" * 5 + "\\boxed{2}") == [("2", 35, 44)]
+    assert extract_boxed("\\boxed{\\boxed{1}}")[0] == ("\\boxed{1}", 0, 17)
+    assert extract_boxed("\\boxed{a\\}b} \\boxed{\\\\}") == [("a\\}b", 0, 12), ("\\\\", 13, 23)]
+
+
+def test_lone_surrogates_are_text():
+    text = "x \ud800 Answer 1: \\boxed{\udfff 5}\nAnswer 2: \\boxed{7}"
+    assert parse_completion(text, 2).answers == ["\udfff 5", "7"]
+
+
+LOOP_FRAGMENTS = ["Answer 1:", "Answer:", "\\boxed{", "{", "}", "\\", "### Problem 2", "Problem 1:", " ", "\t", "\n",
+                  "**", "42", "</think>", "answer is 7", "$"]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    parts=st.lists(st.tuples(st.sampled_from(LOOP_FRAGMENTS), st.integers(1, 3000)), max_size=6),
+    n=st.integers(1, 64),
+    truncated=st.booleans(),
+)
+def test_fuzz_repetition_loops_never_raise(parts, n, truncated):
+    """Repetition loops (a fragment repeated thousands of times), as RL policies write them."""
+    text = "".join(f * k for f, k in parts)
+    pc = parse_completion(text, n, truncated=truncated)
+    check_invariants(text, pc, n)
+    flex = flexible_answers(text, pc, truncated=truncated)
+    assert len(flex) == n
+
+
+# ------------------------------------------------------------------------------- flexible extraction
+
+FLEXIBLE_CASES = [
+    # (text, n, truncated, strict answers, flexible answers)
+    ("Let me think. 4+6 = 10. The final answer is 10.", 1, False, [None], ["10"]),
+    ("So the answer is $\\frac{1}{2}$.", 1, False, [None], ["\\frac{1}{2}"]),
+    ("The answer is 10 apples, since 5+5.", 1, False, [None], ["10"]),
+    ("We get 12 apples, then 13 pears", 1, False, [None], ["13"]),
+    ("The answer is 1,000.", 1, False, [None], ["1,000"]),
+    ("<think>the answer is 3</think> After checking, 7 it is", 1, False, [None], ["7"]),
+    ("so x \\boxed{4} then 12", 1, False, ["4"], ["4"]),
+    ("I cannot solve this.", 1, False, [None], [None]),
+    ("### Problem 1\nso 5\n### Problem 2\nThe answer is: 7", 2, False, [None, None], ["5", "7"]),
+    ("### Problem 1\nAnswer 1: \\boxed{3}\n### Problem 2\nwe get 8", 2, False, ["3", None], ["3", "8"]),
+    ("1. the answer is 5\n2. the answer is 7", 2, False, [None, None], [None, None]),  # no sections
+    ("total is 12\nthen 13", 1, True, [None], ["12"]),  # the cut last line is not read
+    ("### Problem 1\nx\n\\boxed{6} so\n### Problem 2\nLet y = 12", 2, True, ["6", None], ["6", None]),
+]
+
+
+@pytest.mark.parametrize("text,n,truncated,strict,flexible", FLEXIBLE_CASES)
+def test_flexible_answers(text, n, truncated, strict, flexible):
+    pc = parse_completion(text, n, truncated=truncated)
+    assert pc.answers == strict
+    assert flexible_answers(text, pc, truncated=truncated) == flexible
+
+
+def test_flexible_keeps_every_strict_answer():
+    for text, n, truncated in random_corpus(7, 2000):
+        pc = parse_completion(text, n, truncated=truncated)
+        flex = flexible_answers(text, pc, truncated=truncated)
+        assert [f for f, a in zip(flex, pc.answers) if a is not None] == [a for a in pc.answers if a is not None]
 
 
 # ------------------------------------------------------------------------------------------ tokenizer

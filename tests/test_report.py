@@ -24,10 +24,12 @@ def _records():
             for b in range(0, 8, n):
                 chunk = ids[b : b + n]
                 correct = [zlib.crc32(f"{model}{n}{pid}".encode()) % 100 / 100 < acc for pid in chunk]
+                flexible = [ok or zlib.crc32(f"flex{model}{n}{pid}".encode()) % 2 == 0 for ok, pid in zip(correct, chunk)]
                 records.append({
                     "model": model, "n_problems": n, "bundle_index": b // n, "sample_index": 0,
                     "n_actual": len(chunk), "problem_ids": chunk, "completion_tokens": int(a * n ** -0.4 * len(chunk)),
                     "truncated": n == 4 and b == 0, "answered": [True] * len(chunk), "correct": correct,
+                    "flexible_answers": ["1"] * len(chunk), "flexible_correct": flexible,
                     "timing": {"batch_index": b // n, "generate_s": 0.5},
                 })
     return records
@@ -55,6 +57,11 @@ def test_run_outputs_are_written_and_readable(tmp_path, summary):
     assert "timing.problems_per_s" in rows[0] and float(rows[0]["timing.problems_per_s"]) > 0
     assert float(rows[0]["tokens_per_problem"]) == pytest.approx(summary["rows"][0]["tokens_per_problem"], rel=1e-5)
     assert rows[2]["accuracy_by_position"].count(";") == 3  # N = 4: four positions
+    # strict (accuracy) and flexible accuracy side by side
+    for r, row in zip(rows, summary["rows"]):
+        assert float(r["accuracy"]) == pytest.approx(row["accuracy"], rel=1e-5)
+        assert float(r["flexible_accuracy"]) == pytest.approx(row["flexible_accuracy"], rel=1e-5)
+        assert float(r["flexible_accuracy"]) >= float(r["accuracy"])
 
     # the plots are real PNGs that matplotlib reads back as images
     for name, file in PLOT_FILES.items():
@@ -74,7 +81,9 @@ def test_report_md_holds_the_tables(tmp_path, summary):
     table_rows = [line for line in md.splitlines() if line.startswith(("| base |", "| bcr |"))]
     assert len(table_rows) >= 6 + 2 + 1  # 6 (model, N) rows, 2 fit rows, 1 free-lunch row
     first = summary["rows"][0]
-    assert f"| base | 1 | 8 | 8 | {100 * first['accuracy']:.1f} |" in md
+    assert "accuracy % (strict)" in md and "flexible %" in md
+    assert (f"| base | 1 | 8 | 8 | {100 * first['accuracy']:.1f} | [{100 * first['accuracy_ci_low']:.1f}, "
+            f"{100 * first['accuracy_ci_high']:.1f}] | {100 * first['flexible_accuracy']:.1f} |") in md
     assert f"{first['tokens_per_problem']:.1f}" in md
     b = summary["fits"]["bcr"]["tokens_power_law"]["b"]
     assert f"{b:.3f}" in md

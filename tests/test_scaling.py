@@ -129,6 +129,25 @@ def test_summarize_group_statistics_by_hand():
     assert row["timing"]["tokens_per_s"] == pytest.approx(140 / 3)
 
 
+def test_flexible_accuracy_beside_strict():
+    recs = [
+        _rec("m", 2, 0, 0, ["a", "b"], [True, False], 40, answered=[True, False]),
+        _rec("m", 2, 1, 0, ["c", "d"], [False, False], 40, answered=[False, False]),
+    ]
+    recs[0].update(flexible_answers=["1", "2"], flexible_correct=[True, True])
+    recs[1].update(flexible_answers=["3", None], flexible_correct=[False, False])
+    row = summarize_group(recs, ci_method="normal")
+    assert row["accuracy"] == pytest.approx(1 / 4)  # strict: unchanged
+    assert row["flexible_accuracy"] == pytest.approx(2 / 4)
+    assert row["flexible_accuracy_ci_low"] <= 0.5 <= row["flexible_accuracy_ci_high"]
+    assert row["answered_rate"] == pytest.approx(1 / 4) and row["flexible_answered_rate"] == pytest.approx(3 / 4)
+    # records from a sweep that did not record flexible answers: the fields exist, as None
+    del recs[1]["flexible_correct"]
+    row = summarize_group(recs, ci_method="normal")
+    assert row["accuracy"] == pytest.approx(1 / 4)
+    assert row["flexible_accuracy"] is None and row["flexible_answered_rate"] is None
+
+
 def test_free_lunch_token_reduction_and_accuracy_difference():
     ids = [f"p{i}" for i in range(30)]
     base = [_rec("base", 1, i, 0, [pid], [i % 2 == 0], 100) for i, pid in enumerate(ids)]

@@ -194,6 +194,46 @@ def test_timeout_bounded_in_thread():
         assert dt < 0.5 + 1.0 + 1.5, (pred[:40], dt)
 
 
+def _in_threads(calls, timeout_s=300):
+    """Run ``answers_match(*args, timeout=t)`` for each ``(args, t)`` in its own thread, all at once;
+    returns ``(result, seconds)`` per call."""
+    out = [None] * len(calls)
+    start = threading.Barrier(len(calls))
+
+    def work(i, args, t):
+        start.wait()
+        t0 = time.monotonic()
+        ok = answers_match(*args, timeout=t)
+        out[i] = (ok, time.monotonic() - t0)
+
+    threads = [threading.Thread(target=work, args=(i, a, t)) for i, (a, t) in enumerate(calls)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout_s)
+    assert not any(th.is_alive() for th in threads)
+    return out
+
+
+def test_time_bound_holds_per_caller_with_16_threads():
+    """16 threads verifying at once each get an answer within timeout + 1 s (plus scheduling slack on
+    a loaded 2-core machine); with one helper behind one lock the last waited for all the others."""
+    threads, timeout = 16, 1.0
+    # start the helpers (one per concurrent caller); their start-up is not part of the bound
+    warm = _in_threads([((f"y+{i}", f"{i}+y"), 30.0) for i in range(threads)])
+    assert all(ok for ok, _ in warm)
+    calls = [((ADVERSARIAL[i % len(ADVERSARIAL)][0] + " " * (i + 1), ADVERSARIAL[i % len(ADVERSARIAL)][1]), timeout)
+             for i in range(threads)]
+    got = _in_threads(calls)
+    seconds = sorted(dt for _, dt in got)
+    warnings.warn(VerifyRates(f"16 concurrent pathological checks: slowest {seconds[-1]:.2f} s, median "
+                              f"{seconds[len(seconds) // 2]:.2f} s (timeout {timeout} s)"), stacklevel=1)
+    assert all(ok is False for ok, _ in got)
+    assert seconds[-1] < timeout + 1.0 + 1.5, seconds
+    # and the helpers still answer correctly afterwards
+    assert all(ok for ok, _ in _in_threads([((f"z+{i}", f"{i}+z"), 30.0) for i in range(threads)]))
+
+
 def test_outer_alarm_restored():
     fired = []
     old = signal.signal(signal.SIGALRM, lambda *a: fired.append(1))

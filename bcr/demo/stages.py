@@ -27,8 +27,8 @@ from bcr.io import atomic_write_json, atomic_write_text
 from bcr.metrics import progress_bar
 from bcr.problems import Problem
 from bcr.rewards import length_penalty_rewards
+from bcr.scoring import score_completion
 from bcr.trainer import BCRTrainer
-from bcr.verify import answers_match
 
 from .config import DemoConfig, SFTConfig
 from .summary import check_lines, demo_summary
@@ -221,8 +221,7 @@ def length_penalty_reward(num_generations: int, *, method: str = "kimi", weight:
     :func:`bcr.rewards.length_penalty_rewards`, computed within each group of G completions."""
 
     def reward(completions, completion_ids, answer, parsed, **_):
-        acc = [sum(a is not None and answers_match(a, r) for a, r in zip(p.answers, refs)) / len(refs)
-               for p, refs in zip(parsed, answer)]
+        acc = [sum(score_completion(p, refs).correct) / len(refs) for p, refs in zip(parsed, answer)]
         out = []
         for start in range(0, len(acc), num_generations):
             lengths = [len(ids) for ids in completion_ids[start: start + num_generations]]
