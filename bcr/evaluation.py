@@ -360,15 +360,9 @@ def _check_paths(models: Mapping[str, Any], tokenizer, cfg: EvalConfig) -> None:
     from bcr.run_dir import check_output_dir
 
     check_output_dir(cfg.output_dir)
-    for name, model in models.items():
-        if not isinstance(model, (str, os.PathLike)) or cfg.engine != "hf":
-            continue  # an in-memory model or engine; vLLM resolves its own names
-        path = Path(str(model))
-        if not path.exists():
-            raise ConfigError(f"model path {str(path)!r} for {name!r} does not exist; pass a local HF model directory")
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"model path {str(path)!r} for {name!r} is not a model directory (no config.json); "
-                              "pass a directory written by save_pretrained")
+    for model in models.values():
+        if isinstance(model, (str, os.PathLike)) and cfg.engine == "hf":  # vLLM resolves its own names
+            resolve_model_source(model)  # a directory, a .gguf file or a Hub id; a clear error otherwise
     paths = tokenizer.values() if isinstance(tokenizer, Mapping) else [tokenizer]
     for tok in paths:
         if isinstance(tok, (str, os.PathLike)) and not Path(str(tok)).exists():
@@ -561,11 +555,8 @@ def evaluate_scaling(
     models = _normalize_models(models)
     if cfg.baseline is not None and cfg.baseline not in models:
         raise ConfigError(f"baseline {cfg.baseline!r} is not one of the models {list(models)}")
-    _check_paths(models, tokenizer, cfg)
+    _check_paths(models, tokenizer, cfg)  # a model that cannot load fails here, before anything is written
     problems = _load(problems if problems is not None else cfg.benchmark, cfg)
-    for model in models.values():  # a model that cannot load fails here, before anything is written
-        if isinstance(model, (str, os.PathLike)):
-            resolve_model_source(model)
 
     from bcr.bundling import bundle_sequential
 

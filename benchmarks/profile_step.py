@@ -29,6 +29,9 @@ Variants (each in a FRESH subprocess: 1+ untimed warm-up steps, then ``--repeats
   the backbone's output), ``backward`` = the rest of backward and the clipping, ``optimizer`` = from
   the optimizer's step pre-hook to the end of the update. (Its ``--trace`` has the trainer's own ops
   but no ``bcr_step/`` phase ranges.)
+- ``packed-shared``: ``packed`` with ``shared_prompt=true``: each run of completions with one prompt
+  (``--group-size``) is packed as ``[prompt, completion 1, ..., completion G]`` and the prompt's hidden
+  states are computed once (``packed`` itself runs with ``shared_prompt=false``, every sequence whole).
 - ``packed-two-pass``: the same packed backbone written out with the kernels of the unfused path (what
   the trainer runs with ``num_iterations > 1``): ``bcr_kernels.fused_linear_logprobs`` ->
   ``scatter_instance_advantages`` -> ``policy_loss``.
@@ -136,6 +139,20 @@ PRESETS = {
         "batch": {"num_completions": 8, "budget": 1024, "min_completion": 32, "prompt_len": (64, 128)},
         "dtype": "float32",
     },
+    "cpu-gsm8k": {  # the shared-prompt benchmark (benchmarks/profile_shared_prompts.py): a small model,
+        # a vocabulary the size of a BPE trained on GSM8K; prompt lengths come from the data
+        "model": {
+            "hidden_size": 256,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "intermediate_size": 1024,
+            "vocab_size": 8192,
+            "tie_word_embeddings": True,
+        },
+        "batch": {"num_completions": 8, "budget": 256, "min_completion": 32, "prompt_len": (64, 128)},
+        "dtype": "float32",
+    },
     "qwen2.5-1.5b": {  # Qwen2.5-1.5B's config.json (random weights)
         "model": {
             "hidden_size": 1536,
@@ -171,8 +188,10 @@ def make_batch_spec(
     n_problems: int,
     vocab_size: int,
     seed: int,
+    group_size: int = 1,
 ) -> dict:
-    """Token ids, segment ids and per-instance advantages of a synthetic rollout batch (seeded)."""
+    """Token ids, segment ids and per-instance advantages of a synthetic rollout batch (seeded).
+    ``group_size`` consecutive completions share one prompt (a GRPO group of G samples)."""
     rng = random.Random(seed)
     n_trunc = round(truncated_frac * num_completions)
     lengths = []
@@ -188,9 +207,10 @@ def make_batch_spec(
             raise ValueError(f"length_dist must be uniform or loguniform, got {length_dist!r}")
     rng.shuffle(lengths)
     samples = []
-    for C in lengths:
-        P = rng.randint(prompt_len[0], prompt_len[1])
-        prompt = [rng.randrange(vocab_size) for _ in range(P)]
+    for i, C in enumerate(lengths):
+        if i % group_size == 0:
+            P = rng.randint(prompt_len[0], prompt_len[1])
+            prompt = [rng.randrange(vocab_size) for _ in range(P)]
         completion = [rng.randrange(vocab_size) for _ in range(C)]
         # a short shared preamble (-1), then n_problems contiguous instance spans
         pre = min(C // 10, 32)
@@ -210,6 +230,10 @@ def make_batch_spec(
 def batch_stats(spec: dict) -> dict:
     P, C = spec["prompt_lengths"], spec["completion_lengths"]
     real = sum(P) + sum(C)
+    # tokens of the packed rows when each run of samples with one prompt carries it once
+    firsts = [i for i, s in enumerate(spec["samples"])
+              if i == 0 or s["prompt_ids"] != spec["samples"][i - 1]["prompt_ids"]]
+    shared = sum(P[i] for i in firsts) + sum(C)
     lmax = max(p + c for p, c in zip(P, C))
     return {
         "num_sequences": len(C),
@@ -217,6 +241,7 @@ def batch_stats(spec: dict) -> dict:
         "completion_tokens": sum(C),
         "padded_positions": len(C) * lmax,
         "padding_fraction": 1 - real / (len(C) * lmax),
+        "shared_prompt_tokens": shared,
         "completion_lengths": C,
         "prompt_lengths": P,
     }
@@ -351,6 +376,7 @@ def trainer_config(setup: Setup) -> BCRConfig:
         chunk_tokens=spec.get("chunk_tokens"),
         attn_implementation="bcr_varlen",
         bf16=False,
+        shared_prompt="true" if setup.spec["variant"] == "packed-shared" else "false",
         seed=spec["seed"],
     )
 
@@ -614,6 +640,7 @@ class Variant:
 
 VARIANTS: dict[str, Variant] = {
     "packed": Variant(packed, "bcr_varlen"),
+    "packed-shared": Variant(packed, "bcr_varlen"),
     "packed-two-pass": Variant(packed_two_pass, "bcr_varlen"),
     "padded-eager": Variant(padded_eager, "sdpa"),
     "packed-liger": Variant(packed_liger, "bcr_varlen", "liger_kernel"),
@@ -855,7 +882,9 @@ def parse_args(argv) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {tuple(VARIANTS)}")
+    p.add_argument("--variants", default=",".join(v for v in VARIANTS if v != "packed-shared"),
+                   help=f"comma-separated subset of {tuple(VARIANTS)} (default: all but packed-shared, which "
+                   "needs --group-size > 1 to differ from packed)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: the preset's)")
     p.add_argument("--num-completions", type=int, default=None)
@@ -865,6 +894,8 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--truncated-frac", type=float, default=0.25, help="share of completions cut at the budget")
     p.add_argument("--length-dist", choices=("uniform", "loguniform"), default="uniform")
     p.add_argument("--n-problems", type=int, default=4, help="instances per completion (N)")
+    p.add_argument("--group-size", type=int, default=1,
+                   help="consecutive completions that share one prompt (G; 1: every completion its own prompt)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
@@ -913,6 +944,7 @@ def batch_settings(args: argparse.Namespace) -> dict:
         "n_problems": args.n_problems,
         "vocab_size": preset["model"]["vocab_size"],
         "seed": args.seed,
+        "group_size": args.group_size,
     }
 
 
