@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 from .config import BCRConfig
 from .dataclass_cli import ConfigError, parse_cli
 from .distributed import init_distributed, teardown_distributed
+from .model_loading import resolve_model_source
 from .problems import DataError, load_problems
 from .run_dir import preflight
 from .synthetic import make_arithmetic_problems
@@ -37,18 +37,11 @@ def load_train_problems(cfg: BCRConfig, which: str = "train") -> list:
     return list(problems)
 
 
-def check_model_dir(model: str) -> None:
-    """``model`` is a local model directory (one with config.json)."""
-    if not model or not (Path(model) / "config.json").is_file():
-        raise ConfigError(f"model={model!r} is not a local model directory (no config.json); set model=<path of a "
-                          "directory written by save_pretrained> (download it first with huggingface-cli download)")
-
-
 def cli_main(argv: Sequence[str]) -> int:
     cfg = parse_cli(BCRConfig, argv, prog="bcr train")
     if cfg is None:  # --help
         return 0
-    check_model_dir(cfg.model)
+    resolve_model_source(cfg.model, gguf_file=cfg.gguf_file)  # a directory, a .gguf file or a Hub id; no weights read
     # Under torchrun only the first process probes the lock: the others may start after it took it.
     preflight(cfg, probe_lock=os.environ.get("RANK", "0") == "0")
     init_distributed(cfg.distributed_timeout)  # a no-op unless launched by torchrun with several processes

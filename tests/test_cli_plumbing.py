@@ -211,6 +211,12 @@ def test_other_user_errors_in_process(tmp_path, capsys):
              (["demo", "rl.temperature=nan"], "rl.temperature=nan"), (["demo", "eval.top_p=2"], "eval.top_p"),
              (["train", f"model={tmp_path}", f"output_dir={a_file / 'run'}"], "cannot be created")]
     (tmp_path / "config.json").write_text("{}")  # enough for the model check, which comes first
+    # the model check is the loader's (a directory, a .gguf file or a Hub id), before anything loads
+    (tmp_path / "ggufs").mkdir()
+    (tmp_path / "ggufs" / "m.gguf").write_bytes(b"GGUF")
+    (tmp_path / "fake.gguf").write_bytes(b"not a gguf")
+    cases += [(["train", f"model={tmp_path / 'ggufs'}"], "pass gguf_file=m.gguf"),
+              (["train", f"model={tmp_path / 'fake.gguf'}"], "is not a GGUF file")]
     for argv, words in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
