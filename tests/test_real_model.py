@@ -82,7 +82,7 @@ def test_packed_varlen_logprobs_equal_hf_per_sequence(smollm2):
                                                                      generator=gen).tolist()
         samples.append(Sample(prompt_ids=prompt_ids, completion_ids=completion, advantages=[0.0] * n))
     with torch.no_grad():
-        packed = completion_logprobs(model, pack_row(samples), attn_implementation="bcr_varlen")
+        packed = completion_logprobs(model, pack_row(samples), attn_implementation="bcr_varlen").logp
         alone = torch.cat([_hf_completion_logprobs(model, s) for s in samples])
     assert packed.shape == alone.shape == (sum(len(s.completion_ids) for s in samples),)
     assert float((packed - alone).abs().max()) <= 1e-3
