@@ -9,21 +9,21 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "Problem": "bcr.problems",
-    "load_problems": "bcr.problems",
-    "make_arithmetic_problems": "bcr.synthetic",
-    "Bundler": "bcr.bundling",
-    "render_prompt": "bcr.prompts",
-    "PromptTemplate": "bcr.prompts",
-    "parse_completion": "bcr.parsing",
-    "answers_match": "bcr.verify",
-    "compute_advantages": "bcr.rewards",
-    "BCRConfig": "bcr.config",
-    "BCRTrainer": "bcr.trainer",
-    "evaluate_scaling": "bcr.evaluation",
-    "EvalConfig": "bcr.evaluation",
-    "load_model": "bcr.model_loading",
-    "ModelLoadError": "bcr.model_loading",
+    "Problem": "bcr.data.problems",
+    "load_problems": "bcr.data.problems",
+    "make_arithmetic_problems": "bcr.data.synthetic",
+    "Bundler": "bcr.data.bundling",
+    "render_prompt": "bcr.task.prompts",
+    "PromptTemplate": "bcr.task.prompts",
+    "parse_completion": "bcr.task.parsing",
+    "answers_match": "bcr.task.verify",
+    "compute_advantages": "bcr.rl.rewards",
+    "BCRConfig": "bcr.rl.config",
+    "BCRTrainer": "bcr.rl.trainer",
+    "evaluate_scaling": "bcr.eval.sweep",
+    "EvalConfig": "bcr.eval.sweep",
+    "load_model": "bcr.models.loading",
+    "ModelLoadError": "bcr.models.loading",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -15,11 +15,11 @@ import importlib
 import os
 import sys
 
-from .dataclass_cli import ConfigError
+from bcr.runtime.dataclass_cli import ConfigError
 
 COMMANDS = {
-    "train": ("bcr.train_cli", "train a model with BCR (rollout, per-instance rewards, packed update)"),
-    "eval": ("bcr.evaluation", "task-scaling-law sweep over N: accuracy, tokens per problem, throughput"),
+    "train": ("bcr.rl.train_cli", "train a model with BCR (rollout, per-instance rewards, packed update)"),
+    "eval": ("bcr.eval.sweep", "task-scaling-law sweep over N: accuracy, tokens per problem, throughput"),
     "demo": ("bcr.demo", "the embedded CPU demo: SFT a verbose reasoner, BCR-train it, sweep N"),
 }
 
@@ -36,8 +36,8 @@ INPUT_ERRORS: tuple[type[BaseException], ...] = (
 
 def _run_errors() -> tuple[type[BaseException], ...]:
     """What stops a run that started well: exit status 1 (imported late: they live next to torch)."""
-    from .checkpoint import NonFiniteCheckpointError, NonFiniteWeightsError
-    from .distributed import RankFailedError
+    from bcr.rl.checkpoint import NonFiniteCheckpointError, NonFiniteWeightsError
+    from bcr.runtime.distributed import RankFailedError
 
     return NonFiniteWeightsError, NonFiniteCheckpointError, RankFailedError, OSError
 

@@ -34,7 +34,7 @@ def check_reduction(reduction: str) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(
             f"reduction must be one of {REDUCTIONS}, got {reduction!r} (TRL's loss_type names map to "
-            "these: see bcr.config.LOSS_TYPES)"
+            "these: see bcr.rl.config.LOSS_TYPES)"
         )
 
 

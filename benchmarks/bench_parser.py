@@ -1,4 +1,4 @@
-r"""Parser time on adversarial completions: is :func:`bcr.parsing.parse_completion` linear?
+r"""Parser time on adversarial completions: is :func:`bcr.task.parsing.parse_completion` linear?
 
     python benchmarks/bench_parser.py [--sizes 16000,64000,256000,1000000] [--budget 5] [--repeats 3] [--timeout 60] [--json out.json]
 
@@ -34,7 +34,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from bcr.parsing import parse_completion
+from bcr.task.parsing import parse_completion
 
 FRAGMENTS = [
     "### Problem 1", "### Problem 2", "### Problem 7", "Problem 3:", "**Problem 4:**", "\n", "\n\n", " ",

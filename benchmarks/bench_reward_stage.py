@@ -8,7 +8,7 @@ decimals; about 65 % correct (some in an equivalent form, e.g. ``0.5`` for ``\\f
 20 % wrong, 10 % missing, 4 % unboxed ``Answer k: 12`` lines, and 1 % symbolic answers that need
 math-verify (``2\\sqrt{3}`` vs ``\\sqrt{12}``). Some completions are out of order or restate an answer.
 Reports instances/s for parsing alone, parse + verify in one process, and parse + verify over a
-process pool (``bcr.rewards.score_completions(workers=...)``). Target: >= 2,000 instances/s per core.
+process pool (``bcr.rl.rewards.score_completions(workers=...)``). Target: >= 2,000 instances/s per core.
 The answers_match cache is cleared before each timed run (pool workers are forked with an empty
 cache), so repeated (pred, ref) pairs only hit the cache within a run, as in training.
 """
@@ -81,9 +81,9 @@ def main(argv=None):
     ap.add_argument("--json", type=str, default=None, help="write the results to this JSON file")
     args = ap.parse_args(argv)
 
-    from bcr.parsing import parse_completion
-    from bcr.rewards import score_completions
-    from bcr.verify import _match_cached, answers_match
+    from bcr.task.parsing import parse_completion
+    from bcr.rl.rewards import score_completions
+    from bcr.task.verify import _match_cached, answers_match
 
     texts, refs = make_completions(args.num, args.n_problems, args.seed)
     inst = args.num * args.n_problems
@@ -108,7 +108,7 @@ def main(argv=None):
         _match_cached.cache_clear()
         score_completions(texts[:8], args.n_problems, refs[:8], workers=args.workers)  # start the pool
         _match_cached.cache_clear()
-        from bcr import rewards as _rw
+        from bcr.rl import rewards as _rw
 
         # workers were forked before this run's cache clear in the parent only; restart them clean
         _rw._POOL.shutdown()

@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bcr.io import atomic_write_json
+from bcr.runtime.io import atomic_write_json
 from bcr_kernels import fused_linear_logprobs
 
 from . import harness

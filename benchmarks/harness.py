@@ -13,7 +13,7 @@ as ``{"error": "..."}`` with the tail of its output.
 ``MemoryProbe`` measures the peak memory of one step: CUDA allocator statistics on a GPU; on the
 CPU the process's peak RSS (``benchmarks.rss``), reset right before the step. ``versions``,
 ``git_state``, ``device_name`` and ``now`` make the context every report records; ``write_report``
-writes ``<prefix>.json`` and ``<prefix>.md`` through :mod:`bcr.io` (atomic: a killed run never
+writes ``<prefix>.json`` and ``<prefix>.md`` through :mod:`bcr.runtime.io` (atomic: a killed run never
 leaves half a report) and ``<prefix>.png`` when a plot function is given.
 """
 
@@ -32,7 +32,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
-from bcr.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from bcr.runtime.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 from . import rss
 

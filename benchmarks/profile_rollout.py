@@ -5,8 +5,8 @@
     python -m benchmarks.profile_rollout --data /path/test.jsonl        # problems from a file / benchmark name
     python -m benchmarks.profile_rollout --quick                        # seconds; what the smoke test runs
 
-The same ``--num-problems`` problems (synthetic arithmetic from ``bcr.synthetic``, or ``--data``) are
-bundled N at a time (``bcr.bundling.bundle_sequential``), rendered with ``bcr.prompts.render_prompt``
+The same ``--num-problems`` problems (synthetic arithmetic from ``bcr.data.synthetic``, or ``--data``) are
+bundled N at a time (``bcr.data.bundling.bundle_sequential``), rendered with ``bcr.task.prompts.render_prompt``
 and sampled ``--num-generations`` times each with a shared budget of ``--per-problem-budget x N`` new
 tokens (KV cache on, temperature ``--temperature``). For every mode and N one untimed warm-up call
 runs, then ``--repeats`` timed calls; the table shows medians and min-max spreads.
@@ -21,7 +21,7 @@ problem stay constant in N; that is reported (``truncated`` column), not hidden.
 
 Modes (``--modes``), all producing completions for the same prompts, seeds and budgets:
 
-- ``hf``: ``bcr.rollout.HFEngine(decode="generate")``: one ``model.generate`` call for all prompts of
+- ``hf``: ``bcr.rl.rollout.HFEngine(decode="generate")``: one ``model.generate`` call for all prompts of
   the step (prompts x G rows, left padding), the seeded sampler as its logits processor. The baseline
   (the engine's only path before ``decode="loop"``).
 - ``hf-sequential``: the same with ``batch_size=G``: one bundle per ``generate`` call (what a caller
@@ -31,7 +31,7 @@ Modes (``--modes``), all producing completions for the same prompts, seeds and b
   leaves unset from it) and restored afterwards.
 - ``hf-compile``: ``hf-static`` with the model's forward under ``torch.compile`` (slow first call; the
   warm-up absorbs it, but each new shape recompiles); the plain forward is restored afterwards.
-- ``loop``: ``bcr.rollout.make_engine("hf", model, tokenizer)`` exactly as the trainer uses it: the
+- ``loop``: ``bcr.rl.rollout.make_engine("hf", model, tokenizer)`` exactly as the trainer uses it: the
   engine's own decode loop (``decode="loop"``: the same left-padded prefill, ``DynamicCache``, the same
   seeded sampler, no generation-utils machinery per token) with finished rows dropped from the batch
   (``compact_finished=True``).
@@ -58,14 +58,14 @@ from pathlib import Path
 
 import torch
 
-from bcr.bundling import bundle_sequential
-from bcr.model_loading import ModelLoadError, load_tokenizer, resolve_model_source
-from bcr.model_loading import load_model as load_checkpoint
-from bcr.problems import load_problems
-from bcr.prompts import render_prompt
-from bcr.rollout import HFEngine, make_engine
-from bcr.synthetic import make_arithmetic_problems
-from bcr.tiny import build_tokenizer, tiny_model
+from bcr.data.bundling import bundle_sequential
+from bcr.models.loading import ModelLoadError, load_tokenizer, resolve_model_source
+from bcr.models.loading import load_model as load_checkpoint
+from bcr.data.problems import load_problems
+from bcr.task.prompts import render_prompt
+from bcr.rl.rollout import HFEngine, make_engine
+from bcr.data.synthetic import make_arithmetic_problems
+from bcr.models.tiny import build_tokenizer, tiny_model
 
 from . import harness
 
@@ -123,7 +123,7 @@ def load_problem_set(data: str | None, num: int, seed: int):
         if len(probs) < num:
             raise SystemExit(f"--data {data}: only {len(probs)} problems, need --num-problems {num}")
         return probs, str(data)
-    return make_arithmetic_problems(num, seed=seed), f"bcr.synthetic arithmetic (seed {seed})"
+    return make_arithmetic_problems(num, seed=seed), f"bcr.data.synthetic arithmetic (seed {seed})"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -13,12 +13,12 @@ For each N this measures, in one run:
   completions, budget ``--budget-per-problem`` x N, completion lengths as in profile_step. Reported:
   the tokens each processes, step time (median), peak memory growth (median), the speed-up and the
   speed-up divided by the token ratio.
-- **prefill**: ``bcr.rollout.HFEngine`` on a model of the same shape, ``max_new_tokens=1`` so the call
+- **prefill**: ``bcr.rl.rollout.HFEngine`` on a model of the same shape, ``max_new_tokens=1`` so the call
   is the prompt prefill plus one token, with ``shared_prefill`` off and on, alternating; both must
   give identical generations.
 
 Prompts are GSM8K-length: N problems of ``<data_dir>/gsm8k/test.jsonl`` (``../shared/data`` by
-default) rendered with ``bcr.prompts.render_prompt`` and counted with a byte-level BPE tokenizer of
+default) rendered with ``bcr.task.prompts.render_prompt`` and counted with a byte-level BPE tokenizer of
 8192 tokens trained on those problems (a stand-in for a real model's tokenizer, which this offline
 machine does not have). Without the data file the prompts are synthetic with a stated length per
 problem (``--tokens-per-problem``). The report says which.
@@ -38,10 +38,10 @@ from pathlib import Path
 
 import torch
 
-from bcr.problems import load_problems
-from bcr.prompts import render_prompt
-from bcr.rollout import HFEngine
-from bcr.tiny import build_tokenizer, tiny_model
+from bcr.data.problems import load_problems
+from bcr.task.prompts import render_prompt
+from bcr.rl.rollout import HFEngine
+from bcr.models.tiny import build_tokenizer, tiny_model
 
 from . import harness, profile_step
 from .harness import MiB

@@ -4,7 +4,7 @@
     python -m benchmarks.profile_step --preset tiny --repeats 1     # seconds; what the smoke test runs
     python -m benchmarks.profile_step --preset qwen2.5-1.5b         # on a GPU (bf16)
 
-A *step* is what ``bcr.trainer.BCRTrainer.update`` does for one batch of rollouts with
+A *step* is what ``bcr.rl.trainer.BCRTrainer.update`` does for one batch of rollouts with
 ``num_iterations=1``: build the batch tensors from token lists, forward, completion-token log-probs,
 policy loss (``token_mean`` = TRL's ``dapo``, epsilon 0.2, beta 0), backward, AdamW step. The model is a
 random-init Qwen2 built from a config (nothing is downloaded); its weights do not change the cost.
@@ -17,10 +17,10 @@ spans after a short shared preamble, -1), with per-instance advantages drawn fro
 
 Variants (each in a FRESH subprocess: 1+ untimed warm-up steps, then ``--repeats`` measured steps):
 
-- ``packed``: the trainer's own code. A real ``bcr.trainer.BCRTrainer`` is built on the model
+- ``packed``: the trainer's own code. A real ``bcr.rl.trainer.BCRTrainer`` is built on the model
   (``attn_implementation="bcr_varlen"``, ``num_iterations=1``, ``loss_type="dapo"``, ``bf16=False`` so
   it computes in the preset's dtype like every other variant) and its update runs on the prepared
-  ``bcr.packing.Sample`` objects: ``pack_samples`` into padding-free rows, the varlen backbone,
+  ``bcr.rl.packing.Sample`` objects: ``pack_samples`` into padding-free rows, the varlen backbone,
   ``scatter_instance_advantages``, ``fused_linear_policy_loss`` (log-probs, loss and the LM-head
   gradients in one chunked forward), backward, gradient-norm clipping (``max_grad_norm=1.0``, which the
   other variants do not do), AdamW, LR schedule. Phases come from hooks on the trainer's objects, not
@@ -94,11 +94,11 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-from bcr.config import BCRConfig
-from bcr.packing import Sample, pack_samples
-from bcr.synthetic import make_arithmetic_problems
-from bcr.tiny import build_tokenizer
-from bcr.trainer import BCRTrainer
+from bcr.rl.config import BCRConfig
+from bcr.rl.packing import Sample, pack_samples
+from bcr.data.synthetic import make_arithmetic_problems
+from bcr.models.tiny import build_tokenizer
+from bcr.rl.trainer import BCRTrainer
 from bcr_kernels import fused_linear_logprobs, policy_loss, scatter_instance_advantages
 from bcr_kernels import packed_model_kwargs
 

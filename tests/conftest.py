@@ -27,21 +27,21 @@ def _deterministic_torch():
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    from bcr.tiny import build_tokenizer
+    from bcr.models.tiny import build_tokenizer
 
     return build_tokenizer()
 
 
 @pytest.fixture
 def tiny_qwen2(tiny_tokenizer):
-    from bcr.tiny import tiny_model
+    from bcr.models.tiny import tiny_model
 
     return tiny_model(tiny_tokenizer, arch="qwen2", seed=0)
 
 
 @pytest.fixture
 def tiny_llama(tiny_tokenizer):
-    from bcr.tiny import tiny_model
+    from bcr.models.tiny import tiny_model
 
     return tiny_model(tiny_tokenizer, arch="llama", seed=0)
 
@@ -68,7 +68,7 @@ def smollm2_gguf_path() -> Path | None:
 
 @pytest.fixture(scope="session")
 def smollm2(tmp_path_factory):
-    """SmolLM2-135M-Instruct loaded from its GGUF file by bcr.model_loading (dequantized, fp32, CPU),
+    """SmolLM2-135M-Instruct loaded from its GGUF file by bcr.models.loading (dequantized, fp32, CPU),
     once per session, and saved as an HF directory (``hf_dir``) for the tests that load by path."""
     path = smollm2_gguf_path()
     if path is None:
@@ -76,7 +76,7 @@ def smollm2(tmp_path_factory):
     missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
     if missing:
         pytest.skip(f"loading the SmolLM2 GGUF file needs {' and '.join(missing)}: pip install 'bcr[gguf]'")
-    from bcr.model_loading import load_model
+    from bcr.models.loading import load_model
 
     started = time.perf_counter()
     model, tokenizer = load_model(path, device="cpu")

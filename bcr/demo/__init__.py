@@ -2,15 +2,15 @@ r"""The embedded CPU demo (``make demo`` / ``bcr demo``): BCR end to end on a ti
 
 The pipeline, each stage seeded and checkpointed under ``output_dir/<stage>/``:
 
-``sft``     A "verbose reasoner". Synthetic multi-step arithmetic (:mod:`bcr.synthetic`) whose worked
+``sft``     A "verbose reasoner". Synthetic multi-step arithmetic (:mod:`bcr.data.synthetic`) whose worked
             solutions carry 0-3 redundant ``Check: ... Correct.`` lines at random, like the
             metacognitive loops BCR removes. A byte-level BPE tokenizer is trained on the task's text
             and a tiny random-init Llama-architecture model is fine-tuned on single- and multi-problem bundles
             (``sft.n_values``, default N in 1..6, so every N of the sweep is one the model has seen):
-            prompt = :func:`bcr.prompts.render_prompt`,
-            target = :func:`bcr.prompts.bundle_solution`, loss on the completion tokens only. A plain
+            prompt = :func:`bcr.task.prompts.render_prompt`,
+            target = :func:`bcr.task.prompts.bundle_solution`, loss on the completion tokens only. A plain
             AdamW loop you can read top to bottom.
-``bcr``     BCR RL with :class:`bcr.trainer.BCRTrainer` from the SFT model: N in ``rl.n_problems``
+``bcr``     BCR RL with :class:`bcr.rl.trainer.BCRTrainer` from the SFT model: N in ``rl.n_problems``
             (default {2, 3, 4}) problems per prompt, one shared completion budget
             ``rl.max_completion_length`` in which the verbose solutions of 3-4 problems do not fit but
             concise ones do, per-instance accuracy reward, no length term anywhere. The advantage is
@@ -19,8 +19,8 @@ The pipeline, each stage seeded and checkpointed under ``output_dir/<stage>/``:
             advantages never make it do.
 ``length``  the explicit length-penalty baseline (on by default, ``length_baseline=false`` skips it):
             RL at N = 1 with the same ``rl`` settings and number of steps, rewarded by accuracy plus the
-            Kimi-1.5 length reward of :func:`bcr.rewards.length_penalty_rewards`.
-``eval``    the task-scaling sweep N = 1..6 of every model (:func:`bcr.evaluation.evaluate_scaling`):
+            Kimi-1.5 length reward of :func:`bcr.rl.rewards.length_penalty_rewards`.
+``eval``    the task-scaling sweep N = 1..6 of every model (:func:`bcr.eval.sweep.evaluate_scaling`):
             ``output_dir/eval/`` gets results.jsonl, summary.json/csv, report.md and PNG plots; the
             demo prints a summary (tokens per problem per N, accuracy, the N = 1 "free lunch") and
             writes it to ``output_dir/demo_summary.json``.
@@ -32,7 +32,7 @@ N = 1 prompt every N >= 2 pays ~5.5 format tokens per problem more than N = 1.
 The default task is deliberately small so that a 0.55M-parameter model learns it on a CPU: two
 operations on one-digit numbers (``+``/``-``), so every operand is found next to a unique anchor of
 the problem text. The model is a Llama-architecture one (``model.arch=qwen2`` works too: tokenizers
-are loaded with ``bcr.tokenizer_loading.load_tokenizer``, and the SFT stage checks the round trip).
+are loaded with ``bcr.models.loading.load_tokenizer``, and the SFT stage checks the round trip).
 
 ``from_stage=bcr`` (or ``--from-stage bcr``) reuses the checkpoints of the stages before it and
 re-runs that stage and the ones after; ``stop_after=sft`` stops early. Every stage writes

@@ -1,7 +1,7 @@
 """``DemoConfig``: every knob of the demo, one section per part of the pipeline.
 
 The RL stages and the sweep take the trainer's and the evaluator's own configs, so ``rl`` is a
-:class:`bcr.config.BCRConfig` and ``eval`` an :class:`bcr.evaluation.EvalConfig`, each with the demo's
+:class:`bcr.rl.config.BCRConfig` and ``eval`` an :class:`bcr.eval.sweep.EvalConfig`, each with the demo's
 defaults; the task, the tiny model, SFT and the length baseline have small sections of their own.
 On the command line a section's field is a dotted key: ``bcr demo rl.max_steps=50 eval.n_values=[1,2]``.
 
@@ -16,10 +16,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from bcr.config import BCRConfig
-from bcr.dataclass_cli import ConfigError, check_fields
-from bcr.evaluation import EvalConfig
-from bcr.prompts import PromptTemplate
+from bcr.rl.config import BCRConfig
+from bcr.runtime.dataclass_cli import ConfigError, check_fields
+from bcr.eval.sweep import EvalConfig
+from bcr.task.prompts import PromptTemplate
 
 STAGES = ("sft", "bcr", "length", "eval")
 

@@ -19,16 +19,16 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from bcr.bundling import Bundler
-from bcr.config import BCRConfig
-from bcr.dataclass_cli import ConfigError
-from bcr.evaluation import EvalConfig, evaluate_scaling, read_results
-from bcr.io import atomic_write_json, atomic_write_text
-from bcr.metrics import progress_bar
-from bcr.problems import Problem
-from bcr.rewards import length_penalty_rewards
-from bcr.scoring import score_completion
-from bcr.trainer import BCRTrainer
+from bcr.data.bundling import Bundler
+from bcr.rl.config import BCRConfig
+from bcr.runtime.dataclass_cli import ConfigError
+from bcr.eval.sweep import EvalConfig, evaluate_scaling, read_results
+from bcr.runtime.io import atomic_write_json, atomic_write_text
+from bcr.runtime.metrics import progress_bar
+from bcr.data.problems import Problem
+from bcr.rl.rewards import length_penalty_rewards
+from bcr.task.scoring import score_completion
+from bcr.rl.trainer import BCRTrainer
 
 from .config import DemoConfig, SFTConfig
 from .summary import check_lines, demo_summary
@@ -218,7 +218,7 @@ def run_bcr(cfg: DemoConfig, console: Console | None = None) -> dict:
 
 def length_penalty_reward(num_generations: int, *, method: str = "kimi", weight: float = 1.0):
     """A TRL-style reward for the baseline: accuracy + ``weight`` x the Kimi-1.5 length reward of
-    :func:`bcr.rewards.length_penalty_rewards`, computed within each group of G completions."""
+    :func:`bcr.rl.rewards.length_penalty_rewards`, computed within each group of G completions."""
 
     def reward(completions, completion_ids, answer, parsed, **_):
         acc = [sum(score_completion(p, refs).correct) / len(refs) for p, refs in zip(parsed, answer)]

@@ -12,11 +12,11 @@ import hashlib
 import random
 from pathlib import Path
 
-from bcr.problems import Problem
-from bcr.prompts import PromptTemplate, bundle_solution, format_prompt, render_prompt
-from bcr.synthetic import make_arithmetic_problems
-from bcr.tiny import build_tokenizer, tiny_model
-from bcr.tokenizer_loading import load_tokenizer
+from bcr.data.problems import Problem
+from bcr.task.prompts import PromptTemplate, bundle_solution, format_prompt, render_prompt
+from bcr.data.synthetic import make_arithmetic_problems
+from bcr.models.tiny import build_tokenizer, tiny_model
+from bcr.models.loading import load_tokenizer
 
 from .config import DemoConfig
 
@@ -82,7 +82,7 @@ def bundle_solution_sample(problems: list[Problem], template: PromptTemplate | N
 
 
 def check_tokenizer_roundtrip(tokenizer, model_dir: Path, text: str) -> None:
-    """The trainer and the evaluator load the tokenizer with ``bcr.tokenizer_loading.load_tokenizer``;
+    """The trainer and the evaluator load the tokenizer with ``bcr.models.loading.load_tokenizer``;
     make sure that gives the very tokenization the model was trained with."""
     loaded = load_tokenizer(model_dir)
     a = tokenizer(text, add_special_tokens=False)["input_ids"]

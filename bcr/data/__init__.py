@@ -1,0 +1,1 @@
+"""Problems in: readers of the JSONL/DAPO schemas, synthetic arithmetic, and bundling N problems."""

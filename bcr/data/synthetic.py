@@ -1,0 +1,183 @@
+r"""Synthetic multi-step integer arithmetic: a task a tiny model can learn in minutes.
+
+A problem reads ``"Start with 7. Add 12. Multiply by 3. Subtract 5. What is the result?"`` and its
+answer is the exact integer (``"52"``). Its worked solution (``meta["steps"]``, one line per step)
+uses a fixed format::
+
+    Step 1: 7 + 12 = 19
+    Step 2: 19 * 3 = 57
+    Step 3: 57 - 5 = 52
+
+and ``meta["solution"]`` is the N = 1 target completion: those lines plus ``Answer: \boxed{52}``.
+For a bundle use :func:`bcr.task.prompts.bundle_solution` (re-exported here), which renders the
+``### Problem k`` sections with ``Answer k: \boxed{..}`` lines, as the BCR prompt asks.
+
+``verify_loops=(lo, hi)`` inserts lo..hi (uniform) redundant re-check lines such as
+``Check: 7 + 12 = 19. Correct.`` after a random step, each re-checking a step already done: the
+"metacognitive loops" a verbose reasoner writes and BCR training should learn to drop.
+
+Number ranges (kept small): the start value and every ``+``/``-`` operand have a digit count drawn
+uniformly from ``digits`` (1-digit numbers are 1..9); ``*`` uses a 1-digit multiplier 2..9 and is
+only chosen while the product stays below ``10 ** (digits[1] + 1)``; ``-`` is only chosen when the
+result stays non-negative; ``/`` (off by default) divides exactly by a 2..9 divisor. When the drawn
+operator is not allowed, another allowed operator is drawn; if none is, the drawn one is used
+anyway (negative or larger values are then possible).
+
+Generation is deterministic: problem ``i`` depends only on ``(seed, i)`` (so a longer list extends a
+shorter one), and the verification lines use a separate stream, so ``verify_loops`` and
+``with_solution`` never change the problems themselves. Ids are ``"synth-<seed>-<i>"``.
+"""
+
+from __future__ import annotations
+
+import random
+
+from bcr.data.problems import Problem
+from bcr.task.prompts import bundle_solution, format_solution
+
+__all__ = ["OPERATORS", "bundle_solution", "format_solution", "make_arithmetic_problems", "solve_steps"]
+
+#: operator symbol -> its phrase in the problem text (the symbol itself is written in solutions)
+OPERATORS = {"+": "Add {x}.", "-": "Subtract {x}.", "*": "Multiply by {x}.", "/": "Divide by {x}."}
+
+
+def _check_range(name: str, r, lo_min: int) -> tuple[int, int]:
+    try:
+        lo, hi = (int(r[0]), int(r[1]))
+    except (TypeError, ValueError, IndexError):
+        raise ValueError(f"{name} must be a (low, high) pair of ints, got {r!r}") from None
+    if lo < lo_min or hi < lo:
+        raise ValueError(f"{name}={r!r}: need {lo_min} <= low <= high (inclusive range)")
+    return lo, hi
+
+
+def _number(rng: random.Random, digits: tuple[int, int]) -> int:
+    d = rng.randint(*digits)
+    return rng.randint(1 if d == 1 else 10 ** (d - 1), 10**d - 1)
+
+
+def solve_steps(start: int, operations: list[tuple[str, int]]) -> list[tuple[int, str, int, int]]:
+    """Apply ``operations`` to ``start``: ``[(before, op, operand, after), ...]`` (exact integers)."""
+    out = []
+    cur = start
+    for op, x in operations:
+        if op == "+":
+            nxt = cur + x
+        elif op == "-":
+            nxt = cur - x
+        elif op == "*":
+            nxt = cur * x
+        elif op == "/":
+            if x == 0 or cur % x:
+                raise ValueError(f"{cur} / {x} is not an exact integer division")
+            nxt = cur // x
+        else:
+            raise ValueError(f"unknown operator {op!r}")
+        out.append((cur, op, x, nxt))
+        cur = nxt
+    return out
+
+
+def _draw_operation(rng: random.Random, cur: int, operators: str, digits: tuple[int, int], cap: int):
+    first = rng.choice(operators)
+
+    def candidate(op: str):
+        """An operand for ``op`` from ``cur`` that keeps the rules, or None."""
+        if op == "+":
+            return _number(rng, digits)
+        if op == "-":
+            x = _number(rng, digits)
+            return x if x <= cur else None
+        if op == "*":
+            x = rng.randint(2, 9)
+            return x if abs(cur * x) < cap else None
+        if op == "/":
+            divs = [d for d in range(2, 10) if cur and cur % d == 0]
+            return rng.choice(divs) if divs else None
+        raise AssertionError(op)
+
+    x = candidate(first)
+    if x is not None:
+        return first, x
+    others = [o for o in operators if o != first]
+    rng.shuffle(others)
+    for op in others:
+        x = candidate(op)
+        if x is not None:
+            return op, x
+    # nothing fits: use the drawn operator anyway
+    if first == "+" or first == "-":
+        return first, _number(rng, digits)
+    if first == "*":
+        return first, rng.randint(2, 9)
+    return first, 1
+
+
+def make_arithmetic_problems(
+    n: int,
+    *,
+    seed: int = 0,
+    steps: tuple[int, int] = (2, 4),
+    digits: tuple[int, int] = (1, 2),
+    operators: str = "+-*",
+    with_solution: bool = True,
+    verify_loops: tuple[int, int] = (0, 0),
+) -> list[Problem]:
+    """``n`` multi-step integer arithmetic problems (``source="synthetic"``).
+
+    Args:
+        n: how many problems.
+        seed: generation seed (problem i depends only on (seed, i)).
+        steps: inclusive range of the number of operations per problem.
+        digits: inclusive range of the digit count of the start value and the +/- operands.
+        operators: any of ``"+-*/"``.
+        with_solution: fill ``meta["steps"]`` (work lines) and ``meta["solution"]`` (N = 1 target).
+        verify_loops: inclusive range of redundant ``Check: ...`` lines inserted into the work.
+
+    ``meta`` always has ``"start"``, ``"operations"`` (list of ``[op, operand]``) and
+    ``"num_verify_loops"`` (0 when ``with_solution`` is False).
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be a non-negative int, got {n!r}")
+    steps_r = _check_range("steps", steps, 1)
+    digits_r = _check_range("digits", digits, 1)
+    loops_r = _check_range("verify_loops", verify_loops, 0)
+    if not operators or any(o not in OPERATORS for o in operators):
+        raise ValueError(f"operators={operators!r}: use a non-empty string of {''.join(OPERATORS)!r}")
+    ops = "".join(dict.fromkeys(operators))  # unique, order kept
+    cap = 10 ** (digits_r[1] + 1)
+
+    problems = []
+    for i in range(n):
+        rng = random.Random(f"bcr-synthetic:{seed}:{i}")
+        start = _number(rng, digits_r)
+        operations: list[tuple[str, int]] = []
+        cur = start
+        for _ in range(rng.randint(*steps_r)):
+            op, x = _draw_operation(rng, cur, ops, digits_r, cap)
+            operations.append((op, x))
+            cur = solve_steps(cur, [(op, x)])[0][3]
+        trace = solve_steps(start, operations)
+        answer = str(trace[-1][3])
+        text = " ".join([f"Start with {start}."] + [OPERATORS[o].format(x=x) for o, x in operations]
+                        + ["What is the result?"])
+        meta: dict = {"start": start, "operations": [[o, x] for o, x in operations], "num_verify_loops": 0}
+        prob = Problem(id=f"synth-{seed}-{i}", problem=text, answer=answer, source="synthetic", meta=meta)
+        if with_solution:
+            step_lines = [f"{a} {o} {x} = {b}" for a, o, x, b in trace]
+            vrng = random.Random(f"bcr-synthetic-verify:{seed}:{i}")
+            k = vrng.randint(*loops_r)
+            # (insert after step p, re-check step q <= p), sorted so lines appear in step order
+            checks = sorted((p, vrng.randint(1, p)) for p in (vrng.randint(1, len(trace)) for _ in range(k)))
+            lines = []
+            ci = 0
+            for s, line in enumerate(step_lines, 1):
+                lines.append(f"Step {s}: {line}")
+                while ci < len(checks) and checks[ci][0] == s:
+                    lines.append(f"Check: {step_lines[checks[ci][1] - 1]}. Correct.")
+                    ci += 1
+            meta["steps"] = lines
+            meta["num_verify_loops"] = k
+            meta["solution"] = format_solution(prob)
+        problems.append(prob)
+    return problems

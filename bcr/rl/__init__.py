@@ -1,0 +1,1 @@
+"""Training: config, rollout engines, packing, rewards/advantages, the trainer, checkpoints, run dirs."""

@@ -1,0 +1,311 @@
+"""``BCRConfig``: every option of a BCR training run, as one plain dataclass.
+
+Names follow TRL's ``GRPOConfig`` wherever the concept exists (``num_generations``,
+``max_completion_length``, ``beta``, ``epsilon``, ``loss_type``, ...), so a TRL user can switch by
+changing an import and a config class. BCR's own options are ``n_problems`` (N problems per prompt,
+an int or weights over N), ``advantage_mode`` and ``shared_advantage``.
+
+Load from YAML and override from the command line with ``bcr.runtime.dataclass_cli.load_dataclass``
+(``BCRConfig.from_yaml`` / ``to_yaml`` are shortcuts). ``__post_init__`` validates every field and
+raises ``ConfigError`` naming the field and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bcr.runtime.dataclass_cli import ConfigError, check_fields, load_dataclass
+
+# TRL loss_type -> the reduction of bcr_kernels.policy_loss (see its docstring).
+LOSS_TYPES = {
+    "dapo": "token_mean",  # token mean, normalised by the token count of the whole (global) batch
+    "bnpo": "token_mean",  # token mean, normalised by the token count of this rank's batch
+    "grpo": "seq_mean_token_mean",  # mean over sequences of each sequence's token mean
+    "dr_grpo": "seq_mean_token_sum_norm",  # token sum / (sequences * max_completion_length)
+}
+SCHEDULERS = ("constant", "linear", "cosine")
+SCALE_REWARDS = ("group", "batch", "none")
+ADVANTAGE_MODES = ("instance", "sequence")
+SHARED_ADVANTAGES = ("mean", "zero")
+ROLLOUT_ENGINES = ("hf", "vllm")
+SHARED_PROMPT = ("auto", "true", "false")
+DISTRIBUTED_STRATEGIES = ("auto", "fsdp2", "ddp")
+REPORT_TO = ("tensorboard", "wandb")
+MODEL_DTYPES = ("auto", "float32", "bfloat16")  # bcr.models.loading.DTYPES
+REWARD_EXTRACTIONS = ("strict", "flexible")  # bcr.task.scoring.EXTRACTIONS
+CHOICES = {"loss_type": LOSS_TYPES, "lr_scheduler_type": SCHEDULERS, "scale_rewards": SCALE_REWARDS,
+           "advantage_mode": ADVANTAGE_MODES, "shared_advantage": SHARED_ADVANTAGES,
+           "rollout_engine": ROLLOUT_ENGINES, "distributed_strategy": DISTRIBUTED_STRATEGIES,
+           "model_dtype": MODEL_DTYPES, "shared_prompt": SHARED_PROMPT, "reward_extraction": REWARD_EXTRACTIONS}
+POSITIVE_INTS = ("num_generations", "max_completion_length", "bundles_per_step", "gradient_accumulation_steps",
+                 "num_iterations", "logging_steps", "lora_r")
+OPTIONAL_POSITIVE_INTS = ("max_prompt_length", "max_tokens_per_microbatch", "chunk_tokens", "generation_batch_size",
+                          "save_total_limit", "limit", "eval_limit")
+# Range checks of one field: name -> (holds, what the message says). Types (and NaN/inf) are
+# checked before, from the annotations (``bcr.runtime.dataclass_cli.check_fields``).
+RANGES = {
+    "distributed_timeout": (lambda v: v > 0, "must be > 0 seconds"),
+    "learning_rate": (lambda v: v >= 0, "must be >= 0"),
+    "weight_decay": (lambda v: v >= 0, "must be >= 0"),
+    "adam_beta1": (lambda v: 0 <= v < 1, "must lie in [0, 1)"),
+    "adam_beta2": (lambda v: 0 <= v < 1, "must lie in [0, 1)"),
+    "adam_epsilon": (lambda v: v >= 0, "must be >= 0"),
+    "max_grad_norm": (lambda v: v >= 0, "must be >= 0 (0 disables clipping)"),
+    "warmup_ratio": (lambda v: 0 <= v <= 1, "must lie in [0, 1]"),
+    "warmup_steps": (lambda v: v >= 0, "must be >= 0"),
+    "max_steps": (lambda v: v == -1 or v >= 1, "must be -1 (use num_train_epochs) or >= 1"),
+    "temperature": (lambda v: v > 0, "must be > 0 (sampling needs a positive temperature)"),
+    "top_p": (lambda v: 0 < v <= 1, "must lie in (0, 1]"),
+    "beta": (lambda v: v >= 0, "must be >= 0 (0.0 disables the KL term and the reference model)"),
+    "epsilon": (lambda v: v >= 0, "must be >= 0"),
+    "epsilon_high": (lambda v: v is None or v >= 0, "must be >= 0 (None: epsilon)"),
+    "save_steps": (lambda v: v >= 0, "must be >= 0 (0: save only at the end)"),
+    "eval_steps": (lambda v: v >= 0, "must be >= 0 (0: never)"),
+    "vllm_gpu_memory_utilization": (lambda v: 0 < v <= 1, "must lie in (0, 1]"),
+    "lora_dropout": (lambda v: 0 <= v < 1, "must lie in [0, 1)"),
+}
+
+
+def _help(text: str, **kw) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class BCRConfig:
+    # --- model, output, data -------------------------------------------------------------------
+    model: str = _help(
+        "the model: a local Hugging Face directory, a .gguf file, or a Hub id (see bcr.models.loading)", default=""
+    )
+    model_dtype: str = _help(
+        "dtype the weights load in: 'float32' (fp32 master weights; bf16 comes from autocast), 'bfloat16', or "
+        "'auto' (the checkpoint's dtype; fp32 on the CPU)",
+        default="float32",
+    )
+    gguf_file: str | None = _help("with model=<directory>: the .gguf file inside it to load", default=None)
+    output_dir: str = _help("where checkpoints, metrics.jsonl and the final model go", default="outputs/bcr")
+    run_name: str | None = _help("a name for the run in TensorBoard / W&B (default: output_dir's name)", default=None)
+    seed: int = _help("seeds model init, bundling and every rollout", default=0)
+    train_data: str = _help(
+        "training problems: a file (jsonl/json/parquet/csv), a benchmark name (gsm8k, math_train, ...), "
+        "or 'synthetic' for generated arithmetic problems",
+        default="",
+    )
+    train_split: str | None = _help("split of a named benchmark to train on", default="train")
+    data_dir: str | None = _help("directory holding <name>/{train,test}.jsonl (default: $BCR_DATA_DIR)", default=None)
+    limit: int | None = _help("use at most this many training problems", default=None)
+    eval_data: str | None = _help("held-out problems evaluated every eval_steps (optional)", default=None)
+    eval_split: str | None = _help("split of eval_data", default="test")
+    eval_limit: int | None = _help("use at most this many eval problems", default=None)
+    eval_steps: int = _help("evaluate every this many steps (0: never)", default=0)
+
+    # --- BCR ------------------------------------------------------------------------------------
+    n_problems: int | dict = field(
+        default=3, metadata={"help": "N problems per prompt: an int, or weights over N such as {1: 0.5, 3: 0.5}"}
+    )
+    advantage_mode: str = _help(
+        "'instance': each problem's tokens get that problem's advantage (a verbose early section keeps its "
+        "reward even when it leaves a later problem without budget); "
+        "'sequence': the whole completion gets the advantage of its mean reward (the shared budget's cost "
+        "reaches every section)",
+        default="instance",
+    )
+    numbered_single: bool = _help(
+        "N = 1 prompts use the numbered format of N > 1 ('Problem 1:', '### Problem 1', 'Answer 1:') "
+        "instead of the plain single-problem prompt (see bcr.task.prompts.PromptTemplate.numbered_single)",
+        default=False,
+    )
+    reward_extraction: str = _help(
+        "how rewards read answers: 'strict' (the BCR answer format, the default: the format is part of the "
+        "task) or 'flexible' (also the last \\boxed{}, 'answer is ...' or the last number per section; "
+        "see bcr.task.scoring)",
+        default="strict",
+    )
+    shared_advantage: str = _help(
+        "advantage of shared tokens (text not attributed to one problem): 'mean' of the instances or 'zero'",
+        default="mean",
+    )
+
+    # --- rollout --------------------------------------------------------------------------------
+    num_generations: int = _help("G: completions sampled per prompt (the group of GRPO)", default=4)
+    max_prompt_length: int | None = _help("prompts longer than this are cut from the left (None: no limit)", default=None)
+    max_completion_length: int = _help(
+        "the shared completion budget in tokens for the WHOLE N-problem completion", default=1024
+    )
+    temperature: float = _help("sampling temperature (also divides the logits of the policy log-probs)", default=1.0)
+    top_p: float = _help("nucleus sampling threshold", default=1.0)
+    rollout_engine: str = _help("'hf' (transformers generate) or 'vllm' (colocated, needs vllm)", default="hf")
+    generation_batch_size: int | None = _help("rows per generate call of the hf engine (None: all at once)", default=None)
+    vllm_gpu_memory_utilization: float = _help("GPU memory fraction given to vLLM", default=0.3)
+
+    # --- optimisation ---------------------------------------------------------------------------
+    learning_rate: float = _help("AdamW peak learning rate", default=1e-6)
+    weight_decay: float = _help("AdamW weight decay", default=0.0)
+    adam_beta1: float = _help("AdamW beta1", default=0.9)
+    adam_beta2: float = _help("AdamW beta2", default=0.999)
+    adam_epsilon: float = _help("AdamW epsilon", default=1e-8)
+    max_grad_norm: float = _help("clip the global gradient norm to this (0: no clipping)", default=1.0)
+    lr_scheduler_type: str = _help("'constant', 'linear' or 'cosine' decay after warm-up", default="constant")
+    warmup_ratio: float = _help("warm-up as a fraction of all optimizer updates", default=0.0)
+    warmup_steps: int = _help("warm-up updates (overrides warmup_ratio when > 0)", default=0)
+    max_steps: int = _help("training steps (rollout batches); -1: derive from num_train_epochs", default=-1)
+    num_train_epochs: float = _help("passes over the training problems when max_steps = -1", default=1.0)
+    bundles_per_step: int = _help(
+        "GLOBAL number of bundles (prompts of N problems) per step, over all ranks; each gets "
+        "num_generations completions. Independent of the number of processes.",
+        default=8,
+    )
+    gradient_accumulation_steps: int = _help(
+        "split each rank's samples into this many micro-batches for backward (memory only: the loss is "
+        "normalised over the whole batch, so the update does not change)",
+        default=1,
+    )
+    max_tokens_per_microbatch: int | None = _help(
+        "cap on tokens in one packed row (None: one row per micro-batch)", default=None
+    )
+    num_iterations: int = _help("mu: optimizer updates per rollout batch (old log-probs computed once)", default=1)
+
+    # --- loss -----------------------------------------------------------------------------------
+    beta: float = _help("KL coefficient; 0.0 loads no reference model", default=0.0)
+    epsilon: float = _help("lower clipping range of the ratio", default=0.2)
+    epsilon_high: float | None = _help("upper clipping range (None: epsilon)", default=None)
+    loss_type: str = _help("'dapo' (default), 'grpo', 'dr_grpo' or 'bnpo', as in TRL", default="dapo")
+    scale_rewards: str = _help("normalise rewards by the std of the 'group', the 'batch', or 'none'", default="group")
+
+    # --- efficiency -----------------------------------------------------------------------------
+    gradient_checkpointing: bool = _help("recompute activations in backward to save memory", default=False)
+    shared_prompt: str = _help(
+        "compute each prompt once for its G samples, in rollout prefill and in the training forward: auto (on "
+        "when it saves tokens: G > 1 with bcr_varlen attention and no sliding window) | true | false; the "
+        "update is the same either way", default="auto")
+    bf16: bool | None = _help(
+        "bf16 compute with fp32 master weights and fp32 gradient reduction (FSDP2's mixed-precision policy; "
+        "one process runs it on a one-rank mesh; not with distributed_strategy=ddp). None: on with CUDA "
+        "unless use_peft", default=None)
+    chunk_tokens: int | None = _help("tokens per chunk of the fused LM-head log-prob kernel", default=None)
+    attn_implementation: str | None = _help(
+        "attention for the packed training forward (None: 'bcr_varlen' when registered, else 'sdpa')", default=None
+    )
+    distributed_strategy: str = _help(
+        "with several processes (torchrun): 'fsdp2' shards parameters, gradients and optimizer state "
+        "(torch.distributed.fsdp.fully_shard), 'ddp' keeps a full replica per rank and all-reduces gradients, "
+        "'auto' = fsdp2 on CUDA, ddp on CPU. Ignored in a single process",
+        default="auto",
+    )
+    distributed_timeout: float = _help(
+        "seconds a collective may wait for the other ranks before the job fails (instead of hanging)", default=1800.0
+    )
+    use_peft: bool = _help("train a LoRA adapter (needs peft)", default=False)
+    lora_r: int = _help("LoRA rank", default=16)
+    lora_alpha: int = _help("LoRA alpha", default=32)
+    lora_dropout: float = _help("LoRA dropout", default=0.05)
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        metadata={"help": "modules that get LoRA adapters"},
+    )
+
+    # --- logging and checkpoints ----------------------------------------------------------------
+    logging_steps: int = _help("print/report every this many steps (metrics.jsonl gets every step)", default=1)
+    save_steps: int = _help("checkpoint every this many steps (0: only at the end)", default=0)
+    save_total_limit: int | None = _help("keep only the newest this many checkpoints (None: all)", default=2)
+    resume_from: str | None = _help("'latest' (newest checkpoint in output_dir) or a checkpoint path", default=None)
+    overwrite_output_dir: bool = _help(
+        "start afresh in an output_dir that holds another run: delete its checkpoints and metrics.jsonl first "
+        "(without it such a start is refused; resume_from continues the run instead)",
+        default=False,
+    )
+    report_to: list[str] = field(default_factory=list, metadata={"help": "extra loggers: 'tensorboard', 'wandb'"})
+    disable_progress_bar: bool = _help("no rich progress bar", default=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.report_to, str):
+            self.report_to = [] if self.report_to in ("", "none") else [self.report_to]
+        if isinstance(self.lora_target_modules, str):
+            self.lora_target_modules = [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
+        if isinstance(self.shared_prompt, bool):  # YAML and key=value read true/false as booleans
+            self.shared_prompt = "true" if self.shared_prompt else "false"
+        check_fields(self)  # types from the annotations: whole ints, finite floats, no list for a scalar
+        self.n_problems = _normalise_n_problems(self.n_problems)
+        self._validate()
+
+    # ------------------------------------------------------------------------------------------
+    def _validate(self) -> None:
+        def fail(name: str, msg: str) -> None:
+            raise ConfigError(f"{name}={getattr(self, name)!r}: {msg}")
+
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                fail(name, f"must be one of {list(allowed)}")
+        for name in self.report_to:
+            if name not in REPORT_TO:
+                raise ConfigError(f"report_to={self.report_to!r}: {name!r} is not one of {list(REPORT_TO)}")
+        for name in POSITIVE_INTS:
+            if getattr(self, name) < 1:
+                fail(name, "must be an integer >= 1")
+        for name in OPTIONAL_POSITIVE_INTS:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                fail(name, "must be None or an integer >= 1")
+        for name, (holds, msg) in RANGES.items():
+            if not holds(getattr(self, name)):
+                fail(name, msg)
+        if self.num_generations < 2:
+            fail("num_generations", "GRPO needs at least 2 completions per prompt to compare; set num_generations >= 2")
+        if self.max_steps == -1 and self.num_train_epochs <= 0:
+            fail("num_train_epochs", "must be > 0 when max_steps = -1")
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def reduction(self) -> str:
+        """The ``reduction`` of ``bcr_kernels.policy_loss`` for TRL's ``loss_type``."""
+        return LOSS_TYPES[self.loss_type]
+
+    @property
+    def n_values(self) -> list[int]:
+        """Every N this run can draw, ascending."""
+        return [self.n_problems] if isinstance(self.n_problems, int) else sorted(self.n_problems)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: Sequence[str] = ()) -> BCRConfig:
+        return load_dataclass(cls, path, overrides)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+
+def _normalise_n_problems(value) -> int | dict[int, float]:
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"n_problems={value!r}: not an int or a mapping like {{1: 0.5, 3: 0.5}}") from err
+    if isinstance(value, bool):
+        raise ConfigError(f"n_problems={value!r}: must be an int >= 1 or a mapping of N to weight")
+    if isinstance(value, int):
+        if value < 1:
+            raise ConfigError(f"n_problems={value}: must be >= 1")
+        return value
+    if isinstance(value, dict) and value:
+        out: dict[int, float] = {}
+        for k, w in value.items():
+            try:
+                n, weight = int(k), float(w)
+            except (TypeError, ValueError) as err:
+                raise ConfigError(f"n_problems={value!r}: keys must be ints N and values weights") from err
+            if n < 1 or weight < 0:
+                raise ConfigError(f"n_problems={value!r}: every N must be >= 1 and every weight >= 0")
+            out[n] = weight
+        if sum(out.values()) <= 0:
+            raise ConfigError(f"n_problems={value!r}: the weights must not all be 0")
+        return out
+    raise ConfigError(f"n_problems={value!r}: must be an int >= 1 or a mapping such as {{1: 0.5, 3: 0.5}}")

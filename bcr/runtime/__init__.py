@@ -1,0 +1,1 @@
+"""Underneath everything: scale-out strategies, metrics logging, atomic file writes, dataclass CLIs."""

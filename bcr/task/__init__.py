@@ -1,0 +1,1 @@
+"""The BCR task: prompt templates, the completion parser, answer verification and scoring."""

@@ -1,0 +1,153 @@
+"""Tests for bcr.data.synthetic: determinism, correctness (recomputed from the text), verify loops."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from bcr.task.prompts import bundle_solution
+from bcr.data.synthetic import make_arithmetic_problems
+
+_STEP = {"Add": "+", "Subtract": "-", "Multiply by": "*", "Divide by": "/"}
+
+
+def _evaluate_text(text: str) -> tuple[int, list[tuple[str, int]]]:
+    """Independently parse and evaluate a problem's text."""
+    m = re.fullmatch(r"Start with (\d+)\.((?: (?:Add|Subtract|Multiply by|Divide by) \d+\.)+) What is the result\?", text)
+    assert m, text
+    value = int(m.group(1))
+    ops = [(_STEP[w], int(x)) for w, x in re.findall(r"(Add|Subtract|Multiply by|Divide by) (\d+)\.", m.group(2))]
+    for op, x in ops:
+        if op == "+":
+            value += x
+        elif op == "-":
+            value -= x
+        elif op == "*":
+            value *= x
+        else:
+            assert value % x == 0
+            value //= x
+    return value, ops
+
+
+def test_deterministic_and_seed_dependent():
+    a = make_arithmetic_problems(50, seed=3)
+    b = make_arithmetic_problems(50, seed=3)
+    c = make_arithmetic_problems(50, seed=4)
+    assert a == b
+    assert [p.problem for p in a] != [p.problem for p in c]
+    # a longer list extends a shorter one
+    assert make_arithmetic_problems(20, seed=3) == a[:20]
+
+
+def test_ids_and_source():
+    ps = make_arithmetic_problems(30, seed=7)
+    assert [p.id for p in ps] == [f"synth-7-{i}" for i in range(30)]
+    assert all(p.source == "synthetic" for p in ps)
+    assert make_arithmetic_problems(0) == []
+
+
+@pytest.mark.parametrize("kw", [
+    {},
+    {"steps": (1, 1), "digits": (1, 1)},
+    {"steps": (3, 6), "digits": (2, 3), "operators": "+-*/"},
+    {"operators": "*"},
+    {"operators": "-"},
+    {"operators": "/+"},
+])
+def test_answers_are_correct_and_in_range(kw):
+    ps = make_arithmetic_problems(200, seed=11, **kw)
+    lo_s, hi_s = kw.get("steps", (2, 4))
+    lo_d, hi_d = kw.get("digits", (1, 2))
+    ops_allowed = set(kw.get("operators", "+-*"))
+    for p in ps:
+        value, ops = _evaluate_text(p.problem)
+        assert p.answer == str(value)
+        assert lo_s <= len(ops) <= hi_s
+        assert {o for o, _ in ops} <= ops_allowed
+        for o, x in ops:
+            if o in "*/":
+                assert 1 <= x <= 9
+            else:
+                assert 1 <= x < 10**hi_d
+        start = int(re.match(r"Start with (\d+)", p.problem).group(1))
+        assert 10 ** (lo_d - 1) <= start < 10**hi_d
+
+
+def test_numbers_stay_small_by_default():
+    ps = make_arithmetic_problems(500, seed=0)
+    assert all(0 <= int(p.answer) < 1000 + 3 * 99 for p in ps)  # * capped below 1000, then +
+    # all default operators occur
+    text = " ".join(p.problem for p in ps)
+    assert "Add" in text and "Subtract" in text and "Multiply by" in text
+
+
+def test_solution_steps_match_and_end_with_boxed_answer():
+    for p in make_arithmetic_problems(100, seed=5):
+        _, ops = _evaluate_text(p.problem)
+        step_lines = [ln for ln in p.meta["steps"] if ln.startswith("Step ")]
+        assert len(step_lines) == len(ops)
+        cur = int(re.match(r"Start with (\d+)", p.problem).group(1))
+        for s, (line, (op, x)) in enumerate(zip(step_lines, ops), 1):
+            a, o, b, r = re.fullmatch(rf"Step {s}: (-?\d+) ([-+*/]) (\d+) = (-?\d+)", line).groups()
+            assert (int(a), o, int(b)) == (cur, op, x)
+            cur = int(r)
+        assert str(cur) == p.answer
+        assert p.meta["solution"] == "\n".join(p.meta["steps"]) + f"\nAnswer: \\boxed{{{p.answer}}}"
+        assert p.meta["num_verify_loops"] == 0
+        assert not any(ln.startswith("Check:") for ln in p.meta["steps"])
+
+
+@pytest.mark.parametrize("loops", [(1, 1), (0, 3), (2, 5)])
+def test_verify_loops_in_range_and_recheck_done_steps(loops):
+    ps = make_arithmetic_problems(200, seed=2, verify_loops=loops)
+    counts = set()
+    for p in ps:
+        checks = [i for i, ln in enumerate(p.meta["steps"]) if ln.startswith("Check:")]
+        counts.add(len(checks))
+        assert loops[0] <= len(checks) <= loops[1]
+        assert len(checks) == p.meta["num_verify_loops"]
+        done: list[str] = []
+        for ln in p.meta["steps"]:
+            if ln.startswith("Step "):
+                done.append(ln.split(": ", 1)[1])
+            else:
+                m = re.fullmatch(r"Check: (.*)\. Correct\.", ln)
+                assert m and m.group(1) in done, (ln, done)
+        assert not p.meta["steps"][0].startswith("Check:")
+    assert counts == set(range(loops[0], loops[1] + 1))  # every count in the range occurs
+
+
+def test_verify_loops_and_with_solution_do_not_change_problems():
+    base = make_arithmetic_problems(40, seed=9)
+    loopy = make_arithmetic_problems(40, seed=9, verify_loops=(1, 4))
+    bare = make_arithmetic_problems(40, seed=9, with_solution=False)
+    assert [(p.problem, p.answer) for p in base] == [(p.problem, p.answer) for p in loopy]
+    assert [(p.problem, p.answer) for p in base] == [(p.problem, p.answer) for p in bare]
+    assert all("solution" not in p.meta and "steps" not in p.meta for p in bare)
+    assert loopy == make_arithmetic_problems(40, seed=9, verify_loops=(1, 4))
+
+
+def test_bundle_solution_format():
+    ps = make_arithmetic_problems(3, seed=1)
+    text = bundle_solution(ps)
+    sections = text.split("\n\n")
+    assert len(sections) == 3
+    for k, (sec, p) in enumerate(zip(sections, ps), 1):
+        lines = sec.split("\n")
+        assert lines[0] == f"### Problem {k}"
+        assert lines[1:-1] == p.meta["steps"]
+        assert lines[-1] == f"Answer {k}: \\boxed{{{p.answer}}}"
+    assert bundle_solution(ps[:1]) == ps[0].meta["solution"]
+
+
+@pytest.mark.parametrize("kw", [
+    {"steps": (0, 2)}, {"steps": (3, 2)}, {"digits": (0, 1)}, {"operators": "+%"}, {"operators": ""},
+    {"verify_loops": (-1, 0)}, {"verify_loops": (2, 1)}, {"steps": 3},
+])
+def test_bad_arguments(kw):
+    with pytest.raises(ValueError):
+        make_arithmetic_problems(3, **kw)
+    with pytest.raises(ValueError):
+        make_arithmetic_problems(-1)

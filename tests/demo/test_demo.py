@@ -1,0 +1,216 @@
+"""The embedded demo in miniature: every stage runs on tiny sizes, writes its outputs, and
+``from_stage`` reuses the checkpoints of the stages before it."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from bcr.runtime.dataclass_cli import ConfigError, load_dataclass, parse_cli
+from bcr.demo import STAGE_FILE, DemoConfig, demo_summary, run_demo
+
+pytestmark = pytest.mark.slow  # end to end: a whole pipeline, a process group or a child script
+
+# the demo's pipeline on tiny sizes, written as the command-line options a user would pass
+TINY = [
+    "task.num_train_problems=96", "task.num_eval_problems=8", "model.vocab_size=400", "model.hidden_size=32",
+    "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=1", "sft.steps=4", "sft.batch_size=8",
+    "rl.max_steps=1", "rl.bundles_per_step=2", "rl.num_generations=2", "rl.n_problems={2: 1, 3: 1}",
+    "rl.max_completion_length=24", "length.max_completion_length=16", "eval.n_values=[1, 2]",
+    "eval.max_completion_length=24", "eval.batch_size=8", "progress=false", "length_baseline=true",
+]
+
+
+def _tiny(*more: str) -> DemoConfig:
+    return load_dataclass(DemoConfig, overrides=[*TINY, *more])
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    cfg = _tiny(f"output_dir={out}")
+    records = run_demo(cfg)
+    return cfg, out, records
+
+
+def test_every_stage_writes_its_outputs(demo_run):
+    cfg, out, records = demo_run
+    assert list(records) == ["sft", "bcr", "length", "eval"]
+    for stage in records:
+        state = json.loads((out / stage / STAGE_FILE).read_text())
+        assert state["stage"] == stage and state["seconds"] > 0
+    # models are HF directories with their tokenizer
+    for stage in ("sft", "bcr", "length"):
+        model_dir = Path(records[stage]["model"])
+        assert (model_dir / "config.json").is_file() and (model_dir / "tokenizer.json").is_file()
+    assert (out / "tokenizer" / "tokenizer.json").is_file()
+    assert (out / "sft" / "metrics.jsonl").read_text().count("\n") == cfg.sft.steps
+    assert (out / "bcr" / "metrics.jsonl").read_text().count("\n") == cfg.rl.max_steps
+    # the sweep: results for every model and N, a report, plots and the demo summary
+    ev = out / "eval"
+    assert (ev / "report.md").is_file() and (ev / "summary.json").is_file()
+    assert list(ev.glob("*.png"))
+    results = [json.loads(line) for line in (ev / "results.jsonl").read_text().splitlines()]
+    assert {(r["model"], r["n_problems"]) for r in results} == {
+        (m, n) for m in ("verbose-sft", "bcr", "length-penalty") for n in cfg.eval.n_values}
+    summary = json.loads((out / "demo_summary.json").read_text())
+    assert set(summary["models"]) == {"verbose-sft", "bcr", "length-penalty"}
+    assert [c["model"] for c in summary["free_lunch_n1"]] == ["bcr", "length-penalty"]
+    for m in summary["models"].values():
+        assert m["n"] == cfg.eval.n_values and len(m["tokens_per_problem"]) == len(cfg.eval.n_values)
+
+
+def test_every_stage_uses_the_numbered_format_at_n1(demo_run):
+    """numbered_single (the demo default) reaches the SFT targets, the RL config and the sweep's prompts."""
+    from bcr.demo.stages import eval_config, rl_config
+    from bcr.demo.task import make_task, sft_example
+    from bcr.eval.sweep import prompt_hash
+    from bcr.task.prompts import render_prompt
+    from bcr.models.loading import load_tokenizer
+
+    cfg, out, _ = demo_run
+    assert cfg.task.numbered_single and cfg.template.numbered_single
+    train, evals = make_task(cfg)
+    tok = load_tokenizer(out / "tokenizer")
+    ids, n_prompt = sft_example([train[0]], tok, cfg.template)
+    assert tok.decode(ids[n_prompt:]).startswith("### Problem 1\n")
+    assert rl_config(cfg, out / "x", str(out / "sft" / "model")).numbered_single is True
+    assert eval_config(cfg, out / "x").numbered_single is True
+    results = [json.loads(line) for line in (out / "eval" / "results.jsonl").read_text().splitlines()]
+    n1 = {r["problem_ids"][0]: r["prompt_sha256"] for r in results if r["n_problems"] == 1}
+    by_id = {p.id: p for p in evals}
+    assert n1 and all(h == prompt_hash(render_prompt([by_id[i]], tok, cfg.template)) for i, h in n1.items())
+
+
+def test_from_stage_reuses_earlier_checkpoints(demo_run):
+    cfg, out, records = demo_run
+    sft_weights = out / "sft" / "model" / "model.safetensors"
+    bcr_weights = out / "bcr" / "model.safetensors"
+    before = {p: (_digest(p), p.stat().st_mtime_ns) for p in (sft_weights, bcr_weights)}
+    eval_file = out / "eval" / STAGE_FILE
+    eval_stat = (eval_file.stat().st_ino, eval_file.stat().st_mtime_ns)
+
+    again = run_demo(cfg, from_stage="eval")
+    assert list(again) == ["sft", "bcr", "length", "eval"]
+    assert again["sft"] == records["sft"] and again["bcr"] == records["bcr"]  # read back, not re-run
+    assert {p: (_digest(p), p.stat().st_mtime_ns) for p in before} == before
+    # the eval stage did run again: its stage file was written anew (its text may be equal: same seconds)
+    assert (eval_file.stat().st_ino, eval_file.stat().st_mtime_ns) != eval_stat
+    # the same seeds and checkpoints give the same sweep
+    assert again["eval"]["summary"] == records["eval"]["summary"]
+
+
+def test_from_stage_without_checkpoint_fails_clearly(tmp_path):
+    with pytest.raises(ConfigError, match="stage 'sft' has no finished checkpoint"):
+        run_demo(_tiny(f"output_dir={tmp_path}", "from_stage=bcr"))
+
+
+def test_cli_parses_from_stage_flag(monkeypatch, tmp_path):
+    from bcr.demo import cli_main, pipeline
+
+    seen = {}
+    monkeypatch.setattr(pipeline, "run_demo", lambda cfg: seen.setdefault("cfg", cfg))
+    assert cli_main(["--from-stage", "eval", f"output_dir={tmp_path}", "length_baseline=true"]) == 0
+    assert seen["cfg"].from_stage == "eval" and seen["cfg"].length_baseline is True
+    with pytest.raises(ConfigError):
+        DemoConfig(from_stage="nope")
+    with pytest.raises(ConfigError):
+        DemoConfig(from_stage="eval", stop_after="sft")
+
+
+def test_config_file_written_by_the_run_reads_back(demo_run):
+    cfg, out, _ = demo_run
+    loaded = load_dataclass(DemoConfig, out / "demo_config.yaml")
+    assert dataclasses.replace(loaded, from_stage=cfg.from_stage) == cfg  # a later test re-ran from eval
+
+
+def test_nested_options_keep_the_demo_defaults():
+    cfg = parse_cli(DemoConfig, ["rl.learning_rate=1e-3", "--eval.n_values", "[1, 3]", "sft.steps=7"], prog="bcr demo")
+    default = DemoConfig()
+    assert cfg.rl.learning_rate == 1e-3 and cfg.eval.n_values == [1, 3] and cfg.sft.steps == 7
+    # every other field keeps the demo's value, not BCRConfig's / EvalConfig's own default
+    assert dataclasses.replace(cfg.rl, learning_rate=default.rl.learning_rate) == default.rl
+    assert dataclasses.replace(cfg.eval, n_values=default.eval.n_values) == default.eval
+    assert cfg.rl.advantage_mode == "sequence" and cfg.eval.temperature == 1.0
+    # a partial mapping (as in a YAML file) changes only the fields it names
+    assert load_dataclass(DemoConfig, overrides=["rl={max_steps: 9}"]).rl == dataclasses.replace(default.rl, max_steps=9)
+
+
+def test_the_stage_configs_of_the_defaults():
+    """The numbers README reports come from these settings."""
+    from bcr.demo.stages import eval_config, rl_config
+
+    cfg = DemoConfig()
+    bcr = rl_config(cfg, Path("runs/demo/bcr"), "runs/demo/sft/model")
+    assert (bcr.n_problems, bcr.max_completion_length, bcr.max_steps, bcr.learning_rate, bcr.num_generations,
+            bcr.bundles_per_step, bcr.advantage_mode, bcr.logging_steps, bcr.numbered_single, bcr.seed) == (
+        {2: 1.0, 3: 1.0, 4: 1.0}, 140, 150, 1e-4, 4, 8, "sequence", 15, True, 0)
+    length = rl_config(cfg, Path("x"), "m", n_problems=1, max_completion_length=cfg.length.max_completion_length)
+    assert (length.n_problems, length.max_completion_length, length.max_steps) == (1, 80, 150)
+    ev = eval_config(cfg, Path("runs/demo/eval"))
+    assert (ev.n_values, ev.max_completion_length, ev.budget_mode, ev.temperature, ev.top_p, ev.batch_size,
+            ev.resume, ev.baseline) == ([1, 2, 3, 4, 5, 6], 140, "per_prompt", 1.0, 1.0, 32, False, "verbose-sft")
+
+
+@pytest.mark.parametrize("option, message", [
+    ("rl.lerning_rate=1", "unknown option 'lerning_rate' in section 'rl'.*Did you mean learning_rate"),
+    ("seed.value=1", "'seed' of DemoConfig has no sub-options"),
+    ("rl.seed=3", r"rl.seed=3: the demo sets this for each stage \(seed\)"),
+    ("eval.output_dir=/tmp/x", "eval.output_dir='/tmp/x': the demo sets this"),
+    ("eval.n_values=[1, 200]", "task.num_eval_problems=120 is smaller than the largest N"),
+    ("task.problem_steps=3", r"task.problem_steps=3: give an inclusive range"),
+    ("rl.loss_type=nope", "loss_type='nope': must be one of"),
+])
+def test_bad_nested_options_fail_clearly(option, message):
+    with pytest.raises(ConfigError, match=message):
+        load_dataclass(DemoConfig, overrides=[option])
+
+
+def test_old_flat_option_names_name_their_new_place(capsys):
+    from bcr.demo import cli_main
+
+    with pytest.raises(ConfigError, match="'rl_steps' of bcr demo is now rl.max_steps"):
+        cli_main(["rl_steps=5"])
+    with pytest.raises(ConfigError, match="'eval_n_values' of bcr demo is now eval.n_values"):
+        cli_main(["--eval-n-values", "[1, 2]"])
+    assert cli_main(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert "  rl.learning_rate = 0.0001" in text and "  eval.n_values = [1, 2, 3, 4, 5, 6]" in text
+    assert "  length_baseline = True" in text and "rl.seed" not in text.split("set by the demo")[0]
+
+
+def _row(model, n, tokens, acc):
+    return {"model": model, "n_problems": n, "tokens_per_problem": tokens, "accuracy": acc}
+
+
+def test_demo_summary_judges_the_acceptance_criteria():
+    rows = [_row("verbose-sft", 1, 50.0, 0.80), _row("verbose-sft", 2, 52.0, 0.80), _row("verbose-sft", 3, 40.0, 0.7),
+            _row("bcr", 1, 40.0, 0.79), _row("bcr", 2, 36.0, 0.80), _row("bcr", 3, 30.0, 0.75)]
+    lunch = {"baseline": "verbose-sft", "comparisons": [{
+        "model": "bcr", "tokens_per_problem": 40.0, "baseline_tokens_per_problem": 50.0, "token_reduction_pct": 20.0,
+        "token_reduction_ci_low": 15.0, "token_reduction_ci_high": 25.0, "accuracy": 0.79, "baseline_accuracy": 0.80,
+        "accuracy_diff": -0.01, "accuracy_diff_ci_low": -0.05, "accuracy_diff_ci_high": 0.03}]}
+    result = demo_summary({"rows": rows, "free_lunch": lunch}, {("bcr", 1): 0.25})
+    assert result["models"]["bcr"]["tokens_fall_monotonically"] is True
+    assert result["models"]["verbose-sft"]["tokens_fall_monotonically"] is False
+    assert result["models"]["verbose-sft"]["rises_at_n"] == [2]
+    assert result["models"]["verbose-sft"]["clear_rises_at_n"] == []  # no fits given: nothing called clear
+    fits = {"verbose-sft": {"clear_rises_n": [2]}}
+    assert demo_summary({"rows": rows, "free_lunch": lunch, "fits": fits})["models"]["verbose-sft"][
+        "clear_rises_at_n"] == [2]
+    assert result["models"]["bcr"]["checks_per_problem"] == [0.25, None, None]
+    (c,) = result["free_lunch_n1"]
+    assert c["meets_15pct_fewer_tokens"] and c["meets_accuracy_within_3_points"]
+    assert c["accuracy_diff_points"] == pytest.approx(-1.0)
+
+    lunch["comparisons"][0].update(token_reduction_pct=10.0, accuracy_diff=-0.05)
+    (c,) = demo_summary({"rows": rows, "free_lunch": lunch})["free_lunch_n1"]
+    assert not c["meets_15pct_fewer_tokens"] and not c["meets_accuracy_within_3_points"]

@@ -1,0 +1,137 @@
+"""BCRConfig: defaults, TRL names, validation messages, YAML round trip and overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import pytest
+
+from bcr.rl.config import BCRConfig
+from bcr.runtime.dataclass_cli import ConfigError, check_fields, dataclass_help, load_dataclass
+
+
+def test_defaults_follow_trl():
+    c = BCRConfig()
+    assert (c.beta, c.epsilon, c.epsilon_high, c.loss_type, c.scale_rewards) == (0.0, 0.2, None, "dapo", "group")
+    assert c.reduction == "token_mean"
+    assert c.advantage_mode == "instance" and c.shared_advantage == "mean" and c.rollout_engine == "hf"
+    trl_names = {"num_generations", "max_prompt_length", "max_completion_length", "learning_rate", "beta", "epsilon",
+                 "epsilon_high", "loss_type", "temperature", "top_p", "num_iterations", "gradient_accumulation_steps",
+                 "logging_steps", "save_steps", "save_total_limit", "output_dir", "seed", "max_steps",
+                 "num_train_epochs", "lr_scheduler_type", "warmup_ratio", "max_grad_norm", "scale_rewards",
+                 "gradient_checkpointing", "bf16", "report_to", "weight_decay"}
+    assert trl_names <= {f.name for f in dataclasses.fields(BCRConfig)}
+
+
+@pytest.mark.parametrize("loss_type,mode", [("dapo", "token_mean"), ("bnpo", "token_mean"),
+                                            ("grpo", "seq_mean_token_mean"), ("dr_grpo", "seq_mean_token_sum_norm")])
+def test_loss_type_maps_to_kernel_modes(loss_type, mode):
+    assert BCRConfig(loss_type=loss_type).reduction == mode
+
+
+@pytest.mark.parametrize("field,value", [
+    ("loss_type", "ppo"), ("scale_rewards", "std"), ("advantage_mode", "token"), ("shared_advantage", "max"),
+    ("lr_scheduler_type", "poly"), ("rollout_engine", "tgi"), ("num_generations", 1), ("max_completion_length", 0),
+    ("temperature", 0.0), ("top_p", 1.5), ("beta", -0.1), ("max_steps", 0), ("n_problems", 0),
+    ("n_problems", {2: -1.0}), ("bundles_per_step", 0), ("report_to", ["mlflow"]), ("warmup_ratio", 2.0),
+    ("save_total_limit", 0), ("learning_rate", "fast"),
+])
+def test_bad_values_name_the_field(field, value):
+    with pytest.raises(ConfigError, match=field):
+        BCRConfig(**{field: value})
+
+
+def test_n_problems_forms():
+    assert BCRConfig(n_problems=3).n_values == [3]
+    mixed = BCRConfig(n_problems={"3": 1, 1: 2})
+    assert mixed.n_problems == {3: 1.0, 1: 2.0} and mixed.n_values == [1, 3]
+    assert BCRConfig(n_problems="{1: 0.5, 2: 0.5}").n_problems == {1: 0.5, 2: 0.5}
+
+
+def test_yaml_round_trip_and_overrides(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    original = BCRConfig(n_problems={1: 0.5, 3: 0.5}, learning_rate=3e-6, report_to=["tensorboard"])
+    original.to_yaml(path)
+    assert BCRConfig.from_yaml(path) == original
+    c = load_dataclass(BCRConfig, path, ["learning_rate=1e-4", "loss_type=grpo", "epsilon_high=0.28", "max_steps=7"])
+    assert (c.learning_rate, c.loss_type, c.epsilon_high, c.max_steps) == (1e-4, "grpo", 0.28, 7)
+    assert c.n_problems == {1: 0.5, 3: 0.5}
+    with pytest.raises(ConfigError, match="num_generation"):
+        load_dataclass(BCRConfig, path, ["num_generation=4"])
+
+
+def test_help_lists_every_option_with_its_default():
+    text = dataclass_help(BCRConfig, "bcr train")
+    for f in dataclasses.fields(BCRConfig):
+        assert f"  {f.name} = " in text, f.name
+    assert "bundles_per_step = 8" in text and "GLOBAL number of bundles" in text
+
+
+@pytest.mark.parametrize("field,value,words", [
+    ("max_steps", 1.5, "expected an integer"), ("seed", 0.5, "expected an integer"),
+    ("max_steps", [1], "not a list"), ("learning_rate", [1], "not a list"), ("num_generations", {"a": 1}, "mapping"),
+    ("learning_rate", math.inf, "finite"), ("temperature", math.nan, "finite"), ("max_grad_norm", math.nan, "finite"),
+    ("max_grad_norm", "nan", "finite"), ("warmup_ratio", -math.inf, "finite"), ("epsilon_high", math.nan, "finite"),
+    ("limit", 2.5, "expected an integer"), ("bf16", "maybe", "true or false"), ("gradient_checkpointing", 1, "true"),
+    ("output_dir", ["a"], "expected a string"), ("seed", True, "expected an integer"),
+    ("lora_dropout", 1.0, "[0, 1)"), ("report_to", {"tensorboard": 1}, "expected a list"),
+])
+def test_types_come_from_the_annotations(field, value, words):
+    with pytest.raises(ConfigError, match=rf"^{field}=") as err:
+        BCRConfig(**{field: value})
+    assert words in str(err.value)
+
+
+def test_values_are_converted_to_their_field_type():
+    c = load_dataclass(BCRConfig, None, ["max_steps=2.0", "seed=3", "limit=None", "run_name=123", "learning_rate=1e-4",
+                                         "report_to=tensorboard", "warmup_steps=1e1"])
+    assert (c.max_steps, c.seed, c.limit, c.run_name, c.learning_rate, c.report_to, c.warmup_steps) == (
+        2, 3, None, "123", 1e-4, ["tensorboard"], 10)
+    assert all(type(v) is int for v in (c.max_steps, c.seed, c.warmup_steps))
+    assert BCRConfig(max_steps="7").max_steps == 7 and BCRConfig().overwrite_output_dir is False
+    assert BCRConfig(output_dir=Path("/tmp/x")).output_dir == "/tmp/x"
+
+
+@pytest.mark.parametrize("field,value", [
+    ("temperature", -1.0), ("temperature", 0.0), ("temperature", math.nan), ("top_p", 0.0), ("top_p", 1.5),
+    ("samples_per_bundle", "abc"), ("n_values", [1, 2.5]), ("verify_timeout", 0.0), ("seed", 0.5),
+    ("max_completion_length", [16]),
+])
+def test_eval_config_rejects_impossible_sampling(field, value):
+    from bcr.eval.sweep import EvalConfig
+
+    with pytest.raises(ConfigError, match=field):
+        EvalConfig(**{field: value})
+
+
+def test_check_fields_on_any_dataclass():
+    @dataclasses.dataclass
+    class Cfg:
+        steps: int = 1
+        rate: float | None = None
+        names: list[str] = dataclasses.field(default_factory=list)
+        mixed: int | dict = 3  # more than one type: left to the class
+
+        def __post_init__(self):
+            check_fields(self)
+
+    assert Cfg(steps="4", rate=1, names=["a"], mixed="anything") == Cfg(4, 1.0, ["a"], "anything")
+    assert Cfg(names=2).names == "2"  # one item is checked; wrapping it is the class's call
+    assert Cfg(names=[1, "b"]).names == ["1", "b"]
+    with pytest.raises(ConfigError, match="rate=inf"):
+        Cfg(rate=math.inf)
+    with pytest.raises(ConfigError, match="steps=None: a value is required"):
+        Cfg(steps=None)
+
+
+def test_config_choices_match_the_modules_that_implement_them():
+    from bcr.models import loading as model_loading
+    from bcr.rl import config
+    from bcr.task import scoring
+
+    assert config.REWARD_EXTRACTIONS == scoring.EXTRACTIONS
+    assert config.MODEL_DTYPES == model_loading.DTYPES
+    with pytest.raises(ConfigError, match="reward_extraction"):
+        BCRConfig(reward_extraction="fuzzy")
