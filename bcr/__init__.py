@@ -11,7 +11,7 @@ import importlib
 _EXPORTS = {
     "Problem": "bcr.data.problems",
     "load_problems": "bcr.data.problems",
-    "make_arithmetic_problems": "bcr.data.synthetic",
+    "make_arithmetic_problems": "bcr.task.synthetic",
     "Bundler": "bcr.data.bundling",
     "render_prompt": "bcr.task.prompts",
     "PromptTemplate": "bcr.task.prompts",

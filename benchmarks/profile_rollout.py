@@ -5,7 +5,7 @@
     python -m benchmarks.profile_rollout --data /path/test.jsonl        # problems from a file / benchmark name
     python -m benchmarks.profile_rollout --quick                        # seconds; what the smoke test runs
 
-The same ``--num-problems`` problems (synthetic arithmetic from ``bcr.data.synthetic``, or ``--data``) are
+The same ``--num-problems`` problems (synthetic arithmetic from ``bcr.task.synthetic``, or ``--data``) are
 bundled N at a time (``bcr.data.bundling.bundle_sequential``), rendered with ``bcr.task.prompts.render_prompt``
 and sampled ``--num-generations`` times each with a shared budget of ``--per-problem-budget x N`` new
 tokens (KV cache on, temperature ``--temperature``). For every mode and N one untimed warm-up call
@@ -21,7 +21,7 @@ problem stay constant in N; that is reported (``truncated`` column), not hidden.
 
 Modes (``--modes``), all producing completions for the same prompts, seeds and budgets:
 
-- ``hf``: ``bcr.rl.rollout.HFEngine(decode="generate")``: one ``model.generate`` call for all prompts of
+- ``hf``: ``bcr.models.rollout.HFEngine(decode="generate")``: one ``model.generate`` call for all prompts of
   the step (prompts x G rows, left padding), the seeded sampler as its logits processor. The baseline
   (the engine's only path before ``decode="loop"``).
 - ``hf-sequential``: the same with ``batch_size=G``: one bundle per ``generate`` call (what a caller
@@ -31,7 +31,7 @@ Modes (``--modes``), all producing completions for the same prompts, seeds and b
   leaves unset from it) and restored afterwards.
 - ``hf-compile``: ``hf-static`` with the model's forward under ``torch.compile`` (slow first call; the
   warm-up absorbs it, but each new shape recompiles); the plain forward is restored afterwards.
-- ``loop``: ``bcr.rl.rollout.make_engine("hf", model, tokenizer)`` exactly as the trainer uses it: the
+- ``loop``: ``bcr.models.rollout.make_engine("hf", model, tokenizer)`` exactly as the trainer uses it: the
   engine's own decode loop (``decode="loop"``: the same left-padded prefill, ``DynamicCache``, the same
   seeded sampler, no generation-utils machinery per token) with finished rows dropped from the batch
   (``compact_finished=True``).
@@ -63,8 +63,8 @@ from bcr.models.loading import ModelLoadError, load_tokenizer, resolve_model_sou
 from bcr.models.loading import load_model as load_checkpoint
 from bcr.data.problems import load_problems
 from bcr.task.prompts import render_prompt
-from bcr.rl.rollout import HFEngine, make_engine
-from bcr.data.synthetic import make_arithmetic_problems
+from bcr.models.rollout import HFEngine, make_engine
+from bcr.task.synthetic import make_arithmetic_problems
 from bcr.models.tiny import build_tokenizer, tiny_model
 
 from . import harness
@@ -123,7 +123,7 @@ def load_problem_set(data: str | None, num: int, seed: int):
         if len(probs) < num:
             raise SystemExit(f"--data {data}: only {len(probs)} problems, need --num-problems {num}")
         return probs, str(data)
-    return make_arithmetic_problems(num, seed=seed), f"bcr.data.synthetic arithmetic (seed {seed})"
+    return make_arithmetic_problems(num, seed=seed), f"bcr.task.synthetic arithmetic (seed {seed})"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ For each N this measures, in one run:
   completions, budget ``--budget-per-problem`` x N, completion lengths as in profile_step. Reported:
   the tokens each processes, step time (median), peak memory growth (median), the speed-up and the
   speed-up divided by the token ratio.
-- **prefill**: ``bcr.rl.rollout.HFEngine`` on a model of the same shape, ``max_new_tokens=1`` so the call
+- **prefill**: ``bcr.models.rollout.HFEngine`` on a model of the same shape, ``max_new_tokens=1`` so the call
   is the prompt prefill plus one token, with ``shared_prefill`` off and on, alternating; both must
   give identical generations.
 
@@ -40,7 +40,7 @@ import torch
 
 from bcr.data.problems import load_problems
 from bcr.task.prompts import render_prompt
-from bcr.rl.rollout import HFEngine
+from bcr.models.rollout import HFEngine
 from bcr.models.tiny import build_tokenizer, tiny_model
 
 from . import harness, profile_step

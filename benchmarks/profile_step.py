@@ -96,7 +96,7 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 
 from bcr.rl.config import BCRConfig
 from bcr.rl.packing import Sample, pack_samples
-from bcr.data.synthetic import make_arithmetic_problems
+from bcr.task.synthetic import make_arithmetic_problems
 from bcr.models.tiny import build_tokenizer
 from bcr.rl.trainer import BCRTrainer
 from bcr_kernels import fused_linear_logprobs, policy_loss, scatter_instance_advantages

@@ -19,7 +19,7 @@ Record schemas understood (field names are matched case-insensitively):
   (calculator annotations ``<<...>>`` removed) goes to ``meta["solution"]`` and thousands separators
   are dropped from a purely numeric answer (``1,600`` -> ``1600``);
 * MATH native: ``problem`` + ``solution`` (no ``answer``): the answer is the content of the *last*
-  ``\\boxed{...}`` / ``\\fbox{...}`` in the solution (brace balanced, see :func:`extract_last_boxed`);
+  ``\\boxed{...}`` / ``\\fbox{...}`` in the solution (brace balanced, see :func:`bcr.data.boxes.extract_last_boxed`);
 * OlympiadBench native: ``question`` + ``final_answer`` (a list is joined with ``", "``);
 * DAPO-Math-17k (the verl RL schema): ``prompt`` is a list of chat messages whose last ``user``
   message holds the problem, ``reward_model`` is ``{"ground_truth": ...}`` and ``extra_info.index``
@@ -51,6 +51,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from bcr.data.boxes import extract_last_boxed
 
 __all__ = [
     "BENCHMARKS",
@@ -126,22 +128,6 @@ _SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet":
 _SPLIT_STEMS = {"train", "test", "validation", "valid", "val", "dev", "eval"}
 _ID_FIELDS = ("id", "unique_id", "idx", "problem_id")
 _MAX_ERRORS_KEPT = 20
-
-
-# ----------------------------------------------------------------------------------------- boxed
-
-
-def extract_last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` or ``\\fbox{...}`` in ``text``, or ``None``.
-
-    Braces are balanced (``\\boxed{\\frac{1}{2}}`` -> ``\\frac{1}{2}``); a backslash escapes the next
-    character, so ``\\{`` and ``\\}`` do not count. The brace-less form ``\\boxed 5`` yields ``5``. A
-    last box whose braces never close is skipped in favour of the previous complete one.
-    """
-    from bcr.task.parsing import extract_boxed  # the one brace-balanced box reader
-
-    boxes = extract_boxed(text or "")
-    return boxes[-1][0] if boxes else None
 
 
 # ------------------------------------------------------------------------------------ records

@@ -2,7 +2,7 @@ r"""The embedded CPU demo (``make demo`` / ``bcr demo``): BCR end to end on a ti
 
 The pipeline, each stage seeded and checkpointed under ``output_dir/<stage>/``:
 
-``sft``     A "verbose reasoner". Synthetic multi-step arithmetic (:mod:`bcr.data.synthetic`) whose worked
+``sft``     A "verbose reasoner". Synthetic multi-step arithmetic (:mod:`bcr.task.synthetic`) whose worked
             solutions carry 0-3 redundant ``Check: ... Correct.`` lines at random, like the
             metacognitive loops BCR removes. A byte-level BPE tokenizer is trained on the task's text
             and a tiny random-init Llama-architecture model is fine-tuned on single- and multi-problem bundles

@@ -15,8 +15,7 @@ import torch
 from rich.console import Console
 
 from bcr.runtime.dataclass_cli import parse_cli, to_yaml
-from bcr.runtime.io import atomic_write_text
-from bcr.rl.run_dir import check_output_dir
+from bcr.runtime.io import atomic_write_text, check_output_dir
 
 from .config import STAGES, DemoConfig, check_renamed, demo_help
 from .stages import read_stage, run_bcr, run_eval, run_length, run_sft, stage_dir

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from bcr.data.problems import Problem
 from bcr.task.prompts import PromptTemplate, bundle_solution, format_prompt, render_prompt
-from bcr.data.synthetic import make_arithmetic_problems
+from bcr.task.synthetic import make_arithmetic_problems
 from bcr.models.tiny import build_tokenizer, tiny_model
 from bcr.models.loading import load_tokenizer
 

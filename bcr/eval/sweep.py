@@ -71,8 +71,7 @@ from bcr.data.problems import load_problems
 from bcr.eval.report import write_run_outputs
 from bcr.eval.scaling import TIMING_KEY, stable_seed, summarize_records
 from bcr.models.loading import DTYPES, load_model, load_tokenizer, resolve_model_source
-from bcr.rl.rollout import make_engine
-from bcr.rl.run_dir import check_output_dir
+from bcr.models.rollout import make_engine
 from bcr.runtime.dataclass_cli import ConfigError, check_fields, parse_cli
 from bcr.runtime.distributed import (
     RankFailedError,
@@ -84,7 +83,7 @@ from bcr.runtime.distributed import (
     maybe_inject_failure,
     teardown_distributed,
 )
-from bcr.runtime.io import atomic_write_text
+from bcr.runtime.io import atomic_write_text, check_output_dir
 from bcr.runtime.metrics import progress_bar
 from bcr.task.parsing import parse_completion
 from bcr.task.prompts import PromptTemplate, render_prompt
@@ -534,7 +533,7 @@ def evaluate_scaling(
     Args:
         models: ``{name: model}`` or one model; a model is an HF model directory, a ``.gguf`` file or
             a Hub id (see :func:`bcr.models.loading.load_model`), an in-memory HF model (then pass
-            ``tokenizer``), or a ready :class:`bcr.rl.rollout.RolloutEngine`.
+            ``tokenizer``), or a ready :class:`bcr.models.rollout.RolloutEngine`.
             Default: ``config.models`` / ``config.model``.
         problems: a list of :class:`bcr.data.problems.Problem`, a benchmark name or a data file
             (see :func:`bcr.data.problems.load_problems`). Default: ``config.benchmark``.

@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import IO
 
 from bcr.rl.checkpoint import STATE_FILE, checkpoint_dirs, find_checkpoint, remove_stale_temporaries
-from bcr.runtime.dataclass_cli import ConfigError
 from bcr.runtime.distributed import fail_together
+from bcr.runtime.io import OutputDirError, check_output_dir
 
 LOCK_FILE = ".bcr-run.lock"
 METRICS_FILE = "metrics.jsonl"
@@ -47,32 +47,13 @@ SCHEDULE_KEYS = ("max_steps", "num_train_epochs", "learning_rate", "lr_scheduler
                  "warmup_steps", "num_iterations", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon")
 
 
-class RunDirError(ConfigError):
+class RunDirError(OutputDirError):
     """``output_dir`` cannot take this run (in use, a file, not writable, holds another run)."""
 
 
 # ----------------------------------------------------------------------------------------------
 # Checks that write nothing
 # ----------------------------------------------------------------------------------------------
-def check_output_dir(path: str | os.PathLike, option: str = "output_dir") -> Path:
-    """``path`` is a directory this process can create or write into; raises ``RunDirError`` naming
-    ``option`` otherwise. Writes nothing."""
-    if not str(path):
-        raise RunDirError(f"{option} is empty; set {option}=<a directory for the run's files>")
-    target = Path(path).expanduser()
-    if target.exists() and not target.is_dir():
-        raise RunDirError(f"{option}={str(path)!r} is a file, not a directory; choose another {option}")
-    existing = target
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise RunDirError(f"{option}={str(path)!r} cannot be created: {existing} is a file; choose another {option}")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise RunDirError(f"{option}={str(path)!r} is not writable ({existing} does not allow this user to write); "
-                          f"choose a directory you can write to")
-    return target
-
-
 def previous_run(output_dir: str | os.PathLike) -> list[Path]:
     """The files of an earlier run in ``output_dir``: its checkpoints and a non-empty metrics.jsonl."""
     found = checkpoint_dirs(output_dir)

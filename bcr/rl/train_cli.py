@@ -16,7 +16,7 @@ from bcr.runtime.distributed import init_distributed, teardown_distributed
 from bcr.models.loading import resolve_model_source
 from bcr.data.problems import DataError, load_problems
 from bcr.rl.run_dir import preflight
-from bcr.data.synthetic import make_arithmetic_problems
+from bcr.task.synthetic import make_arithmetic_problems
 from bcr.rl.trainer import BCRTrainer
 
 

@@ -57,7 +57,7 @@ from bcr.rl.checkpoint import (
 from bcr.rl.config import BCRConfig
 from bcr.rl.packing import PackedBatch, Sample, pack_samples
 from bcr.rl.rewards import compute_advantages, instance_rewards
-from bcr.rl.rollout import Generation, derive_seed, make_engine
+from bcr.models.rollout import Generation, derive_seed, make_engine
 from bcr.rl.run_dir import open_run_dir, resume_settings
 from bcr.runtime.dataclass_cli import ConfigError
 from bcr.runtime.distributed import (

@@ -87,7 +87,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
+from bcr.data.boxes import Box, extract_boxed, find_boxes, find_complete_boxes
+
 
 __all__ = [
     "InstanceParse",
@@ -164,13 +165,6 @@ _LABEL_CORE_RE = re.compile(
     r"(?:\(?(?P<k>\d{1,4})\)?)?[ \t]*+(?:\*\*|__)?[ \t]*+[:：][ \t]*+(?:\*\*|__)?)"
 )
 
-# the name and the blanks before the argument (a match ends where the argument begins)
-_BOXED_RE = re.compile(r"\\(?:boxed|fbox)[ \t]*(?=[{ ])[ \t]*+")
-_TOKEN_RE = re.compile(r"[^\s$]+")
-# escapes that matter for brace matching (a backslash before any other character skips a character
-# that is neither a brace nor a backslash); braces are matched with these pairs blanked out
-_ESCAPE_RE = re.compile(r"\\[\\{}]")
-_BRACE_RE = re.compile(r"[{}]")
 
 # a plain (unboxed) value needs a letter, digit or LaTeX command to count as an answer
 _MEANINGFUL_RE = re.compile(r"[^\W_]|\\")
@@ -211,75 +205,6 @@ class _Lines:
         s = self.lo if s < 0 else s + 1
         self._start, self._start_to = s, self.end(pos)
         return s
-
-
-def _closing_braces(text: str, opens: list[int], hi: int) -> list[int | None]:
-    """For each ``{`` at the (increasing) indices ``opens``: the index just past its matching ``}``
-    before ``hi``, or None when it is never closed. A backslash escapes the next character
-    (``\\{``, ``\\}``, ``\\\\``).
-
-    One vectorised pass over the braces, so N boxes cost O(len) rather than one scan to the end
-    per box. The pairing of backslashes agrees with a scan starting at any ``{`` that is not preceded
-    by a backslash (the only braces asked about: the arguments of ``\\boxed``).
-    """
-    if not opens:
-        return []
-    start = opens[0]
-    blanked = _ESCAPE_RE.sub("\0\0", text[start:hi])
-    codes = np.frombuffer(blanked.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
-    pos = np.flatnonzero((codes == 123) | (codes == 125))  # braces, relative to start
-    depth = np.cumsum(np.where(codes[pos] == 123, 1, -1))  # nesting depth after each brace
-    at = np.searchsorted(pos, np.asarray(opens, dtype=np.int64) - start)  # each open's brace index
-    target = depth[at] - 1  # its match is the first later brace where the depth falls to this
-    # braces sorted by (depth, index): the first entry >= (target, at + 1) is the match, if any
-    order = np.lexsort((np.arange(len(pos)), depth))
-    lowest = int(depth.min())
-    width = len(pos) + 1
-    keys = (depth[order] - lowest) * width + order
-    loc = np.searchsorted(keys, (target - lowest) * width + at + 1)
-    inside = loc < len(keys)
-    hit = np.zeros(len(opens), dtype=bool)
-    hit[inside] = depth[order[loc[inside]]] == target[inside]
-    ends = pos[order[np.minimum(loc, len(keys) - 1)]] + start + 1
-    return [int(e) if h else None for e, h in zip(ends.tolist(), hit.tolist())]
-
-
-# a box: (start, argument) with the argument (content start, content end, box end), None if unclosed
-_Box = tuple[int, tuple[int, int, int] | None]
-
-
-def _find_boxes(text: str, lo: int, hi: int) -> list[_Box]:
-    """Every ``\\boxed`` / ``\\fbox`` in ``text[lo:hi]``, as :data:`_Box` (the content is
-    ``text[a:b].strip()``; it is cut out only when needed, as nested boxes would make copying every
-    content quadratic).
-
-    The argument is ``{...}`` read with balanced braces, or (``\\boxed 5``) a single token up to
-    whitespace or ``$``.
-    """
-    names = [(m.start(), m.end()) for m in _BOXED_RE.finditer(text, lo, hi)]
-    opens = [i for _, i in names if i < hi and text[i] == "{"]
-    closes = dict(zip(opens, _closing_braces(text, opens, hi)))
-    out: list[_Box] = []
-    for start, i in names:
-        end = closes.get(i, 0)
-        if end is None:  # unclosed
-            out.append((start, None))
-        elif end:
-            out.append((start, (i + 1, end - 1, end)))
-        else:
-            token = _TOKEN_RE.match(text, i, hi)
-            out.append((start, (i, token.end(), token.end()) if token is not None else None))
-    return out
-
-
-def extract_boxed(text: str) -> list[tuple[str, int, int]]:
-    """All complete ``\\boxed{...}`` (and ``\\fbox``) in ``text``: (content, start, end)."""
-    return [(text[a:b].strip(), start, end) for start, (a, b, end) in _find_boxed(text, 0, len(text))]
-
-
-def _find_boxed(text: str, lo: int, hi: int) -> list[tuple[int, tuple[int, int, int]]]:
-    """The complete boxes of :func:`_find_boxes`."""
-    return [(start, got) for start, got in _find_boxes(text, lo, hi) if got is not None]
 
 
 def _clean_plain(value: str) -> str:
@@ -404,7 +329,7 @@ def _label_value(
     text: str,
     label: _Label,
     next_label: int,
-    boxes: list[_Box],
+    boxes: list[Box],
     box_starts: list[int],
     lines: _Lines,
     truncated: bool,
@@ -451,7 +376,7 @@ def _scan(text: str, lo: int, hi: int, truncated: bool) -> _Found:
     """Stage 1: headers, labelled answers and free answers inside ``text[lo:hi]``."""
     lines = _Lines(text, lo, hi)
     labels = _find_labels(text, lo, hi)
-    boxes = _find_boxes(text, lo, hi)
+    boxes = find_boxes(text, lo, hi)
     box_starts = [start for start, _ in boxes]
 
     labelled: list[_Cand] = []
@@ -724,7 +649,7 @@ def _answer_is_value(section: str) -> str | None:
 
 
 def _flexible_in(section: str) -> str | None:
-    boxes = _find_boxed(section, 0, len(section))
+    boxes = find_complete_boxes(section, 0, len(section))
     if boxes:
         a, b, _ = boxes[-1][1]
         return section[a:b].strip() or None
@@ -763,7 +688,7 @@ def flexible_answers(text: str, parsed: ParsedCompletion, *, truncated: bool = F
             if header is not None:  # "Problem 2" is not an answer
                 section = section[header.end() :]
             found = _flexible_in(section)
-            if found is not None and truncated and span[1] == len(text) and not _find_boxed(section, 0, len(section)):
+            if found is not None and truncated and span[1] == len(text) and not find_complete_boxes(section, 0, len(section)):
                 section = section[: section.rfind("\n") + 1]  # drop the line the budget cut
                 found = _flexible_in(section)
             out.append(found)

@@ -239,7 +239,7 @@ def render_prompt(
 def _work_lines(problem: Problem) -> str:
     """The worked solution of a problem without its final answer line.
 
-    ``meta["steps"]`` (a list of lines, as :mod:`bcr.data.synthetic` writes) when present, else the text
+    ``meta["steps"]`` (a list of lines, as :mod:`bcr.task.synthetic` writes) when present, else the text
     of ``meta["solution"]`` (e.g. a GSM8K rationale), else empty.
     """
     steps = problem.meta.get("steps") if problem.meta else None

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bcr.rl.rollout import HFEngine
+from bcr.models.rollout import HFEngine
 from bcr.models.tiny import tiny_model
 from benchmarks import gpu_check
 from benchmarks import profile_rollout as pr

@@ -129,7 +129,7 @@ def _assert_one_line_error(rc: int, stderr: str, status: int, *needles: str) -> 
 @pytest.fixture
 def cli_files(tmp_path, tiny_tokenizer):
     """A tiny model, one with unreadable weights, and data files good and bad."""
-    from bcr.data.synthetic import make_arithmetic_problems
+    from bcr.task.synthetic import make_arithmetic_problems
     from bcr.models.tiny import tiny_model
 
     files = {"model": tmp_path / "tiny", "broken": tmp_path / "broken", "file": tmp_path / "a-file"}

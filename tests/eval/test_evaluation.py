@@ -15,10 +15,10 @@ from bcr.runtime.dataclass_cli import ConfigError
 from bcr.eval.sweep import EvalConfig, cli_main, evaluate_scaling, prompt_hash, read_results
 from bcr.task.parsing import parse_completion
 from bcr.eval.report import PLOT_FILES
-from bcr.rl.rollout import make_engine
+from bcr.models.rollout import make_engine
 from bcr.eval.scaling import strip_timing
 from bcr.task.scoring import score_completion
-from bcr.data.synthetic import make_arithmetic_problems
+from bcr.task.synthetic import make_arithmetic_problems
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

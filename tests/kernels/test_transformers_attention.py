@@ -380,7 +380,7 @@ def test_softcap_raises_at_runtime_too():
 def test_trainer_refuses_an_unsupported_model_before_training(tmp_path, tiny_tokenizer):
     """BCRTrainer checks the model when it picks bcr_varlen: the error comes at construction, before any output."""
     from bcr.rl.config import BCRConfig
-    from bcr.data.synthetic import make_arithmetic_problems
+    from bcr.task.synthetic import make_arithmetic_problems
     from bcr.rl.trainer import BCRTrainer
 
     model = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**{**COMMON, "vocab_size": len(tiny_tokenizer)},

@@ -26,7 +26,7 @@ from bcr.models.loading import (
     load_tokenizer,
     resolve_model_source,
 )
-from bcr.data.synthetic import make_arithmetic_problems
+from bcr.task.synthetic import make_arithmetic_problems
 from bcr.models.tiny import tiny_model
 from bcr.rl.trainer import BCRTrainer
 

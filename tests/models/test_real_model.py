@@ -20,7 +20,7 @@ from bcr.eval.sweep import cli_main as eval_cli
 from bcr.models.loading import load_tokenizer, resolve_model_source
 from bcr.rl.packing import Sample, pack_row
 from bcr.task.prompts import render_prompt
-from bcr.data.synthetic import make_arithmetic_problems
+from bcr.task.synthetic import make_arithmetic_problems
 from bcr.rl.trainer import BCRTrainer, completion_logprobs, training_attention
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]

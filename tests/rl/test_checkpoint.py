@@ -17,7 +17,7 @@ from bcr.rl.checkpoint import (
     save_trainer_checkpoint,
 )
 from bcr.rl.config import BCRConfig
-from bcr.data.synthetic import make_arithmetic_problems
+from bcr.task.synthetic import make_arithmetic_problems
 from bcr.models.tiny import tiny_model
 from bcr.rl.trainer import BCRTrainer
 

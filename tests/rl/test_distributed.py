@@ -62,7 +62,7 @@ def instance_token_reward(completion_ids, n_problems, **kw):
 
 
 def _problems():
-    from bcr.data.synthetic import make_arithmetic_problems
+    from bcr.task.synthetic import make_arithmetic_problems
 
     return make_arithmetic_problems(12, seed=3)
 

@@ -21,8 +21,9 @@ import torch
 
 from bcr.rl.checkpoint import NonFiniteWeightsError, checkpoint_dirs, find_checkpoint, remove_stale_temporaries
 from bcr.rl.config import BCRConfig
-from bcr.rl.run_dir import RunDirError, RunLock, check_output_dir, lock_holder
-from bcr.data.synthetic import make_arithmetic_problems
+from bcr.rl.run_dir import RunDirError, RunLock, lock_holder
+from bcr.runtime.io import OutputDirError, check_output_dir
+from bcr.task.synthetic import make_arithmetic_problems
 from bcr.models.tiny import tiny_model
 from bcr.rl.trainer import BCRTrainer
 
@@ -257,11 +258,11 @@ def test_the_lock_of_a_killed_run_is_never_stale(tmp_path):
 def test_output_dir_checks_write_nothing(tmp_path):
     a_file = tmp_path / "file"
     a_file.write_text("x")
-    with pytest.raises(RunDirError, match="is a file, not a directory"):
+    with pytest.raises(OutputDirError, match="is a file, not a directory"):
         check_output_dir(a_file)
-    with pytest.raises(RunDirError, match="cannot be created"):
+    with pytest.raises(OutputDirError, match="cannot be created"):
         check_output_dir(a_file / "sub" / "run")
-    with pytest.raises(RunDirError, match="output_dir is empty"):
+    with pytest.raises(OutputDirError, match="output_dir is empty"):
         check_output_dir("")
     assert check_output_dir(tmp_path / "new" / "run") == tmp_path / "new" / "run"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
@@ -273,7 +274,7 @@ def test_an_unwritable_output_dir_is_refused(tmp_path):
     locked.mkdir()
     locked.chmod(0o500)
     try:
-        with pytest.raises(RunDirError, match="not writable"):
+        with pytest.raises(OutputDirError, match="not writable"):
             check_output_dir(locked / "run")
     finally:
         locked.chmod(0o700)

@@ -153,7 +153,7 @@ def test_trainer_update_is_the_same_with_shared_prompts(tmp_path, tiny_tokenizer
     """One BCRTrainer step with shared_prompt=true gives the update of shared_prompt=false, and logs the
     tokens it did not process. lr = 1 with adam_epsilon = 1 makes the update -g / (|g| + 1), smooth in g."""
     from bcr.rl.config import BCRConfig
-    from bcr.data.synthetic import make_arithmetic_problems
+    from bcr.task.synthetic import make_arithmetic_problems
     from bcr.rl.trainer import BCRTrainer
 
     problems = make_arithmetic_problems(12, seed=0)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bcr.rl.config import BCRConfig
-from bcr.data.synthetic import make_arithmetic_problems
+from bcr.task.synthetic import make_arithmetic_problems
 from bcr.rl.trainer import BCRTrainer
 
 

@@ -1,4 +1,4 @@
-"""Tests for bcr.data.synthetic: determinism, correctness (recomputed from the text), verify loops."""
+"""Tests for bcr.task.synthetic: determinism, correctness (recomputed from the text), verify loops."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import re
 import pytest
 
 from bcr.task.prompts import bundle_solution
-from bcr.data.synthetic import make_arithmetic_problems
+from bcr.task.synthetic import make_arithmetic_problems
 
 _STEP = {"Add": "+", "Subtract": "-", "Multiply by": "*", "Divide by": "/"}
 

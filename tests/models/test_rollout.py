@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 import torch
 
-from bcr.rl.rollout import Generation, HFEngine, _SeededSampler, derive_seed, make_engine
+from bcr.models.rollout import Generation, HFEngine, _SeededSampler, derive_seed, make_engine
 
 PROMPTS = ["Problem 1: 3 + 4", "Problem 1: 12 * 2\nProblem 2: 7 - 9", "hi"]
 
