@@ -16,7 +16,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from bcr.rl.config import BCRConfig
+from bcr.rl.config import MAX_LEARNING_RATE, BCRConfig
 from bcr.runtime.dataclass_cli import ConfigError, check_fields
 from bcr.eval.sweep import EvalConfig
 from bcr.task.prompts import PromptTemplate
@@ -100,6 +100,10 @@ class SFTConfig:
     def __post_init__(self) -> None:
         check_fields(self)  # types from the annotations: whole ints, finite floats, no list for a scalar
         self.n_values = _n_list("sft", "n_values", self.n_values)
+        if not 0 <= self.learning_rate <= MAX_LEARNING_RATE:
+            raise ConfigError(f"sft.learning_rate={self.learning_rate!r} must lie in [0, {MAX_LEARNING_RATE:g}]")
+        if self.weight_decay < 0:
+            raise ConfigError(f"sft.weight_decay={self.weight_decay!r} must be >= 0")
         _at_least_one("sft", self, ("steps", "batch_size"))
 
 

@@ -47,11 +47,17 @@ POSITIVE_INTS = ("num_generations", "max_completion_length", "bundles_per_step",
                  "num_iterations", "logging_steps", "lora_r")
 OPTIONAL_POSITIVE_INTS = ("max_prompt_length", "max_tokens_per_microbatch", "chunk_tokens", "generation_batch_size",
                           "save_total_limit", "limit", "eval_limit")
+# AdamW's step is lr / (1 - beta1 ** step), handed to torch as a float32 scalar: above ~3e37 / (1 - beta1)
+# it cannot be represented and the first update fails deep inside torch. Up to this bound it can, for
+# any beta1 < 1 a float can hold (1 - beta1 >= 1.1e-16); such rates are absurd but fail cleanly (the
+# non-finite-weights check names the step).
+MAX_LEARNING_RATE = 1e20
 # Range checks of one field: name -> (holds, what the message says). Types (and NaN/inf) are
 # checked before, from the annotations (``bcr.runtime.dataclass_cli.check_fields``).
 RANGES = {
     "distributed_timeout": (lambda v: v > 0, "must be > 0 seconds"),
-    "learning_rate": (lambda v: v >= 0, "must be >= 0"),
+    "learning_rate": (lambda v: 0 <= v <= MAX_LEARNING_RATE,
+                      f"must lie in [0, {MAX_LEARNING_RATE:g}] (larger steps overflow AdamW's float32 update)"),
     "weight_decay": (lambda v: v >= 0, "must be >= 0"),
     "adam_beta1": (lambda v: 0 <= v < 1, "must lie in [0, 1)"),
     "adam_beta2": (lambda v: 0 <= v < 1, "must lie in [0, 1)"),

@@ -372,8 +372,8 @@ def _label_value(
     return _Cand(value, label.start, lines.start(label.start), end, boxed, label.k, content), used
 
 
-def _scan(text: str, lo: int, hi: int, truncated: bool) -> _Found:
-    """Stage 1: headers, labelled answers and free answers inside ``text[lo:hi]``."""
+def _scan(text: str, lo: int, hi: int, truncated: bool, n: int) -> _Found:
+    """Stage 1: headers, labelled answers and free answers inside ``text[lo:hi]`` (for N = ``n``)."""
     lines = _Lines(text, lo, hi)
     labels = _find_labels(text, lo, hi)
     boxes = find_boxes(text, lo, hi)
@@ -392,16 +392,37 @@ def _scan(text: str, lo: int, hi: int, truncated: bool) -> _Found:
         elif cand.present:
             plain_free.append(cand)  # "Answer: \boxed{..}" too: a free boxed answer starting at the label
 
+    headers = _find_headers(text, lo, hi)
+    free = [(start, got) for start, got in boxes if got is not None and start not in consumed]
+    sections = [s for k, s in headers if 1 <= k <= n]
     box_free = [
         _Cand(None, start, lines.start(start), lines.end(got[2]), True, None, got[:2])
-        for start, got in boxes
-        if got is not None and start not in consumed
+        for start, got in _last_per_section(free, sections, max(n, 2))
     ]
     # unnumbered "Answer: \boxed{}" lines are boxed candidates; keep them with the free boxes
     box_free.extend(c for c in plain_free if c.boxed)
     box_free.sort(key=_START)
     plain_free = [c for c in plain_free if not c.boxed]
-    return _Found(_find_headers(text, lo, hi), labelled, box_free, plain_free)
+    return _Found(headers, labelled, box_free, plain_free)
+
+
+def _last_per_section(boxes: list[Box], section_starts: list[int], keep: int) -> list[Box]:
+    """The last ``keep`` of ``boxes`` (sorted by start) in every header section and before the first.
+
+    Stage 2 reads no more of the free boxes than that (per section the last one and whether there
+    are several; with no headers the last N), so a completion of thousands of boxes costs a few
+    candidates per section instead of one per box.
+    """
+    if len(boxes) <= keep:
+        return boxes
+    starts = [start for start, _ in boxes]
+    cuts = [bisect.bisect_left(starts, s) for s in section_starts] + [len(boxes)]
+    kept: list[Box] = []
+    begin = 0
+    for cut in cuts:
+        kept.extend(boxes[max(begin, cut - keep) : cut])
+        begin = max(begin, cut)
+    return kept
 
 
 # ----------------------------------------------------------------------------------------------
@@ -586,7 +607,7 @@ def _shared_spans(spans: dict[int, Span], think_span: Span | None, length: int) 
 
 def _parse_impl(text: str, n: int, truncated: bool) -> ParsedCompletion:
     lo, think_span = _think_split(text)
-    found = _scan(text, lo, len(text), truncated)
+    found = _scan(text, lo, len(text), truncated, n)
     headers = [(k, s) for k, s in found.headers if 1 <= k <= n]
     winners = _winner_single(found) if n == 1 else _winners_multi(n, headers, found)
     spans = _resolve_overlaps(_tentative_segments(n, headers, winners, lo, len(text)))

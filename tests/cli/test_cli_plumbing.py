@@ -208,6 +208,7 @@ def test_other_user_errors_in_process(tmp_path, capsys):
     a_file.write_text("x")
     cases = [(["eval", "samples_per_bundle=abc"], "samples_per_bundle='abc'"), (["eval", "temperature=-1"], "temperature"),
              (["train", "seed=0.5"], "seed=0.5"), (["train", "learning_rate=inf"], "learning_rate=inf"),
+             (["train", "learning_rate=1e38"], "overflow"), (["demo", "sft.learning_rate=1e38"], "sft.learning_rate"),
              (["demo", "rl.temperature=nan"], "rl.temperature=nan"), (["demo", "eval.top_p=2"], "eval.top_p"),
              (["train", f"model={tmp_path}", f"output_dir={a_file / 'run'}"], "cannot be created")]
     (tmp_path / "config.json").write_text("{}")  # enough for the model check, which comes first

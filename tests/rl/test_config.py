@@ -36,7 +36,7 @@ def test_loss_type_maps_to_kernel_modes(loss_type, mode):
     ("lr_scheduler_type", "poly"), ("rollout_engine", "tgi"), ("num_generations", 1), ("max_completion_length", 0),
     ("temperature", 0.0), ("top_p", 1.5), ("beta", -0.1), ("max_steps", 0), ("n_problems", 0),
     ("n_problems", {2: -1.0}), ("bundles_per_step", 0), ("report_to", ["mlflow"]), ("warmup_ratio", 2.0),
-    ("save_total_limit", 0), ("learning_rate", "fast"),
+    ("save_total_limit", 0), ("learning_rate", "fast"), ("learning_rate", 1e38), ("learning_rate", -1e-6),
 ])
 def test_bad_values_name_the_field(field, value):
     with pytest.raises(ConfigError, match=field):

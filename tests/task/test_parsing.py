@@ -565,3 +565,24 @@ def test_token_offsets_linear_calls(bpe_tokenizer):
     offs = token_offsets(Counting(), ids)
     assert offs[-1][1] == len(text)
     assert calls["chars"] < 20 * len(ids)
+
+
+def test_thousands_of_free_boxes_keep_every_rule():
+    """Stage 1 keeps only the last few free boxes of each header section (all stage 2 reads); the
+    answers, duplicate flags and spans must be those the rules give over all of them."""
+    boxes = lambda k, m: "".join(f"try \\boxed{{{k}-{i}}}\n" for i in range(m))  # noqa: E731
+    # N = 1: the last box anywhere wins, and it had rivals
+    one = parse_completion(boxes(1, 3000), 1).instances[0]
+    assert (one.answer, one.duplicate) == ("1-2999", True)
+    # headers: the last box of each section; a header outside 1..N is plain text inside section 2
+    text = ("### Problem 1\n" + boxes(1, 500) + "### Problem 2\n" + boxes(2, 400) + "### Problem 9\n" + boxes(9, 300)
+            + "### Problem 3\nonly \\boxed{3-only}\n")
+    got = parse_completion(text, 3)
+    assert got.answers == ["1-499", "9-299", "3-only"]
+    assert [i.duplicate for i in got.instances] == [True, True, False]
+    assert got.instances[1].span[0] == text.index("### Problem 2") and got.instances[2].span[0] == text.index("### Problem 3")
+    # no headers, no labels: the last N boxes in text order
+    assert parse_completion(boxes(0, 2000), 3).answers == ["0-1997", "0-1998", "0-1999"]
+    # a label's box is not free, and a label beats the free boxes of its section
+    labelled = "### Problem 1\n" + boxes(5, 50) + "### Problem 2\nAnswer 2: \\boxed{7}\n" + boxes(6, 50)
+    assert parse_completion(labelled, 2).answers == ["5-49", "7"]
