@@ -17,8 +17,10 @@ Computation: each branch's keys and values are gathered as ``[its prefix; itself
 K/V rows are copied once per branch; its hidden states are not), then attention runs with separate
 query and key lengths, causal aligned to the bottom right (query ``i`` of a branch with ``Lq``
 queries and ``Lk`` keys sees keys ``0 .. Lk - Lq + i``). On CUDA in fp16/bf16 this is one
-``flash_attn_varlen_func`` call (``cu_seqlens_q != cu_seqlens_k``); elsewhere one SDPA call per
-branch with a lower-right causal mask. Semantics are those of packing every branch as its own
+``flash_attn_varlen_func`` call (``cu_seqlens_q != cu_seqlens_k``). Elsewhere branches of similar
+shape are padded into groups (as :func:`bcr_kernels.varlen_attention` groups sequences on the CPU),
+one SDPA call per group with a lower-right causal mask, gathering each group's ``[prefix; branch]``
+keys straight from ``k`` and ``v``; the plan is built once per layout and shared by every layer. Semantics are those of packing every branch as its own
 sequence and calling :func:`bcr_kernels.reference.varlen_attention`; the tests compare exactly that.
 """
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -139,32 +142,108 @@ def shared_prefix_attention(
         raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
     if int(layout.cu_seqlens_q[-1]) != T:
         raise ValueError(f"the layout covers {int(layout.cu_seqlens_q[-1])} rows, the row has {T}")
-    kg = k.index_select(0, layout.kv_index)
-    vg = v.index_select(0, layout.kv_index)
     flash = _flash_attn_varlen_func()
     if flash is not None and q.is_cuda and q.dtype in _HALF and k.dtype == q.dtype and v.dtype == q.dtype:
+        kg = k.index_select(0, layout.kv_index)
+        vg = v.index_select(0, layout.kv_index)
         return flash(q, kg, vg, layout.cu_seqlens_q, layout.cu_seqlens_k, layout.max_seqlen_q,
                      layout.max_seqlen_k, softmax_scale=softmax_scale, causal=True)
-    return _sdpa_branches(q, kg, vg, layout, softmax_scale)
+    return _sdpa_branches(q, k, v, layout, softmax_scale)
 
 
-def _sdpa_branches(q, kg, vg, layout: BranchLayout, scale):
-    hq, hkv, dv = q.shape[1], kg.shape[1], vg.shape[-1]
-    extra = {"enable_gqa": True} if hq != hkv else {}
+# Branches are grouped for the CPU path as _varlen_attention groups sequences: a branch joins a group
+# (sorted by size, largest first) while padding it to the group's query and key lengths costs at most
+# this many extra attention scores per head; each group is then one SDPA call.
+_PAD_BUDGET = 1 << 15
+
+
+@dataclass(frozen=True)
+class _Group:
+    """One SDPA call: ``S`` branches padded to ``Lq`` queries and ``Lk`` keys."""
+
+    S: int
+    Lq: int
+    Lk: int
+    q_rows: torch.Tensor  # long [S * Lq]: the row of q behind each padded query (0 for padding)
+    kv_rows: torch.Tensor  # long [S * Lk]: the row of k / v behind each padded key (0 for padding)
+    mask: torch.Tensor | None  # bool [S, 1, Lq, Lk] (None: plain causal, no padding)
+
+
+def _plan(layout: BranchLayout, device) -> tuple[list[_Group], torch.Tensor]:
+    """The SDPA groups of a layout and, for each row of the output, its row in the groups' outputs."""
     cq, ck = layout.cu_seqlens_q.tolist(), layout.cu_seqlens_k.tolist()
-    outs = []
-    for qs, qe, ks, ke in zip(cq[:-1], cq[1:], ck[:-1], ck[1:]):
-        lq, lk = qe - qs, ke - ks
-        if lq == 0:
-            continue
+    kv_index = layout.kv_index.cpu()
+    shapes = [(qe - qs, ke - ks) for qs, qe, ks, ke in zip(cq[:-1], cq[1:], ck[:-1], ck[1:])]
+    order = sorted((b for b, (lq, _) in enumerate(shapes) if lq), key=lambda b: -shapes[b][0] * shapes[b][1])
+    members: list[list[int]] = []
+    dims: list[tuple[int, int]] = []
+    for b in order:
+        lq, lk = shapes[b]
+        if members:
+            gq, gk = max(dims[-1][0], lq), max(dims[-1][1], lk)
+            if gq * gk - min(shapes[m][0] * shapes[m][1] for m in members[-1] + [b]) <= _PAD_BUDGET:
+                members[-1].append(b)
+                dims[-1] = (gq, gk)
+                continue
+        members.append([b])
+        dims.append((lq, lk))
+    groups, out_pos, row = [], torch.empty(cq[-1], dtype=torch.long), 0
+    for branch_ids, (Lq, Lk) in zip(members, dims):
+        S = len(branch_ids)
+        q_rows = torch.zeros(S, Lq, dtype=torch.long)
+        kv_rows = torch.zeros(S, Lk, dtype=torch.long)
+        prefix = torch.empty(S, dtype=torch.long)
+        for j, b in enumerate(branch_ids):
+            lq, lk = shapes[b]
+            q_rows[j, :lq] = torch.arange(cq[b], cq[b] + lq)
+            kv_rows[j, :lk] = kv_index[ck[b] : ck[b] + lk]
+            out_pos[cq[b] : cq[b] + lq] = torch.arange(row + j * Lq, row + j * Lq + lq)
+            prefix[j] = lk - lq
+        row += S * Lq
         mask = None
-        if lk != lq:  # queries see the whole prefix: causal aligned to the bottom right
-            mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
-        o = F.scaled_dot_product_attention(
-            q[None, qs:qe].transpose(1, 2), kg[None, ks:ke].transpose(1, 2), vg[None, ks:ke].transpose(1, 2),
-            attn_mask=mask, is_causal=mask is None, scale=scale, **extra,
-        )
-        outs.append(o.transpose(1, 2).reshape(lq, hq, dv))
-    if not outs:
+        if Lq != Lk or bool((prefix != 0).any()) or any(shapes[b] != (Lq, Lk) for b in branch_ids):
+            # query i of a branch with prefix p sees keys 0 .. p + i (causal aligned to the bottom right);
+            # valid queries never reach the padding after a branch's own keys
+            reach = torch.arange(Lk)[None, None, :] - torch.arange(Lq)[None, :, None]  # key - query
+            mask = (reach <= prefix[:, None, None])[:, None].to(device)
+        groups.append(_Group(S, Lq, Lk, q_rows.flatten().to(device), kv_rows.flatten().to(device), mask))
+    return groups, out_pos.to(device)
+
+
+class _PlanCache:
+    """The plan of the last layout seen: every layer of a forward passes the same layout object."""
+
+    def __init__(self):
+        self.ref = None
+        self.key = None
+        self.plan = None
+
+    def get(self, layout: BranchLayout, device):
+        key = (device, _PAD_BUDGET)
+        if self.ref is not None and self.ref() is layout and self.key == key:
+            return self.plan
+        self.plan = _plan(layout, device)
+        self.ref, self.key = weakref.ref(layout), key
+        return self.plan
+
+
+_plans = _PlanCache()
+
+
+def _sdpa_branches(q, k, v, layout: BranchLayout, scale):
+    """Every branch group as one SDPA call on padded ``[S, L, H, D]`` copies gathered from ``k``, ``v``."""
+    hq, hkv, dv = q.shape[1], k.shape[1], v.shape[-1]
+    extra = {"enable_gqa": True} if hq != hkv else {}
+    groups, out_pos = _plans.get(layout, q.device)
+    if not groups:
         return q.new_zeros(0, hq, dv)
-    return torch.cat(outs)
+    outs = []
+    for g in groups:
+        qq = q.index_select(0, g.q_rows).view(g.S, g.Lq, hq, -1).transpose(1, 2)
+        kk = k.index_select(0, g.kv_rows).view(g.S, g.Lk, hkv, -1).transpose(1, 2)
+        vv = v.index_select(0, g.kv_rows).view(g.S, g.Lk, hkv, -1).transpose(1, 2)
+        o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=g.mask, is_causal=g.mask is None, scale=scale,
+                                           **extra)
+        outs.append(o.transpose(1, 2).reshape(g.S * g.Lq, hq, dv))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    return out.index_select(0, out_pos)

@@ -11,7 +11,7 @@ import torch
 from bcr.rl.packing import Sample, pack_row, pack_samples
 from bcr.models.tiny import tiny_model
 from bcr.rl.trainer import completion_logprobs
-from bcr_kernels import branch_layout, shared_prefix_attention
+from bcr_kernels import _shared_prefix_attention, branch_layout, shared_prefix_attention
 from bcr_kernels.reference import varlen_attention as reference_varlen
 
 
@@ -26,7 +26,11 @@ def _branch_rows(layout):
 
 @pytest.mark.parametrize("hq,hkv,d", [(4, 2, 16), (3, 3, 8), (6, 1, 5)])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_shared_prefix_attention_matches_unshared_reference(hq, hkv, d, seed):
+@pytest.mark.parametrize("pad_budget", [0, 40, 1 << 15], ids=["no-padding", "some-groups", "one-group"])
+def test_shared_prefix_attention_matches_unshared_reference(hq, hkv, d, seed, pad_budget, monkeypatch):
+    """The CPU path pads branches of similar shape into one SDPA call each; every grouping it can
+    choose (each branch alone, a few groups, one group) gives the reference's values and gradients."""
+    monkeypatch.setattr(_shared_prefix_attention, "_PAD_BUDGET", pad_budget)
     rng = random.Random(seed)
     positions: list[int] = []
     for _ in range(rng.randint(1, 3)):  # sequences: a prompt, then G completions continuing it
@@ -42,6 +46,11 @@ def test_shared_prefix_attention_matches_unshared_reference(hq, hkv, d, seed):
     k = torch.randn(T, hkv, d, generator=g, dtype=torch.float64, requires_grad=True)
     v = torch.randn(T, hkv, d, generator=g, dtype=torch.float64, requires_grad=True)
     out = shared_prefix_attention(q, k, v, layout, softmax_scale=0.3)
+    groups, _ = _shared_prefix_attention._plans.get(layout, q.device)
+    if pad_budget == 0:  # only branches of one shape share a call: no padded row at all
+        assert sum(g.S * g.Lq for g in groups) == T and sum(g.S * g.Lk for g in groups) == layout.kv_index.numel()
+    elif pad_budget == 1 << 15:
+        assert len(groups) == 1
     # reference: every branch as its own sequence [prefix copy; branch]
     idx = layout.kv_index
     keep = _branch_rows(layout)
@@ -143,15 +152,21 @@ def _instance_token_reward(completion_ids, n_problems, **kw):
             for ids, n in zip(completion_ids, n_problems)]
 
 
+_LORA = {"use_peft": True, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
+
+
 @pytest.mark.parametrize(
     "options",
     [{}, {"gradient_accumulation_steps": 2}, {"max_tokens_per_microbatch": 250}, {"gradient_checkpointing": True},
-     {"num_iterations": 2}, {"beta": 0.1}],
-    ids=["plain", "accumulation", "row-cap", "checkpointing", "num_iterations", "kl-ref"],
+     {"num_iterations": 2}, {"beta": 0.1}, _LORA, {**_LORA, "beta": 0.1}],
+    ids=["plain", "accumulation", "row-cap", "checkpointing", "num_iterations", "kl-ref", "lora", "lora-kl-ref"],
 )
 def test_trainer_update_is_the_same_with_shared_prompts(tmp_path, tiny_tokenizer, options):
     """One BCRTrainer step with shared_prompt=true gives the update of shared_prompt=false, and logs the
-    tokens it did not process. lr = 1 with adam_epsilon = 1 makes the update -g / (|g| + 1), smooth in g."""
+    tokens it did not process. lr = 1 with adam_epsilon = 1 makes the update -g / (|g| + 1), smooth in g.
+    With LoRA only the adapters move, and the KL reference is the base model with them disabled."""
+    if options.get("use_peft"):
+        pytest.importorskip("peft", reason="the LoRA cases need peft (pip install -e '.[peft]'; make test installs it)")
     from bcr.rl.config import BCRConfig
     from bcr.task.synthetic import make_arithmetic_problems
     from bcr.rl.trainer import BCRTrainer
@@ -160,16 +175,20 @@ def test_trainer_update_is_the_same_with_shared_prompts(tmp_path, tiny_tokenizer
     deltas, metrics = {}, {}
     for share in ("false", "true"):
         model = tiny_model(tiny_tokenizer, seed=0)
-        before = {k: v.detach().clone() for k, v in model.named_parameters()}
+        torch.manual_seed(0)  # LoRA's adapters are initialised from the global generator
         cfg = BCRConfig(output_dir=str(tmp_path / share), n_problems=2, num_generations=3, max_completion_length=16,
                         bundles_per_step=2, max_steps=1, learning_rate=1.0, adam_epsilon=1.0, max_grad_norm=0.0,
                         disable_progress_bar=True, shared_prompt=share, **options)
         trainer = BCRTrainer(model, problems, cfg, tokenizer=tiny_tokenizer, reward_fn=_instance_token_reward)
         assert trainer.share_prompts == (share == "true")
+        before = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}  # after LoRA is applied
         trainer.train()
-        deltas[share] = {k: v.detach() - before[k] for k, v in model.named_parameters()}
+        deltas[share] = {k: v.detach() - before[k] for k, v in trainer.model.named_parameters()}
         metrics[share] = trainer.last_metrics
     assert max(float(d.abs().max()) for d in deltas["false"].values()) > 1e-4
+    if options.get("use_peft"):  # only the adapters train
+        moved = {k for k, d in deltas["true"].items() if float(d.abs().max()) > 0}
+        assert moved and all("lora_" in k for k in moved), sorted(moved)
     for k, d in deltas["false"].items():
         torch.testing.assert_close(deltas["true"][k], d, rtol=1e-4, atol=1e-6, msg=k)
     assert metrics["false"]["tokens/saved_by_shared_prompt"] == 0
