@@ -18,8 +18,9 @@ The pipeline, each stage seeded and checkpointed under ``output_dir/<stage>/``:
             early section that leaves a later one without budget then pays for it, which per-instance
             advantages never make it do.
 ``length``  the explicit length-penalty baseline (on by default, ``length_baseline=false`` skips it):
-            RL at N = 1 with the same ``rl`` settings and number of steps, rewarded by accuracy plus the
-            Kimi-1.5 length reward of :func:`bcr.rl.rewards.length_penalty_rewards`.
+            trained like for like with ``bcr`` (the same N mix, shared budget, steps and ``rl``
+            settings), rewarded by accuracy plus the Kimi-1.5 length reward of
+            :func:`bcr.rl.rewards.length_penalty_rewards` (``length.penalty_weight``).
 ``eval``    the task-scaling sweep N = 1..6 of every model (:func:`bcr.eval.sweep.evaluate_scaling`):
             ``output_dir/eval/`` gets results.jsonl, summary.json/csv, report.md and PNG plots; the
             demo prints a summary (tokens per problem per N, accuracy, the N = 1 "free lunch") and

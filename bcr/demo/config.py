@@ -109,14 +109,19 @@ class SFTConfig:
 
 @dataclass
 class LengthConfig:
-    """Stage length: the explicit length-penalty baseline (RL at N = 1 with the ``rl`` settings)."""
+    """Stage length: the explicit length-penalty baseline, trained like BCR (the ``rl`` section's N mix,
+    budget, steps and settings) with the Kimi-1.5 length reward added to accuracy."""
 
-    max_completion_length: int = _help("completion budget of the N = 1 length-penalty run", default=80)
+    max_completion_length: int | None = _help("completion budget of the length-penalty run (None: the bcr "
+                                              "stage's rl.max_completion_length, like for like)", default=None)
     penalty_weight: float = _help("weight of the Kimi-1.5 length reward added to accuracy", default=1.0)
 
     def __post_init__(self) -> None:
         check_fields(self)  # types from the annotations: whole ints, finite floats, no list for a scalar
-        _at_least_one("length", self, ("max_completion_length",))
+        if self.max_completion_length is not None and self.max_completion_length < 1:
+            raise ConfigError(f"length.max_completion_length={self.max_completion_length}: must be >= 1 (or None)")
+        if self.penalty_weight < 0:
+            raise ConfigError(f"length.penalty_weight={self.penalty_weight!r}: must be >= 0")
 
 
 def default_rl() -> BCRConfig:

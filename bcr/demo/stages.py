@@ -234,13 +234,14 @@ def length_penalty_reward(num_generations: int, *, method: str = "kimi", weight:
 
 
 def run_length(cfg: DemoConfig, console: Console | None = None) -> dict:
-    """Stage 3 (``length_baseline=true``): the explicit length-penalty baseline, RL at N = 1 for the
-    same number of steps, reward = accuracy + Kimi-1.5 length reward."""
+    """Stage 3 (``length_baseline=true``): the explicit length-penalty baseline, like for like with
+    stage 2 (same N mix, budget, steps and settings), reward = accuracy + Kimi-1.5 length reward."""
     console = console or Console()
     sft = read_stage(cfg, "sft")
     out = _fresh_dir(stage_dir(cfg, "length"))
-    config = rl_config(cfg, out, sft["model"], n_problems=1, max_completion_length=cfg.length.max_completion_length)
-    console.print(f"[bold]stage length[/]: N = 1, budget {config.max_completion_length} tokens, "
+    budget = cfg.length.max_completion_length or cfg.rl.max_completion_length
+    config = rl_config(cfg, out, sft["model"], max_completion_length=budget)
+    console.print(f"[bold]stage length[/]: N in {config.n_values}, shared budget {budget} tokens, "
                   f"{config.max_steps} steps, reward = accuracy + {cfg.length.penalty_weight} x Kimi-1.5 length reward")
     reward = length_penalty_reward(config.num_generations, weight=cfg.length.penalty_weight)
     return _run_rl(cfg, "length", console, config, reward_fn=reward)

@@ -153,8 +153,7 @@ def test_the_stage_configs_of_the_defaults():
     assert (bcr.n_problems, bcr.max_completion_length, bcr.max_steps, bcr.learning_rate, bcr.num_generations,
             bcr.bundles_per_step, bcr.advantage_mode, bcr.logging_steps, bcr.numbered_single, bcr.seed) == (
         {2: 1.0, 3: 1.0, 4: 1.0}, 140, 150, 1e-4, 4, 8, "sequence", 15, True, 0)
-    length = rl_config(cfg, Path("x"), "m", n_problems=1, max_completion_length=cfg.length.max_completion_length)
-    assert (length.n_problems, length.max_completion_length, length.max_steps) == (1, 80, 150)
+    assert cfg.length.max_completion_length is None  # the length-penalty run trains like for like with bcr
     ev = eval_config(cfg, Path("runs/demo/eval"))
     assert (ev.n_values, ev.max_completion_length, ev.budget_mode, ev.temperature, ev.top_p, ev.batch_size,
             ev.resume, ev.baseline) == ([1, 2, 3, 4, 5, 6], 140, "per_prompt", 1.0, 1.0, 32, False, "verbose-sft")
