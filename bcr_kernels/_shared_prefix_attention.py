@@ -19,8 +19,10 @@ query and key lengths, causal aligned to the bottom right (query ``i`` of a bran
 queries and ``Lk`` keys sees keys ``0 .. Lk - Lq + i``). On CUDA in fp16/bf16 this is one
 ``flash_attn_varlen_func`` call (``cu_seqlens_q != cu_seqlens_k``). Elsewhere branches of similar
 shape are padded into groups (as :func:`bcr_kernels.varlen_attention` groups sequences on the CPU),
-one SDPA call per group with a lower-right causal mask, gathering each group's ``[prefix; branch]``
-keys straight from ``k`` and ``v``; the plan is built once per layout and shared by every layer. Semantics are those of packing every branch as its own
+one SDPA call per group, gathering each group's ``[prefix; branch]`` keys straight from ``k`` and
+``v``: plain causal with the branch's queries shifted past its prefix where that does fewer scores
+(prefix shorter than the branch), else a lower-right causal mask; the plan is built once per layout
+and shared by every layer. Semantics are those of packing every branch as its own
 sequence and calling :func:`bcr_kernels.reference.varlen_attention`; the tests compare exactly that.
 """
 
@@ -159,14 +161,21 @@ _PAD_BUDGET = 1 << 15
 
 @dataclass(frozen=True)
 class _Group:
-    """One SDPA call: ``S`` branches padded to ``Lq`` queries and ``Lk`` keys."""
+    """One SDPA call: ``S`` branches padded to ``Lq`` queries and ``Lk`` keys.
+
+    Either *causal* (``mask`` None, ``Lq == Lk``): each branch's queries sit after as many unused
+    query slots as its prefix has tokens, so plain top-left causal attention is the bottom-right
+    one the branch needs, and SDPA skips the blocks above the diagonal; or *masked*: the queries
+    start at slot 0 and an additive mask gives query ``i`` of a branch with prefix ``p`` the keys
+    ``0 .. p + i``. The plan takes the cheaper: ``Lk * Lk / 2`` against ``Lq * Lk`` scores a branch.
+    """
 
     S: int
     Lq: int
     Lk: int
-    q_rows: torch.Tensor  # long [S * Lq]: the row of q behind each padded query (0 for padding)
-    kv_rows: torch.Tensor  # long [S * Lk]: the row of k / v behind each padded key (0 for padding)
-    mask: torch.Tensor | None  # bool [S, 1, Lq, Lk] (None: plain causal, no padding)
+    q_rows: torch.Tensor  # long [S * Lq]: the row of q behind each query slot (0 for unused slots)
+    kv_rows: torch.Tensor  # long [S * Lk]: the row of k / v behind each key slot (0 for padding)
+    mask: torch.Tensor | None  # bool [S, 1, Lq, Lk], True = attend (None: causal)
 
 
 def _plan(layout: BranchLayout, device) -> tuple[list[_Group], torch.Tensor]:
@@ -190,18 +199,22 @@ def _plan(layout: BranchLayout, device) -> tuple[list[_Group], torch.Tensor]:
     groups, out_pos, row = [], torch.empty(cq[-1], dtype=torch.long), 0
     for branch_ids, (Lq, Lk) in zip(members, dims):
         S = len(branch_ids)
+        causal = Lk < 2 * Lq  # Lk * Lk / 2 scores per branch beat Lq * Lk
+        if causal:
+            Lq = Lk
         q_rows = torch.zeros(S, Lq, dtype=torch.long)
         kv_rows = torch.zeros(S, Lk, dtype=torch.long)
         prefix = torch.empty(S, dtype=torch.long)
         for j, b in enumerate(branch_ids):
             lq, lk = shapes[b]
-            q_rows[j, :lq] = torch.arange(cq[b], cq[b] + lq)
+            first = lk - lq if causal else 0  # the branch's first query slot
+            q_rows[j, first : first + lq] = torch.arange(cq[b], cq[b] + lq)
             kv_rows[j, :lk] = kv_index[ck[b] : ck[b] + lk]
-            out_pos[cq[b] : cq[b] + lq] = torch.arange(row + j * Lq, row + j * Lq + lq)
+            out_pos[cq[b] : cq[b] + lq] = torch.arange(row + j * Lq + first, row + j * Lq + first + lq)
             prefix[j] = lk - lq
         row += S * Lq
         mask = None
-        if Lq != Lk or bool((prefix != 0).any()) or any(shapes[b] != (Lq, Lk) for b in branch_ids):
+        if not causal:
             # query i of a branch with prefix p sees keys 0 .. p + i (causal aligned to the bottom right);
             # valid queries never reach the padding after a branch's own keys
             reach = torch.arange(Lk)[None, None, :] - torch.arange(Lq)[None, :, None]  # key - query
@@ -210,21 +223,34 @@ def _plan(layout: BranchLayout, device) -> tuple[list[_Group], torch.Tensor]:
     return groups, out_pos.to(device)
 
 
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean keep-mask as SDPA's additive float mask (0 kept, -inf dropped), built once per plan
+    and dtype instead of by SDPA in every layer."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
 class _PlanCache:
-    """The plan of the last layout seen: every layer of a forward passes the same layout object."""
+    """The plan of the last layout seen (every layer of a forward passes the same layout object), with
+    its groups' additive masks per dtype."""
 
     def __init__(self):
         self.ref = None
         self.key = None
         self.plan = None
+        self.masks: dict = {}
 
     def get(self, layout: BranchLayout, device):
         key = (device, _PAD_BUDGET)
         if self.ref is not None and self.ref() is layout and self.key == key:
             return self.plan
         self.plan = _plan(layout, device)
-        self.ref, self.key = weakref.ref(layout), key
+        self.ref, self.key, self.masks = weakref.ref(layout), key, {}
         return self.plan
+
+    def additive_masks(self, dtype) -> list[torch.Tensor | None]:
+        if dtype not in self.masks:
+            self.masks[dtype] = [None if g.mask is None else _additive(g.mask, dtype) for g in self.plan[0]]
+        return self.masks[dtype]
 
 
 _plans = _PlanCache()
@@ -238,12 +264,11 @@ def _sdpa_branches(q, k, v, layout: BranchLayout, scale):
     if not groups:
         return q.new_zeros(0, hq, dv)
     outs = []
-    for g in groups:
+    for g, mask in zip(groups, _plans.additive_masks(q.dtype)):
         qq = q.index_select(0, g.q_rows).view(g.S, g.Lq, hq, -1).transpose(1, 2)
         kk = k.index_select(0, g.kv_rows).view(g.S, g.Lk, hkv, -1).transpose(1, 2)
         vv = v.index_select(0, g.kv_rows).view(g.S, g.Lk, hkv, -1).transpose(1, 2)
-        o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=g.mask, is_causal=g.mask is None, scale=scale,
-                                           **extra)
+        o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, is_causal=mask is None, scale=scale, **extra)
         outs.append(o.transpose(1, 2).reshape(g.S * g.Lq, hq, dv))
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
     return out.index_select(0, out_pos)

@@ -47,8 +47,8 @@ def test_shared_prefix_attention_matches_unshared_reference(hq, hkv, d, seed, pa
     v = torch.randn(T, hkv, d, generator=g, dtype=torch.float64, requires_grad=True)
     out = shared_prefix_attention(q, k, v, layout, softmax_scale=0.3)
     groups, _ = _shared_prefix_attention._plans.get(layout, q.device)
-    if pad_budget == 0:  # only branches of one shape share a call: no padded row at all
-        assert sum(g.S * g.Lq for g in groups) == T and sum(g.S * g.Lk for g in groups) == layout.kv_index.numel()
+    if pad_budget == 0:  # only branches of one shape share a call: no padded key at all
+        assert sum(g.S * g.Lk for g in groups) == layout.kv_index.numel()
     elif pad_budget == 1 << 15:
         assert len(groups) == 1
     # reference: every branch as its own sequence [prefix copy; branch]
@@ -60,6 +60,32 @@ def test_shared_prefix_attention_matches_unshared_reference(hq, hkv, d, seed, pa
     grads = torch.autograd.grad((out * w).sum(), (q, k, v))
     ref_grads = torch.autograd.grad((ref * w).sum(), (q, k, v))
     for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("prompt,completions,causal", [(40, [3, 5, 2], False), (3, [40, 35, 50], True)],
+                         ids=["long-prompt-masked", "short-prompt-causal"])
+def test_each_group_takes_the_cheaper_form(prompt, completions, causal, monkeypatch):
+    """A branch of a long prompt with a short completion is attended with a mask (fewer scores than
+    shifting its queries past the prompt); short prompts with long completions with plain causal
+    attention. (No padding budget: every branch is its own group, so each makes its own choice.)"""
+    monkeypatch.setattr(_shared_prefix_attention, "_PAD_BUDGET", 0)
+    positions = list(range(prompt + completions[0]))
+    for c in completions[1:]:
+        positions += range(prompt, prompt + c)
+    layout = branch_layout(torch.tensor(positions))
+    T = len(positions)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(T, 2, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    out = shared_prefix_attention(q, k, v, layout)
+    groups, _ = _shared_prefix_attention._plans.get(layout, q.device)
+    branches = [grp for grp in groups if grp.Lk != prompt + completions[0]]  # all but the trunk
+    assert len(branches) == len(completions) - 1 and all((grp.mask is None) == causal for grp in branches)
+    idx = layout.kv_index
+    ref = reference_varlen(q[idx], k[idx], v[idx], layout.cu_seqlens_k, causal=True)[_branch_rows(layout)]
+    torch.testing.assert_close(out, ref)
+    w = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad((out * w).sum(), (q, k, v)), torch.autograd.grad((ref * w).sum(), (q, k, v))):
         torch.testing.assert_close(a, b)
 
 
