@@ -168,6 +168,8 @@ class _Group:
     one the branch needs, and SDPA skips the blocks above the diagonal; or *masked*: the queries
     start at slot 0 and an additive mask gives query ``i`` of a branch with prefix ``p`` the keys
     ``0 .. p + i``. The plan takes the cheaper: ``Lk * Lk / 2`` against ``Lq * Lk`` scores a branch.
+    The mask is additive (0 kept, -inf dropped) in the attention's dtype, built once per plan instead
+    of converted from a boolean one by SDPA in every layer.
     """
 
     S: int
@@ -175,10 +177,10 @@ class _Group:
     Lk: int
     q_rows: torch.Tensor  # long [S * Lq]: the row of q behind each query slot (0 for unused slots)
     kv_rows: torch.Tensor  # long [S * Lk]: the row of k / v behind each key slot (0 for padding)
-    mask: torch.Tensor | None  # bool [S, 1, Lq, Lk], True = attend (None: causal)
+    mask: torch.Tensor | None  # float [S, 1, Lq, Lk], 0 = attend, -inf = not (None: causal)
 
 
-def _plan(layout: BranchLayout, device) -> tuple[list[_Group], torch.Tensor]:
+def _plan(layout: BranchLayout, device, dtype) -> tuple[list[_Group], torch.Tensor]:
     """The SDPA groups of a layout and, for each row of the output, its row in the groups' outputs."""
     cq, ck = layout.cu_seqlens_q.tolist(), layout.cu_seqlens_k.tolist()
     kv_index = layout.kv_index.cpu()
@@ -218,39 +220,27 @@ def _plan(layout: BranchLayout, device) -> tuple[list[_Group], torch.Tensor]:
             # query i of a branch with prefix p sees keys 0 .. p + i (causal aligned to the bottom right);
             # valid queries never reach the padding after a branch's own keys
             reach = torch.arange(Lk)[None, None, :] - torch.arange(Lq)[None, :, None]  # key - query
-            mask = (reach <= prefix[:, None, None])[:, None].to(device)
+            mask = torch.zeros(S, 1, Lq, Lk, dtype=dtype, device=device)
+            mask.masked_fill_((reach > prefix[:, None, None])[:, None].to(device), float("-inf"))
         groups.append(_Group(S, Lq, Lk, q_rows.flatten().to(device), kv_rows.flatten().to(device), mask))
     return groups, out_pos.to(device)
 
 
-def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A boolean keep-mask as SDPA's additive float mask (0 kept, -inf dropped), built once per plan
-    and dtype instead of by SDPA in every layer."""
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
-
-
 class _PlanCache:
-    """The plan of the last layout seen (every layer of a forward passes the same layout object), with
-    its groups' additive masks per dtype."""
+    """The plan of the last layout seen: every layer of a forward passes the same layout object."""
 
     def __init__(self):
         self.ref = None
         self.key = None
         self.plan = None
-        self.masks: dict = {}
 
-    def get(self, layout: BranchLayout, device):
-        key = (device, _PAD_BUDGET)
+    def get(self, layout: BranchLayout, device, dtype):
+        key = (device, dtype, _PAD_BUDGET)
         if self.ref is not None and self.ref() is layout and self.key == key:
             return self.plan
-        self.plan = _plan(layout, device)
-        self.ref, self.key, self.masks = weakref.ref(layout), key, {}
+        self.plan = _plan(layout, device, dtype)
+        self.ref, self.key = weakref.ref(layout), key
         return self.plan
-
-    def additive_masks(self, dtype) -> list[torch.Tensor | None]:
-        if dtype not in self.masks:
-            self.masks[dtype] = [None if g.mask is None else _additive(g.mask, dtype) for g in self.plan[0]]
-        return self.masks[dtype]
 
 
 _plans = _PlanCache()
@@ -260,15 +250,16 @@ def _sdpa_branches(q, k, v, layout: BranchLayout, scale):
     """Every branch group as one SDPA call on padded ``[S, L, H, D]`` copies gathered from ``k``, ``v``."""
     hq, hkv, dv = q.shape[1], k.shape[1], v.shape[-1]
     extra = {"enable_gqa": True} if hq != hkv else {}
-    groups, out_pos = _plans.get(layout, q.device)
+    groups, out_pos = _plans.get(layout, q.device, q.dtype)
     if not groups:
         return q.new_zeros(0, hq, dv)
     outs = []
-    for g, mask in zip(groups, _plans.additive_masks(q.dtype)):
+    for g in groups:
         qq = q.index_select(0, g.q_rows).view(g.S, g.Lq, hq, -1).transpose(1, 2)
         kk = k.index_select(0, g.kv_rows).view(g.S, g.Lk, hkv, -1).transpose(1, 2)
         vv = v.index_select(0, g.kv_rows).view(g.S, g.Lk, hkv, -1).transpose(1, 2)
-        o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, is_causal=mask is None, scale=scale, **extra)
+        o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=g.mask, is_causal=g.mask is None, scale=scale,
+                                           **extra)
         outs.append(o.transpose(1, 2).reshape(g.S * g.Lq, hq, dv))
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
     return out.index_select(0, out_pos)

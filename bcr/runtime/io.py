@@ -63,5 +63,5 @@ def check_output_dir(path: str | os.PathLike, option: str = "output_dir") -> Pat
         raise OutputDirError(f"{option}={str(path)!r} cannot be created: {existing} is a file; choose another {option}")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise OutputDirError(f"{option}={str(path)!r} is not writable ({existing} does not allow this user to write); "
-                          f"choose a directory you can write to")
+                             f"choose a directory you can write to")
     return target

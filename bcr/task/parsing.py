@@ -89,7 +89,6 @@ from typing import Any
 
 from bcr.data.boxes import Box, extract_boxed, find_boxes, find_complete_boxes
 
-
 __all__ = [
     "InstanceParse",
     "ParsedCompletion",
@@ -263,7 +262,8 @@ class _Label:
 
 @dataclass
 class _Found:
-    """What stage 1 found: headers as (k, start) in text order and the answer candidates."""
+    """What stage 1 found: the headers of instances 1..N as (k, start) in text order (a header with
+    another k is plain text) and the answer candidates."""
 
     headers: list[tuple[int, int]]
     labelled: list[_Cand]  # numbered labels, in text order
@@ -392,12 +392,11 @@ def _scan(text: str, lo: int, hi: int, truncated: bool, n: int) -> _Found:
         elif cand.present:
             plain_free.append(cand)  # "Answer: \boxed{..}" too: a free boxed answer starting at the label
 
-    headers = _find_headers(text, lo, hi)
+    headers = [(k, s) for k, s in _find_headers(text, lo, hi) if 1 <= k <= n]  # others are plain text
     free = [(start, got) for start, got in boxes if got is not None and start not in consumed]
-    sections = [s for k, s in headers if 1 <= k <= n]
     box_free = [
         _Cand(None, start, lines.start(start), lines.end(got[2]), True, None, got[:2])
-        for start, got in _last_per_section(free, sections, max(n, 2))
+        for start, got in _last_per_section(free, [s for _, s in headers], max(n, 2))
     ]
     # unnumbered "Answer: \boxed{}" lines are boxed candidates; keep them with the free boxes
     box_free.extend(c for c in plain_free if c.boxed)
@@ -421,7 +420,7 @@ def _last_per_section(boxes: list[Box], section_starts: list[int], keep: int) ->
     begin = 0
     for cut in cuts:
         kept.extend(boxes[max(begin, cut - keep) : cut])
-        begin = max(begin, cut)
+        begin = cut
     return kept
 
 
@@ -608,7 +607,7 @@ def _shared_spans(spans: dict[int, Span], think_span: Span | None, length: int) 
 def _parse_impl(text: str, n: int, truncated: bool) -> ParsedCompletion:
     lo, think_span = _think_split(text)
     found = _scan(text, lo, len(text), truncated, n)
-    headers = [(k, s) for k, s in found.headers if 1 <= k <= n]
+    headers = found.headers
     winners = _winner_single(found) if n == 1 else _winners_multi(n, headers, found)
     spans = _resolve_overlaps(_tentative_segments(n, headers, winners, lo, len(text)))
     instances = _instances(text, n, winners, spans)

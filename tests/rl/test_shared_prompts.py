@@ -46,7 +46,7 @@ def test_shared_prefix_attention_matches_unshared_reference(hq, hkv, d, seed, pa
     k = torch.randn(T, hkv, d, generator=g, dtype=torch.float64, requires_grad=True)
     v = torch.randn(T, hkv, d, generator=g, dtype=torch.float64, requires_grad=True)
     out = shared_prefix_attention(q, k, v, layout, softmax_scale=0.3)
-    groups, _ = _shared_prefix_attention._plans.get(layout, q.device)
+    groups, _ = _shared_prefix_attention._plans.get(layout, q.device, q.dtype)
     if pad_budget == 0:  # only branches of one shape share a call: no padded key at all
         assert sum(g.S * g.Lk for g in groups) == layout.kv_index.numel()
     elif pad_budget == 1 << 15:
@@ -78,7 +78,7 @@ def test_each_group_takes_the_cheaper_form(prompt, completions, causal, monkeypa
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(T, 2, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
     out = shared_prefix_attention(q, k, v, layout)
-    groups, _ = _shared_prefix_attention._plans.get(layout, q.device)
+    groups, _ = _shared_prefix_attention._plans.get(layout, q.device, q.dtype)
     branches = [grp for grp in groups if grp.Lk != prompt + completions[0]]  # all but the trunk
     assert len(branches) == len(completions) - 1 and all((grp.mask is None) == causal for grp in branches)
     idx = layout.kv_index
