@@ -323,6 +323,9 @@ def length_penalty_rewards(
     * ``method="l1"`` — L1 / LCPO-Exact (Aggarwal & Welleck, "L1: Controlling How Long A Reasoning
       Model Thinks With Reinforcement Learning", arXiv:2503.04697): the full reward
       ``correct_i - alpha * |target_length - len_i|`` (alpha = 0.0003 as in the paper).
+    * ``method="linear"`` — a plain per-token penalty: ``-alpha * len_i`` for every completion,
+      correct or not (the caller adds it to the accuracy reward; with ``alpha = 1 / budget`` a
+      completion that fills the budget costs 1).
 
     Returns float32 ``[G]``. BCR does not use these; they exist for comparisons.
     """
@@ -343,4 +346,6 @@ def length_penalty_rewards(
             raise ValueError("length_penalty_rewards(method='l1') needs target_length (tokens)")
         tgt = torch.as_tensor(target_length, dtype=torch.float32)
         return cr - float(alpha) * (tgt - ln).abs()
-    raise ValueError(f"length_penalty_rewards: method must be 'kimi' or 'l1', got {method!r}")
+    if method == "linear":
+        return -float(alpha) * ln
+    raise ValueError(f"length_penalty_rewards: method must be 'kimi', 'l1' or 'linear', got {method!r}")

@@ -12,6 +12,16 @@ and ``meta["solution"]`` is the N = 1 target completion: those lines plus ``Answ
 For a bundle use :func:`bcr.task.prompts.bundle_solution` (re-exported here), which renders the
 ``### Problem k`` sections with ``Answer k: \boxed{..}`` lines, as the BCR prompt asks.
 
+``merge_ratio=r`` writes the worked solution of a fraction ``r`` of the problems (drawn per problem
+from a stream of its own) in the *merged* style: the whole chain on one line, read left to right,
+with no intermediate results and no checks::
+
+    Merged: 7 + 12 * 3 - 5 = 52
+
+Merged work is shorter and, for a small model, less accurate on long problems (it must carry every
+intermediate value in its head); ``meta["style"]`` says which style a problem got (``"steps"`` or
+``"merged"``). A model fine-tuned on both styles has a length-accuracy trade-off to make.
+
 ``verify_loops=(lo, hi)`` inserts lo..hi (uniform) redundant re-check lines such as
 ``Check: 7 + 12 = 19. Correct.`` after a random step, each re-checking a step already done: the
 "metacognitive loops" a verbose reasoner writes and BCR training should learn to drop.
@@ -122,6 +132,7 @@ def make_arithmetic_problems(
     operators: str = "+-*",
     with_solution: bool = True,
     verify_loops: tuple[int, int] = (0, 0),
+    merge_ratio: float = 0.0,
 ) -> list[Problem]:
     """``n`` multi-step integer arithmetic problems (``source="synthetic"``).
 
@@ -133,9 +144,10 @@ def make_arithmetic_problems(
         operators: any of ``"+-*/"``.
         with_solution: fill ``meta["steps"]`` (work lines) and ``meta["solution"]`` (N = 1 target).
         verify_loops: inclusive range of redundant ``Check: ...`` lines inserted into the work.
+        merge_ratio: fraction (0..1) of the problems whose work is one ``Merged: ...`` line.
 
-    ``meta`` always has ``"start"``, ``"operations"`` (list of ``[op, operand]``) and
-    ``"num_verify_loops"`` (0 when ``with_solution`` is False).
+    ``meta`` always has ``"start"``, ``"operations"`` (list of ``[op, operand]``),
+    ``"num_verify_loops"`` (0 when ``with_solution`` is False) and ``"style"``.
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"n must be a non-negative int, got {n!r}")
@@ -144,6 +156,8 @@ def make_arithmetic_problems(
     loops_r = _check_range("verify_loops", verify_loops, 0)
     if not operators or any(o not in OPERATORS for o in operators):
         raise ValueError(f"operators={operators!r}: use a non-empty string of {''.join(OPERATORS)!r}")
+    if isinstance(merge_ratio, bool) or not isinstance(merge_ratio, (int, float)) or not 0 <= merge_ratio <= 1:
+        raise ValueError(f"merge_ratio={merge_ratio!r}: give a fraction in [0, 1]")
     ops = "".join(dict.fromkeys(operators))  # unique, order kept
     cap = 10 ** (digits_r[1] + 1)
 
@@ -161,9 +175,15 @@ def make_arithmetic_problems(
         answer = str(trace[-1][3])
         text = " ".join([f"Start with {start}."] + [OPERATORS[o].format(x=x) for o, x in operations]
                         + ["What is the result?"])
-        meta: dict = {"start": start, "operations": [[o, x] for o, x in operations], "num_verify_loops": 0}
+        merged = random.Random(f"bcr-synthetic-style:{seed}:{i}").random() < merge_ratio
+        meta: dict = {"start": start, "operations": [[o, x] for o, x in operations], "num_verify_loops": 0,
+                      "style": "merged" if merged else "steps"}
         prob = Problem(id=f"synth-{seed}-{i}", problem=text, answer=answer, source="synthetic", meta=meta)
-        if with_solution:
+        if with_solution and merged:
+            chain = " ".join([str(start)] + [f"{o} {x}" for o, x in operations])
+            meta["steps"] = [f"Merged: {chain} = {answer}"]
+            meta["solution"] = format_solution(prob)
+        elif with_solution:
             step_lines = [f"{a} {o} {x} = {b}" for a, o, x, b in trace]
             vrng = random.Random(f"bcr-synthetic-verify:{seed}:{i}")
             k = vrng.randint(*loops_r)

@@ -176,6 +176,10 @@ def test_kimi_length_reward():
     close(length_penalty_rewards([7, 7], [1, 0]), [0.0, 0.0])
 
 
+def test_linear_length_reward_charges_every_token_of_every_completion():
+    close(length_penalty_rewards([100, 300, 0], [1, 0, 1], method="linear", alpha=1 / 200), [-0.5, -1.5, 0.0])
+
+
 def test_l1_length_reward():
     close(length_penalty_rewards([100, 300], [1, 0], method="l1", target_length=200, alpha=0.001), [0.9, -0.1])
     with pytest.raises(ValueError, match="target_length"):

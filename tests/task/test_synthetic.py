@@ -144,10 +144,36 @@ def test_bundle_solution_format():
 
 @pytest.mark.parametrize("kw", [
     {"steps": (0, 2)}, {"steps": (3, 2)}, {"digits": (0, 1)}, {"operators": "+%"}, {"operators": ""},
-    {"verify_loops": (-1, 0)}, {"verify_loops": (2, 1)}, {"steps": 3},
+    {"verify_loops": (-1, 0)}, {"verify_loops": (2, 1)}, {"steps": 3}, {"merge_ratio": 1.5}, {"merge_ratio": -0.1},
+    {"merge_ratio": True},
 ])
 def test_bad_arguments(kw):
     with pytest.raises(ValueError):
         make_arithmetic_problems(3, **kw)
     with pytest.raises(ValueError):
         make_arithmetic_problems(-1)
+
+
+def test_merged_style_writes_the_whole_chain_on_one_line():
+    kw = {"steps": (1, 4), "verify_loops": (0, 3), "operators": "+-"}
+    plain = make_arithmetic_problems(400, seed=5, **kw)
+    mixed = make_arithmetic_problems(400, seed=5, merge_ratio=0.5, **kw)
+    # the problems themselves never change; the style of each is its own draw
+    assert [(p.problem, p.answer) for p in plain] == [(p.problem, p.answer) for p in mixed]
+    assert {p.meta["style"] for p in plain} == {"steps"}
+    merged = [p for p in mixed if p.meta["style"] == "merged"]
+    assert 150 < len(merged) < 250
+    for p in merged:
+        (line,) = p.meta["steps"]
+        chain, result = line.removeprefix("Merged: ").split(" = ")
+        tokens = chain.split()
+        value = int(tokens[0])
+        for op, x in zip(tokens[1::2], tokens[2::2]):  # read left to right
+            value = value + int(x) if op == "+" else value - int(x)
+        assert result == p.answer == str(value) and len(tokens) == 1 + 2 * len(p.meta["operations"])
+        assert p.meta["num_verify_loops"] == 0 and "Check" not in p.meta["solution"]
+    # a problem written out in the mixed list is written exactly as in the plain one
+    for a, b in zip(plain, mixed):
+        if b.meta["style"] == "steps":
+            assert a.meta["solution"] == b.meta["solution"]
+    assert all(p.meta["style"] == "merged" for p in make_arithmetic_problems(20, merge_ratio=1.0))
