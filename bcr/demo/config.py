@@ -22,6 +22,8 @@ from bcr.eval.sweep import EvalConfig
 from bcr.task.prompts import PromptTemplate
 
 STAGES = ("sft", "bcr", "length", "eval")
+#: the explicit length penalties of stage length (and the study), each added to accuracy x a weight
+LENGTH_METHODS = {"kimi": "the Kimi-1.5 length reward", "linear": "-length / budget (a per-token penalty)"}
 
 
 def _help(text: str, **kw) -> Any:
@@ -59,6 +61,8 @@ class TaskConfig:
     operators: str = _help("operators of the problems (any of '+-*/')", default="+-")
     verify_loops: list[int] = _help("inclusive range of redundant 'Check: ... Correct.' lines per worked solution",
                                     default_factory=lambda: [0, 3])
+    merge_ratio: float = _help("fraction of the worked solutions written as one 'Merged: ...' line (no "
+                               "intermediate results, no checks) instead of one line per step", default=0.0)
     numbered_single: bool = _help(
         "N = 1 prompts and solutions use the numbered format of N > 1 ('Problem 1:', '### Problem 1', "
         "'Answer 1:') in every stage, so the format costs the same tokens per problem at every N",
@@ -69,6 +73,8 @@ class TaskConfig:
         for name in ("problem_steps", "problem_digits", "verify_loops"):
             setattr(self, name, _int_range("task", name, getattr(self, name)))
         _at_least_one("task", self, ("num_train_problems", "num_eval_problems"))
+        if not 0 <= self.merge_ratio <= 1:
+            raise ConfigError(f"task.merge_ratio={self.merge_ratio!r}: give a fraction in [0, 1]")
 
 
 @dataclass
@@ -96,6 +102,9 @@ class SFTConfig:
     batch_size: int = _help("sequences per step", default=8)
     learning_rate: float = _help("AdamW peak learning rate (linear warm-up, cosine decay)", default=4e-3)
     weight_decay: float = _help("AdamW weight decay", default=0.01)
+    packed: bool = _help("SFT on the packed path with the fused LM head, as the RL step (one padding-free row, "
+                         "varlen attention, log-probs of the target tokens only); false: padded batches and "
+                         "the model's own loss", default=True)
 
     def __post_init__(self) -> None:
         check_fields(self)  # types from the annotations: whole ints, finite floats, no list for a scalar
@@ -114,12 +123,16 @@ class LengthConfig:
 
     max_completion_length: int | None = _help("completion budget of the length-penalty run (None: the bcr "
                                               "stage's rl.max_completion_length, like for like)", default=None)
-    penalty_weight: float = _help("weight of the Kimi-1.5 length reward added to accuracy", default=1.0)
+    method: str = _help("the length term: kimi (Kimi-1.5 length reward, relative within each group) or "
+                        "linear (-length / budget)", default="kimi")
+    penalty_weight: float = _help("weight of the length term added to accuracy", default=1.0)
 
     def __post_init__(self) -> None:
         check_fields(self)  # types from the annotations: whole ints, finite floats, no list for a scalar
         if self.max_completion_length is not None and self.max_completion_length < 1:
             raise ConfigError(f"length.max_completion_length={self.max_completion_length}: must be >= 1 (or None)")
+        if self.method not in LENGTH_METHODS:
+            raise ConfigError(f"length.method={self.method!r}: must be one of {list(LENGTH_METHODS)}")
         if self.penalty_weight < 0:
             raise ConfigError(f"length.penalty_weight={self.penalty_weight!r}: must be >= 0")
 

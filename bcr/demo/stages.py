@@ -9,30 +9,24 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import random
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import torch
 from rich.console import Console
 
-from bcr.data.bundling import Bundler
 from bcr.rl.config import BCRConfig
 from bcr.runtime.dataclass_cli import ConfigError
 from bcr.eval.sweep import EvalConfig, evaluate_scaling, read_results
 from bcr.runtime.io import atomic_write_json, atomic_write_text
-from bcr.runtime.metrics import progress_bar
-from bcr.data.problems import Problem
 from bcr.rl.rewards import length_penalty_rewards
 from bcr.task.scoring import score_completion
 from bcr.rl.trainer import BCRTrainer
 
-from .config import DemoConfig, SFTConfig
-from .summary import check_lines, demo_summary
-from .task import build_tokenizer_and_model, bundle_solution_sample, check_tokenizer_roundtrip, make_task, sft_example
+from .config import LENGTH_METHODS, DemoConfig
+from .sft import sft_batches, train_sft
+from .summary import budget_use, check_lines, demo_summary
+from .task import build_tokenizer_and_model, bundle_solution_sample, check_tokenizer_roundtrip, make_task
 
 STAGE_FILE = "stage.json"
 MODEL_NAMES = {"sft": "verbose-sft", "bcr": "bcr", "length": "length-penalty"}
@@ -71,74 +65,6 @@ def _fresh_dir(path: Path) -> Path:
 # ----------------------------------------------------------------------------------------------
 # Stage 1: SFT warm-up (the verbose reasoner)
 # ----------------------------------------------------------------------------------------------
-def _collate(examples: list[tuple[list[int], int]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded ``(input_ids, attention_mask, labels)``; labels are -100 on prompt and padding tokens."""
-    width = max(len(ids) for ids, _ in examples)
-    input_ids = torch.full((len(examples), width), pad, dtype=torch.long)
-    attention = torch.zeros((len(examples), width), dtype=torch.long)
-    labels = torch.full((len(examples), width), -100, dtype=torch.long)
-    for row, (ids, n_prompt) in enumerate(examples):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        attention[row, : len(ids)] = 1
-        labels[row, n_prompt: len(ids)] = torch.tensor(ids[n_prompt:])
-    return input_ids, attention, labels
-
-
-def _sft_batches(train: list[Problem], tokenizer, cfg: DemoConfig) -> Iterator[tuple[torch.Tensor, ...]]:
-    """An endless stream of SFT batches; each batch has one N (similar lengths, little padding)."""
-    size = cfg.sft.batch_size
-    bundler = Bundler(train, {n: 1.0 for n in cfg.sft.n_values}, seed=cfg.seed)
-    epoch = 0
-    while True:
-        by_n: dict[int, list] = {}
-        for bundle in bundler.epoch_bundles(epoch):
-            by_n.setdefault(len(bundle), []).append(bundle)
-        batches = [bundles[i: i + size] for bundles in by_n.values() for i in range(0, len(bundles) - size + 1, size)]
-        random.Random(f"demo-sft:{cfg.seed}:{epoch}").shuffle(batches)
-        for bundles in batches:
-            yield _collate([sft_example(b, tokenizer, cfg.template) for b in bundles], tokenizer.pad_token_id)
-        epoch += 1
-
-
-def _warmup_cosine(steps: int):
-    """Linear warm-up over a twentieth of the steps, then cosine decay to a tenth of the peak."""
-    warmup = max(1, steps // 20)
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, steps - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return lr_at
-
-
-def train_sft(model, batches: Iterator, sft: SFTConfig, *, seed: int, progress: bool) -> list[dict]:
-    """The plain AdamW loop of stage 1; returns one ``{"step", "loss", "lr"}`` row per step."""
-    torch.manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=sft.learning_rate, betas=(0.9, 0.95),
-                                  weight_decay=sft.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(sft.steps))
-    model.train()
-    log, smooth = [], None
-    with progress_bar(progress) as bar:
-        task = bar.add_task("sft", total=sft.steps, info="")
-        for step in range(sft.steps):
-            input_ids, attention, labels = next(batches)
-            loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            value = float(loss.detach())
-            smooth = value if smooth is None else 0.9 * smooth + 0.1 * value
-            log.append({"step": step + 1, "loss": value, "lr": scheduler.get_last_lr()[0]})
-            bar.update(task, advance=1, info=f"loss {smooth:.3f}")
-    model.eval()
-    return log
-
-
 def run_sft(cfg: DemoConfig, console: Console | None = None) -> dict:
     """Stage 1: build the tokenizer and the tiny model, fine-tune it on verbose worked solutions."""
     console = console or Console()
@@ -150,7 +76,8 @@ def run_sft(cfg: DemoConfig, console: Console | None = None) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     console.print(f"[bold]stage sft[/]: tokenizer of {len(tokenizer)} tokens, {cfg.model.arch} model of "
                   f"{n_params / 1e6:.2f}M parameters, {len(train)} training problems")
-    log = train_sft(model, _sft_batches(train, tokenizer, cfg), cfg.sft, seed=cfg.seed, progress=cfg.progress)
+    log = train_sft(model, sft_batches(train, tokenizer, cfg), cfg.sft, pad_token_id=tokenizer.pad_token_id,
+                    seed=cfg.seed, progress=cfg.progress)
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
     check_tokenizer_roundtrip(tokenizer, out / "model", bundle_solution_sample(train, cfg.template))
@@ -216,9 +143,12 @@ def run_bcr(cfg: DemoConfig, console: Console | None = None) -> dict:
     return _run_rl(cfg, "bcr", console, config)
 
 
-def length_penalty_reward(num_generations: int, *, method: str = "kimi", weight: float = 1.0):
-    """A TRL-style reward for the baseline: accuracy + ``weight`` x the Kimi-1.5 length reward of
-    :func:`bcr.rl.rewards.length_penalty_rewards`, computed within each group of G completions."""
+def length_penalty_reward(num_generations: int, *, method: str = "kimi", weight: float = 1.0, budget: int = 1):
+    """A TRL-style reward for the baseline: accuracy + ``weight`` x a length term of
+    :func:`bcr.rl.rewards.length_penalty_rewards`, computed within each group of G completions:
+    ``method="kimi"`` the Kimi-1.5 length reward, ``method="linear"`` ``-length / budget``."""
+    if method not in LENGTH_METHODS:
+        raise ConfigError(f"length penalty method {method!r}: must be one of {list(LENGTH_METHODS)}")
 
     def reward(completions, completion_ids, answer, parsed, **_):
         acc = [sum(score_completion(p, refs).correct) / len(refs) for p, refs in zip(parsed, answer)]
@@ -226,7 +156,7 @@ def length_penalty_reward(num_generations: int, *, method: str = "kimi", weight:
         for start in range(0, len(acc), num_generations):
             lengths = [len(ids) for ids in completion_ids[start: start + num_generations]]
             group_acc = acc[start: start + num_generations]
-            bonus = length_penalty_rewards(lengths, group_acc, method=method).tolist()
+            bonus = length_penalty_rewards(lengths, group_acc, method=method, alpha=1.0 / budget).tolist()
             out.extend(a + weight * b for a, b in zip(group_acc, bonus))
         return out
 
@@ -242,8 +172,10 @@ def run_length(cfg: DemoConfig, console: Console | None = None) -> dict:
     budget = cfg.length.max_completion_length or cfg.rl.max_completion_length
     config = rl_config(cfg, out, sft["model"], max_completion_length=budget)
     console.print(f"[bold]stage length[/]: N in {config.n_values}, shared budget {budget} tokens, "
-                  f"{config.max_steps} steps, reward = accuracy + {cfg.length.penalty_weight} x Kimi-1.5 length reward")
-    reward = length_penalty_reward(config.num_generations, weight=cfg.length.penalty_weight)
+                  f"{config.max_steps} steps, reward = accuracy + {cfg.length.penalty_weight} x "
+                  f"{LENGTH_METHODS[cfg.length.method]}")
+    reward = length_penalty_reward(config.num_generations, method=cfg.length.method, weight=cfg.length.penalty_weight,
+                                   budget=budget)
     return _run_rl(cfg, "length", console, config, reward_fn=reward)
 
 
@@ -268,7 +200,8 @@ def run_eval(cfg: DemoConfig, console: Console | None = None) -> dict:
     console.print(f"[bold]stage eval[/]: N = {config.n_values} on {len(evals)} held-out problems, "
                   f"shared budget {config.max_completion_length} tokens per prompt, models {list(models)}")
     summary = evaluate_scaling(models, evals, config=config)
-    result = demo_summary(summary, check_lines(read_results(out / "results.jsonl")))
+    records = read_results(out / "results.jsonl")
+    result = demo_summary(summary, check_lines(records), budget_use(records))
     atomic_write_json(Path(cfg.output_dir) / "demo_summary.json", result, default=str)
     return _finish_stage(cfg, "eval", time.perf_counter() - t0,
                          {"report": str(out / "report.md"), "summary": result})

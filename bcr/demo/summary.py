@@ -3,7 +3,8 @@
 :func:`demo_summary` turns an ``evaluate_scaling`` summary into ``demo_summary.json``: per model the
 tokens per problem and accuracy for each N and whether tokens fall monotonically, and the N = 1
 "free lunch" of every model against the verbose SFT baseline with the demo's acceptance thresholds
-(at least 15 % fewer tokens, accuracy within 3 points). :func:`print_summary` prints it.
+(at least 15 % fewer tokens, accuracy within 3 points), and the task-scaling-law verdict of
+:func:`law_check`. :func:`print_summary` prints it.
 """
 
 from __future__ import annotations
@@ -22,16 +23,61 @@ def check_lines(records) -> dict:
     return {k: c / max(n, 1) for k, (c, n) in out.items()}
 
 
-def _per_model(rows: list[dict], checks: dict) -> dict:
+def budget_use(records) -> dict:
+    """Mean of ``completion_tokens / max_new_tokens`` per (model, N): how much of its ceiling a point uses."""
+    out: dict = {}
+    for r in records:
+        key = (r["model"], r["n_problems"])
+        u, n = out.get(key, (0.0, 0))
+        out[key] = (u + r["completion_tokens"] / max(1, r["max_new_tokens"]), n + 1)
+    return {k: u / max(n, 1) for k, (u, n) in out.items()}
+
+
+# The pass rule of the task-scaling law (fixed before the runs; see the README): no point may be
+# bound by its budget, tokens per problem must fall with disjoint 95% CIs at all but one step
+# N -> N + 1, and accuracy may fall less from the first to the last N than the baseline's.
+MAX_BUDGET_USE = 0.85
+MAX_TRUNCATION = 0.10
+STEPS_ALLOWED_TO_FAIL = 1
+
+
+def law_check(model: dict, baseline: dict | None) -> dict:
+    """The task-scaling-law verdict of one model of :func:`demo_summary` (``baseline``: the SFT model's)."""
+    ns, tok, ci = model["n"], model["tokens_per_problem"], model["tokens_per_problem_ci"]
+    clear = [ns[i + 1] for i in range(len(ns) - 1)
+             if None not in (ci[i][0], ci[i + 1][1]) and ci[i + 1][1] < ci[i][0]]
+    bound = [n for n, use, trunc in zip(ns, model["budget_use"], model["truncation_rate"])
+             if (use is not None and use > MAX_BUDGET_USE) or (trunc is not None and trunc > MAX_TRUNCATION)]
+    loss = model["accuracy"][0] - model["accuracy"][-1]
+    base_loss = None if baseline is None else baseline["accuracy"][0] - baseline["accuracy"][-1]
+    steps = len(ns) - 1
+    out = {
+        "falls_with_disjoint_ci_at_n": clear,
+        "steps": steps,
+        "budget_bound_at_n": bound,
+        "accuracy_loss_first_to_last_n": loss,
+        "baseline_accuracy_loss_first_to_last_n": base_loss,
+        "tokens_pass": steps > 0 and len(clear) >= steps - STEPS_ALLOWED_TO_FAIL,
+        "budget_not_binding": not bound,
+        "accuracy_pass": base_loss is not None and loss < base_loss,
+    }
+    out["passes"] = out["tokens_pass"] and out["budget_not_binding"] and out["accuracy_pass"]
+    return out
+
+
+def _per_model(rows: list[dict], checks: dict, use: dict) -> dict:
     models: dict = {}
     for row in rows:
         m = models.setdefault(row["model"], {"n": [], "tokens_per_problem": [], "tokens_per_problem_ci": [],
-                                             "accuracy": [], "checks_per_problem": []})
+                                             "accuracy": [], "checks_per_problem": [], "truncation_rate": [],
+                                             "budget_use": []})
         m["n"].append(row["n_problems"])
         m["tokens_per_problem"].append(row["tokens_per_problem"])
         m["tokens_per_problem_ci"].append([row.get("tokens_per_problem_ci_low"), row.get("tokens_per_problem_ci_high")])
         m["accuracy"].append(row["accuracy"])
         m["checks_per_problem"].append(checks.get((row["model"], row["n_problems"])))
+        m["truncation_rate"].append(row.get("truncation_rate"))
+        m["budget_use"].append(use.get((row["model"], row["n_problems"])))
     return models
 
 
@@ -52,10 +98,11 @@ def _free_lunch(c: dict) -> dict:
     }
 
 
-def demo_summary(summary: dict, checks: dict | None = None) -> dict:
+def demo_summary(summary: dict, checks: dict | None = None, use: dict | None = None) -> dict:
     """The demo's headline numbers from an ``evaluate_scaling`` summary (see the module docstring);
-    ``checks`` maps (model, N) to the ``Check:`` lines per problem of :func:`check_lines`."""
-    models = _per_model(summary["rows"], checks or {})
+    ``checks`` maps (model, N) to the ``Check:`` lines per problem of :func:`check_lines`, ``use`` to
+    the budget use of :func:`budget_use`."""
+    models = _per_model(summary["rows"], checks or {}, use or {})
     fits = summary.get("fits") or {}
     for name, m in models.items():
         tok = m["tokens_per_problem"]
@@ -64,6 +111,9 @@ def demo_summary(summary: dict, checks: dict | None = None) -> dict:
         # a rise whose CI lies wholly above the previous N's CI: one that noise alone rarely explains
         m["clear_rises_at_n"] = fits.get(name, {}).get("clear_rises_n", [])
     lunch = summary.get("free_lunch") or {}
+    baseline = models.get(lunch.get("baseline"))
+    for m in models.values():
+        m["law"] = law_check(m, baseline)
     return {"models": models, "free_lunch_n1": [_free_lunch(c) for c in lunch.get("comparisons", [])],
             "baseline": lunch.get("baseline")}
 
@@ -100,12 +150,25 @@ def monotonic_verdict(m: dict) -> str:
     return "no (" + "; ".join(part for part in parts if part) + ")"
 
 
+def law_verdict(law: dict) -> str:
+    """One line: pass or fail, and the three parts of :func:`law_check`."""
+    clear, steps = law["falls_with_disjoint_ci_at_n"], law["steps"]
+    base = law["baseline_accuracy_loss_first_to_last_n"]
+    parts = [f"falls with disjoint 95% CIs at {len(clear)} of {steps} steps (N = {clear})",
+             "no point budget-bound" if law["budget_not_binding"] else f"budget-bound at N = {law['budget_bound_at_n']}",
+             f"accuracy loss {100 * law['accuracy_loss_first_to_last_n']:.1f} points"
+             + (f" vs the baseline's {100 * base:.1f}" if base is not None else "")]
+    return ("PASS" if law["passes"] else "FAIL") + ": " + "; ".join(parts)
+
+
 def print_summary(result: dict, stage_seconds: dict | None = None, console: Console | None = None) -> None:
     """The demo's closing table: tokens/problem and accuracy per N per model, then the free lunch."""
     console = console or Console()
     console.print(_scaling_table(result))
     for name, m in result["models"].items():
         console.print(f"  {name}: tokens per problem fall monotonically with N: {monotonic_verdict(m)}")
+        if "law" in m:
+            console.print(f"  {name}: task-scaling law: {law_verdict(m['law'])}")
     for c in result["free_lunch_n1"]:
         console.print(
             f"  free lunch at N = 1, {c['model']} vs {result['baseline']}: {c['tokens_per_problem']:.1f} vs "

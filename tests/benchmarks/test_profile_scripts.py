@@ -1,6 +1,7 @@
 """Smoke tests of the profiling scripts: their smallest configurations really run, end to end.
 
-They keep ``benchmarks.profile_step``, ``benchmarks.profile_rollout`` and ``benchmarks.gpu_check`` from
+They keep ``benchmarks.profile_step``, ``benchmarks.profile_rollout``, ``benchmarks.profile_sft`` and
+``benchmarks.gpu_check`` from
 rotting when the library changes under them (the scripts are modules of the ``benchmarks`` package,
 imported from the repository root: ``python -m pytest`` puts it on ``sys.path``). Numbers are not checked (these are not timed tests); what is checked is
 that every variant runs, that the variants optimise the same objective on the same tokens, that the
@@ -21,6 +22,7 @@ from bcr.models.rollout import HFEngine
 from bcr.models.tiny import tiny_model
 from benchmarks import gpu_check
 from benchmarks import profile_rollout as pr
+from benchmarks import profile_sft as psft
 from benchmarks import profile_step as ps
 
 pytestmark = pytest.mark.slow  # end to end: a whole pipeline, a process group or a child script
@@ -143,6 +145,28 @@ def test_harness_child_failure_comes_back_as_an_error():
 
     bad = harness.run_child("benchmarks.no_such_module", {"variant": "x"}, timeout=60)
     assert set(bad) == {"error"} and "No module named" in bad["error"]
+
+
+def test_profile_sft_tiny(tmp_path, no_interpreter):
+    """The demo's SFT steps, plain vs packed, interleaved in one process, on a tiny demo config."""
+    out = tmp_path / "sft"
+    tiny = ["task.num_train_problems=200", "task.num_eval_problems=8", "model.vocab_size=400", "model.hidden_size=32",
+            "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=1", "sft.batch_size=3",
+            "sft.n_values=[1, 2]"]
+    rc = psft.main(["--rounds", "2", "--steps", "2", "--warmup", "1", "--out", str(out), *tiny])
+    assert rc == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    summ = report["summary"]
+    assert set(summ["paths"]) == set(psft.PATHS) and report["batch_size"] == 3
+    for name, p in summ["paths"].items():
+        assert [len(r) for r in report["times_s"][name]] == [2, 2] and p["median_step_s"] > 0
+    plain, packed = summ["paths"]["plain"], summ["paths"]["packed"]
+    # the same batches on both paths, and the same model at the first step: the same loss
+    assert plain["real_tokens_per_step"] == packed["real_tokens_per_step"]
+    assert plain["padded_positions_per_step"] >= plain["real_tokens_per_step"]
+    assert summ["first_loss_rel_diff"] < 1e-5
+    assert summ["ratio_plain_over_packed"]["median"] > 0 and len(summ["ratio_plain_over_packed"]["rounds"]) == 2
+    assert "Step time plain / packed" in out.with_suffix(".md").read_text()
 
 
 def test_profile_rollout_quick(tmp_path):

@@ -12,6 +12,7 @@ import pytest
 
 from bcr.runtime.dataclass_cli import ConfigError, load_dataclass, parse_cli
 from bcr.demo import STAGE_FILE, DemoConfig, demo_summary, run_demo
+from bcr.demo.summary import budget_use, law_verdict
 
 pytestmark = pytest.mark.slow  # end to end: a whole pipeline, a process group or a child script
 
@@ -22,6 +23,7 @@ TINY = [
     "rl.max_steps=1", "rl.bundles_per_step=2", "rl.num_generations=2", "rl.n_problems={2: 1, 3: 1}",
     "rl.max_completion_length=24", "length.max_completion_length=16", "eval.n_values=[1, 2]",
     "eval.max_completion_length=24", "eval.batch_size=8", "progress=false", "length_baseline=true",
+    "sft.packed=false",  # the packed SFT path has its own tests (test_sft.py); interpreted, it costs ~15 s a step
 ]
 
 
@@ -167,6 +169,8 @@ def test_the_stage_configs_of_the_defaults():
     ("eval.n_values=[1, 200]", "task.num_eval_problems=120 is smaller than the largest N"),
     ("task.problem_steps=3", r"task.problem_steps=3: give an inclusive range"),
     ("rl.loss_type=nope", "loss_type='nope': must be one of"),
+    ("task.merge_ratio=2", r"task.merge_ratio=2.0: give a fraction in \[0, 1\]"),
+    ("length.method=l2", r"length.method='l2': must be one of \['kimi', 'linear'\]"),
 ])
 def test_bad_nested_options_fail_clearly(option, message):
     with pytest.raises(ConfigError, match=message):
@@ -213,3 +217,45 @@ def test_demo_summary_judges_the_acceptance_criteria():
     lunch["comparisons"][0].update(token_reduction_pct=10.0, accuracy_diff=-0.05)
     (c,) = demo_summary({"rows": rows, "free_lunch": lunch})["free_lunch_n1"]
     assert not c["meets_15pct_fewer_tokens"] and not c["meets_accuracy_within_3_points"]
+
+
+def _law_rows(model, tokens, accs, trunc=0.0):
+    """Rows for N = 1..len(tokens), each token mean with a +-1 CI."""
+    return [{"model": model, "n_problems": n, "tokens_per_problem": t, "tokens_per_problem_ci_low": t - 1,
+             "tokens_per_problem_ci_high": t + 1, "accuracy": a, "truncation_rate": trunc}
+            for n, (t, a) in enumerate(zip(tokens, accs), 1)]
+
+
+def test_law_check_needs_disjoint_falls_an_unbound_budget_and_a_gentler_accuracy_loss():
+    lunch = {"baseline": "verbose-sft", "comparisons": []}
+    sft = _law_rows("verbose-sft", [40, 40, 40, 40, 40, 40], [0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+    # falls by 3 at four steps (disjoint +-1 CIs), by 1 at one (overlapping): 4 of 5 is enough
+    bcr = _law_rows("bcr", [40, 37, 34, 33, 30, 27], [0.9, 0.9, 0.85, 0.8, 0.8, 0.7])
+    use = {("bcr", n): 0.5 for n in range(1, 7)}
+    law = demo_summary({"rows": sft + bcr, "free_lunch": lunch}, use=use)["models"]["bcr"]["law"]
+    assert law["falls_with_disjoint_ci_at_n"] == [2, 3, 5, 6] and law["tokens_pass"]
+    assert law["budget_not_binding"] and law["accuracy_pass"] and law["passes"]
+    assert law["accuracy_loss_first_to_last_n"] == pytest.approx(0.2)
+    assert law["baseline_accuracy_loss_first_to_last_n"] == pytest.approx(0.5)
+    # two overlapping steps fail the token part
+    bcr2 = _law_rows("bcr", [40, 37, 36, 33, 32, 29], [0.9] * 6)
+    law = demo_summary({"rows": sft + bcr2, "free_lunch": lunch})["models"]["bcr"]["law"]
+    assert law["falls_with_disjoint_ci_at_n"] == [2, 4, 6] and not law["tokens_pass"] and not law["passes"]
+    # a point that uses more than 85% of its ceiling, or truncates more than 10%, is budget-bound
+    use[("bcr", 6)] = 0.9
+    law = demo_summary({"rows": sft + bcr, "free_lunch": lunch}, use=use)["models"]["bcr"]["law"]
+    assert law["budget_bound_at_n"] == [6] and not law["passes"]
+    bcr3 = _law_rows("bcr", [40, 37, 34, 31, 28, 25], [0.9] * 6, trunc=0.2)
+    law = demo_summary({"rows": sft + bcr3, "free_lunch": lunch})["models"]["bcr"]["law"]
+    assert law["budget_bound_at_n"] == [1, 2, 3, 4, 5, 6]
+    # losing as much accuracy as the baseline fails the accuracy part
+    bcr4 = _law_rows("bcr", [40, 37, 34, 31, 28, 25], [0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+    law = demo_summary({"rows": sft + bcr4, "free_lunch": lunch})["models"]["bcr"]["law"]
+    assert law["tokens_pass"] and not law["accuracy_pass"] and not law["passes"]
+    assert law_verdict(law).startswith("FAIL: falls with disjoint 95% CIs at 5 of 5 steps")
+
+
+def test_budget_use_is_the_mean_fraction_of_each_ceiling():
+    recs = [{"model": "m", "n_problems": 2, "completion_tokens": 50, "max_new_tokens": 100},
+            {"model": "m", "n_problems": 2, "completion_tokens": 100, "max_new_tokens": 100}]
+    assert budget_use(recs) == {("m", 2): pytest.approx(0.75)}
