@@ -9,7 +9,8 @@ The pipeline, each stage seeded and checkpointed under ``output_dir/<stage>/``:
             (``sft.n_values``, default N in 1..6, so every N of the sweep is one the model has seen):
             prompt = :func:`bcr.task.prompts.render_prompt`,
             target = :func:`bcr.task.prompts.bundle_solution`, loss on the completion tokens only. A plain
-            AdamW loop you can read top to bottom.
+            AdamW loop you can read top to bottom (:mod:`.sft`), on the RL step's packed forward with
+            the fused LM head by default (``sft.packed=false``: padded batches, the same loss).
 ``bcr``     BCR RL with :class:`bcr.rl.trainer.BCRTrainer` from the SFT model: N in ``rl.n_problems``
             (default {2, 3, 4}) problems per prompt, one shared completion budget
             ``rl.max_completion_length`` in which the verbose solutions of 3-4 problems do not fit but
@@ -19,12 +20,14 @@ The pipeline, each stage seeded and checkpointed under ``output_dir/<stage>/``:
             advantages never make it do.
 ``length``  the explicit length-penalty baseline (on by default, ``length_baseline=false`` skips it):
             trained like for like with ``bcr`` (the same N mix, shared budget, steps and ``rl``
-            settings), rewarded by accuracy plus the Kimi-1.5 length reward of
-            :func:`bcr.rl.rewards.length_penalty_rewards` (``length.penalty_weight``).
+            settings), rewarded by accuracy plus ``length.penalty_weight`` x a length term of
+            :func:`bcr.rl.rewards.length_penalty_rewards`: the Kimi-1.5 length reward
+            (``length.method=kimi``) or ``-length / budget`` (``length.method=linear``).
 ``eval``    the task-scaling sweep N = 1..6 of every model (:func:`bcr.eval.sweep.evaluate_scaling`):
             ``output_dir/eval/`` gets results.jsonl, summary.json/csv, report.md and PNG plots; the
-            demo prints a summary (tokens per problem per N, accuracy, the N = 1 "free lunch") and
-            writes it to ``output_dir/demo_summary.json``.
+            demo prints a summary (tokens per problem per N, accuracy, the N = 1 "free lunch", the
+            task-scaling-law verdict of :func:`.summary.law_check`) and writes it to
+            ``output_dir/demo_summary.json``.
 
 Every stage uses the numbered prompt format at N = 1 too (``task.numbered_single``: ``Problem 1:``,
 ``### Problem 1``, ``Answer 1:``), so the sweep compares the same format at every N; with the plain
@@ -32,7 +35,9 @@ N = 1 prompt every N >= 2 pays ~5.5 format tokens per problem more than N = 1.
 
 The default task is deliberately small so that a 0.55M-parameter model learns it on a CPU: two
 operations on one-digit numbers (``+``/``-``), so every operand is found next to a unique anchor of
-the problem text. The model is a Llama-architecture one (``model.arch=qwen2`` works too: tokenizers
+the problem text (with three or more operations ``Add`` repeats, and the tiny model then copies
+operands from the wrong step). ``task.merge_ratio`` writes a fraction of the solutions as one
+``Merged:`` line, a shorter and harder style. The model is a Llama-architecture one (``model.arch=qwen2`` works too: tokenizers
 are loaded with ``bcr.models.loading.load_tokenizer``, and the SFT stage checks the round trip).
 
 ``from_stage=bcr`` (or ``--from-stage bcr``) reuses the checkpoints of the stages before it and
@@ -41,7 +46,7 @@ re-runs that stage and the ones after; ``stop_after=sft`` stops early. Every sta
 that file exists.
 
 The package: :mod:`.config` (``DemoConfig``: its ``rl`` section is a ``BCRConfig``, its ``eval``
-section an ``EvalConfig``), :mod:`.task` (problems, tokenizer, tiny model), :mod:`.stages` (one
+section an ``EvalConfig``), :mod:`.task` (problems, tokenizer, tiny model), :mod:`.sft` (the SFT loop), :mod:`.stages` (one
 function per stage), :mod:`.summary` (the verdicts and the closing table), :mod:`.pipeline` (the
 stage order and ``bcr demo``).
 """
