@@ -39,18 +39,8 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from bcr.demo.config import LENGTH_METHODS, SET_BY_DEMO, DemoConfig
-from bcr.demo.stages import (
-    STAGE_FILE,
-    _run_rl,
-    eval_config,
-    length_penalty_reward,
-    read_stage,
-    rl_config,
-    run_bcr,
-    run_sft,
-    stage_dir,
-)
+from bcr.demo.config import SET_BY_DEMO, DemoConfig
+from bcr.demo.stages import STAGE_FILE, eval_config, read_stage, run_bcr, run_length, run_sft
 from bcr.demo.task import make_task
 from bcr.eval.sweep import evaluate_scaling
 from bcr.runtime.dataclass_cli import ConfigError, check_fields, parse_cli
@@ -253,19 +243,11 @@ def _fresh_dir(path: Path) -> Path:
 
 
 def train_length(dcfg: DemoConfig, method: str, console: Console) -> dict:
-    """The demo's stage length for one ``family@weight``, in the stage directory named ``method``
-    (:func:`bcr.demo.stages.run_length` always writes to ``length/``)."""
+    """The demo's stage length for one ``family@weight``, in the stage directory named ``method``."""
     family, weight = method.split("@")
     dcfg = dataclasses.replace(dcfg, length=dataclasses.replace(dcfg.length, method=family,
                                                                 penalty_weight=float(weight)))
-    sft = read_stage(dcfg, "sft")
-    out = _fresh_dir(stage_dir(dcfg, method))
-    budget = dcfg.length.max_completion_length or dcfg.rl.max_completion_length
-    config = rl_config(dcfg, out, sft["model"], max_completion_length=budget)
-    console.print(f"[bold]{dcfg.output_dir}: {method}[/]: N in {config.n_values}, shared budget {budget} tokens, "
-                  f"{config.max_steps} steps, reward = accuracy + {weight} x {LENGTH_METHODS[family]}")
-    reward = length_penalty_reward(config.num_generations, method=family, weight=float(weight), budget=budget)
-    return _run_rl(dcfg, method, console, config, reward_fn=reward)
+    return run_length(dcfg, console, stage=method)
 
 
 def evaluate_n1(dcfg: DemoConfig, method: str, model: str, num_problems: int, out: Path) -> dict:

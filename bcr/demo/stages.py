@@ -163,20 +163,21 @@ def length_penalty_reward(num_generations: int, *, method: str = "kimi", weight:
     return reward
 
 
-def run_length(cfg: DemoConfig, console: Console | None = None) -> dict:
+def run_length(cfg: DemoConfig, console: Console | None = None, *, stage: str = "length") -> dict:
     """Stage 3 (``length_baseline=true``): the explicit length-penalty baseline, like for like with
-    stage 2 (same N mix, budget, steps and settings), reward = accuracy + Kimi-1.5 length reward."""
+    stage 2 (same N mix, budget, steps and settings), reward = accuracy + ``cfg.length`` 's length
+    term; written to ``output_dir/<stage>/`` (the seed study names one directory per setting)."""
     console = console or Console()
     sft = read_stage(cfg, "sft")
-    out = _fresh_dir(stage_dir(cfg, "length"))
+    out = _fresh_dir(stage_dir(cfg, stage))
     budget = cfg.length.max_completion_length or cfg.rl.max_completion_length
     config = rl_config(cfg, out, sft["model"], max_completion_length=budget)
-    console.print(f"[bold]stage length[/]: N in {config.n_values}, shared budget {budget} tokens, "
+    console.print(f"[bold]stage {stage}[/]: N in {config.n_values}, shared budget {budget} tokens, "
                   f"{config.max_steps} steps, reward = accuracy + {cfg.length.penalty_weight} x "
                   f"{LENGTH_METHODS[cfg.length.method]}")
     reward = length_penalty_reward(config.num_generations, method=cfg.length.method, weight=cfg.length.penalty_weight,
                                    budget=budget)
-    return _run_rl(cfg, "length", console, config, reward_fn=reward)
+    return _run_rl(cfg, stage, console, config, reward_fn=reward)
 
 
 # ----------------------------------------------------------------------------------------------

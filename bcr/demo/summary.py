@@ -43,7 +43,7 @@ STEPS_ALLOWED_TO_FAIL = 1
 
 def law_check(model: dict, baseline: dict | None) -> dict:
     """The task-scaling-law verdict of one model of :func:`demo_summary` (``baseline``: the SFT model's)."""
-    ns, tok, ci = model["n"], model["tokens_per_problem"], model["tokens_per_problem_ci"]
+    ns, ci = model["n"], model["tokens_per_problem_ci"]
     clear = [ns[i + 1] for i in range(len(ns) - 1)
              if None not in (ci[i][0], ci[i + 1][1]) and ci[i + 1][1] < ci[i][0]]
     bound = [n for n, use, trunc in zip(ns, model["budget_use"], model["truncation_rate"])
