@@ -9,8 +9,8 @@ The pipeline, each stage seeded and checkpointed under ``output_dir/<stage>/``:
             (``sft.n_values``, default N in 1..6, so every N of the sweep is one the model has seen):
             prompt = :func:`bcr.task.prompts.render_prompt`,
             target = :func:`bcr.task.prompts.bundle_solution`, loss on the completion tokens only. A plain
-            AdamW loop you can read top to bottom (:mod:`.sft`), on the RL step's packed forward with
-            the fused LM head by default (``sft.packed=false``: padded batches, the same loss).
+            AdamW loop you can read top to bottom (:mod:`.sft`); ``sft.packed=true`` trains on the
+            RL step's packed forward with the fused LM head instead of padded batches (the same loss).
 ``bcr``     BCR RL with :class:`bcr.rl.trainer.BCRTrainer` from the SFT model: N in ``rl.n_problems``
             (default {2, 3, 4}) problems per prompt, one shared completion budget
             ``rl.max_completion_length`` in which the verbose solutions of 3-4 problems do not fit but

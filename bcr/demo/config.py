@@ -103,8 +103,9 @@ class SFTConfig:
     learning_rate: float = _help("AdamW peak learning rate (linear warm-up, cosine decay)", default=4e-3)
     weight_decay: float = _help("AdamW weight decay", default=0.01)
     packed: bool = _help("SFT on the packed path with the fused LM head, as the RL step (one padding-free row, "
-                         "varlen attention, log-probs of the target tokens only); false: padded batches and "
-                         "the model's own loss", default=True)
+                         "varlen attention, log-probs of the target tokens only; equal loss, no faster at the "
+                         "demo's size, a different model after 3000 steps); false: padded batches and the "
+                         "model's own loss (the README's tables)", default=False)
 
     def __post_init__(self) -> None:
         check_fields(self)  # types from the annotations: whole ints, finite floats, no list for a scalar

@@ -4,12 +4,12 @@ A batch is ``sft.batch_size`` bundles of one N (similar lengths), each one examp
 target + EOS (:func:`bcr.demo.task.sft_example`). The loss is the mean negative log-likelihood of
 the target tokens over the whole batch, computed one of two ways on the very same batches:
 
-- packed (``sft.packed=true``, the default), the RL step's forward: the examples as
+- packed (``sft.packed=true``), the RL step's forward: the examples as
   :class:`bcr.rl.packing.Sample` objects in one padding-free row (:func:`bcr.rl.packing.pack_row`),
   the decoder with varlen attention (:func:`bcr.rl.trainer.training_attention`, set on the model
   once for the whole loop) and the fused LM head at the target tokens only
   (:func:`bcr.rl.trainer.completion_logprobs`); loss = ``-logprobs.mean()``;
-- padded: right-padded ``[B, L]`` batches and the model's own loss (``labels`` -100 on prompt and
+- padded (the default): right-padded ``[B, L]`` batches and the model's own loss (``labels`` -100 on prompt and
   padding tokens: the same token mean).
 """
 

@@ -23,7 +23,6 @@ TINY = [
     "rl.max_steps=1", "rl.bundles_per_step=2", "rl.num_generations=2", "rl.n_problems={2: 1, 3: 1}",
     "rl.max_completion_length=24", "length.max_completion_length=16", "eval.n_values=[1, 2]",
     "eval.max_completion_length=24", "eval.batch_size=8", "progress=false", "length_baseline=true",
-    "sft.packed=false",  # the packed SFT path has its own tests (test_sft.py); interpreted, it costs ~15 s a step
 ]
 
 

@@ -27,7 +27,7 @@ ARCHS = ("llama", "qwen2")
 
 def _cfg(arch: str = "llama", tmp_path=None, **sft) -> DemoConfig:
     """A tiny demo: 200 problems, a 1-layer width-32 model, short SFT."""
-    sft = {"steps": 5, "batch_size": 3, "n_values": [1, 2], **sft}
+    sft = {"steps": 5, "batch_size": 3, "n_values": [1, 2], "packed": True, **sft}
     return DemoConfig(output_dir=str(tmp_path or "runs/unused"), progress=False,
                       task=TaskConfig(num_train_problems=200, num_eval_problems=8),
                       model=ModelConfig(arch=arch, vocab_size=400, hidden_size=32, num_layers=1, num_heads=2,
@@ -121,6 +121,6 @@ def test_run_sft_saves_a_model_that_loads_with_the_default_attention(tmp_path, p
 
 
 def test_sft_packed_is_an_option_of_bcr_demo():
-    assert DemoConfig().sft.packed is True
-    assert load_dataclass(DemoConfig, overrides=["sft.packed=false"]).sft.packed is False
-    assert "sft.packed = True" in demo_help()
+    assert DemoConfig().sft.packed is False  # the README's demo tables come from the padded loop
+    assert load_dataclass(DemoConfig, overrides=["sft.packed=true"]).sft.packed is True
+    assert "sft.packed = False" in demo_help()
