@@ -24,9 +24,7 @@ settings is refused. ``study_log.jsonl`` gets one line per unit per invocation (
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
-import shutil
 import sys
 import time
 import uuid
@@ -40,12 +38,14 @@ import torch
 from rich.console import Console
 
 from bcr.demo.config import SET_BY_DEMO, DemoConfig
-from bcr.demo.stages import STAGE_FILE, eval_config, read_stage, run_bcr, run_length, run_sft
+from bcr.demo.stages import STAGE_FILE, _fresh_dir, eval_config, read_stage, run_bcr, run_length, run_sft
 from bcr.demo.task import make_task
 from bcr.eval.sweep import evaluate_scaling
 from bcr.runtime.dataclass_cli import ConfigError, check_fields, parse_cli
-from bcr.runtime.io import atomic_write_bytes, atomic_write_json, atomic_write_text, check_output_dir
+from bcr.runtime.io import atomic_write_json, atomic_write_text, check_output_dir
 from bcr.runtime.metrics import progress_bar
+
+from . import harness
 
 CONFIG_FILE = "study_config.json"
 UNIT_FILE = "study_unit.json"
@@ -235,13 +235,6 @@ def finished_unit(unit: Unit, settings: dict) -> dict | None:
     return record if record.get("settings") == settings else None
 
 
-def _fresh_dir(path: Path) -> Path:
-    if path.exists():
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
-    return path
-
-
 def train_length(dcfg: DemoConfig, method: str, console: Console) -> dict:
     """The demo's stage length for one ``family@weight``, in the stage directory named ``method``."""
     family, weight = method.split("@")
@@ -409,12 +402,6 @@ def summarize(cfg: StudyConfig, units: list[Unit], records: dict[str, dict], wal
 # ----------------------------------------------------------------------------------------------
 # Outputs: plots, study.json, study.md
 # ----------------------------------------------------------------------------------------------
-def _save(fig, path: Path) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
-    atomic_write_bytes(path, buf.getvalue())
-
-
 def _two_panels(title: str):
     from matplotlib.figure import Figure
 
@@ -451,7 +438,7 @@ def write_plots(cfg: StudyConfig, summary: dict) -> list[str]:
                 ax.plot(c["step"][window - 1:], moving_average(c[key], window), color=f"C{i % 10}",
                         label=f"seed {seed}" + (" (collapsed)" if row["train"]["collapsed"] else ""))
         axes[0].legend(fontsize=8)
-        _save(fig, out / f"curves_{method}.png")
+        harness.save_figure(fig, out / f"curves_{method}.png")
         files.append(f"curves_{method}.png")
     fig, axes = _two_panels(f"mean over seeds {cfg.seeds} (moving average)")
     for i, (method, entry) in enumerate(rl.items()):
@@ -459,7 +446,7 @@ def write_plots(cfg: StudyConfig, summary: dict) -> list[str]:
         for ax, key in zip(axes, ("accuracy", "tokens_per_problem")):
             ax.plot(*_mean_curve(runs, key), color=f"C{i % 10}", label=method)
     axes[0].legend(fontsize=8)
-    _save(fig, out / "curves.png")
+    harness.save_figure(fig, out / "curves.png")
     return [*files, "curves.png"]
 
 

@@ -25,7 +25,7 @@ import torch
 from bcr.data.bundling import Bundler
 from bcr.data.problems import Problem
 from bcr.rl.packing import PackedBatch, Sample, pack_row
-from bcr.rl.trainer import completion_logprobs, training_attention
+from bcr.rl.trainer import attention_implementation, completion_logprobs, training_attention
 from bcr.runtime.metrics import progress_bar
 from bcr_kernels.transformers_attention import ATTN_IMPLEMENTATION, check_supported
 
@@ -108,12 +108,8 @@ def sft_loss(model, sft: SFTConfig, pad: int) -> Iterator[LossFn]:
     name = training_attention()
     if name == ATTN_IMPLEMENTATION:
         check_supported(model)  # an attention feature bcr_varlen lacks fails here, not mid-training
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(name)
-    try:
+    with attention_implementation(model, name):
         yield lambda examples: packed_loss(model, examples, name)
-    finally:
-        model.set_attn_implementation(previous)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -165,8 +165,8 @@ def length_penalty_reward(num_generations: int, *, method: str = "kimi", weight:
 
 def run_length(cfg: DemoConfig, console: Console | None = None, *, stage: str = "length") -> dict:
     """Stage 3 (``length_baseline=true``): the explicit length-penalty baseline, like for like with
-    stage 2 (same N mix, budget, steps and settings), reward = accuracy + ``cfg.length`` 's length
-    term; written to ``output_dir/<stage>/`` (the seed study names one directory per setting)."""
+    stage 2 (same N mix, budget, steps and settings), reward = accuracy + the length term of
+    ``cfg.length``; written to ``output_dir/<stage>/`` (the seed study names one directory per setting)."""
     console = console or Console()
     sft = read_stage(cfg, "sft")
     out = _fresh_dir(stage_dir(cfg, stage))
