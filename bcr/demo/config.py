@@ -20,6 +20,7 @@ from bcr.rl.config import MAX_LEARNING_RATE, BCRConfig
 from bcr.runtime.dataclass_cli import ConfigError, check_fields
 from bcr.eval.sweep import EvalConfig
 from bcr.task.prompts import PromptTemplate
+from bcr.task.synthetic import check_styles
 
 STAGES = ("sft", "bcr", "length", "eval")
 #: the explicit length penalties of stage length (and the study), each added to accuracy x a weight
@@ -61,8 +62,12 @@ class TaskConfig:
     operators: str = _help("operators of the problems (any of '+-*/')", default="+-")
     verify_loops: list[int] = _help("inclusive range of redundant 'Check: ... Correct.' lines per worked solution",
                                     default_factory=lambda: [0, 3])
-    merge_ratio: float = _help("fraction of the worked solutions written as one 'Merged: ...' line (no "
-                               "intermediate results, no checks) instead of one line per step", default=0.0)
+    styles: dict = _help("weights of the ways a worked solution is written: steps (one line per operation, plus "
+                         "the checks), merged (the chain on one 'Merged: ...' line) and direct (the answer line "
+                         "only); each shorter and less reliable than the one before",
+                         default_factory=lambda: {"steps": 1.0})
+    ordinals: bool = _help("problem texts name each operation's place ('First, add 5. Second, subtract 3.'), "
+                           "so step k of the work has a word of its own to copy from", default=False)
     numbered_single: bool = _help(
         "N = 1 prompts and solutions use the numbered format of N > 1 ('Problem 1:', '### Problem 1', "
         "'Answer 1:') in every stage, so the format costs the same tokens per problem at every N",
@@ -73,8 +78,10 @@ class TaskConfig:
         for name in ("problem_steps", "problem_digits", "verify_loops"):
             setattr(self, name, _int_range("task", name, getattr(self, name)))
         _at_least_one("task", self, ("num_train_problems", "num_eval_problems"))
-        if not 0 <= self.merge_ratio <= 1:
-            raise ConfigError(f"task.merge_ratio={self.merge_ratio!r}: give a fraction in [0, 1]")
+        try:
+            check_styles(self.styles)
+        except ValueError as e:
+            raise ConfigError(f"task.{e}") from None
 
 
 @dataclass

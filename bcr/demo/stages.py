@@ -25,7 +25,7 @@ from bcr.rl.trainer import BCRTrainer
 
 from .config import LENGTH_METHODS, DemoConfig
 from .sft import sft_batches, train_sft
-from .summary import budget_use, check_lines, demo_summary
+from .summary import budget_use, check_lines, demo_summary, style_mix
 from .task import build_tokenizer_and_model, bundle_solution_sample, check_tokenizer_roundtrip, make_task
 
 STAGE_FILE = "stage.json"
@@ -202,7 +202,7 @@ def run_eval(cfg: DemoConfig, console: Console | None = None) -> dict:
                   f"shared budget {config.max_completion_length} tokens per prompt, models {list(models)}")
     summary = evaluate_scaling(models, evals, config=config)
     records = read_results(out / "results.jsonl")
-    result = demo_summary(summary, check_lines(records), budget_use(records))
+    result = demo_summary(summary, check_lines(records), budget_use(records), style_mix(records))
     atomic_write_json(Path(cfg.output_dir) / "demo_summary.json", result, default=str)
     return _finish_stage(cfg, "eval", time.perf_counter() - t0,
                          {"report": str(out / "report.md"), "summary": result})

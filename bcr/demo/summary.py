@@ -12,6 +12,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+from bcr.task.synthetic import section_styles
+
 
 def check_lines(records) -> dict:
     """Redundant ``Check:`` lines per problem, per (model, N), counted in the sweep's completions."""
@@ -21,6 +23,25 @@ def check_lines(records) -> dict:
         c, n = out.get(key, (0, 0))
         out[key] = (c + r["completion"].count("Check:"), n + r["n_actual"])
     return {k: c / max(n, 1) for k, (c, n) in out.items()}
+
+
+def style_mix(records) -> dict:
+    """Per (model, N): for each work style of :func:`bcr.task.synthetic.section_styles` (plus
+    ``"missing"`` for a problem with no section) the fraction of problems written in it and their
+    accuracy, as ``{style: [fraction, accuracy]}``."""
+    counts: dict = {}
+    for r in records:
+        found = section_styles(r["completion"])
+        styles = [found[k] if k < len(found) else "missing" for k in range(r["n_actual"])]
+        per = counts.setdefault((r["model"], r["n_problems"]), {})
+        for style, correct in zip(styles, r["correct"]):
+            n, c = per.get(style, (0, 0))
+            per[style] = (n + 1, c + bool(correct))
+    out = {}
+    for key, per in counts.items():
+        total = sum(n for n, _ in per.values())
+        out[key] = {style: [n / total, c / n] for style, (n, c) in sorted(per.items())}
+    return out
 
 
 def budget_use(records) -> dict:
@@ -65,12 +86,12 @@ def law_check(model: dict, baseline: dict | None) -> dict:
     return out
 
 
-def _per_model(rows: list[dict], checks: dict, use: dict) -> dict:
+def _per_model(rows: list[dict], checks: dict, use: dict, styles: dict) -> dict:
     models: dict = {}
     for row in rows:
         m = models.setdefault(row["model"], {"n": [], "tokens_per_problem": [], "tokens_per_problem_ci": [],
                                              "accuracy": [], "checks_per_problem": [], "truncation_rate": [],
-                                             "budget_use": []})
+                                             "budget_use": [], "styles": []})
         m["n"].append(row["n_problems"])
         m["tokens_per_problem"].append(row["tokens_per_problem"])
         m["tokens_per_problem_ci"].append([row.get("tokens_per_problem_ci_low"), row.get("tokens_per_problem_ci_high")])
@@ -78,6 +99,7 @@ def _per_model(rows: list[dict], checks: dict, use: dict) -> dict:
         m["checks_per_problem"].append(checks.get((row["model"], row["n_problems"])))
         m["truncation_rate"].append(row.get("truncation_rate"))
         m["budget_use"].append(use.get((row["model"], row["n_problems"])))
+        m["styles"].append(styles.get((row["model"], row["n_problems"])))
     return models
 
 
@@ -98,11 +120,12 @@ def _free_lunch(c: dict) -> dict:
     }
 
 
-def demo_summary(summary: dict, checks: dict | None = None, use: dict | None = None) -> dict:
+def demo_summary(summary: dict, checks: dict | None = None, use: dict | None = None,
+                 styles: dict | None = None) -> dict:
     """The demo's headline numbers from an ``evaluate_scaling`` summary (see the module docstring);
     ``checks`` maps (model, N) to the ``Check:`` lines per problem of :func:`check_lines`, ``use`` to
-    the budget use of :func:`budget_use`."""
-    models = _per_model(summary["rows"], checks or {}, use or {})
+    the budget use of :func:`budget_use`, ``styles`` to the work styles of :func:`style_mix`."""
+    models = _per_model(summary["rows"], checks or {}, use or {}, styles or {})
     fits = summary.get("fits") or {}
     for name, m in models.items():
         tok = m["tokens_per_problem"]
@@ -118,11 +141,21 @@ def demo_summary(summary: dict, checks: dict | None = None, use: dict | None = N
             "baseline": lunch.get("baseline")}
 
 
+def _styles_cell(styles: dict | None) -> str:
+    """`` s/m/d 60/30/10%`` (steps / merged / direct shares of the problems), or nothing for a
+    single-style model (today's steps-only task)."""
+    if not styles or set(styles) <= {"steps", "missing"}:
+        return ""
+    return " " + "/".join(f"{100 * styles.get(s, [0.0])[0]:.0f}" for s in ("steps", "merged", "direct")) + "%"
+
+
 def _scaling_table(result: dict) -> Table:
-    """Tokens per problem (accuracy %) [Check lines per problem], one row per N, one column per model."""
+    """Tokens per problem (accuracy %) [Check lines per problem] and the steps/merged/direct shares
+    of the work, one row per N, one column per model."""
     names = list(result["models"])
     ns = result["models"][names[0]]["n"] if names else []
-    table = Table(title="task-scaling law: tokens per problem (accuracy %) [Check lines per problem]")
+    table = Table(title="task-scaling law: tokens per problem (accuracy %) [Check lines per problem] "
+                        "steps/merged/direct %")
     table.add_column("N", justify="right")
     for name in names:
         table.add_column(name, justify="right")
@@ -133,7 +166,8 @@ def _scaling_table(result: dict) -> Table:
             if i < len(m["n"]):
                 chk = m["checks_per_problem"][i]
                 chk = f" [{chk:.2f}]" if chk is not None else ""
-                cells.append(f"{m['tokens_per_problem'][i]:.1f} ({100 * m['accuracy'][i]:.1f}){chk}")
+                styles = m.get("styles", [None] * len(m["n"]))[i]
+                cells.append(f"{m['tokens_per_problem'][i]:.1f} ({100 * m['accuracy'][i]:.1f}){chk}{_styles_cell(styles)}")
             else:
                 cells.append("-")
         table.add_row(str(n), *cells)

@@ -31,12 +31,13 @@ def make_task(cfg: DemoConfig) -> tuple[list[Problem], list[Problem]]:
     """``(train_problems, eval_problems)``: training problems carry verbose worked solutions; the
     evaluation problems are distinct held-out texts."""
     task = cfg.task
-    kw = {"steps": tuple(task.problem_steps), "digits": tuple(task.problem_digits), "operators": task.operators}
+    kw = {"steps": tuple(task.problem_steps), "digits": tuple(task.problem_digits), "operators": task.operators,
+          "ordinals": task.ordinals}
     train, size = [], task.num_train_problems
     while len(train) < task.num_train_problems and size < 50 * task.num_train_problems:
         size *= 2
         pool = make_arithmetic_problems(size, seed=cfg.seed, verify_loops=tuple(task.verify_loops),
-                                        merge_ratio=task.merge_ratio, **kw)
+                                        styles=task.styles, **kw)
         train = [p for p in pool if not _held_out(p.problem, cfg.seed)][: task.num_train_problems]
     evals, seen = [], set()
     for p in make_arithmetic_problems(task.num_eval_problems * 200, seed=cfg.seed + 10_007, **kw):

@@ -239,11 +239,11 @@ def render_prompt(
 def _work_lines(problem: Problem) -> str:
     """The worked solution of a problem without its final answer line.
 
-    ``meta["steps"]`` (a list of lines, as :mod:`bcr.task.synthetic` writes) when present, else the text
-    of ``meta["solution"]`` (e.g. a GSM8K rationale), else empty.
+    ``meta["steps"]`` (a list of lines, as :mod:`bcr.task.synthetic` writes; an empty list is no work
+    at all) when present, else the text of ``meta["solution"]`` (e.g. a GSM8K rationale), else empty.
     """
     steps = problem.meta.get("steps") if problem.meta else None
-    if steps:
+    if steps is not None:
         return "\n".join(str(s) for s in steps)
     sol = problem.meta.get("solution") if problem.meta else None
     return str(sol).strip() if sol else ""

@@ -12,15 +12,20 @@ and ``meta["solution"]`` is the N = 1 target completion: those lines plus ``Answ
 For a bundle use :func:`bcr.task.prompts.bundle_solution` (re-exported here), which renders the
 ``### Problem k`` sections with ``Answer k: \boxed{..}`` lines, as the BCR prompt asks.
 
-``merge_ratio=r`` writes the worked solution of a fraction ``r`` of the problems (drawn per problem
-from a stream of its own) in the *merged* style: the whole chain on one line, read left to right,
-with no intermediate results and no checks::
+``styles`` weighs the three ways a worked solution can be written, drawn per problem (from a
+stream of its own, so the problems themselves never change):
 
-    Merged: 7 + 12 * 3 - 5 = 52
+- ``"steps"`` (the default, alone): one line per operation, as above, plus the redundant checks;
+- ``"merged"``: the whole chain on one line, read left to right, no intermediate results, no checks::
 
-Merged work is shorter and, for a small model, less accurate on long problems (it must carry every
-intermediate value in its head); ``meta["style"]`` says which style a problem got (``"steps"`` or
-``"merged"``). A model fine-tuned on both styles has a length-accuracy trade-off to make.
+      Merged: 7 + 12 * 3 - 5 = 52
+
+- ``"direct"``: no work at all, only the answer line.
+
+Each style is shorter than the one before and, for a small model, less accurate on problems of two
+or more operations (it must carry the intermediate values in its head). ``meta["style"]`` says which
+style a problem got. A model fine-tuned on a mix of styles has a length-accuracy trade-off to make,
+so how many tokens it spends per problem becomes a choice.
 
 ``verify_loops=(lo, hi)`` inserts lo..hi (uniform) redundant re-check lines such as
 ``Check: 7 + 12 = 19. Correct.`` after a random step, each re-checking a step already done: the
@@ -40,15 +45,21 @@ shorter one), and the verification lines use a separate stream, so ``verify_loop
 
 from __future__ import annotations
 
+import math
 import random
+from collections.abc import Mapping
 
 from bcr.data.problems import Problem
 from bcr.task.prompts import bundle_solution, format_solution
 
-__all__ = ["OPERATORS", "bundle_solution", "format_solution", "make_arithmetic_problems", "solve_steps"]
+__all__ = ["OPERATORS", "STYLES", "bundle_solution", "check_styles", "section_styles", "format_solution", "make_arithmetic_problems", "solve_steps"]
 
 #: operator symbol -> its phrase in the problem text (the symbol itself is written in solutions)
 OPERATORS = {"+": "Add {x}.", "-": "Subtract {x}.", "*": "Multiply by {x}.", "/": "Divide by {x}."}
+#: the words that name an operation's place with ``ordinals=True``
+ORDINALS = ("First", "Second", "Third", "Fourth", "Fifth", "Sixth", "Seventh", "Eighth", "Ninth")
+#: the ways a worked solution can be written, longest (and most reliable for a small model) first
+STYLES = ("steps", "merged", "direct")
 
 
 def _check_range(name: str, r, lo_min: int) -> tuple[int, int]:
@@ -64,6 +75,42 @@ def _check_range(name: str, r, lo_min: int) -> tuple[int, int]:
 def _number(rng: random.Random, digits: tuple[int, int]) -> int:
     d = rng.randint(*digits)
     return rng.randint(1 if d == 1 else 10 ** (d - 1), 10**d - 1)
+
+
+def check_styles(styles: Mapping[str, float] | None) -> tuple[list[str], list[float]]:
+    """``(names, weights)`` of a ``styles`` mapping, in the order of :data:`STYLES`."""
+    if styles is None:
+        return ["steps"], [1.0]
+    if not isinstance(styles, Mapping) or not styles:
+        raise ValueError(f"styles={styles!r}: give a mapping of style -> weight, e.g. {{'steps': 1, 'merged': 1}}")
+    unknown = [k for k in styles if k not in STYLES]
+    if unknown:
+        raise ValueError(f"styles: unknown style(s) {unknown}; the styles are {list(STYLES)}")
+    for name, w in styles.items():
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            raise ValueError(f"styles[{name!r}]={w!r}: a weight must be a finite number >= 0")
+    names = [k for k in STYLES if styles.get(k, 0) > 0]
+    if not names:
+        raise ValueError(f"styles={dict(styles)!r}: at least one weight must be > 0")
+    return names, [float(styles[k]) for k in names]
+
+
+_WORK_PREFIX = {"Step ": "steps", "Merged:": "merged", "Answer": "direct"}
+
+
+def section_styles(completion: str, header: str = "### Problem ") -> list[str]:
+    """The style of each section of a completion, in order: ``"steps"``, ``"merged"`` or ``"direct"``
+    by the section's first line after its header (``"other"`` for anything else, ``"empty"`` for a
+    section with no line). A completion without any header line is one section (the plain N = 1 format)."""
+    lines = [line for line in completion.splitlines() if line.strip()]
+    starts = [i for i, line in enumerate(lines) if line.startswith(header)]
+    sections = [lines[a + 1: b] for a, b in zip(starts, starts[1:] + [len(lines)])] if starts else [lines]
+    out = []
+    for work in sections:
+        first = work[0] if work else ""
+        out.append(next((style for prefix, style in _WORK_PREFIX.items() if first.startswith(prefix)),
+                        "other" if work else "empty"))
+    return out
 
 
 def solve_steps(start: int, operations: list[tuple[str, int]]) -> list[tuple[int, str, int, int]]:
@@ -132,7 +179,8 @@ def make_arithmetic_problems(
     operators: str = "+-*",
     with_solution: bool = True,
     verify_loops: tuple[int, int] = (0, 0),
-    merge_ratio: float = 0.0,
+    styles: Mapping[str, float] | None = None,
+    ordinals: bool = False,
 ) -> list[Problem]:
     """``n`` multi-step integer arithmetic problems (``source="synthetic"``).
 
@@ -144,7 +192,10 @@ def make_arithmetic_problems(
         operators: any of ``"+-*/"``.
         with_solution: fill ``meta["steps"]`` (work lines) and ``meta["solution"]`` (N = 1 target).
         verify_loops: inclusive range of redundant ``Check: ...`` lines inserted into the work.
-        merge_ratio: fraction (0..1) of the problems whose work is one ``Merged: ...`` line.
+        styles: weights of the solution styles of :data:`STYLES` (default ``{"steps": 1}``), e.g.
+            ``{"steps": 1, "merged": 1, "direct": 1}``; each problem draws one.
+        ordinals: name each operation's place in the problem text (``"Start with 7. First, add 12.
+            Second, multiply by 3."``), so step k of the work has a word of its own to copy from.
 
     ``meta`` always has ``"start"``, ``"operations"`` (list of ``[op, operand]``),
     ``"num_verify_loops"`` (0 when ``with_solution`` is False) and ``"style"``.
@@ -152,12 +203,13 @@ def make_arithmetic_problems(
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"n must be a non-negative int, got {n!r}")
     steps_r = _check_range("steps", steps, 1)
+    if ordinals and steps_r[1] > len(ORDINALS):
+        raise ValueError(f"steps={steps!r}: with ordinals at most {len(ORDINALS)} operations per problem")
     digits_r = _check_range("digits", digits, 1)
     loops_r = _check_range("verify_loops", verify_loops, 0)
     if not operators or any(o not in OPERATORS for o in operators):
         raise ValueError(f"operators={operators!r}: use a non-empty string of {''.join(OPERATORS)!r}")
-    if isinstance(merge_ratio, bool) or not isinstance(merge_ratio, (int, float)) or not 0 <= merge_ratio <= 1:
-        raise ValueError(f"merge_ratio={merge_ratio!r}: give a fraction in [0, 1]")
+    style_names, style_weights = check_styles(styles)
     ops = "".join(dict.fromkeys(operators))  # unique, order kept
     cap = 10 ** (digits_r[1] + 1)
 
@@ -173,13 +225,18 @@ def make_arithmetic_problems(
             cur = solve_steps(cur, [(op, x)])[0][3]
         trace = solve_steps(start, operations)
         answer = str(trace[-1][3])
-        text = " ".join([f"Start with {start}."] + [OPERATORS[o].format(x=x) for o, x in operations]
-                        + ["What is the result?"])
-        merged = random.Random(f"bcr-synthetic-style:{seed}:{i}").random() < merge_ratio
+        phrases = [OPERATORS[o].format(x=x) for o, x in operations]
+        if ordinals:
+            phrases = [f"{ORDINALS[j]}, {p[0].lower()}{p[1:]}" for j, p in enumerate(phrases)]
+        text = " ".join([f"Start with {start}.", *phrases, "What is the result?"])
+        style = random.Random(f"bcr-synthetic-style:{seed}:{i}").choices(style_names, style_weights)[0]
         meta: dict = {"start": start, "operations": [[o, x] for o, x in operations], "num_verify_loops": 0,
-                      "style": "merged" if merged else "steps"}
+                      "style": style}
         prob = Problem(id=f"synth-{seed}-{i}", problem=text, answer=answer, source="synthetic", meta=meta)
-        if with_solution and merged:
+        if with_solution and style == "direct":
+            meta["steps"] = []
+            meta["solution"] = format_solution(prob)
+        elif with_solution and style == "merged":
             chain = " ".join([str(start)] + [f"{o} {x}" for o, x in operations])
             meta["steps"] = [f"Merged: {chain} = {answer}"]
             meta["solution"] = format_solution(prob)

@@ -12,7 +12,7 @@ import pytest
 
 from bcr.runtime.dataclass_cli import ConfigError, load_dataclass, parse_cli
 from bcr.demo import STAGE_FILE, DemoConfig, demo_summary, run_demo
-from bcr.demo.summary import budget_use, law_verdict
+from bcr.demo.summary import budget_use, law_verdict, style_mix
 
 pytestmark = pytest.mark.slow  # end to end: a whole pipeline, a process group or a child script
 
@@ -168,7 +168,8 @@ def test_the_stage_configs_of_the_defaults():
     ("eval.n_values=[1, 200]", "task.num_eval_problems=120 is smaller than the largest N"),
     ("task.problem_steps=3", r"task.problem_steps=3: give an inclusive range"),
     ("rl.loss_type=nope", "loss_type='nope': must be one of"),
-    ("task.merge_ratio=2", r"task.merge_ratio=2.0: give a fraction in \[0, 1\]"),
+    ("task.styles={short: 1}", r"task.styles: unknown style\(s\) \['short'\]"),
+    ("task.styles={steps: -1}", r"task.styles\['steps'\]=-1.*>= 0"),
     ("length.method=l2", r"length.method='l2': must be one of \['kimi', 'linear'\]"),
 ])
 def test_bad_nested_options_fail_clearly(option, message):
@@ -258,3 +259,19 @@ def test_budget_use_is_the_mean_fraction_of_each_ceiling():
     recs = [{"model": "m", "n_problems": 2, "completion_tokens": 50, "max_new_tokens": 100},
             {"model": "m", "n_problems": 2, "completion_tokens": 100, "max_new_tokens": 100}]
     assert budget_use(recs) == {("m", 2): pytest.approx(0.75)}
+
+
+def test_style_mix_counts_each_problem_by_its_section_style_with_its_accuracy():
+    steps = "### Problem 1\nStep 1: 1 + 2 = 3\nStep 2: 3 + 1 = 4\nAnswer 1: \\boxed{4}"
+    recs = [{"model": "m", "n_problems": 2, "n_actual": 2, "correct": [True, False],
+             "completion": steps + "\n\n### Problem 2\nMerged: 2 + 2 - 1 = 3\nAnswer 2: \\boxed{3}"},
+            {"model": "m", "n_problems": 2, "n_actual": 2, "correct": [False, False],
+             "completion": "### Problem 1\nAnswer 1: \\boxed{5}"},  # problem 2 never written
+            {"model": "m", "n_problems": 1, "n_actual": 1, "correct": [True], "completion": steps}]
+    mix = style_mix(recs)
+    assert mix[("m", 2)] == {"direct": [0.25, 0.0], "merged": [0.25, 0.0], "missing": [0.25, 0.0],
+                             "steps": [0.25, 1.0]}
+    assert mix[("m", 1)] == {"steps": [1.0, 1.0]}
+    rows = [_row("m", 1, 30.0, 1.0), _row("m", 2, 20.0, 0.25)]
+    result = demo_summary({"rows": rows, "free_lunch": {}}, styles=mix)
+    assert result["models"]["m"]["styles"] == [mix[("m", 1)], mix[("m", 2)]]

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from bcr.task.prompts import bundle_solution
-from bcr.task.synthetic import make_arithmetic_problems
+from bcr.task.synthetic import STYLES, make_arithmetic_problems, section_styles
 
 _STEP = {"Add": "+", "Subtract": "-", "Multiply by": "*", "Divide by": "/"}
 
@@ -144,8 +144,9 @@ def test_bundle_solution_format():
 
 @pytest.mark.parametrize("kw", [
     {"steps": (0, 2)}, {"steps": (3, 2)}, {"digits": (0, 1)}, {"operators": "+%"}, {"operators": ""},
-    {"verify_loops": (-1, 0)}, {"verify_loops": (2, 1)}, {"steps": 3}, {"merge_ratio": 1.5}, {"merge_ratio": -0.1},
-    {"merge_ratio": True},
+    {"verify_loops": (-1, 0)}, {"verify_loops": (2, 1)}, {"steps": 3}, {"styles": {"steps": -1}},
+    {"styles": {"merged": True}}, {"styles": {"short": 1}}, {"styles": {}}, {"styles": {"steps": 0}},
+    {"styles": {"steps": float("nan")}}, {"styles": [("steps", 1)]},
 ])
 def test_bad_arguments(kw):
     with pytest.raises(ValueError):
@@ -154,26 +155,66 @@ def test_bad_arguments(kw):
         make_arithmetic_problems(-1)
 
 
-def test_merged_style_writes_the_whole_chain_on_one_line():
+def _chain_value(chain: str) -> int:
+    tokens = chain.split()
+    value = int(tokens[0])
+    for op, x in zip(tokens[1::2], tokens[2::2]):  # read left to right
+        value = value + int(x) if op == "+" else value - int(x)
+    return value
+
+
+def test_styles_change_only_how_the_work_is_written():
     kw = {"steps": (1, 4), "verify_loops": (0, 3), "operators": "+-"}
-    plain = make_arithmetic_problems(400, seed=5, **kw)
-    mixed = make_arithmetic_problems(400, seed=5, merge_ratio=0.5, **kw)
+    plain = make_arithmetic_problems(600, seed=5, **kw)
+    mixed = make_arithmetic_problems(600, seed=5, styles={"steps": 1, "merged": 1, "direct": 1}, **kw)
     # the problems themselves never change; the style of each is its own draw
     assert [(p.problem, p.answer) for p in plain] == [(p.problem, p.answer) for p in mixed]
     assert {p.meta["style"] for p in plain} == {"steps"}
-    merged = [p for p in mixed if p.meta["style"] == "merged"]
-    assert 150 < len(merged) < 250
-    for p in merged:
+    by_style = {s: [p for p in mixed if p.meta["style"] == s] for s in STYLES}
+    assert all(150 < len(ps) < 250 for ps in by_style.values()), {s: len(ps) for s, ps in by_style.items()}
+    for p in by_style["merged"]:
         (line,) = p.meta["steps"]
         chain, result = line.removeprefix("Merged: ").split(" = ")
-        tokens = chain.split()
-        value = int(tokens[0])
-        for op, x in zip(tokens[1::2], tokens[2::2]):  # read left to right
-            value = value + int(x) if op == "+" else value - int(x)
-        assert result == p.answer == str(value) and len(tokens) == 1 + 2 * len(p.meta["operations"])
+        assert result == p.answer == str(_chain_value(chain))
+        assert len(chain.split()) == 1 + 2 * len(p.meta["operations"])
         assert p.meta["num_verify_loops"] == 0 and "Check" not in p.meta["solution"]
+    for p in by_style["direct"]:
+        assert p.meta["steps"] == [] and p.meta["solution"] == f"Answer: \\boxed{{{p.answer}}}"
+        assert p.meta["num_verify_loops"] == 0
+        # in a bundle the section is the header and the answer line, nothing else
+        assert bundle_solution([p, p]).split("\n\n")[1] == f"### Problem 2\nAnswer 2: \\boxed{{{p.answer}}}"
     # a problem written out in the mixed list is written exactly as in the plain one
     for a, b in zip(plain, mixed):
         if b.meta["style"] == "steps":
             assert a.meta["solution"] == b.meta["solution"]
-    assert all(p.meta["style"] == "merged" for p in make_arithmetic_problems(20, merge_ratio=1.0))
+    # each style is shorter than the one before it
+    mean_len = {s: sum(len(p.meta["solution"]) for p in ps) / len(ps) for s, ps in by_style.items()}
+    assert mean_len["steps"] > mean_len["merged"] > mean_len["direct"]
+    assert all(p.meta["style"] == "merged" for p in make_arithmetic_problems(20, styles={"merged": 1.0}))
+    weighted = make_arithmetic_problems(1000, styles={"steps": 3, "direct": 1, "merged": 0})
+    assert 650 < sum(p.meta["style"] == "steps" for p in weighted) < 850
+    assert {p.meta["style"] for p in weighted} == {"steps", "direct"}
+
+
+def test_section_styles_read_back_the_style_of_every_generated_section():
+    ps = make_arithmetic_problems(30, seed=2, styles={"steps": 1, "merged": 1, "direct": 1}, verify_loops=(0, 2))
+    for n in (1, 2, 5):
+        for i in range(0, 30 - n, n):
+            bundle = ps[i: i + n]
+            assert section_styles(bundle_solution(bundle)) == [p.meta["style"] for p in bundle]
+    assert section_styles(ps[0].meta["solution"]) == [ps[0].meta["style"]]  # the plain N = 1 format
+    assert section_styles("### Problem 1\nThe answer is 4.\n\n### Problem 2\n") == ["other", "empty"]
+    assert section_styles("") == ["empty"]
+
+
+def test_ordinals_name_each_operation_and_change_nothing_else():
+    plain = make_arithmetic_problems(50, seed=3, steps=(1, 4))
+    named = make_arithmetic_problems(50, seed=3, steps=(1, 4), ordinals=True)
+    for a, b in zip(plain, named):
+        assert (a.answer, a.meta, a.id) == (b.answer, b.meta, b.id)
+        words = [w for w in b.problem.split() if w.rstrip(",") in ("First", "Second", "Third", "Fourth")]
+        assert [w.rstrip(",") for w in words] == ["First", "Second", "Third", "Fourth"][: len(b.meta["operations"])]
+        # without the ordinals the text is the plain one
+        assert re.sub(r"(First|Second|Third|Fourth), (\w)", lambda m: m.group(2).upper(), b.problem) == a.problem
+    with pytest.raises(ValueError, match="with ordinals at most 9"):
+        make_arithmetic_problems(2, steps=(1, 10), ordinals=True)
