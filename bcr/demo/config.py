@@ -65,7 +65,7 @@ class TaskConfig:
     styles: dict = _help("weights of the ways a worked solution is written: steps (one line per operation, plus "
                          "the checks), merged (the chain on one 'Merged: ...' line) and direct (the answer line "
                          "only); each shorter and less reliable than the one before",
-                         default_factory=lambda: {"steps": 1.0})
+                         default_factory=lambda: {"steps": 3.0, "direct": 1.0})
     ordinals: bool = _help("problem texts name each operation's place ('First, add 5. Second, subtract 3.'), "
                            "so step k of the work has a word of its own to copy from", default=False)
     numbered_single: bool = _help(
@@ -102,10 +102,16 @@ class ModelConfig:
 
 @dataclass
 class SFTConfig:
-    """Stage sft: a plain AdamW loop on verbose worked solutions."""
+    """Stage sft: a plain AdamW loop on verbose worked solutions, then (when ``task.styles`` has
+    shorter styles) a second, shorter one on the task's mix of styles."""
 
     n_values: list[int] = _help("N of the SFT bundles (equal weights)", default_factory=lambda: [1, 2, 3, 4, 5, 6])
-    steps: int = _help("optimizer steps", default=3000)
+    steps: int = _help("optimizer steps on the worked solutions alone (the steps style)", default=3000)
+    style_steps: int = _help("then optimizer steps on the mix of task.styles (skipped when the mix is the steps "
+                             "style alone): trained from scratch on the mix, the 0.55M model never learns to "
+                             "copy operands reliably", default=1000)
+    style_learning_rate: float = _help("AdamW peak learning rate of the style_steps (warm-up, cosine decay)",
+                                       default=1e-3)
     batch_size: int = _help("sequences per step", default=8)
     learning_rate: float = _help("AdamW peak learning rate (linear warm-up, cosine decay)", default=4e-3)
     weight_decay: float = _help("AdamW weight decay", default=0.01)
@@ -117,8 +123,11 @@ class SFTConfig:
     def __post_init__(self) -> None:
         check_fields(self)  # types from the annotations: whole ints, finite floats, no list for a scalar
         self.n_values = _n_list("sft", "n_values", self.n_values)
-        if not 0 <= self.learning_rate <= MAX_LEARNING_RATE:
-            raise ConfigError(f"sft.learning_rate={self.learning_rate!r} must lie in [0, {MAX_LEARNING_RATE:g}]")
+        for name in ("learning_rate", "style_learning_rate"):
+            if not 0 <= getattr(self, name) <= MAX_LEARNING_RATE:
+                raise ConfigError(f"sft.{name}={getattr(self, name)!r} must lie in [0, {MAX_LEARNING_RATE:g}]")
+        if self.style_steps < 0:
+            raise ConfigError(f"sft.style_steps={self.style_steps!r} must be >= 0")
         if self.weight_decay < 0:
             raise ConfigError(f"sft.weight_decay={self.weight_decay!r} must be >= 0")
         _at_least_one("sft", self, ("steps", "batch_size"))
@@ -146,16 +155,18 @@ class LengthConfig:
 
 
 def default_rl() -> BCRConfig:
-    """The demo's BCR stage: N in {2, 3, 4}, a 140-token shared budget, sequence advantages."""
-    return BCRConfig(n_problems={2: 1.0, 3: 1.0, 4: 1.0}, max_steps=150, max_completion_length=140,
+    """The demo's BCR stage: N in 1..6, a 100-token shared budget, sequence advantages."""
+    return BCRConfig(n_problems={n: 1.0 for n in range(1, 7)}, max_steps=150, max_completion_length=100,
                      num_generations=4, bundles_per_step=8, learning_rate=1e-4, temperature=1.0,
                      loss_type="dapo", beta=0.0, advantage_mode="sequence", save_steps=0, save_total_limit=1)
 
 
 def default_eval() -> EvalConfig:
-    """The demo's sweep: N = 1..6, one sample per bundle at temperature 1, 140 tokens per prompt."""
-    return EvalConfig(n_values=[1, 2, 3, 4, 5, 6], max_completion_length=140, budget_mode="per_prompt",
-                      samples_per_bundle=1, temperature=1.0, top_p=1.0, batch_size=32, resume=False)
+    """The demo's sweep: N = 1..6, one sample per bundle at temperature 1, 100 tokens per problem (a
+    budget no model's point is bound by, so tokens per problem are the model's own choice)."""
+    return EvalConfig(n_values=[1, 2, 3, 4, 5, 6], budget_mode="per_problem", per_problem_budget=100,
+                      max_completion_length=100, samples_per_bundle=1, temperature=1.0, top_p=1.0, batch_size=32,
+                      resume=False)
 
 
 # Fields of the nested configs that the demo fills in for each stage, and where the value comes from.

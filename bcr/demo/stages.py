@@ -26,7 +26,8 @@ from bcr.rl.trainer import BCRTrainer
 from .config import LENGTH_METHODS, DemoConfig
 from .sft import sft_batches, train_sft
 from .summary import budget_use, check_lines, demo_summary, style_mix
-from .task import build_tokenizer_and_model, bundle_solution_sample, check_tokenizer_roundtrip, make_task
+from .task import (build_tokenizer_and_model, bundle_solution_sample, check_tokenizer_roundtrip, has_shorter_styles,
+                   make_task, worked_only)
 
 STAGE_FILE = "stage.json"
 MODEL_NAMES = {"sft": "verbose-sft", "bcr": "bcr", "length": "length-penalty"}
@@ -66,11 +67,12 @@ def _fresh_dir(path: Path) -> Path:
 # Stage 1: SFT warm-up (the verbose reasoner)
 # ----------------------------------------------------------------------------------------------
 def run_sft(cfg: DemoConfig, console: Console | None = None) -> dict:
-    """Stage 1: build the tokenizer and the tiny model, fine-tune it on verbose worked solutions."""
+    """Stage 1: build the tokenizer and the tiny model, fine-tune it on verbose worked solutions, then
+    (when ``task.styles`` holds shorter styles) on the task's mix of styles for ``sft.style_steps``."""
     console = console or Console()
     t0 = time.perf_counter()
     out = _fresh_dir(stage_dir(cfg, "sft"))
-    train, _ = make_task(cfg)
+    train, _ = make_task(worked_only(cfg))
     tokenizer, model = build_tokenizer_and_model(cfg, train)
     tokenizer.save_pretrained(Path(cfg.output_dir) / "tokenizer")
     n_params = sum(p.numel() for p in model.parameters())
@@ -78,6 +80,14 @@ def run_sft(cfg: DemoConfig, console: Console | None = None) -> dict:
                   f"{n_params / 1e6:.2f}M parameters, {len(train)} training problems")
     log = train_sft(model, sft_batches(train, tokenizer, cfg), cfg.sft, pad_token_id=tokenizer.pad_token_id,
                     seed=cfg.seed, progress=cfg.progress)
+    if has_shorter_styles(cfg) and cfg.sft.style_steps:
+        styled, _ = make_task(cfg)
+        console.print(f"  then {cfg.sft.style_steps} steps on the styles {cfg.task.styles}")
+        phase = dataclasses.replace(cfg.sft, steps=cfg.sft.style_steps, learning_rate=cfg.sft.style_learning_rate)
+        more = train_sft(model, sft_batches(styled, tokenizer, cfg), phase, pad_token_id=tokenizer.pad_token_id,
+                         seed=cfg.seed, progress=cfg.progress)
+        log += [{**r, "step": r["step"] + cfg.sft.steps, "phase": "styles"} for r in more]
+        train = styled
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
     check_tokenizer_roundtrip(tokenizer, out / "model", bundle_solution_sample(train, cfg.template))

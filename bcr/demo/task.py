@@ -8,6 +8,7 @@ one built from ``DemoConfig.model`` (:func:`build_tokenizer_and_model` is the on
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 from pathlib import Path
@@ -25,6 +26,16 @@ def _held_out(text: str, seed: int) -> bool:
     """A fixed tenth of all problem texts is reserved for evaluation (the problem space is small)."""
     digest = hashlib.sha256(f"demo-held-out:{seed}:{text}".encode()).digest()
     return digest[0] % 10 == 0
+
+
+def worked_only(cfg: DemoConfig) -> DemoConfig:
+    """``cfg`` with every solution written in the steps style (the first SFT phase's data; the same problems)."""
+    return dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, styles={"steps": 1.0}))
+
+
+def has_shorter_styles(cfg: DemoConfig) -> bool:
+    """Whether ``task.styles`` gives any problem a style other than steps."""
+    return any(w > 0 for style, w in cfg.task.styles.items() if style != "steps")
 
 
 def make_task(cfg: DemoConfig) -> tuple[list[Problem], list[Problem]]:

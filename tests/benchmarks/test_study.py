@@ -18,9 +18,10 @@ TINY = [
     "seeds=[0]", "kimi_weights=[1]", "linear_weights=[0.5]", "eval_problems=6", "progress=false",
     "demo.progress=false", "demo.task.num_train_problems=96", "demo.task.num_eval_problems=8",
     "demo.model.vocab_size=400", "demo.model.hidden_size=32", "demo.model.num_layers=1", "demo.model.num_heads=2",
-    "demo.model.num_kv_heads=1", "demo.sft.steps=12", "demo.rl.max_steps=2", "demo.rl.bundles_per_step=2",
+    "demo.model.num_kv_heads=1", "demo.sft.steps=12", "demo.sft.style_steps=3", "demo.rl.max_steps=2",
+    "demo.rl.bundles_per_step=2",
     "demo.rl.num_generations=2", "demo.rl.n_problems={2: 1, 3: 1}", "demo.rl.max_completion_length=24",
-    "demo.eval.max_completion_length=24", "demo.eval.batch_size=8",
+    "demo.eval.per_problem_budget=12", "demo.eval.batch_size=8",
 ]
 METHODS = ["sft", "bcr", "kimi@1", "linear@0.5"]
 

@@ -19,10 +19,10 @@ pytestmark = pytest.mark.slow  # end to end: a whole pipeline, a process group o
 # the demo's pipeline on tiny sizes, written as the command-line options a user would pass
 TINY = [
     "task.num_train_problems=96", "task.num_eval_problems=8", "model.vocab_size=400", "model.hidden_size=32",
-    "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=1", "sft.steps=4", "sft.batch_size=8",
+    "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=1", "sft.steps=4", "sft.style_steps=3", "sft.batch_size=8",
     "rl.max_steps=1", "rl.bundles_per_step=2", "rl.num_generations=2", "rl.n_problems={2: 1, 3: 1}",
     "rl.max_completion_length=24", "length.max_completion_length=16", "eval.n_values=[1, 2]",
-    "eval.max_completion_length=24", "eval.batch_size=8", "progress=false", "length_baseline=true",
+    "eval.per_problem_budget=16", "eval.batch_size=8", "progress=false", "length_baseline=true",
 ]
 
 
@@ -53,7 +53,7 @@ def test_every_stage_writes_its_outputs(demo_run):
         model_dir = Path(records[stage]["model"])
         assert (model_dir / "config.json").is_file() and (model_dir / "tokenizer.json").is_file()
     assert (out / "tokenizer" / "tokenizer.json").is_file()
-    assert (out / "sft" / "metrics.jsonl").read_text().count("\n") == cfg.sft.steps
+    assert (out / "sft" / "metrics.jsonl").read_text().count("\n") == cfg.sft.steps + cfg.sft.style_steps
     assert (out / "bcr" / "metrics.jsonl").read_text().count("\n") == cfg.rl.max_steps
     # the sweep: results for every model and N, a report, plots and the demo summary
     ev = out / "eval"
@@ -153,11 +153,13 @@ def test_the_stage_configs_of_the_defaults():
     bcr = rl_config(cfg, Path("runs/demo/bcr"), "runs/demo/sft/model")
     assert (bcr.n_problems, bcr.max_completion_length, bcr.max_steps, bcr.learning_rate, bcr.num_generations,
             bcr.bundles_per_step, bcr.advantage_mode, bcr.logging_steps, bcr.numbered_single, bcr.seed) == (
-        {2: 1.0, 3: 1.0, 4: 1.0}, 140, 150, 1e-4, 4, 8, "sequence", 15, True, 0)
+        {n: 1.0 for n in range(1, 7)}, 100, 150, 1e-4, 4, 8, "sequence", 15, True, 0)
     assert cfg.length.max_completion_length is None  # the length-penalty run trains like for like with bcr
     ev = eval_config(cfg, Path("runs/demo/eval"))
-    assert (ev.n_values, ev.max_completion_length, ev.budget_mode, ev.temperature, ev.top_p, ev.batch_size,
-            ev.resume, ev.baseline) == ([1, 2, 3, 4, 5, 6], 140, "per_prompt", 1.0, 1.0, 32, False, "verbose-sft")
+    assert (ev.n_values, ev.per_problem_budget, ev.budget_mode, ev.temperature, ev.top_p, ev.batch_size,
+            ev.resume, ev.baseline) == ([1, 2, 3, 4, 5, 6], 100, "per_problem", 1.0, 1.0, 32, False, "verbose-sft")
+    assert (cfg.task.styles, cfg.task.problem_steps, cfg.sft.steps, cfg.sft.style_steps) == (
+        {"steps": 3.0, "direct": 1.0}, [2, 2], 3000, 1000)
 
 
 @pytest.mark.parametrize("option, message", [

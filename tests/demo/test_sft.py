@@ -25,11 +25,11 @@ from bcr.runtime.dataclass_cli import load_dataclass
 ARCHS = ("llama", "qwen2")
 
 
-def _cfg(arch: str = "llama", tmp_path=None, **sft) -> DemoConfig:
-    """A tiny demo: 200 problems, a 1-layer width-32 model, short SFT."""
-    sft = {"steps": 5, "batch_size": 3, "n_values": [1, 2], "packed": True, **sft}
+def _cfg(arch: str = "llama", tmp_path=None, styles=None, **sft) -> DemoConfig:
+    """A tiny demo: 200 problems (worked solutions only unless ``styles``), a 1-layer width-32 model, short SFT."""
+    sft = {"steps": 5, "style_steps": 2, "batch_size": 3, "n_values": [1, 2], "packed": True, **sft}
     return DemoConfig(output_dir=str(tmp_path or "runs/unused"), progress=False,
-                      task=TaskConfig(num_train_problems=200, num_eval_problems=8),
+                      task=TaskConfig(num_train_problems=200, num_eval_problems=8, styles=styles or {"steps": 1.0}),
                       model=ModelConfig(arch=arch, vocab_size=400, hidden_size=32, num_layers=1, num_heads=2,
                                         num_kv_heads=1),
                       sft=SFTConfig(**sft))
@@ -113,7 +113,7 @@ def test_run_sft_saves_a_model_that_loads_with_the_default_attention(tmp_path, p
     record = run_sft(cfg)
     model_dir = tmp_path / "sft" / "model"
     assert record["model"] == str(model_dir) and record["final_loss"] > 0
-    assert (tmp_path / "sft" / "metrics.jsonl").read_text().count("\n") == 2
+    assert (tmp_path / "sft" / "metrics.jsonl").read_text().count("\n") == 2  # steps only: no style phase
     config = json.loads((model_dir / "config.json").read_text())
     assert "bcr_varlen" not in json.dumps(config)
     loaded = AutoModelForCausalLM.from_pretrained(model_dir)
@@ -124,3 +124,45 @@ def test_sft_packed_is_an_option_of_bcr_demo():
     assert DemoConfig().sft.packed is False  # the README's demo tables come from the padded loop
     assert load_dataclass(DemoConfig, overrides=["sft.packed=true"]).sft.packed is True
     assert "sft.packed = False" in demo_help()
+
+
+def _weights(model_dir) -> dict[str, torch.Tensor]:
+    return dict(AutoModelForCausalLM.from_pretrained(model_dir).state_dict())
+
+
+def test_sft_learns_the_worked_solutions_first_then_the_mix_of_styles(tmp_path, torch_kernels):
+    """Phase 1 trains on the steps style alone (the same model as a steps-only task's SFT), phase 2
+    continues on task.styles for sft.style_steps; a steps-only task has no phase 2."""
+    mix = DemoConfig().task.styles
+    assert mix == {"steps": 3.0, "direct": 1.0}  # the demo's default mix
+    styled = _cfg("llama", tmp_path / "styled", styles=mix, steps=3, style_steps=2, packed=False)
+    run_sft(styled)
+    rows = [json.loads(line) for line in (tmp_path / "styled" / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert [r.get("phase") for r in rows] == [None, None, None, "styles", "styles"]
+    # each phase has its own warm-up and peak
+    assert max(r["lr"] for r in rows[:3]) == styled.sft.learning_rate
+    assert max(r["lr"] for r in rows[3:]) == styled.sft.style_learning_rate
+
+    # no phase 2: the styled task's first phase is exactly the steps-only task's SFT
+    first = _cfg("llama", tmp_path / "first", styles=mix, steps=3, style_steps=0, packed=False)
+    plain = _cfg("llama", tmp_path / "plain", steps=3, style_steps=2, packed=False)
+    run_sft(first)
+    run_sft(plain)
+    assert (tmp_path / "plain" / "sft" / "metrics.jsonl").read_text().count("\n") == 3  # nothing to mix in
+    a, b = _weights(tmp_path / "first" / "sft" / "model"), _weights(tmp_path / "plain" / "sft" / "model")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # and the second phase changed the model
+    c = _weights(tmp_path / "styled" / "sft" / "model")
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_the_second_phase_trains_on_the_styles():
+    from bcr.demo.task import worked_only
+
+    cfg = _cfg(styles={"steps": 3.0, "direct": 1.0})
+    train, _ = make_task(cfg)
+    assert {p.meta["style"] for p in train} == {"steps", "direct"}
+    worked, _ = make_task(worked_only(cfg))
+    assert [(p.problem, p.answer) for p in worked] == [(p.problem, p.answer) for p in train]
+    assert {p.meta["style"] for p in worked} == {"steps"}
