@@ -2,19 +2,22 @@ r"""The embedded CPU demo (``make demo`` / ``bcr demo``): BCR end to end on a ti
 
 The pipeline, each stage seeded and checkpointed under ``output_dir/<stage>/``:
 
-``sft``     A "verbose reasoner". Synthetic multi-step arithmetic (:mod:`bcr.task.synthetic`) whose worked
-            solutions carry 0-3 redundant ``Check: ... Correct.`` lines at random, like the
-            metacognitive loops BCR removes. A byte-level BPE tokenizer is trained on the task's text
-            and a tiny random-init Llama-architecture model is fine-tuned on single- and multi-problem bundles
-            (``sft.n_values``, default N in 1..6, so every N of the sweep is one the model has seen):
-            prompt = :func:`bcr.task.prompts.render_prompt`,
-            target = :func:`bcr.task.prompts.bundle_solution`, loss on the completion tokens only. A plain
-            AdamW loop you can read top to bottom (:mod:`.sft`); ``sft.packed=true`` trains on the
-            RL step's packed forward with the fused LM head instead of padded batches (the same loss).
+``sft``     A "verbose reasoner" that also knows a shortcut. Synthetic multi-step arithmetic
+            (:mod:`bcr.task.synthetic`) whose worked solutions carry 0-3 redundant ``Check: ... Correct.``
+            lines at random, like the metacognitive loops BCR removes. A byte-level BPE tokenizer is
+            trained on the task's text and a tiny random-init Llama-architecture model is fine-tuned on
+            single- and multi-problem bundles (``sft.n_values``, default N in 1..6, so every N of the
+            sweep is one the model has seen): prompt = :func:`bcr.task.prompts.render_prompt`,
+            target = :func:`bcr.task.prompts.bundle_solution`, loss on the completion tokens only; first
+            ``sft.steps`` on the worked solutions alone, then ``sft.style_steps`` on the mix of
+            ``task.styles`` (default: a quarter of the problems answered ``direct``ly, with no work: 13
+            tokens instead of 30-63, and a guess for this model). A plain AdamW loop you can read top to
+            bottom (:mod:`.sft`); ``sft.packed=true`` trains on the RL step's packed forward with the
+            fused LM head instead of padded batches (the same loss).
 ``bcr``     BCR RL with :class:`bcr.rl.trainer.BCRTrainer` from the SFT model: N in ``rl.n_problems``
-            (default {2, 3, 4}) problems per prompt, one shared completion budget
-            ``rl.max_completion_length`` in which the verbose solutions of 3-4 problems do not fit but
-            concise ones do, per-instance accuracy reward, no length term anywhere. The advantage is
+            (default 1..6) problems per prompt, one shared completion budget
+            ``rl.max_completion_length`` (default 100 tokens: the worked solutions of three problems fit,
+            not those of four), per-instance accuracy reward, no length term anywhere. The advantage is
             the sequence's (the mean of its instance rewards, ``rl.advantage_mode=sequence``): a verbose
             early section that leaves a later one without budget then pays for it, which per-instance
             advantages never make it do.
@@ -23,7 +26,9 @@ The pipeline, each stage seeded and checkpointed under ``output_dir/<stage>/``:
             settings), rewarded by accuracy plus ``length.penalty_weight`` x a length term of
             :func:`bcr.rl.rewards.length_penalty_rewards`: the Kimi-1.5 length reward
             (``length.method=kimi``) or ``-length / budget`` (``length.method=linear``).
-``eval``    the task-scaling sweep N = 1..6 of every model (:func:`bcr.eval.sweep.evaluate_scaling`):
+``eval``    the task-scaling sweep N = 1..6 of every model (:func:`bcr.eval.sweep.evaluate_scaling`) at
+            100 tokens per problem (``eval.budget_mode=per_problem``: no point is bound by it, so tokens
+            per problem are each model's own choice):
             ``output_dir/eval/`` gets results.jsonl, summary.json/csv, report.md and PNG plots; the
             demo prints a summary (tokens per problem per N, accuracy, the N = 1 "free lunch", the
             task-scaling-law verdict of :func:`.summary.law_check`) and writes it to
@@ -36,8 +41,10 @@ N = 1 prompt every N >= 2 pays ~5.5 format tokens per problem more than N = 1.
 The default task is deliberately small so that a 0.55M-parameter model learns it on a CPU: two
 operations on one-digit numbers (``+``/``-``), so every operand is found next to a unique anchor of
 the problem text (with three or more operations ``Add`` repeats, and the tiny model then copies
-operands from the wrong step). ``task.merge_ratio`` writes a fraction of the solutions as one
-``Merged:`` line, a shorter and harder style. The model is a Llama-architecture one (``model.arch=qwen2`` works too: tokenizers
+operands from the wrong step). ``task.styles`` weighs the ways a solution is written (steps,
+merged, direct); ``task.styles={steps: 1}`` is the steps-only task of the demo's first version
+(with ``rl.n_problems={2: 1, 3: 1, 4: 1} rl.max_completion_length=140 eval.budget_mode=per_prompt
+eval.max_completion_length=140``, its settings). The model is a Llama-architecture one (``model.arch=qwen2`` works too: tokenizers
 are loaded with ``bcr.models.loading.load_tokenizer``, and the SFT stage checks the round trip).
 
 ``from_stage=bcr`` (or ``--from-stage bcr``) reuses the checkpoints of the stages before it and

@@ -109,7 +109,7 @@ class SFTConfig:
     steps: int = _help("optimizer steps on the worked solutions alone (the steps style)", default=3000)
     style_steps: int = _help("then optimizer steps on the mix of task.styles (skipped when the mix is the steps "
                              "style alone): trained from scratch on the mix, the 0.55M model never learns to "
-                             "copy operands reliably", default=1000)
+                             "copy operands reliably", default=500)
     style_learning_rate: float = _help("AdamW peak learning rate of the style_steps (warm-up, cosine decay)",
                                        default=1e-3)
     batch_size: int = _help("sequences per step", default=8)
@@ -156,7 +156,7 @@ class LengthConfig:
 
 def default_rl() -> BCRConfig:
     """The demo's BCR stage: N in 1..6, a 100-token shared budget, sequence advantages."""
-    return BCRConfig(n_problems={n: 1.0 for n in range(1, 7)}, max_steps=150, max_completion_length=100,
+    return BCRConfig(n_problems={n: 1.0 for n in range(1, 7)}, max_steps=100, max_completion_length=100,
                      num_generations=4, bundles_per_step=8, learning_rate=1e-4, temperature=1.0,
                      loss_type="dapo", beta=0.0, advantage_mode="sequence", save_steps=0, save_total_limit=1)
 
@@ -190,7 +190,7 @@ class DemoConfig:
     seed: int = _help("seeds the problems, the tokenizer corpus, model init, SFT order and every rollout", default=0)
     from_stage: str = _help("first stage to run (sft, bcr, length, eval); earlier stages are reused", default="sft")
     stop_after: str = _help("last stage to run (sft, bcr, length, eval)", default="eval")
-    length_baseline: bool = _help("also train the explicit length-penalty RL baseline at N = 1 (stage 'length'); "
+    length_baseline: bool = _help("also train the explicit length-penalty RL baseline like for like (stage 'length'); "
                                   "length_baseline=false skips it", default=True)
     progress: bool = _help("show rich progress bars", default=True)
     threads: int | None = _help("torch CPU threads (None: torch's default)", default=None)

@@ -199,6 +199,12 @@ def eval_config(cfg: DemoConfig, out: Path) -> EvalConfig:
                                numbered_single=cfg.task.numbered_single, resume=False, progress=cfg.progress)
 
 
+def _budget_text(config: EvalConfig) -> str:
+    if config.budget_mode == "per_problem":
+        return f"{config.per_problem_budget} tokens per problem (N x {config.per_problem_budget} per prompt)"
+    return f"shared budget {config.max_completion_length} tokens per prompt"
+
+
 def run_eval(cfg: DemoConfig, console: Console | None = None) -> dict:
     """Stage 4: ``evaluate_scaling`` over N = 1..6 for every trained model; writes the demo summary."""
     console = console or Console()
@@ -209,7 +215,7 @@ def run_eval(cfg: DemoConfig, console: Console | None = None) -> dict:
               if s != "length" or cfg.length_baseline}
     config = eval_config(cfg, out)
     console.print(f"[bold]stage eval[/]: N = {config.n_values} on {len(evals)} held-out problems, "
-                  f"shared budget {config.max_completion_length} tokens per prompt, models {list(models)}")
+                  f"{_budget_text(config)}, models {list(models)}")
     summary = evaluate_scaling(models, evals, config=config)
     records = read_results(out / "results.jsonl")
     result = demo_summary(summary, check_lines(records), budget_use(records), style_mix(records))

@@ -142,11 +142,14 @@ def demo_summary(summary: dict, checks: dict | None = None, use: dict | None = N
 
 
 def _styles_cell(styles: dict | None) -> str:
-    """`` s/m/d 60/30/10%`` (steps / merged / direct shares of the problems), or nothing for a
-    single-style model (today's steps-only task)."""
-    if not styles or set(styles) <= {"steps", "missing"}:
-        return ""
-    return " " + "/".join(f"{100 * styles.get(s, [0.0])[0]:.0f}" for s in ("steps", "merged", "direct")) + "%"
+    """`` 60/30/10%`` (the steps / merged / direct shares of the problems)."""
+    return " " + "/".join(f"{100 * (styles or {}).get(s, [0.0])[0]:.0f}" for s in ("steps", "merged", "direct")) + "%"
+
+
+def _several_styles(result: dict) -> bool:
+    """Whether any point of any model wrote a style other than steps (else the table leaves the shares out)."""
+    return any(set(styles or {}) - {"steps", "missing"}
+               for m in result["models"].values() for styles in m.get("styles", []))
 
 
 def _scaling_table(result: dict) -> Table:
@@ -154,8 +157,9 @@ def _scaling_table(result: dict) -> Table:
     of the work, one row per N, one column per model."""
     names = list(result["models"])
     ns = result["models"][names[0]]["n"] if names else []
-    table = Table(title="task-scaling law: tokens per problem (accuracy %) [Check lines per problem] "
-                        "steps/merged/direct %")
+    show_styles = _several_styles(result)
+    table = Table(title="task-scaling law: tokens per problem (accuracy %) [Check lines per problem]"
+                        + (" steps/merged/direct %" if show_styles else ""))
     table.add_column("N", justify="right")
     for name in names:
         table.add_column(name, justify="right")
@@ -166,8 +170,8 @@ def _scaling_table(result: dict) -> Table:
             if i < len(m["n"]):
                 chk = m["checks_per_problem"][i]
                 chk = f" [{chk:.2f}]" if chk is not None else ""
-                styles = m.get("styles", [None] * len(m["n"]))[i]
-                cells.append(f"{m['tokens_per_problem'][i]:.1f} ({100 * m['accuracy'][i]:.1f}){chk}{_styles_cell(styles)}")
+                styles = _styles_cell(m.get("styles", [None] * len(m["n"]))[i]) if show_styles else ""
+                cells.append(f"{m['tokens_per_problem'][i]:.1f} ({100 * m['accuracy'][i]:.1f}){chk}{styles}")
             else:
                 cells.append("-")
         table.add_row(str(n), *cells)

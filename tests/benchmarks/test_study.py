@@ -115,7 +115,7 @@ def test_options_the_study_sets_are_refused(tmp_path):
 def test_help_lists_study_and_demo_options(capsys):
     assert study.main(["--help"]) == 0
     text = capsys.readouterr().out
-    assert "kimi_weights = [0.25, 0.5, 1.0]" in text and "demo.rl.max_steps = 150" in text
+    assert "kimi_weights = [0.25, 0.5, 1.0]" in text and "demo.rl.max_steps = 100" in text
     assert "demo.seed =" not in text  # set by the study
 
 

@@ -153,13 +153,13 @@ def test_the_stage_configs_of_the_defaults():
     bcr = rl_config(cfg, Path("runs/demo/bcr"), "runs/demo/sft/model")
     assert (bcr.n_problems, bcr.max_completion_length, bcr.max_steps, bcr.learning_rate, bcr.num_generations,
             bcr.bundles_per_step, bcr.advantage_mode, bcr.logging_steps, bcr.numbered_single, bcr.seed) == (
-        {n: 1.0 for n in range(1, 7)}, 100, 150, 1e-4, 4, 8, "sequence", 15, True, 0)
+        {n: 1.0 for n in range(1, 7)}, 100, 100, 1e-4, 4, 8, "sequence", 10, True, 0)
     assert cfg.length.max_completion_length is None  # the length-penalty run trains like for like with bcr
     ev = eval_config(cfg, Path("runs/demo/eval"))
     assert (ev.n_values, ev.per_problem_budget, ev.budget_mode, ev.temperature, ev.top_p, ev.batch_size,
             ev.resume, ev.baseline) == ([1, 2, 3, 4, 5, 6], 100, "per_problem", 1.0, 1.0, 32, False, "verbose-sft")
     assert (cfg.task.styles, cfg.task.problem_steps, cfg.sft.steps, cfg.sft.style_steps) == (
-        {"steps": 3.0, "direct": 1.0}, [2, 2], 3000, 1000)
+        {"steps": 3.0, "direct": 1.0}, [2, 2], 3000, 500)
 
 
 @pytest.mark.parametrize("option, message", [
