@@ -15,7 +15,7 @@ from pathlib import Path
 
 from bcr.data.problems import Problem
 from bcr.task.prompts import PromptTemplate, bundle_solution, format_prompt, render_prompt
-from bcr.task.synthetic import make_arithmetic_problems
+from bcr.task.synthetic import check_styles, make_arithmetic_problems
 from bcr.models.tiny import build_tokenizer, tiny_model
 from bcr.models.loading import load_tokenizer
 
@@ -35,7 +35,7 @@ def worked_only(cfg: DemoConfig) -> DemoConfig:
 
 def has_shorter_styles(cfg: DemoConfig) -> bool:
     """Whether ``task.styles`` gives any problem a style other than steps."""
-    return any(w > 0 for style, w in cfg.task.styles.items() if style != "steps")
+    return check_styles(cfg.task.styles)[0] != ["steps"]
 
 
 def make_task(cfg: DemoConfig) -> tuple[list[Problem], list[Problem]]:

@@ -46,13 +46,15 @@ shorter one), and the verification lines use a separate stream, so ``verify_loop
 from __future__ import annotations
 
 import math
+import os
 import random
 from collections.abc import Mapping
 
 from bcr.data.problems import Problem
-from bcr.task.prompts import bundle_solution, format_solution
+from bcr.task.prompts import PromptTemplate, bundle_solution, format_solution
 
-__all__ = ["OPERATORS", "STYLES", "bundle_solution", "check_styles", "section_styles", "format_solution", "make_arithmetic_problems", "solve_steps"]
+__all__ = ["OPERATORS", "ORDINALS", "STYLES", "bundle_solution", "check_styles", "format_solution",
+           "make_arithmetic_problems", "section_styles", "solve_steps"]
 
 #: operator symbol -> its phrase in the problem text (the symbol itself is written in solutions)
 OPERATORS = {"+": "Add {x}.", "-": "Subtract {x}.", "*": "Multiply by {x}.", "/": "Divide by {x}."}
@@ -95,21 +97,28 @@ def check_styles(styles: Mapping[str, float] | None) -> tuple[list[str], list[fl
     return names, [float(styles[k]) for k in names]
 
 
-_WORK_PREFIX = {"Step ": "steps", "Merged:": "merged", "Answer": "direct"}
+#: the first work line of each written-out style (a direct section starts with its answer line)
+_WORK_PREFIX = {"Step ": "steps", "Merged:": "merged"}
 
 
-def section_styles(completion: str, header: str = "### Problem ") -> list[str]:
+def section_styles(completion: str, template: PromptTemplate | None = None) -> list[str]:
     """The style of each section of a completion, in order: ``"steps"``, ``"merged"`` or ``"direct"``
     by the section's first line after its header (``"other"`` for anything else, ``"empty"`` for a
-    section with no line). A completion without any header line is one section (the plain N = 1 format)."""
+    section with no line). A completion without any header line of ``template`` is one section
+    (the plain N = 1 format)."""
+    t = template or PromptTemplate()
+    header = t.solution_header.split("{k}")[0]
+    # an answer line, whatever index it carries: "Answer " or "Answer: \boxed{" with the default template
+    answers = (os.path.commonprefix([t.answer_line(1, "\0"), t.answer_line(2, "\0")]),
+               t.answer_line(None, "\0").split("\0")[0])
     lines = [line for line in completion.splitlines() if line.strip()]
     starts = [i for i, line in enumerate(lines) if line.startswith(header)]
     sections = [lines[a + 1: b] for a, b in zip(starts, starts[1:] + [len(lines)])] if starts else [lines]
     out = []
     for work in sections:
         first = work[0] if work else ""
-        out.append(next((style for prefix, style in _WORK_PREFIX.items() if first.startswith(prefix)),
-                        "other" if work else "empty"))
+        style = next((style for prefix, style in _WORK_PREFIX.items() if first.startswith(prefix)), None)
+        out.append(style or ("direct" if work and first.startswith(answers) else "other" if work else "empty"))
     return out
 
 
@@ -235,11 +244,9 @@ def make_arithmetic_problems(
         prob = Problem(id=f"synth-{seed}-{i}", problem=text, answer=answer, source="synthetic", meta=meta)
         if with_solution and style == "direct":
             meta["steps"] = []
-            meta["solution"] = format_solution(prob)
         elif with_solution and style == "merged":
             chain = " ".join([str(start)] + [f"{o} {x}" for o, x in operations])
             meta["steps"] = [f"Merged: {chain} = {answer}"]
-            meta["solution"] = format_solution(prob)
         elif with_solution:
             step_lines = [f"{a} {o} {x} = {b}" for a, o, x, b in trace]
             vrng = random.Random(f"bcr-synthetic-verify:{seed}:{i}")
@@ -255,6 +262,7 @@ def make_arithmetic_problems(
                     ci += 1
             meta["steps"] = lines
             meta["num_verify_loops"] = k
+        if with_solution:
             meta["solution"] = format_solution(prob)
         problems.append(prob)
     return problems

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from bcr.task.prompts import bundle_solution
+from bcr.task.prompts import PromptTemplate, bundle_solution
 from bcr.task.synthetic import STYLES, make_arithmetic_problems, section_styles
 
 _STEP = {"Add": "+", "Subtract": "-", "Multiply by": "*", "Divide by": "/"}
@@ -218,3 +218,13 @@ def test_ordinals_name_each_operation_and_change_nothing_else():
         assert re.sub(r"(First|Second|Third|Fourth), (\w)", lambda m: m.group(2).upper(), b.problem) == a.problem
     with pytest.raises(ValueError, match="with ordinals at most 9"):
         make_arithmetic_problems(2, steps=(1, 10), ordinals=True)
+
+
+def test_section_styles_follow_the_template_headers_and_answer_lines():
+    t = PromptTemplate(solution_header="## Q{k}", answer_format="Final {k}: \\boxed{{{answer}}}",
+                       numbered_single=True)
+    ps = make_arithmetic_problems(9, seed=4, styles={"steps": 1, "merged": 1, "direct": 1})
+    text = bundle_solution(ps, t)
+    assert "### Problem" not in text
+    assert section_styles(text, t) == [p.meta["style"] for p in ps]
+    assert section_styles(text) == ["other"]  # read with the default template: no header, one section
