@@ -112,3 +112,12 @@ def test_problems_pass_through_and_mix_with_records():
 def test_what_is_not_records_is_named(bad, message):
     with pytest.raises(DataError, match=message):
         problems_from_records(bad)
+
+
+def test_a_pandas_dataframe_is_read_by_rows():
+    pd = pytest.importorskip("pandas")
+    df = pd.DataFrame({"question": ["A?", "B?"], "answer": ["x #### 3", None]})
+    with pytest.raises(DataError, match=r"^records record 1: missing field 'answer'"):
+        problems_from_records(df)
+    (p,) = problems_from_records(df.iloc[:1])
+    assert (p.problem, p.answer) == ("A?", "3")
