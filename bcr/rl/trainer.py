@@ -269,8 +269,8 @@ class BCRTrainer:
             records in any schema ``load_problems`` reads (``problem``/``answer``, GSM8K, MATH, DAPO's
             ``prompt`` messages + ``reward_model.ground_truth``, TRL's ``prompt``; see
             ``bcr.data.problems.problems_from_records``). TRL's name ``train_dataset=`` works too.
-        config: a ``BCRConfig``.
-        tokenizer: defaults to the one saved with ``model``.
+        config: a ``BCRConfig`` (or TRL's name, ``args=``).
+        tokenizer: defaults to the one saved with ``model`` (or TRL's name, ``processing_class=``).
         eval_problems: held-out problems (same forms; or ``eval_dataset=``), evaluated every
             ``config.eval_steps`` steps.
         reward_fn: TRL-style ``f(prompts=..., completions=..., answer=..., n_problems=..., **columns)``
@@ -282,12 +282,14 @@ class BCRTrainer:
 
     def __init__(self, model, train_problems=None, config: BCRConfig | None = None, tokenizer=None,
                  eval_problems=None, reward_fn=None, template=None, *,
-                 train_dataset=None, eval_dataset=None, reward_funcs=None):
+                 train_dataset=None, eval_dataset=None, reward_funcs=None, args=None, processing_class=None):
+        _, config = _one_of("config", config, "args", args)
+        _, tokenizer = _one_of("tokenizer", tokenizer, "processing_class", processing_class)
         train_name, train = _one_of("train_problems", train_problems, "train_dataset", train_dataset)
         eval_name, evals = _one_of("eval_problems", eval_problems, "eval_dataset", eval_dataset)
         reward_name, reward_fn = _one_of("reward_fn", reward_fn, "reward_funcs", reward_funcs)
         if config is None:
-            raise TypeError("BCRTrainer needs config=BCRConfig(...)")
+            raise TypeError("BCRTrainer needs config=BCRConfig(...) (or TRL's name, args=)")
         if train is None:
             raise TypeError("BCRTrainer needs training problems: train_dataset= (a datasets.Dataset or a list of "
                             "records) or train_problems=")

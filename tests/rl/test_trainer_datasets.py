@@ -51,8 +51,12 @@ def test_a_step_from_what_a_trl_user_passes(tmp_path, tiny_tokenizer, tiny_qwen2
 
     before = {k: v.detach().clone() for k, v in tiny_qwen2.named_parameters()}
     cfg = _cfg(tmp_path)
-    trainer = BCRTrainer(model=tiny_qwen2, reward_funcs=[reward], config=cfg, tokenizer=tiny_tokenizer,
-                         train_dataset=_records(form))
+    if form == "dataset":  # every argument under TRL's name, as GRPOTrainer takes it
+        trainer = BCRTrainer(model=tiny_qwen2, reward_funcs=[reward], args=cfg, processing_class=tiny_tokenizer,
+                             train_dataset=_records(form))
+    else:
+        trainer = BCRTrainer(model=tiny_qwen2, reward_funcs=[reward], config=cfg, tokenizer=tiny_tokenizer,
+                             train_dataset=_records(form))
     assert all(isinstance(p, Problem) for p in trainer.bundles.bundler.problems)
     metrics = trainer.train()
     assert metrics["skipped_updates"] == 0
@@ -76,14 +80,17 @@ def test_eval_dataset_is_evaluated(tmp_path, tiny_tokenizer, tiny_qwen2):
 
 
 @pytest.mark.parametrize("bcr_name,trl_name", [("train_problems", "train_dataset"), ("eval_problems", "eval_dataset"),
-                                               ("reward_fn", "reward_funcs")])
+                                               ("reward_fn", "reward_funcs"), ("config", "args"),
+                                               ("tokenizer", "processing_class")])
 def test_both_names_of_one_argument_is_an_error(tmp_path, bcr_name, trl_name):
     given = {"train_problems": _records("problem_answer"), "eval_problems": _records("problem_answer"),
-             "reward_fn": even_token_reward}[bcr_name]
+             "reward_fn": even_token_reward, "config": _cfg(tmp_path), "tokenizer": "a-tokenizer"}[bcr_name]
     kw = {"train_dataset": _records("problem_answer")} if bcr_name != "train_problems" else {}
+    if bcr_name != "config":
+        kw["config"] = _cfg(tmp_path)
     # the model path does not exist: the argument error comes first
     with pytest.raises(TypeError, match=f"both {bcr_name}= and {trl_name}=.*pass only one"):
-        BCRTrainer(str(tmp_path / "no-model"), config=_cfg(tmp_path), **kw, **{bcr_name: given, trl_name: given})
+        BCRTrainer(str(tmp_path / "no-model"), **kw, **{bcr_name: given, trl_name: given})
 
 
 def test_bad_data_fails_before_the_model_loads(tmp_path):
