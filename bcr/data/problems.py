@@ -193,11 +193,11 @@ def _strip_dapo_instruction(text: str) -> str:
     return _DAPO_TAIL.sub("", _DAPO_HEAD.sub("", text.strip(), count=1))
 
 
-def problem_from_record(rec: dict, *, default_id: str, source: str = "") -> Problem:
+def problem_from_record(rec: dict, *, default_id: str, source: str = "", require_answer: bool = True) -> Problem:
     """Turn one record (shared, GSM8K, MATH or OlympiadBench schema) into a :class:`Problem`.
 
     Raises :class:`DataError` (without a location; the loader adds it) when the record lacks a
-    problem text or an answer.
+    problem text, or an answer while ``require_answer`` (without it a missing answer is ``""``).
     """
     if not isinstance(rec, dict):
         raise DataError(f"expected a JSON object per row, got {type(rec).__name__}")
@@ -255,7 +255,9 @@ def problem_from_record(rec: dict, *, default_id: str, source: str = "") -> Prob
                 "add an 'answer' field"
             )
         answer = boxed
-    if _is_missing(answer):
+    if _is_missing(answer) and not require_answer:
+        answer = ""
+    elif _is_missing(answer):
         present = ", ".join(map(str, rec)) or "none"
         raise DataError(
             f"missing field 'answer' (or 'final_answer', or a 'solution' with \\boxed{{}}); fields "
@@ -386,6 +388,7 @@ def _collect(
     limit: int | None,
     skip_invalid: bool,
     report: LoadReport,
+    require_answer: bool = True,
 ) -> ProblemList:
     out = ProblemList(report=report)
     if limit == 0:
@@ -395,7 +398,8 @@ def _collect(
         try:
             if isinstance(rec, Exception):
                 raise rec
-            prob = problem_from_record(rec, default_id=f"{label}-{index}", source=source)
+            prob = problem_from_record(rec, default_id=f"{label}-{index}", source=source,
+                                       require_answer=require_answer)
         except DataError as e:
             msg = f"{loc}: {e}"
             if not skip_invalid:
@@ -425,7 +429,8 @@ def _collect(
     return out
 
 
-def _read_file(path: Path, *, source: str, limit: int | None, skip_invalid: bool) -> ProblemList:
+def _read_file(path: Path, *, source: str, limit: int | None, skip_invalid: bool,
+               require_answer: bool = True) -> ProblemList:
     kind = _SUFFIXES.get(path.suffix.lower())
     if kind is None:
         raise DataError(
@@ -434,7 +439,7 @@ def _read_file(path: Path, *, source: str, limit: int | None, skip_invalid: bool
         )
     report = LoadReport(path=str(path))
     return _collect(_READERS[kind](path), label=_label_for(path), source=source, limit=limit,
-                    skip_invalid=skip_invalid, report=report)
+                    skip_invalid=skip_invalid, report=report, require_answer=require_answer)
 
 
 # ------------------------------------------------------------------------------ name resolution
@@ -499,7 +504,7 @@ def _looks_like_hf_id(s: str) -> bool:
     return bool(re.fullmatch(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+", s)) and Path(s).suffix.lower() not in _SUFFIXES
 
 
-def _load_hf(name: str, split: str | None, *, limit, skip_invalid) -> ProblemList:
+def _load_hf(name: str, split: str | None, *, limit, skip_invalid, require_answer: bool = True) -> ProblemList:
     try:
         import datasets  # type: ignore
     except ImportError:
@@ -523,7 +528,8 @@ def _load_hf(name: str, split: str | None, *, limit, skip_invalid) -> ProblemLis
     report = LoadReport(path=f"hf://{name}[{split}]")
     label = name.split("/")[-1] + f"-{split}"
     records = ((f"{name}[{split}] row {i}", dict(r)) for i, r in enumerate(ds))
-    return _collect(records, label=label, source=name, limit=limit, skip_invalid=skip_invalid, report=report)
+    return _collect(records, label=label, source=name, limit=limit, skip_invalid=skip_invalid, report=report,
+                    require_answer=require_answer)
 
 
 def load_problems(
@@ -533,6 +539,7 @@ def load_problems(
     *,
     data_dir: str | os.PathLike | None = None,
     skip_invalid: bool = False,
+    require_answer: bool = True,
 ) -> ProblemList:
     """Load problems from a file, a directory, a benchmark name, or a Hugging Face dataset id.
 
@@ -545,6 +552,8 @@ def load_problems(
         limit: keep only the first ``limit`` problems (in file order).
         data_dir: where benchmark folders live; default ``$BCR_DATA_DIR``, else ``../shared/data``.
         skip_invalid: skip bad rows (with one warning) instead of raising :class:`DataError`.
+        require_answer: a row without a reference answer is an error; with False it loads with
+            ``answer=""`` (``bcr solve`` answers problems whose answer nobody knows yet).
 
     Returns:
         A :class:`ProblemList` (a ``list[Problem]``) whose ``.report`` is a :class:`LoadReport`.
@@ -555,7 +564,8 @@ def load_problems(
     path = Path(source).expanduser()
     text = os.fspath(source)
     if path.is_file():
-        return _read_file(path, source=_label_for(path), limit=limit, skip_invalid=skip_invalid)
+        return _read_file(path, source=_label_for(path), limit=limit, skip_invalid=skip_invalid,
+                          require_answer=require_answer)
     if path.is_dir():
         if split is None:
             found = [f for s in ("test", "train") if (f := _find_split_file(path, s)) is not None]
@@ -567,12 +577,14 @@ def load_problems(
             f = _find_split_file(path, split)
             if f is None:
                 raise DataError(f"{path} has no {split}.jsonl (or .json/.parquet/.csv); pass an existing split")
-        return _read_file(f, source=path.name, limit=limit, skip_invalid=skip_invalid)
+        return _read_file(f, source=path.name, limit=limit, skip_invalid=skip_invalid,
+                          require_answer=require_answer)
     if text.lower() in BENCHMARKS:
         f = resolve_benchmark(text, split, data_dir=data_dir)
-        return _read_file(f, source=text.lower(), limit=limit, skip_invalid=skip_invalid)
+        return _read_file(f, source=text.lower(), limit=limit, skip_invalid=skip_invalid,
+                          require_answer=require_answer)
     if _looks_like_hf_id(text) and not text.startswith((".", "/", "~")):
-        return _load_hf(text, split, limit=limit, skip_invalid=skip_invalid)
+        return _load_hf(text, split, limit=limit, skip_invalid=skip_invalid, require_answer=require_answer)
     raise DataError(
         f"no such file or directory: {text!r}, and it is not a known benchmark name "
         f"({', '.join(sorted(BENCHMARKS))}) or a Hugging Face dataset id ('owner/name'). "
