@@ -1,6 +1,6 @@
 """``bcr solve`` at N = 1, 2, 4, 6 side by side: problems/s, tokens per problem and accuracy, retries counted.
 
-    python -m benchmarks.bench_solve model=runs/demo/bcr/model        # the demo's BCR model, 240 held-out problems
+    python -m benchmarks.bench_solve model=runs/demo/bcr        # the demo's BCR model, 240 held-out problems
     python -m benchmarks.bench_solve model=<dir> n_values=[1,2,4,6] repeats=3 out=benchmarks/results/bench_solve_x
     python -m benchmarks.bench_solve model=tiny-random num_problems=12 per_problem_budget=8   # seconds: the smoke test
 
