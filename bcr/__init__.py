@@ -11,6 +11,7 @@ import importlib
 _EXPORTS = {
     "Problem": "bcr.data.problems",
     "load_problems": "bcr.data.problems",
+    "problems_from_records": "bcr.data.problems",
     "make_arithmetic_problems": "bcr.task.synthetic",
     "Bundler": "bcr.data.bundling",
     "render_prompt": "bcr.task.prompts",

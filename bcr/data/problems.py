@@ -11,6 +11,9 @@ reads problems from
 * a Hugging Face dataset id such as ``"openai/gsm8k"`` (needs the ``datasets`` package and a network
   or a warm cache).
 
+:func:`problems_from_records` reads the same schemas from memory: a ``datasets.Dataset``, a pandas
+``DataFrame`` or any iterable of dict records (what a TRL user passes as ``train_dataset``).
+
 Record schemas understood (field names are matched case-insensitively):
 
 * the shared schema: ``{"id", "problem", "answer", ...extras}``; extras (``solution``, ``subject``,
@@ -25,7 +28,11 @@ Record schemas understood (field names are matched case-insensitively):
   message holds the problem, ``reward_model`` is ``{"ground_truth": ...}`` and ``extra_info.index``
   the id. The instruction DAPO wraps around each problem (a first line asking for a last line
   ``Answer: $Answer`` and a closing ``Remember to put your answer on its own line ...``) is removed,
-  since a BCR prompt states its own answer format.
+  since a BCR prompt states its own answer format;
+* TRL's prompt-only datasets: ``prompt`` as a string, or as chat messages without ``reward_model``
+  (the last ``user`` message is the problem), beside ``answer`` (or a MATH-style ``solution``). A BCR
+  prompt is built from N problems, so the ``prompt`` column is read as the problem text, not sent as
+  it is.
 
 An id is taken from ``id`` / ``unique_id`` / ``idx`` / ``problem_id``; a row without one gets the
 stable id ``"<label>-<row index>"`` where the label is the file stem (or ``<folder>-<stem>`` when the
@@ -47,7 +54,7 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +71,7 @@ __all__ = [
     "extract_last_boxed",
     "load_problems",
     "problem_from_record",
+    "problems_from_records",
     "resolve_benchmark",
 ]
 
@@ -194,7 +202,8 @@ def _strip_dapo_instruction(text: str) -> str:
 
 
 def problem_from_record(rec: dict, *, default_id: str, source: str = "", require_answer: bool = True) -> Problem:
-    """Turn one record (shared, GSM8K, MATH or OlympiadBench schema) into a :class:`Problem`.
+    """Turn one record (shared, GSM8K, MATH, OlympiadBench, DAPO or TRL prompt schema) into a
+    :class:`Problem`.
 
     Raises :class:`DataError` (without a location; the loader adds it) when the record lacks a
     problem text, or an answer while ``require_answer`` (without it a missing answer is ``""``).
@@ -221,12 +230,14 @@ def problem_from_record(rec: dict, *, default_id: str, source: str = "", require
         text = take("problem")
     elif not _is_missing(get("question")):
         text = take("question")
-    elif _user_message(get("prompt")) is not None:  # DAPO-Math-17k
+    elif _user_message(get("prompt")) is not None:  # DAPO-Math-17k, TRL conversational
         text = _strip_dapo_instruction(_user_message(take("prompt")))
+    elif isinstance(get("prompt"), str) and not _is_missing(get("prompt")):  # TRL standard (prompt-only)
+        text = _strip_dapo_instruction(take("prompt"))
     else:
         present = ", ".join(map(str, rec)) or "none"
         raise DataError(
-            f"missing field 'problem' (or 'question'); fields present: {present}. "
+            f"missing field 'problem' (or 'question', or 'prompt'); fields present: {present}. "
             "Each row needs a problem text and an answer: {\"id\", \"problem\", \"answer\"}"
         )
     text = str(text).strip()
@@ -249,7 +260,7 @@ def problem_from_record(rec: dict, *, default_id: str, source: str = "", require
         answer = _answer_text(take("reward_model")["ground_truth"])  # DAPO-Math-17k
     elif not _is_missing(get("solution")):  # MATH
         boxed = extract_last_boxed(str(get("solution")))
-        if boxed is None:
+        if boxed is None and require_answer:
             raise DataError(
                 "missing field 'answer' and the 'solution' has no \\boxed{...} to take it from; "
                 "add an 'answer' field"
@@ -388,6 +399,8 @@ def _collect(
     limit: int | None,
     skip_invalid: bool,
     report: LoadReport,
+    fix: str = "fix the row, or pass skip_invalid=True to skip bad rows",
+    caller: str = "load_problems",
     require_answer: bool = True,
 ) -> ProblemList:
     out = ProblemList(report=report)
@@ -398,12 +411,15 @@ def _collect(
         try:
             if isinstance(rec, Exception):
                 raise rec
-            prob = problem_from_record(rec, default_id=f"{label}-{index}", source=source,
-                                       require_answer=require_answer)
+            if isinstance(rec, Problem):  # from problems_from_records: kept as it is
+                prob = rec
+            else:
+                prob = problem_from_record(rec, default_id=f"{label}-{index}", source=source,
+                                           require_answer=require_answer)
         except DataError as e:
             msg = f"{loc}: {e}"
             if not skip_invalid:
-                raise DataError(f"{msg} (fix the row, or pass skip_invalid=True to skip bad rows)") from None
+                raise DataError(f"{msg} ({fix})") from None
             report.skipped += 1
             if len(report.errors) < _MAX_ERRORS_KEPT:
                 report.errors.append(msg)
@@ -414,7 +430,7 @@ def _collect(
     report.loaded = len(out)
     if report.skipped:
         warnings.warn(
-            f"load_problems: skipped {report.skipped} invalid row(s) of {report.rows_read} in "
+            f"{caller}: skipped {report.skipped} invalid row(s) of {report.rows_read} in "
             f"{report.path}; first: {report.errors[0]}",
             UserWarning,
             stacklevel=3,
@@ -425,7 +441,7 @@ def _collect(
         dups += p.id in ids
         ids.add(p.id)
     if dups:
-        warnings.warn(f"load_problems: {dups} duplicate id(s) in {report.path}", UserWarning, stacklevel=3)
+        warnings.warn(f"{caller}: {dups} duplicate id(s) in {report.path}", UserWarning, stacklevel=3)
     return out
 
 
@@ -440,6 +456,70 @@ def _read_file(path: Path, *, source: str, limit: int | None, skip_invalid: bool
     report = LoadReport(path=str(path))
     return _collect(_READERS[kind](path), label=_label_for(path), source=source, limit=limit,
                     skip_invalid=skip_invalid, report=report, require_answer=require_answer)
+
+
+# ---------------------------------------------------------------------------- in-memory records
+def _record_items(records: Any, label: str) -> Iterator[tuple[str, Any]]:
+    """(location, record) for each item; a ``Mapping`` item becomes a ``dict``, a :class:`Problem` stays."""
+    for i, rec in enumerate(records):
+        loc = f"{label} record {i}"
+        if isinstance(rec, Problem) or isinstance(rec, dict):
+            yield loc, rec
+        elif isinstance(rec, Mapping):
+            yield loc, dict(rec)
+        elif isinstance(rec, str):
+            yield loc, DataError(
+                "a string, which has no reference answer to score against; pass "
+                "{\"problem\": ..., \"answer\": ...} records or Problem objects")
+        else:
+            yield loc, DataError(f"a {type(rec).__name__}; expected a dict record or a Problem")
+
+
+def problems_from_records(
+    records: Any,
+    *,
+    label: str = "records",
+    source: str = "",
+    limit: int | None = None,
+    skip_invalid: bool = False,
+) -> ProblemList:
+    """Problems from records held in memory, in any schema :func:`load_problems` reads.
+
+    Args:
+        records: a ``datasets.Dataset`` (one split), a pandas ``DataFrame``, or an iterable of dict
+            records and/or :class:`Problem` objects (kept as they are).
+        label: names the records in errors (``"<label> record <i>"``) and in default ids
+            (``"<label>-<i>"`` for a record without an id field).
+        source: :attr:`Problem.source` of the problems made from records.
+        limit: keep only the first ``limit`` problems.
+        skip_invalid: skip bad records (with one warning) instead of raising :class:`DataError`.
+
+    Returns:
+        A :class:`ProblemList` whose ``.report`` counts the records read, loaded and skipped.
+
+    A record the schemas do not cover raises :class:`DataError` naming its index and the missing
+    field. A ``datasets.DatasetDict`` (several splits), a single dict record, or a string / path
+    raise one too, naming what to pass instead.
+    """
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise ValueError(f"limit must be a non-negative int or None, got {limit!r}")
+    if isinstance(records, (str, bytes, os.PathLike)):
+        raise DataError(f"{label}: got {type(records).__name__} {os.fsdecode(records)!r}, not records; to read a "
+                        "file, benchmark or Hub dataset pass load_problems(...) instead")
+    if isinstance(records, Mapping):
+        splits = [k for k, v in records.items() if hasattr(v, "column_names")]
+        if splits:  # datasets.DatasetDict
+            raise DataError(f"{label}: a dataset with splits {splits}; pass one split, e.g. dataset[{splits[0]!r}]")
+        raise DataError(f"{label}: got one dict (keys {list(records)[:10]}), not a list of records; wrap a single "
+                        "record in a list")
+    if hasattr(records, "iterrows") and hasattr(records, "to_dict"):  # pandas.DataFrame
+        records = records.to_dict(orient="records")
+    if not isinstance(records, Iterable):
+        raise DataError(f"{label}: expected a datasets.Dataset or a list of records, got {type(records).__name__}")
+    report = LoadReport(path=label)
+    fix = "fix the record, or convert with bcr.problems_from_records(..., skip_invalid=True) to skip bad ones"
+    return _collect(_record_items(records, label), label=label, source=source, limit=limit,
+                    skip_invalid=skip_invalid, report=report, fix=fix, caller="problems_from_records")
 
 
 # ------------------------------------------------------------------------------ name resolution

@@ -57,6 +57,9 @@ class TaskConfig:
     num_train_problems: int = _help("synthetic training problems", default=6000)
     num_eval_problems: int = _help("held-out problems of the N = 1..6 sweep (none also in the training set)",
                                    default=120)
+    held_out_every: int = _help("about one problem text in this many is held out for evaluation (a hash split), "
+                                "the rest may be trained on; the one-operation texts are few (126 with one "
+                                "digit), so a mix with them needs a large held-out share", default=10)
     problem_steps: list[int] = _help("inclusive range of operations per problem", default_factory=lambda: [2, 2])
     problem_digits: list[int] = _help("inclusive range of digits of the operands", default_factory=lambda: [1, 1])
     operators: str = _help("operators of the problems (any of '+-*/')", default="+-")
@@ -78,6 +81,9 @@ class TaskConfig:
         for name in ("problem_steps", "problem_digits", "verify_loops"):
             setattr(self, name, _int_range("task", name, getattr(self, name)))
         _at_least_one("task", self, ("num_train_problems", "num_eval_problems"))
+        if self.held_out_every < 2:
+            raise ConfigError(f"task.held_out_every={self.held_out_every!r}: must be >= 2 (1 would hold out every "
+                              "text and leave nothing to train on)")
         try:
             check_styles(self.styles)
         except ValueError as e:

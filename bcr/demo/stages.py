@@ -25,7 +25,8 @@ from bcr.rl.trainer import BCRTrainer
 
 from .config import LENGTH_METHODS, DemoConfig
 from .sft import sft_batches, train_sft
-from .summary import budget_use, check_lines, demo_summary, style_mix
+from .plots import write_adaptive_plot
+from .summary import budget_use, check_lines, demo_summary, difficulty_label, style_mix
 from .task import (build_tokenizer_and_model, bundle_solution_sample, check_tokenizer_roundtrip, has_shorter_styles,
                    make_task, worked_only)
 
@@ -218,7 +219,11 @@ def run_eval(cfg: DemoConfig, console: Console | None = None) -> dict:
                   f"{_budget_text(config)}, models {list(models)}")
     summary = evaluate_scaling(models, evals, config=config)
     records = read_results(out / "results.jsonl")
-    result = demo_summary(summary, check_lines(records), budget_use(records), style_mix(records))
+    difficulty = {p.id: difficulty_label(p) for p in evals}
+    by_difficulty = style_mix(records, difficulty) if len(set(difficulty.values())) > 1 else None
+    result = demo_summary(summary, check_lines(records), budget_use(records), style_mix(records), by_difficulty)
+    if by_difficulty:
+        write_adaptive_plot(result, out / "adaptive.png")
     atomic_write_json(Path(cfg.output_dir) / "demo_summary.json", result, default=str)
     return _finish_stage(cfg, "eval", time.perf_counter() - t0,
                          {"report": str(out / "report.md"), "summary": result})

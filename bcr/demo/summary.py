@@ -25,23 +25,32 @@ def check_lines(records) -> dict:
     return {k: c / max(n, 1) for k, (c, n) in out.items()}
 
 
-def style_mix(records) -> dict:
+def style_mix(records, difficulty: dict | None = None) -> dict:
     """Per (model, N): for each work style of :func:`bcr.task.synthetic.section_styles` (plus
     ``"missing"`` for a problem with no section) the fraction of problems written in it and their
-    accuracy, as ``{style: [fraction, accuracy]}``."""
+    accuracy, as ``{style: [fraction, accuracy]}``. With ``difficulty`` (problem id -> a label such as
+    ``"1 op"``) the keys are (model, N, label): the style mix of each difficulty apart."""
     counts: dict = {}
     for r in records:
         found = section_styles(r["completion"])
         styles = [found[k] if k < len(found) else "missing" for k in range(r["n_actual"])]
-        per = counts.setdefault((r["model"], r["n_problems"]), {})
-        for style, correct in zip(styles, r["correct"]):
-            n, c = per.get(style, (0, 0))
-            per[style] = (n + 1, c + bool(correct))
+        for k, (style, correct) in enumerate(zip(styles, r["correct"])):
+            key = (r["model"], r["n_problems"])
+            if difficulty is not None:
+                key += (difficulty[r["problem_ids"][k]],)
+            n, c = counts.setdefault(key, {}).get(style, (0, 0))
+            counts[key][style] = (n + 1, c + bool(correct))
     out = {}
     for key, per in counts.items():
         total = sum(n for n, _ in per.values())
         out[key] = {style: [n / total, c / n] for style, (n, c) in sorted(per.items())}
     return out
+
+
+def difficulty_label(problem) -> str:
+    """A synthetic problem's difficulty: its number of operations (``"1 op"``, ``"2 ops"``)."""
+    k = len(problem.meta["operations"])
+    return f"{k} op" + ("s" if k != 1 else "")
 
 
 def budget_use(records) -> dict:
@@ -86,7 +95,7 @@ def law_check(model: dict, baseline: dict | None) -> dict:
     return out
 
 
-def _per_model(rows: list[dict], checks: dict, use: dict, styles: dict) -> dict:
+def _per_model(rows: list[dict], checks: dict, use: dict, styles: dict, by_difficulty: dict) -> dict:
     models: dict = {}
     for row in rows:
         m = models.setdefault(row["model"], {"n": [], "tokens_per_problem": [], "tokens_per_problem_ci": [],
@@ -100,6 +109,10 @@ def _per_model(rows: list[dict], checks: dict, use: dict, styles: dict) -> dict:
         m["truncation_rate"].append(row.get("truncation_rate"))
         m["budget_use"].append(use.get((row["model"], row["n_problems"])))
         m["styles"].append(styles.get((row["model"], row["n_problems"])))
+        if by_difficulty:
+            labels = sorted({key[2] for key in by_difficulty})
+            m.setdefault("styles_by_difficulty", []).append(
+                {label: by_difficulty.get((row["model"], row["n_problems"], label)) for label in labels})
     return models
 
 
@@ -121,11 +134,13 @@ def _free_lunch(c: dict) -> dict:
 
 
 def demo_summary(summary: dict, checks: dict | None = None, use: dict | None = None,
-                 styles: dict | None = None) -> dict:
+                 styles: dict | None = None, styles_by_difficulty: dict | None = None) -> dict:
     """The demo's headline numbers from an ``evaluate_scaling`` summary (see the module docstring);
     ``checks`` maps (model, N) to the ``Check:`` lines per problem of :func:`check_lines`, ``use`` to
-    the budget use of :func:`budget_use`, ``styles`` to the work styles of :func:`style_mix`."""
-    models = _per_model(summary["rows"], checks or {}, use or {}, styles or {})
+    the budget use of :func:`budget_use`, ``styles`` to the work styles of :func:`style_mix` and
+    ``styles_by_difficulty`` to those of ``style_mix(records, difficulty)`` (the adaptive-reasoning
+    table: which problems a model answers directly, per difficulty and N)."""
+    models = _per_model(summary["rows"], checks or {}, use or {}, styles or {}, styles_by_difficulty or {})
     fits = summary.get("fits") or {}
     for name, m in models.items():
         tok = m["tokens_per_problem"]
@@ -178,6 +193,33 @@ def _scaling_table(result: dict) -> Table:
     return table
 
 
+def _adaptive_cell(mix: dict | None) -> str:
+    """``12% direct (83/97)``: the share answered direct, and the accuracy of direct / worked answers."""
+    if not mix:
+        return "-"
+    share = mix.get("direct", [0.0, None])[0]
+    acc = [mix.get(style, [0, None])[1] for style in ("direct", "steps")]
+    return f"{100 * share:.0f}% direct (" + "/".join("-" if a is None else f"{100 * a:.0f}" for a in acc) + ")"
+
+
+def adaptive_table(result: dict) -> Table | None:
+    """Per N, per model and difficulty: the share of problems answered direct (no work) and the
+    accuracy of the direct and the worked (steps) answers; None without ``styles_by_difficulty``."""
+    models = {name: m for name, m in result["models"].items() if m.get("styles_by_difficulty")}
+    if not models:
+        return None
+    table = Table(title="adaptive reasoning: share answered direct (accuracy % direct/worked), per difficulty")
+    table.add_column("N", justify="right")
+    columns = [(name, label) for name, m in models.items() for label in m["styles_by_difficulty"][0]]
+    for name, label in columns:
+        table.add_column(f"{name} {label}", justify="right")
+    ns = next(iter(models.values()))["n"]
+    for i, n in enumerate(ns):
+        table.add_row(str(n), *[_adaptive_cell(models[name]["styles_by_difficulty"][i].get(label))
+                                if i < len(models[name]["n"]) else "-" for name, label in columns])
+    return table
+
+
 def monotonic_verdict(m: dict) -> str:
     """``yes``, or ``no (...)`` naming the Ns with a clear rise and those with a rise within the CIs."""
     if m["tokens_fall_monotonically"]:
@@ -203,6 +245,9 @@ def print_summary(result: dict, stage_seconds: dict | None = None, console: Cons
     """The demo's closing table: tokens/problem and accuracy per N per model, then the free lunch."""
     console = console or Console()
     console.print(_scaling_table(result))
+    adaptive = adaptive_table(result)
+    if adaptive is not None:
+        console.print(adaptive)
     for name, m in result["models"].items():
         console.print(f"  {name}: tokens per problem fall monotonically with N: {monotonic_verdict(m)}")
         if "law" in m:

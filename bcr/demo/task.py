@@ -1,9 +1,10 @@
 """The demo's task and model: held-out arithmetic problems, SFT examples, the tokenizer and the tiny model.
 
-Every distinct problem text is either a training or a held-out text (a fixed hash split), so no
-evaluation problem is ever trained on. The tokenizer is a byte-level BPE trained on prompts and
-worked solutions of every N the demo uses; the model is a random-init Llama- or Qwen2-architecture
-one built from ``DemoConfig.model`` (:func:`build_tokenizer_and_model` is the one place both are made).
+Every distinct problem text is either a training or a held-out text (a fixed hash split, about one
+text in ``task.held_out_every`` held out), so no evaluation problem is ever trained on. The
+tokenizer is a byte-level BPE trained on prompts and worked solutions of every N the demo uses; the
+model is a random-init Llama- or Qwen2-architecture one built from ``DemoConfig.model``
+(:func:`build_tokenizer_and_model` is the one place both are made).
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ from bcr.models.loading import load_tokenizer
 from .config import DemoConfig
 
 
-def _held_out(text: str, seed: int) -> bool:
-    """A fixed tenth of all problem texts is reserved for evaluation (the problem space is small)."""
+def _held_out(text: str, seed: int, every: int) -> bool:
+    """A fixed share (about one text in ``every``) of all problem texts is reserved for evaluation."""
     digest = hashlib.sha256(f"demo-held-out:{seed}:{text}".encode()).digest()
-    return digest[0] % 10 == 0
+    return digest[0] % every == 0
 
 
 def worked_only(cfg: DemoConfig) -> DemoConfig:
@@ -49,10 +50,10 @@ def make_task(cfg: DemoConfig) -> tuple[list[Problem], list[Problem]]:
         size *= 2
         pool = make_arithmetic_problems(size, seed=cfg.seed, verify_loops=tuple(task.verify_loops),
                                         styles=task.styles, **kw)
-        train = [p for p in pool if not _held_out(p.problem, cfg.seed)][: task.num_train_problems]
+        train = [p for p in pool if not _held_out(p.problem, cfg.seed, task.held_out_every)][: task.num_train_problems]
     evals, seen = [], set()
     for p in make_arithmetic_problems(task.num_eval_problems * 200, seed=cfg.seed + 10_007, **kw):
-        if _held_out(p.problem, cfg.seed) and p.problem not in seen:
+        if _held_out(p.problem, cfg.seed, task.held_out_every) and p.problem not in seen:
             seen.add(p.problem)
             evals.append(p)
             if len(evals) == task.num_eval_problems:

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from bcr.runtime.io import atomic_write_bytes, atomic_write_text
-from bcr.eval.scaling import TIMING_KEY
+from bcr.eval.scaling import TIMING_KEY, power_law_label
 
 PLOT_FILES = {
     "tokens": "tokens_per_problem_vs_n.png",
@@ -196,7 +196,8 @@ def write_report_md(path: str | Path, summary: Mapping, *, plots: Mapping[str, s
 # ----------------------------------------------------------------------------- plots
 
 
-def _save(fig, path: Path) -> None:
+def save_png(fig, path: Path) -> None:
+    """A matplotlib figure as a PNG file, written atomically (no timestamp in it: same plot, same bytes)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight", metadata={"Software": None})
     atomic_write_bytes(path, buf.getvalue())
@@ -231,7 +232,7 @@ def write_plots(output_dir: str | Path, summary: Mapping) -> dict[str, str]:
             lo, hi = min(ns), max(ns)
             grid = [lo + (hi - lo) * j / 50 for j in range(51)]
             ax.plot(grid, [p["a"] * g ** -p["b"] for g in grid], "--", color=color, alpha=0.6,
-                    label=f"{model}: {p['a']:.0f}·N^-{p['b']:.2f} (R²={p['r2']:.2f})")
+                    label=f"{model}: {power_law_label(p)} (R²={p['r2']:.2f})")
     _log_axes(ax, by_model)
     _budget_cap(ax, summary, by_model)
     ax.set_xlabel("problems per context N")
@@ -239,7 +240,7 @@ def write_plots(output_dir: str | Path, summary: Mapping) -> dict[str, str]:
     ax.set_title("Task-scaling law: tokens per problem")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, which="both")
-    _save(fig, output_dir / PLOT_FILES["tokens"])
+    save_png(fig, output_dir / PLOT_FILES["tokens"])
 
     # Accuracy vs N with CI error bars.
     fig = Figure(figsize=(6, 4.2))
@@ -257,7 +258,7 @@ def write_plots(output_dir: str | Path, summary: Mapping) -> dict[str, str]:
     ax.set_xticks(sorted({r["n_problems"] for r in summary["rows"]}))
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    _save(fig, output_dir / PLOT_FILES["accuracy"])
+    save_png(fig, output_dir / PLOT_FILES["accuracy"])
 
     # Accuracy vs tokens per problem: the cost/accuracy frontier, each point labelled with its N.
     fig = Figure(figsize=(6, 4.2))
@@ -273,7 +274,7 @@ def write_plots(output_dir: str | Path, summary: Mapping) -> dict[str, str]:
     ax.set_title("Accuracy vs token cost")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    _save(fig, output_dir / PLOT_FILES["frontier"])
+    save_png(fig, output_dir / PLOT_FILES["frontier"])
 
     return dict(PLOT_FILES)
 

@@ -125,6 +125,12 @@ def fit_power_law(n_values: Sequence[float], y: Sequence[float]) -> PowerLawFit 
     return PowerLawFit(a=float(math.exp(intercept)), b=float(-slope), r2=float(r2), num_points=len(ns))
 
 
+def power_law_label(fit: Mapping, *, a_digits: int = 0, b_digits: int = 2) -> str:
+    """A fit of :func:`fit_power_law` as text, ``a·N^-b`` with the exponent's sign written once:
+    ``38·N^-0.50`` when y falls, ``38·N^+0.03`` when it rises (``b < 0``)."""
+    return f"{fit['a']:.{a_digits}f}·N^{-fit['b']:+.{b_digits}f}"
+
+
 def non_monotonic_points(n_values: Sequence[float], y: Sequence[float], *, rtol: float = 0.0) -> list:
     """The N values at which ``y`` (tokens per problem) *rises* compared with the previous N.
 

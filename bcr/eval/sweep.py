@@ -69,7 +69,7 @@ from typing import Any
 from bcr.data.bundling import bundle_sequential
 from bcr.data.problems import load_problems
 from bcr.eval.report import write_run_outputs
-from bcr.eval.scaling import TIMING_KEY, stable_seed, summarize_records
+from bcr.eval.scaling import TIMING_KEY, power_law_label, stable_seed, summarize_records
 from bcr.models.loading import DTYPES, load_model, load_tokenizer, resolve_model_source
 from bcr.models.rollout import make_engine
 from bcr.runtime.dataclass_cli import ConfigError, check_fields, parse_cli
@@ -739,5 +739,5 @@ def _print_summary(summary: Mapping, output_dir: str) -> None:
     for model, fit in summary["fits"].items():
         p = fit.get("tokens_power_law")
         if p:
-            console.print(f"{model}: tokens/problem = {p['a']:.1f} * N^-{p['b']:.3f} (R^2 = {p['r2']:.3f})")
+            console.print(f"{model}: tokens/problem = {power_law_label(p, a_digits=1, b_digits=3)} (R^2 = {p['r2']:.3f})")
     console.print(f"results in {output_dir}/ (report.md, summary.json, summary.csv, plots)")

@@ -38,13 +38,14 @@ import dataclasses
 import math
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from bcr.data.bundling import Bundler, BundleStream, bundle_sequential
+from bcr.data.problems import problems_from_records
 from bcr.eval.sweep import BatchSpec, EvalConfig, run_batch
 from bcr.models.loading import load_model, load_tokenizer
 from bcr.rl.checkpoint import (
@@ -251,33 +252,61 @@ class Microbatches:
     unshared_tokens: int = 0  # the tokens of the real rows had no prompt been shared
 
 
+def _one_of(bcr_name: str, bcr_value, trl_name: str, trl_value) -> tuple[str, object]:
+    """The argument given under bcr's name or TRL's (not both) -> (the name used, its value)."""
+    if bcr_value is not None and trl_value is not None:
+        raise TypeError(f"BCRTrainer got both {bcr_name}= and {trl_name}= (the same argument under bcr's and "
+                        f"TRL's name); pass only one")
+    return (trl_name, trl_value) if trl_value is not None else (bcr_name, bcr_value)
+
+
 class BCRTrainer:
     """Train ``model`` on ``train_problems`` with Batched Contextual Reinforcement.
 
     Args:
         model: a local model directory, a ``.gguf`` file or a Hub id (loaded by
             ``bcr.models.loading.load_model`` in ``config.model_dtype``), or an HF causal LM.
-        train_problems: ``bcr.data.problems.Problem`` objects (``problem`` text and reference ``answer``).
+        train_problems: ``bcr.data.problems.Problem`` objects, a ``datasets.Dataset`` or a list of dict
+            records in any schema ``load_problems`` reads (``problem``/``answer``, GSM8K, MATH, DAPO's
+            ``prompt`` messages + ``reward_model.ground_truth``, TRL's ``prompt``; see
+            ``bcr.data.problems.problems_from_records``). TRL's name ``train_dataset=`` works too.
         config: a ``BCRConfig``.
         tokenizer: defaults to the one saved with ``model``.
-        eval_problems: held-out problems, evaluated every ``config.eval_steps`` steps.
+        eval_problems: held-out problems (same forms; or ``eval_dataset=``), evaluated every
+            ``config.eval_steps`` steps.
         reward_fn: TRL-style ``f(prompts=..., completions=..., answer=..., n_problems=..., **columns)``
             returning, per sample, a float (given to every problem of the bundle), a list of N floats
             (one per problem), or None. None means "no opinion" and counts as 0.0. A list of functions
             is summed. Default: per-instance accuracy (1.0 when answer k matches problem k's answer).
+            TRL's name ``reward_funcs=`` works too.
     """
 
-    def __init__(self, model, train_problems: Sequence, config: BCRConfig, tokenizer=None,
-                 eval_problems: Sequence | None = None, reward_fn=None, template=None):
+    def __init__(self, model, train_problems=None, config: BCRConfig | None = None, tokenizer=None,
+                 eval_problems=None, reward_fn=None, template=None, *,
+                 train_dataset=None, eval_dataset=None, reward_funcs=None):
+        train_name, train = _one_of("train_problems", train_problems, "train_dataset", train_dataset)
+        eval_name, evals = _one_of("eval_problems", eval_problems, "eval_dataset", eval_dataset)
+        reward_name, reward_fn = _one_of("reward_fn", reward_fn, "reward_funcs", reward_funcs)
+        if config is None:
+            raise TypeError("BCRTrainer needs config=BCRConfig(...)")
+        if train is None:
+            raise TypeError("BCRTrainer needs training problems: train_dataset= (a datasets.Dataset or a list of "
+                            "records) or train_problems=")
+        train = problems_from_records(train, label=train_name)  # before the model loads: bad data fails fast
+        evals = problems_from_records(evals, label=eval_name) if evals is not None else []
+        self.reward_fns = list(reward_fn) if isinstance(reward_fn, (list, tuple)) else ([reward_fn] if reward_fn else [])
+        for i, fn in enumerate(self.reward_fns):
+            if not callable(fn):
+                raise TypeError(f"{reward_name}[{i}] is {type(fn).__name__} {fn!r}, not a function; bcr calls reward "
+                                "functions (a reward model by name is not supported)")
         self.config = cfg = config
         self.rank, self.world_size = dist_info()
         warm_up()  # math-verify imports while the model loads, so the first rewards do not wait for it
         self.model, self.tokenizer = _load_model(model, tokenizer, cfg)
         self.device = next(self.model.parameters()).device
         self.template = _template(template, cfg.numbered_single)
-        self.reward_fns = list(reward_fn) if isinstance(reward_fn, (list, tuple)) else ([reward_fn] if reward_fn else [])
-        self.eval_problems = list(eval_problems) if eval_problems else []
-        self.bundles = self._bundle_stream(list(train_problems))
+        self.eval_problems = list(evals)
+        self.bundles = self._bundle_stream(list(train))
 
         # Models (LoRA, gradient checkpointing, attention, reference), wrapped by the scale-out strategy.
         self.attn_implementation = training_attention(cfg.attn_implementation)

@@ -12,7 +12,8 @@ import pytest
 
 from bcr.runtime.dataclass_cli import ConfigError, load_dataclass, parse_cli
 from bcr.demo import STAGE_FILE, DemoConfig, demo_summary, run_demo
-from bcr.demo.summary import budget_use, law_verdict, style_mix
+from bcr.demo.plots import write_adaptive_plot
+from bcr.demo.summary import adaptive_table, budget_use, difficulty_label, law_verdict, style_mix
 
 pytestmark = pytest.mark.slow  # end to end: a whole pipeline, a process group or a child script
 
@@ -277,3 +278,33 @@ def test_style_mix_counts_each_problem_by_its_section_style_with_its_accuracy():
     rows = [_row("m", 1, 30.0, 1.0), _row("m", 2, 20.0, 0.25)]
     result = demo_summary({"rows": rows, "free_lunch": {}}, styles=mix)
     assert result["models"]["m"]["styles"] == [mix[("m", 1)], mix[("m", 2)]]
+
+
+def test_style_mix_by_difficulty_splits_each_problem_by_its_label_and_feeds_the_adaptive_table(tmp_path):
+    easy_direct = "### Problem 1\nAnswer 1: \\boxed{9}"
+    hard_steps = "### Problem 2\nStep 1: 4 + 5 = 9\nStep 2: 9 - 1 = 8\nAnswer 2: \\boxed{8}"
+    recs = [{"model": "m", "n_problems": 2, "n_actual": 2, "problem_ids": ["e1", "h1"], "correct": [True, True],
+             "completion": easy_direct + "\n\n" + hard_steps},
+            {"model": "m", "n_problems": 2, "n_actual": 2, "problem_ids": ["e2", "h2"], "correct": [False, True],
+             "completion": "### Problem 1\nStep 1: 4 + 5 = 9\nAnswer 1: \\boxed{1}\n\n" + hard_steps}]
+    difficulty = {"e1": "1 op", "e2": "1 op", "h1": "2 ops", "h2": "2 ops"}
+    mix = style_mix(recs, difficulty)
+    assert mix[("m", 2, "1 op")] == {"direct": [0.5, 1.0], "steps": [0.5, 0.0]}
+    assert mix[("m", 2, "2 ops")] == {"steps": [1.0, 1.0]}
+    assert style_mix(recs)[("m", 2)] == {"direct": [0.25, 1.0], "steps": [0.75, 2 / 3]}
+    result = demo_summary({"rows": [_row("m", 2, 20.0, 0.75)], "free_lunch": {}}, styles_by_difficulty=mix)
+    assert result["models"]["m"]["styles_by_difficulty"] == [{"1 op": mix[("m", 2, "1 op")],
+                                                              "2 ops": mix[("m", 2, "2 ops")]}]
+    table = adaptive_table(result)
+    assert [c.header for c in table.columns] == ["N", "m 1 op", "m 2 ops"]
+    assert list(table.columns[1].cells) == ["50% direct (100/0)"] and list(table.columns[2].cells) == ["0% direct (-/100)"]
+    assert adaptive_table(demo_summary({"rows": [_row("m", 2, 20.0, 0.75)], "free_lunch": {}})) is None
+    write_adaptive_plot(result, tmp_path / "adaptive.png")
+    assert (tmp_path / "adaptive.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_difficulty_label_counts_the_operations():
+    from bcr.task.synthetic import make_arithmetic_problems
+
+    one, two = (make_arithmetic_problems(1, steps=(k, k))[0] for k in (1, 2))
+    assert difficulty_label(one) == "1 op" and difficulty_label(two) == "2 ops"

@@ -9,6 +9,7 @@ import pytest
 
 from bcr.eval.scaling import (
     fit_power_law,
+    power_law_label,
     free_lunch,
     linear_fit,
     mean_ci,
@@ -31,6 +32,12 @@ def test_power_law_recovers_a_and_b_from_noisy_points(a, b):
     assert 0.95 < fit.r2 <= 1.0
     assert fit.num_points == ns.size
     assert fit.predict(4) == pytest.approx(fit.a * 4 ** -fit.b)
+
+
+def test_power_law_label_writes_the_exponent_sign_once():
+    assert power_law_label({"a": 38.2, "b": 0.5}) == "38·N^-0.50"
+    assert power_law_label({"a": 38.2, "b": -0.03}) == "38·N^+0.03"  # rising tokens: not "N^--0.03"
+    assert power_law_label({"a": 38.24, "b": 0.1234}, a_digits=1, b_digits=3) == "38.2·N^-0.123"
 
 
 def test_power_law_exact_and_degenerate_inputs():
