@@ -1,12 +1,14 @@
 """``bcr solve`` at N = 1, 2, 4, 6 side by side: problems/s, tokens per problem and accuracy, retries counted.
 
-    python -m benchmarks.bench_solve model=runs/demo/bcr        # the demo's BCR model, 240 held-out problems
+    python -m benchmarks.bench_solve model=runs/demo/bcr        # the demo's BCR model, its sweep's problems
+    python -m benchmarks.bench_solve model=runs/demo/bcr num_problems=240
     python -m benchmarks.bench_solve model=<dir> n_values=[1,2,4,6] repeats=3 out=benchmarks/results/bench_solve_x
     python -m benchmarks.bench_solve model=tiny-random num_problems=12 per_problem_budget=8   # seconds: the smoke test
 
 The problems are the held-out problems of the demo's synthetic task (:func:`bcr.demo.task.make_task`), drawn
 with the settings of the ``demo_config.yaml`` found in a parent directory of ``model`` (the demo's defaults
-when there is none) and ``task.num_eval_problems = num_problems``: the same problems at every N. Decoding
+when there is none), ``task.num_eval_problems`` of them (the demo sweep's problems) or ``num_problems``: the
+same problems at every N. Decoding
 settings (budget per problem, temperature, top-p, numbered N = 1 format) are the demo sweep's unless given.
 
 The model is loaded once; each N is one :func:`bcr.solve` call on that model (``repeats`` times, in the order
@@ -44,7 +46,8 @@ class BenchSolveConfig:
 
     model: str = field(default="tiny-random", metadata={"help": "an HF model directory, or tiny-random"})
     n_values: list[int] = field(default_factory=lambda: [1, 2, 4, 6], metadata={"help": "the Ns, side by side"})
-    num_problems: int = field(default=240, metadata={"help": "held-out problems of the demo's task"})
+    num_problems: int | None = field(default=None, metadata={"help": "held-out problems of the demo's task "
+                                                                      "(default: its sweep's, task.num_eval_problems)"})
     demo_config: str | None = field(default=None, metadata={"help": "the demo's demo_config.yaml (default: found "
                                                                      "above model, else the demo's defaults)"})
     per_problem_budget: int | None = field(default=None, metadata={"help": "new tokens per problem (default: the "
@@ -68,8 +71,9 @@ def _demo_config(cfg: BenchSolveConfig):
         path = next((p / "demo_config.yaml" for p in Path(cfg.model).resolve().parents
                      if (p / "demo_config.yaml").is_file()), None)
     demo = load_dataclass(DemoConfig, path) if path else DemoConfig()
-    task = dataclasses.replace(demo.task, num_eval_problems=cfg.num_problems)
-    return dataclasses.replace(demo, task=task), path
+    if cfg.num_problems:
+        demo = dataclasses.replace(demo, task=dataclasses.replace(demo.task, num_eval_problems=cfg.num_problems))
+    return demo, path
 
 
 def _model(cfg: BenchSolveConfig):
@@ -92,7 +96,10 @@ def run(cfg: BenchSolveConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     demo, demo_path = _demo_config(cfg)
-    problems = make_task(demo)[1]
+    try:
+        problems = make_task(demo)[1]
+    except RuntimeError as err:  # the task's held-out texts are fewer than asked for
+        raise ConfigError(f"num_problems={demo.task.num_eval_problems}: {err}") from None
     model, tok, described = _model(cfg)
     settings = dict(budget_mode="per_problem",
                     per_problem_budget=cfg.per_problem_budget or demo.eval.per_problem_budget,
@@ -159,7 +166,11 @@ def main(argv=None) -> int:
         return 2
     if cfg is None:
         return 0
-    report = run(cfg)
+    try:
+        report = run(cfg)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     name = "tiny-random" if cfg.model == "tiny-random" else "-".join(Path(cfg.model).resolve().parts[-2:])
     prefix = Path(cfg.out) if cfg.out else harness.RESULTS / f"bench_solve_{name}"
     text = markdown(report)
