@@ -17,7 +17,8 @@ fresh answers file. Per N the report gives:
 
 - problems/s: problems answered / wall time of the call after the model is loaded (generation, parsing,
   scoring, retries, writing), the median of the repeats with min-max;
-- tokens per problem: generated tokens (every bundle's completion plus every retry) / problems;
+- tokens per problem: generated tokens (every bundle's completion plus every retry) / problems, and the
+  bundles' share alone (what the task-scaling law is about; the rest is the retries' cost);
 - accuracy: the final answers (the retry's where it was better), over all problems; the strict share; how
   many problems were retried alone and how many of them the retry answered.
 
@@ -27,6 +28,7 @@ Output: a table on stdout and ``<out>.json`` / ``<out>.md`` through ``benchmarks
 from __future__ import annotations
 
 import dataclasses
+import json
 import statistics
 import sys
 import tempfile
@@ -108,6 +110,7 @@ def run(cfg: BenchSolveConfig) -> dict:
                     numbered_single=demo.task.numbered_single, batch_size=cfg.batch_size, retry=cfg.retry,
                     seed=cfg.seed, engine="hf", progress=False)
     runs: dict[int, list[dict]] = {n: [] for n in cfg.n_values}
+    bundle_tokens: dict[int, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         solve(model, problems[: max(cfg.n_values)], output=Path(tmp) / "warm.jsonl", tokenizer=tok,
               n=max(cfg.n_values), **settings)  # untimed: first-call costs (allocator, math-verify import)
@@ -115,6 +118,8 @@ def run(cfg: BenchSolveConfig) -> dict:
             for n in cfg.n_values:
                 runs[n].append(solve(model, problems, output=Path(tmp) / f"n{n}-{r}.jsonl", tokenizer=tok, n=n,
                                      **settings))
+                answers = [json.loads(line) for line in Path(runs[n][-1]["output"]).read_text().splitlines()]
+                bundle_tokens[n] = sum(a["bundle_tokens"] / a["bundle_size"] for a in answers) / len(answers)
     rows = []
     for n, results in runs.items():
         rates = [res["problems_per_s"] for res in results]
@@ -122,7 +127,8 @@ def run(cfg: BenchSolveConfig) -> dict:
         rows.append({
             "n": n, "problems": first["problems"], "problems_per_s": statistics.median(rates),
             "problems_per_s_min": min(rates), "problems_per_s_max": max(rates),
-            "tokens_per_problem": first["tokens_per_problem"], "accuracy": first["accuracy"],
+            "tokens_per_problem": first["tokens_per_problem"], "bundle_tokens_per_problem": bundle_tokens[n],
+            "accuracy": first["accuracy"],
             "strict": first["strict"], "flexible": first["flexible"], "unanswered": first["unanswered"],
             "retried": first["retried"], "answered_by_retry": first["answered_by_retry"],
             "seconds": [res["seconds"] for res in results],
@@ -147,13 +153,14 @@ def markdown(report: dict) -> str:
         "",
         f"`{report['command']}`",
         "",
-        "| N | problems/s (min-max) | tokens/problem | accuracy % | strict | retried alone (answered by retry) |",
-        "|---|---|---|---|---|---|",
+        "| N | problems/s (min-max) | tokens/problem | of which bundles | accuracy % | strict | retried alone "
+        "(answered by retry) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         acc = f"{100 * r['accuracy']:.1f}" if r["accuracy"] is not None else "-"
         lines.append(f"| {r['n']} | {r['problems_per_s']:.2f} ({r['problems_per_s_min']:.2f}-"
-                     f"{r['problems_per_s_max']:.2f}) | {r['tokens_per_problem']:.1f} | {acc} | "
+                     f"{r['problems_per_s_max']:.2f}) | {r['tokens_per_problem']:.1f} | {r['bundle_tokens_per_problem']:.1f} | {acc} | "
                      f"{r['strict']}/{r['problems']} | {r['retried']} ({r['answered_by_retry']}) |")
     return "\n".join(lines) + "\n"
 
