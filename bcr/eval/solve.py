@@ -21,7 +21,8 @@ sample at N). The completion is parsed into its N answers as the sweep scores th
 extraction as a fallback. A problem left without a strict answer, or whose section was cut off by
 the token budget, is asked again alone (N = 1) once (``retry=true``, the default), so that a bundle
 never costs an answer; the better of the two answers is kept (a strict one over a flexible one over
-none; an uncut one first; the retry's on a tie).
+none; an uncut one first; the retry's on a tie). A problem that was alone in its prompt already (n=1,
+or the last bundle holding one problem) is not asked again: that would be the same question.
 
 Output (``output``, JSON Lines, one line per problem, in input order)::
 
