@@ -201,10 +201,11 @@ def choose_n(eval_summary: str | os.PathLike, *, model=None, eval_model: str | N
                           "finished `bcr eval` run (or its summary.json)")
     try:
         summary = json.loads(summary_path.read_text())
-        rows = summary["rows"]
+        rows = [{"model": r["model"], "n_problems": int(r["n_problems"]), "accuracy": float(r["accuracy"])}
+                for r in summary["rows"]]
     except (ValueError, KeyError, TypeError) as err:
-        raise ConfigError(f"{summary_path} is not a `bcr eval` summary ({err}); pass a summary.json that "
-                          "`bcr eval` wrote") from None
+        raise ConfigError(f"{summary_path} is not a `bcr eval` summary ({err!r} missing or wrong); pass a "
+                          "summary.json that `bcr eval` wrote") from None
     names = list(dict.fromkeys(r["model"] for r in rows))
     name = eval_model
     if name is None:
@@ -223,7 +224,7 @@ def choose_n(eval_summary: str | os.PathLike, *, model=None, eval_model: str | N
             raise ConfigError(f"{summary_path} holds several models {names}; pass eval_model=<one of them>")
     if name not in names:
         raise ConfigError(f"eval_model={name!r} is not in {summary_path} (models: {names})")
-    accuracy = {int(r["n_problems"]): 100.0 * float(r["accuracy"]) for r in rows if r["model"] == name}
+    accuracy = {r["n_problems"]: 100.0 * r["accuracy"] for r in rows if r["model"] == name}
     if 1 not in accuracy:
         raise ConfigError(f"{summary_path} has no N = 1 row for {name!r} to compare with; sweep n_values with 1 in it")
     fits = [n for n, acc in accuracy.items() if accuracy[1] - acc <= max_accuracy_drop + 1e-9]

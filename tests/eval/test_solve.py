@@ -210,6 +210,9 @@ def test_choose_n_largest_within_the_drop(tmp_path):
         choose_n(run, model=tmp_path)
     with pytest.raises(ConfigError, match="no summary.json"):
         choose_n(tmp_path / "nowhere", model=me)
+    (tmp_path / "odd.json").write_text(json.dumps({"rows": [{"model": "bcr", "n_problems": 1}]}))
+    with pytest.raises(ConfigError, match="is not a `bcr eval` summary"):
+        choose_n(tmp_path / "odd.json", model=me)
 
 
 @pytest.mark.slow
