@@ -23,6 +23,8 @@ _EXPORTS = {
     "BCRTrainer": "bcr.rl.trainer",
     "evaluate_scaling": "bcr.eval.sweep",
     "EvalConfig": "bcr.eval.sweep",
+    "solve": "bcr.eval.solve",
+    "SolveConfig": "bcr.eval.solve",
     "load_model": "bcr.models.loading",
     "ModelLoadError": "bcr.models.loading",
 }

@@ -1,9 +1,9 @@
-"""The ``bcr`` command: ``bcr train``, ``bcr eval`` and ``bcr demo``.
+"""The ``bcr`` command: ``bcr train``, ``bcr eval``, ``bcr solve`` and ``bcr demo``.
 
 Each sub-command takes ``[--config FILE.yaml] [key=value ...]`` and ``--help`` lists every option with
 its default. The sub-command modules are imported only when used, so ``bcr --help`` is instant.
 
-One error boundary serves all three: an error the user can fix (config, data, paths, the output
+One error boundary serves them all: an error the user can fix (config, data, paths, the output
 directory) is one ``error: ...`` line on stderr and exit status 2; a run stopped by what happened
 during it (NaN weights, a failed rank, a full disk) is one line and status 1; Ctrl-C is status 130.
 Neither prints a traceback; ``BCR_DEBUG=1`` lets every exception through with its traceback.
@@ -20,10 +20,11 @@ from bcr.runtime.dataclass_cli import ConfigError
 COMMANDS = {
     "train": ("bcr.rl.train_cli", "train a model with BCR (rollout, per-instance rewards, packed update)"),
     "eval": ("bcr.eval.sweep", "task-scaling-law sweep over N: accuracy, tokens per problem, throughput"),
+    "solve": ("bcr.eval.solve", "answer a file of problems N at a time (N as a throughput dial)"),
     "demo": ("bcr.demo", "the embedded CPU demo: SFT a verbose reasoner, BCR-train it, sweep N"),
 }
 
-USAGE = "usage: bcr {train,eval,demo} [--config FILE.yaml] [key=value ...]\n\n" + "\n".join(
+USAGE = "usage: bcr {train,eval,solve,demo} [--config FILE.yaml] [key=value ...]\n\n" + "\n".join(
     f"  {name:6s} {text}" for name, (_, text) in COMMANDS.items()
 )
 

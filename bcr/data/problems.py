@@ -201,12 +201,12 @@ def _strip_dapo_instruction(text: str) -> str:
     return _DAPO_TAIL.sub("", _DAPO_HEAD.sub("", text.strip(), count=1))
 
 
-def problem_from_record(rec: dict, *, default_id: str, source: str = "") -> Problem:
+def problem_from_record(rec: dict, *, default_id: str, source: str = "", require_answer: bool = True) -> Problem:
     """Turn one record (shared, GSM8K, MATH, OlympiadBench, DAPO or TRL prompt schema) into a
     :class:`Problem`.
 
     Raises :class:`DataError` (without a location; the loader adds it) when the record lacks a
-    problem text or an answer.
+    problem text, or an answer while ``require_answer`` (without it a missing answer is ``""``).
     """
     if not isinstance(rec, dict):
         raise DataError(f"expected a JSON object per row, got {type(rec).__name__}")
@@ -260,13 +260,15 @@ def problem_from_record(rec: dict, *, default_id: str, source: str = "") -> Prob
         answer = _answer_text(take("reward_model")["ground_truth"])  # DAPO-Math-17k
     elif not _is_missing(get("solution")):  # MATH
         boxed = extract_last_boxed(str(get("solution")))
-        if boxed is None:
+        if boxed is None and require_answer:
             raise DataError(
                 "missing field 'answer' and the 'solution' has no \\boxed{...} to take it from; "
                 "add an 'answer' field"
             )
         answer = boxed
-    if _is_missing(answer):
+    if _is_missing(answer) and not require_answer:
+        answer = ""
+    elif _is_missing(answer):
         present = ", ".join(map(str, rec)) or "none"
         raise DataError(
             f"missing field 'answer' (or 'final_answer', or a 'solution' with \\boxed{{}}); fields "
@@ -399,6 +401,7 @@ def _collect(
     report: LoadReport,
     fix: str = "fix the row, or pass skip_invalid=True to skip bad rows",
     caller: str = "load_problems",
+    require_answer: bool = True,
 ) -> ProblemList:
     out = ProblemList(report=report)
     if limit == 0:
@@ -411,7 +414,8 @@ def _collect(
             if isinstance(rec, Problem):  # from problems_from_records: kept as it is
                 prob = rec
             else:
-                prob = problem_from_record(rec, default_id=f"{label}-{index}", source=source)
+                prob = problem_from_record(rec, default_id=f"{label}-{index}", source=source,
+                                           require_answer=require_answer)
         except DataError as e:
             msg = f"{loc}: {e}"
             if not skip_invalid:
@@ -441,7 +445,8 @@ def _collect(
     return out
 
 
-def _read_file(path: Path, *, source: str, limit: int | None, skip_invalid: bool) -> ProblemList:
+def _read_file(path: Path, *, source: str, limit: int | None, skip_invalid: bool,
+               require_answer: bool = True) -> ProblemList:
     kind = _SUFFIXES.get(path.suffix.lower())
     if kind is None:
         raise DataError(
@@ -450,7 +455,7 @@ def _read_file(path: Path, *, source: str, limit: int | None, skip_invalid: bool
         )
     report = LoadReport(path=str(path))
     return _collect(_READERS[kind](path), label=_label_for(path), source=source, limit=limit,
-                    skip_invalid=skip_invalid, report=report)
+                    skip_invalid=skip_invalid, report=report, require_answer=require_answer)
 
 
 # ---------------------------------------------------------------------------- in-memory records
@@ -579,7 +584,7 @@ def _looks_like_hf_id(s: str) -> bool:
     return bool(re.fullmatch(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+", s)) and Path(s).suffix.lower() not in _SUFFIXES
 
 
-def _load_hf(name: str, split: str | None, *, limit, skip_invalid) -> ProblemList:
+def _load_hf(name: str, split: str | None, *, limit, skip_invalid, require_answer: bool = True) -> ProblemList:
     try:
         import datasets  # type: ignore
     except ImportError:
@@ -603,7 +608,8 @@ def _load_hf(name: str, split: str | None, *, limit, skip_invalid) -> ProblemLis
     report = LoadReport(path=f"hf://{name}[{split}]")
     label = name.split("/")[-1] + f"-{split}"
     records = ((f"{name}[{split}] row {i}", dict(r)) for i, r in enumerate(ds))
-    return _collect(records, label=label, source=name, limit=limit, skip_invalid=skip_invalid, report=report)
+    return _collect(records, label=label, source=name, limit=limit, skip_invalid=skip_invalid, report=report,
+                    require_answer=require_answer)
 
 
 def load_problems(
@@ -613,6 +619,7 @@ def load_problems(
     *,
     data_dir: str | os.PathLike | None = None,
     skip_invalid: bool = False,
+    require_answer: bool = True,
 ) -> ProblemList:
     """Load problems from a file, a directory, a benchmark name, or a Hugging Face dataset id.
 
@@ -625,6 +632,8 @@ def load_problems(
         limit: keep only the first ``limit`` problems (in file order).
         data_dir: where benchmark folders live; default ``$BCR_DATA_DIR``, else ``../shared/data``.
         skip_invalid: skip bad rows (with one warning) instead of raising :class:`DataError`.
+        require_answer: a row without a reference answer is an error; with False it loads with
+            ``answer=""`` (``bcr solve`` answers problems whose answer nobody knows yet).
 
     Returns:
         A :class:`ProblemList` (a ``list[Problem]``) whose ``.report`` is a :class:`LoadReport`.
@@ -635,7 +644,8 @@ def load_problems(
     path = Path(source).expanduser()
     text = os.fspath(source)
     if path.is_file():
-        return _read_file(path, source=_label_for(path), limit=limit, skip_invalid=skip_invalid)
+        return _read_file(path, source=_label_for(path), limit=limit, skip_invalid=skip_invalid,
+                          require_answer=require_answer)
     if path.is_dir():
         if split is None:
             found = [f for s in ("test", "train") if (f := _find_split_file(path, s)) is not None]
@@ -647,12 +657,14 @@ def load_problems(
             f = _find_split_file(path, split)
             if f is None:
                 raise DataError(f"{path} has no {split}.jsonl (or .json/.parquet/.csv); pass an existing split")
-        return _read_file(f, source=path.name, limit=limit, skip_invalid=skip_invalid)
+        return _read_file(f, source=path.name, limit=limit, skip_invalid=skip_invalid,
+                          require_answer=require_answer)
     if text.lower() in BENCHMARKS:
         f = resolve_benchmark(text, split, data_dir=data_dir)
-        return _read_file(f, source=text.lower(), limit=limit, skip_invalid=skip_invalid)
+        return _read_file(f, source=text.lower(), limit=limit, skip_invalid=skip_invalid,
+                          require_answer=require_answer)
     if _looks_like_hf_id(text) and not text.startswith((".", "/", "~")):
-        return _load_hf(text, split, limit=limit, skip_invalid=skip_invalid)
+        return _load_hf(text, split, limit=limit, skip_invalid=skip_invalid, require_answer=require_answer)
     raise DataError(
         f"no such file or directory: {text!r}, and it is not a known benchmark name "
         f"({', '.join(sorted(BENCHMARKS))}) or a Hugging Face dataset id ('owner/name'). "

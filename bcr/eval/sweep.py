@@ -88,6 +88,7 @@ from bcr.runtime.metrics import progress_bar
 from bcr.task.parsing import parse_completion
 from bcr.task.prompts import PromptTemplate, render_prompt
 from bcr.task.scoring import score_completion
+from bcr.task.verify import warm_up
 
 RESULTS_FILE = "results.jsonl"
 CONFIG_FILE = "eval_config.json"
@@ -193,12 +194,13 @@ def record_key(record: Mapping) -> tuple[str, int, int, int]:
     return (record["model"], int(record["n_problems"]), int(record["bundle_index"]), int(record["sample_index"]))
 
 
-def read_results(path: str | Path, *, repair: bool = False) -> list[dict]:
+def read_results(path: str | Path, *, repair: bool = False, key: Callable[[Mapping], Any] = record_key) -> list[dict]:
     """Records of a ``results.jsonl``; a torn last line (no newline, or not valid JSON) is dropped.
 
     With ``repair=True`` the file is truncated to its last complete line so that appends continue
     cleanly. A corrupt line *before* the last one raises ``ValueError`` (that is not a crash
-    artefact, and silently skipping it would hide lost results). Duplicate keys keep the first.
+    artefact, and silently skipping it would hide lost results). Duplicate keys (``key``: the
+    sweep's record key; ``bcr solve`` keys its answers by problem id) keep the first.
     """
     path = Path(path)
     if not path.exists():
@@ -221,7 +223,7 @@ def read_results(path: str | Path, *, repair: bool = False) -> list[dict]:
                 if data[nl + 1 :].strip():
                     raise ValueError(f"{path}:{line_no} is not valid JSON ({err}); the results file is corrupt") from err
                 break  # a garbled last line is a torn write too
-            records.setdefault(record_key(rec), rec)
+            records.setdefault(key(rec), rec)
         pos = nl + 1
         good_end = pos
     if repair and good_end < len(data):
@@ -568,6 +570,7 @@ def evaluate_scaling(
     if cfg.baseline is not None and cfg.baseline not in models:
         raise ConfigError(f"baseline {cfg.baseline!r} is not one of the models {list(models)}")
     _check_paths(models, tokenizer, cfg)  # a model that cannot load fails here, before anything is written
+    warm_up()  # math-verify imports while the models load
     problems = _load(problems if problems is not None else cfg.benchmark, cfg)
 
 

@@ -72,6 +72,7 @@ from bcr.runtime.distributed import (
 from bcr.runtime.metrics import MetricsLogger, StepStats, TrainProgress
 from bcr.task.parsing import ParsedCompletion, completion_segment_ids, parse_completion
 from bcr.task.prompts import PromptTemplate, render_prompt
+from bcr.task.verify import warm_up
 from bcr_kernels import (
     FusedPolicyLossOutput,
     LogprobsOutput,
@@ -302,6 +303,7 @@ class BCRTrainer:
                                 "functions (a reward model by name is not supported)")
         self.config = cfg = config
         self.rank, self.world_size = dist_info()
+        warm_up()  # math-verify imports while the model loads, so the first rewards do not wait for it
         self.model, self.tokenizer = _load_model(model, tokenizer, cfg)
         self.device = next(self.model.parameters()).device
         self.template = _template(template, cfg.numbered_single)

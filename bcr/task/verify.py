@@ -39,6 +39,12 @@ content of ``\boxed{...}``; ``ref`` is a reference answer as written in the data
 
 Results are cached with :func:`functools.lru_cache` on ``(pred, ref, timeout)``. Parsing completions
 and turning answers into rewards is :mod:`bcr.task.scoring`'s job.
+
+No cold start: the first check pays for importing math-verify (seconds), and the first burst of
+concurrent checks off the main thread also waits for their helpers to start and import it, so
+without care they all overrun their bound. :func:`warm_up` starts both in a background thread;
+``bcr solve``, ``bcr eval`` and the trainer call it before they load the model, so scoring is warm
+by the time the first completion exists.
 """
 
 from __future__ import annotations
@@ -56,7 +62,8 @@ import threading
 import time
 from fractions import Fraction
 
-__all__ = ["MAX_HELPERS", "MAX_VERIFY_CHARS", "REL_TOL", "answers_match", "normalize_answer", "parse_number"]
+__all__ = ["MAX_HELPERS", "MAX_VERIFY_CHARS", "REL_TOL", "answers_match", "normalize_answer", "parse_number",
+           "warm_up"]
 
 #: Strings longer than this are compared by normalised string equality only.
 MAX_VERIFY_CHARS = 1000
@@ -358,8 +365,9 @@ class _Helper:
         line, self.buf = self.buf.split(b"\n", 1)
         return line
 
-    def _start(self) -> bool:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    def _spawn(self) -> None:
+        """Start the process without waiting for it to be ready (see :meth:`_wait_ready`)."""
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         self.proc = subprocess.Popen(
             [sys.executable, "-c", _WORKER_CODE, root],
             stdin=subprocess.PIPE,
@@ -367,10 +375,16 @@ class _Helper:
             stderr=subprocess.DEVNULL,
         )
         self.buf = b""
+
+    def _wait_ready(self) -> bool:
         if self._readline(time.monotonic() + _STARTUP_S) != b"ready":
             self._kill()
             return False
         return True
+
+    def _start(self) -> bool:
+        self._spawn()
+        return self._wait_ready()
 
     def compare(self, pred: str, ref: str, timeout: float) -> bool:
         try:
@@ -421,6 +435,25 @@ class _HelperPool:
                 return self._idle.pop()  # the most recently used one: warm
             self._count += 1
             return _Helper()
+
+    def start(self, count: int) -> None:
+        """Start helpers (all at once) until ``count`` exist (at most ``max_helpers``) and leave them
+        idle for the next callers."""
+        with self._cond:
+            new = min(count, self.max_helpers) - self._count
+            if new <= 0:
+                return
+            self._count += new
+        helpers = [_Helper() for _ in range(new)]
+        for helper in helpers:
+            try:
+                helper._spawn()
+            except Exception:
+                helper._kill()
+        for helper in helpers:
+            if helper.proc is not None:
+                helper._wait_ready()  # a helper that failed to start is started again when used
+            self._release(helper)
 
     def _release(self, helper: _Helper) -> None:
         with self._cond:
@@ -490,6 +523,28 @@ def answers_match(pred: str | None, ref: str, *, timeout: float = 2.0) -> bool:
     except Exception:
         return False
     return _match_cached(pred, ref, t)
+
+
+def warm_up(helpers: int = 0) -> threading.Thread:
+    """Prepare answer checking in the background, so that the first checks do not wait for it.
+
+    Imports math-verify in this process (what checks from the main thread use) and starts
+    ``helpers`` helper processes (what checks from other threads use: one per concurrent caller,
+    at most :data:`MAX_HELPERS`). Returns the daemon thread doing it; ``join()`` it to wait.
+    Never raises: whatever fails here is tried again by the first check that needs it.
+    """
+
+    def work() -> None:
+        try:
+            _math_verify()
+        except Exception:
+            pass
+        if helpers > 0 and os.name == "posix":
+            _HELPERS.start(int(helpers))
+
+    thread = threading.Thread(target=work, name="bcr-verify-warm-up", daemon=True)
+    thread.start()
+    return thread
 
 
 def _reset_after_fork() -> None:  # pragma: no cover - exercised by process pools

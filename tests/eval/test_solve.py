@@ -1,0 +1,274 @@
+"""bcr.eval.solve (``bcr solve``) with a tiny random HF model (its answers are garbage; what is tested is
+that every problem gets exactly one line, in order, whatever N and the file length; that a run killed
+at random points resumes to the file an uninterrupted run writes; that missing answers are retried
+alone; ``n=auto`` from a ``bcr eval`` summary; and that bad input is one clear line)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bcr import cli
+from bcr.data.bundling import bundle_sequential
+from bcr.eval.scaling import stable_seed
+from bcr.eval.solve import SolveConfig, _needs_retry, choose_n, solve
+from bcr.models.rollout import make_engine
+from bcr.runtime.dataclass_cli import ConfigError
+from bcr.task.prompts import PromptTemplate, render_prompt
+from bcr.task.synthetic import make_arithmetic_problems
+
+REPO = Path(__file__).resolve().parents[2]
+FAST = {"per_problem_budget": 8, "progress": False, "temperature": 1.0, "top_p": 1.0}
+
+
+def _lines(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def _write_problems(path, problems, answers=True):
+    rows = [{"id": p.id, "problem": p.problem, **({"answer": p.answer} if answers else {})} for p in problems]
+    Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny random model and its tokenizer saved as an HF directory (what users pass as model=)."""
+    from bcr.models.tiny import build_tokenizer, tiny_model
+
+    tok = build_tokenizer()
+    path = tmp_path_factory.mktemp("solve") / "model"
+    tiny_model(tok, seed=0).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("n,count", [(1, 3), (2, 5), (3, 7), (4, 4), (5, 3)])
+def test_one_line_per_problem_in_order_for_any_n(tmp_path, tiny_qwen2, tiny_tokenizer, n, count):
+    problems = make_arithmetic_problems(count, seed=n)
+    out = tmp_path / "answers.jsonl"
+    result = solve(tiny_qwen2, problems, output=out, tokenizer=tiny_tokenizer, n=n, retry=False, batch_size=2, **FAST)
+    lines = _lines(out)
+    assert [r["id"] for r in lines] == [p.id for p in problems]
+    sizes = [len(b) for b in bundle_sequential(problems, n)]
+    assert [r["bundle_index"] for r in lines] == [i // n for i in range(count)]
+    assert [r["bundle_size"] for r in lines] == [sizes[i // n] for i in range(count)]  # the last bundle short
+    for r in lines:
+        assert r["extraction"] in ("strict", "flexible", "none") and (r["answer"] is None) == (r["extraction"] == "none")
+        assert 0 <= r["section_tokens"] <= r["bundle_tokens"] <= 8 * r["bundle_size"]
+        assert isinstance(r["correct"], bool) and r["retried"] is False
+    for b in range(len(sizes)):  # sections never hold more tokens than their completion
+        assert sum(r["section_tokens"] for r in lines if r["bundle_index"] == b) <= lines[b * n]["bundle_tokens"]
+    assert result["problems"] == count and result["answered_now"] == count and result["retried"] == 0
+    assert result["accuracy"] == sum(r["correct"] for r in lines) / count
+    # a second run has nothing left to do and leaves the file as it was
+    before = out.read_bytes()
+    again = solve(tiny_qwen2, problems, output=out, tokenizer=tiny_tokenizer, n=n, retry=False, **FAST)
+    assert again["answered_now"] == 0 and out.read_bytes() == before
+
+
+def test_without_answers_no_correctness_and_same_answers(tmp_path, model_dir):
+    """An input without an answer column is answered all the same; `correct` is only there with a reference."""
+    problems = make_arithmetic_problems(5, seed=3)
+    with_ref = solve(model_dir, _write_problems(tmp_path / "a.jsonl", problems), output=tmp_path / "a.out", n=2,
+                     **FAST)
+    without = solve(model_dir, _write_problems(tmp_path / "b.jsonl", problems, answers=False),
+                    output=tmp_path / "b.out", n=2, **FAST)
+    a, b = _lines(tmp_path / "a.out"), _lines(tmp_path / "b.out")
+    assert all("correct" in r for r in a) and not any("correct" in r for r in b)
+    assert [{k: v for k, v in r.items() if k != "correct"} for r in a] == b
+    assert with_ref["with_reference"] == 5 and with_ref["accuracy"] is not None
+    assert without["with_reference"] == 0 and without["accuracy"] is None
+
+
+def test_missing_answers_are_retried_alone_once(tmp_path, tiny_qwen2, tiny_tokenizer):
+    """Every problem of a bundle left without a strict answer, or cut off, is asked again alone with its
+    own seed; the retry is the real N = 1 completion, and the better answer is kept."""
+    problems = make_arithmetic_problems(7, seed=5)
+    opts = dict(tokenizer=tiny_tokenizer, n=3, **FAST)
+    plain = _lines(solve(tiny_qwen2, problems, output=tmp_path / "plain.jsonl", retry=False, **opts)["output"])
+    result = solve(tiny_qwen2, problems, output=tmp_path / "retry.jsonl", **opts)
+    retried = _lines(tmp_path / "retry.jsonl")
+    expected = [r["bundle_size"] > 1 and _needs_retry(r) for r in plain]
+    assert any(expected)  # a random model at 8 tokens per problem leaves answers missing
+    assert [r["retried"] for r in retried] == expected
+    assert result["retried"] == sum(expected)
+
+    engine = make_engine("hf", tiny_qwen2, tiny_tokenizer)
+    cfg = SolveConfig(**FAST)
+    for p, first, final in zip(problems, plain, retried):
+        for key in ("bundle_index", "bundle_size", "section_tokens", "bundle_tokens"):
+            assert final[key] == first[key]  # the bundle's part is the same completion
+        if not final["retried"]:
+            assert final == first
+            continue
+        (gen,), = engine.generate([render_prompt([p], tiny_tokenizer, PromptTemplate())], num_generations=1,
+                                  max_new_tokens=8, temperature=cfg.temperature, top_p=cfg.top_p,
+                                  seed=[stable_seed(0, "solve-retry", p.id) & 0x7FFFFFFF])
+        assert final["retry_tokens"] == len(gen.completion_ids)
+        if final["answer_from"] == "bundle":  # kept only when the retry was worse
+            assert (final["answer"], final["extraction"]) == (first["answer"], first["extraction"])
+
+    off = solve(tiny_qwen2, problems, output=tmp_path / "off.jsonl", retry=False, **opts)
+    assert off["retried"] == 0
+
+
+_SOLVE_CHILD = [sys.executable, "-m", "bcr", "solve", "n=2", "batch_size=1", "per_problem_budget=6",
+                "temperature=1.0", "top_p=1.0", "progress=false"]
+
+
+@pytest.mark.slow
+def test_resume_after_kill_at_random_points(tmp_path, model_dir):
+    """A real `bcr solve` process killed with SIGKILL at random points (and a torn last line) resumes to
+    the file an uninterrupted run writes: no problem answered twice, none lost."""
+    problems = make_arithmetic_problems(13, seed=7)
+    data = _write_problems(tmp_path / "problems.jsonl", problems)
+    args = [f"model={model_dir}", f"input={data}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    whole = tmp_path / "whole.jsonl"
+    subprocess.run([*_SOLVE_CHILD, *args, f"output={whole}"], cwd=REPO, env=env, check=True, capture_output=True,
+                   timeout=600)
+
+    out = tmp_path / "killed.jsonl"
+    rng = random.Random(int(os.environ.get("BCR_TEST_SEED", "30")))
+    kills = 0
+    for _ in range(2):
+        stop_at = rng.randint(1, len(problems) - 2)  # lines written before the kill
+        child = subprocess.Popen([*_SOLVE_CHILD, *args, f"output={out}"], cwd=REPO, env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 600
+        while child.poll() is None and time.monotonic() < deadline:
+            if out.exists() and out.read_text().count("\n") >= stop_at:
+                time.sleep(rng.uniform(0.0, 0.5))  # mid-batch, or between batches
+                child.send_signal(signal.SIGKILL)
+                kills += 1
+                break
+            time.sleep(0.05)
+        child.wait()
+        with open(out, "a") as f:  # what a write cut short by the kill leaves behind
+            f.write('{"id": "torn')
+    assert kills == 2
+    done = subprocess.run([*_SOLVE_CHILD, *args, f"output={out}"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert out.read_text() == whole.read_text()
+    assert [r["id"] for r in _lines(out)] == [p.id for p in problems]
+
+
+def test_resume_cuts_a_torn_line_off(tmp_path, tiny_qwen2, tiny_tokenizer):
+    """A kill in the middle of the first write leaves a partial line; the next run cuts it off before it appends."""
+    problems = make_arithmetic_problems(5, seed=4)
+    opts = dict(tokenizer=tiny_tokenizer, n=2, retry=False, **FAST)
+    whole = solve(tiny_qwen2, problems, output=tmp_path / "whole.jsonl", **opts)["output"]
+    out = tmp_path / "answers.jsonl"
+    first = Path(whole).read_text().splitlines(keepends=True)
+    for partial in ('{"id": "synth-4-0", "ans', "".join(first[:2]) + first[2][:9]):
+        out.write_text(partial)
+        result = solve(tiny_qwen2, problems, output=out, **opts)
+        assert out.read_text() == Path(whole).read_text()
+        assert result["answered_now"] == 5 - partial.count("\n")
+
+
+def test_refuses_an_output_of_another_input(tmp_path, tiny_qwen2, tiny_tokenizer):
+    out = tmp_path / "answers.jsonl"
+    solve(tiny_qwen2, make_arithmetic_problems(2, seed=1), output=out, tokenizer=tiny_tokenizer, n=2, **FAST)
+    before = out.read_bytes()
+    with pytest.raises(ConfigError, match="not in the input"):
+        solve(tiny_qwen2, make_arithmetic_problems(2, seed=2), output=out, tokenizer=tiny_tokenizer, n=2, **FAST)
+    assert out.read_bytes() == before
+
+
+def _summary(folder, accuracy, model_paths):
+    """A `bcr eval` run directory as `bcr eval` writes it: summary.json rows and eval_config.json's models."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [{"model": name, "n_problems": n, "accuracy": acc} for name, accs in accuracy.items() for n, acc in accs.items()]
+    (folder / "summary.json").write_text(json.dumps({"config": {"budget_mode": "per_problem", "per_problem_budget": 100},
+                                                     "models": list(accuracy), "rows": rows}))
+    (folder / "eval_config.json").write_text(json.dumps({"models": {k: str(Path(v).resolve()) for k, v in model_paths.items()}}))
+    return folder
+
+
+def test_choose_n_largest_within_the_drop(tmp_path):
+    me, other = tmp_path / "me", tmp_path / "other"
+    me.mkdir(), other.mkdir()
+    run = _summary(tmp_path / "run", {"base": {1: 0.9, 2: 0.5}, "bcr": {1: 0.80, 2: 0.79, 4: 0.775, 6: 0.70}},
+                   {"base": other, "bcr": me})
+    assert choose_n(run, model=me)["n"] == 2  # N = 4 lost 2.5 points
+    choice = choose_n(run / "summary.json", model=me, max_accuracy_drop=3)
+    assert choice["n"] == 4 and choice["model"] == "bcr" and choice["accuracy"][6] == pytest.approx(70.0)
+    assert choose_n(run, model=me, max_accuracy_drop=0)["n"] == 1
+    assert choose_n(run, model=tmp_path, eval_model="base", max_accuracy_drop=50)["n"] == 2
+    with pytest.raises(ConfigError, match="not .*run `bcr eval` on this model"):
+        choose_n(run, model=tmp_path)
+    with pytest.raises(ConfigError, match="no summary.json"):
+        choose_n(tmp_path / "nowhere", model=me)
+    (tmp_path / "odd.json").write_text(json.dumps({"rows": [{"model": "bcr", "n_problems": 1}]}))
+    with pytest.raises(ConfigError, match="is not a `bcr eval` summary"):
+        choose_n(tmp_path / "odd.json", model=me)
+
+
+@pytest.mark.slow
+def test_n_auto_from_a_real_eval_run(tmp_path, model_dir, capsys):
+    """`bcr eval` of the model, then `bcr solve n=auto` on its run directory: the choice is printed with its
+    numbers and used."""
+    data = _write_problems(tmp_path / "problems.jsonl", make_arithmetic_problems(4, seed=9))
+    run = tmp_path / "eval"
+    assert cli.main(["eval", f"model={model_dir}", f"benchmark={data}", "n_values=[1,2,4]", "budget_mode=per_problem",
+                     "per_problem_budget=6", f"output_dir={run}", "progress=false", "plots=false",
+                     "n_bootstrap=50"]) == 0
+    accuracy = {r["n_problems"]: 100 * r["accuracy"] for r in json.loads((run / "summary.json").read_text())["rows"]}
+    expected = max(n for n, acc in accuracy.items() if accuracy[1] - acc <= 2)
+    capsys.readouterr()
+    out = tmp_path / "answers.jsonl"
+    assert cli.main(["solve", f"model={model_dir}", f"input={data}", f"output={out}", "n=auto", f"eval_summary={run}",
+                     "per_problem_budget=6", "progress=false"]) == 0
+    captured = capsys.readouterr()
+    assert f"n=auto chose N = {expected}" in captured.err and "N=1:" in captured.err
+    assert [r["bundle_index"] for r in _lines(out)] == [i // expected for i in range(4)]
+    assert f"at N = {expected}" in captured.out
+
+
+def _one_error_line(capsys, argv):
+    rc = cli.main(["solve", *argv, "progress=false"])
+    err = capsys.readouterr().err.strip()
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    # one line, the last one (transformers' weight-loading bar may come before it), no traceback
+    assert rc == 2 and "Traceback" not in err and len(errors) == 1 and err.endswith(errors[0]), err
+    return errors[0]
+
+
+def test_bad_input_is_one_clear_line(tmp_path, model_dir, capsys):
+    good = _write_problems(tmp_path / "good.jsonl", make_arithmetic_problems(2, seed=1))
+    out = tmp_path / "answers.jsonl"
+    common = [f"model={model_dir}", f"output={out}"]
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": 1, "problem": "2+2"}\n{"id": 2, "problem": \n')
+    assert "bad.jsonl" in _one_error_line(capsys, [*common, f"input={bad}"])
+    assert "no such file" in _one_error_line(capsys, [*common, f"input={tmp_path / 'missing.jsonl'}"])
+    assert "unknown.dir" in _one_error_line(capsys, [f"model={tmp_path / 'unknown.dir'}", f"input={good}",
+                                                     f"output={out}"])
+    err = _one_error_line(capsys, [*common, f"input={good}", "per_problem_budget=5000"])  # the model holds 4096
+    assert "does not fit the model's context" in err and "synth-1-0" in err
+    assert "lower n" in _one_error_line(capsys, [*common, f"input={good}", "n=2", "per_problem_budget=2040"])
+    assert "expected a whole number" in _one_error_line(capsys, [*common, f"input={good}", "n=0"])
+    assert "eval_summary" in _one_error_line(capsys, [*common, f"input={good}", "n=auto"])
+    assert "is a directory" in _one_error_line(capsys, [f"model={model_dir}", f"input={good}", f"output={tmp_path}"])
+    assert not out.exists()  # nothing was written
+    out.write_text("my notes\n")  # an output that is not an answers file is neither continued nor cut
+    assert "not an answers file" in _one_error_line(capsys, [*common, f"input={good}"])
+    assert out.read_text() == "my notes\n"
+
+    assert cli.main(["solve", "--help"]) == 0
+    help_text = capsys.readouterr().out
+    for option in ("model", "input", "output", "n ", "eval_summary", "max_accuracy_drop", "retry", "resume",
+                   "batch_size", "per_problem_budget", "engine"):
+        assert option in help_text
