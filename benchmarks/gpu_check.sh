@@ -9,7 +9,8 @@
 #
 # On a machine where the project is not installed (the lent GPU machine: no registry, no build
 # isolation), the wheels `make gpu-bundle` put in .whl/ are installed offline first
-# (pip --no-index --no-deps --target, into $BCR_SITE, default /tmp/bcr-site) and the repository is
+# (pip --no-index --no-deps --target, into $BCR_SITE, default /tmp/bcr-site; $BCR_BUNDLE names another
+# folder of wheels) and the repository is
 # used from PYTHONPATH (nothing is built). Prints the versions found, then one markdown table;
 # DIR/gpu_check.json is rewritten after every part, so a run cut short keeps what it measured.
 # See benchmarks/README.md ("One prepared GPU check").
@@ -34,7 +35,8 @@ mkdir -p "$out" || { say "cannot create the output folder $out"; exit 2; }
 
 # 1. the bundle, offline
 shopt -s nullglob
-wheels=(.whl/*.whl)
+bundle="${BCR_BUNDLE:-.whl}"
+wheels=("$bundle"/*.whl)
 if ((${#wheels[@]})); then
     if "$python" -m pip install -q --no-index --no-deps --no-warn-conflicts --disable-pip-version-check \
         --upgrade --target "$site" "${wheels[@]}" >"$out/bundle-install.log" 2>&1; then
@@ -45,7 +47,7 @@ if ((${#wheels[@]})); then
     fi
     export PYTHONPATH="$repo:$site${PYTHONPATH:+:$PYTHONPATH}"
 else
-    say "no .whl/ bundle here (make gpu-bundle, then carry .whl): using $python's own packages"
+    say "no wheels in $bundle/ (make gpu-bundle, then carry .whl): using $python's own packages"
     export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
@@ -64,7 +66,7 @@ for name in ("torch", "triton", "transformers", "accelerate", "peft", "numpy", "
         lines.append(f"{name} {md.version(name)}")
     except md.PackageNotFoundError:
         lines.append(f"{name} absent")
-missing = []
+missing, wanted = [], []
 try:
     import torch
     cuda = torch.cuda.is_available()
@@ -72,19 +74,24 @@ try:
 except Exception as exc:  # noqa: BLE001
     cuda = False
     missing.append(f"torch does not import: {type(exc).__name__}: {exc}")
-for module in ("bcr", "bcr_kernels", "bcr.rl.trainer", "benchmarks.gpu_check"):
+fix = "(make gpu-bundle on a machine with network, then carry .whl)"
+for module in ("bcr", "bcr_kernels", "bcr.rl.trainer", "benchmarks.gpu_check"):  # the check needs these
     try:
         importlib.import_module(module)
     except Exception as exc:  # noqa: BLE001
-        missing.append(f"cannot import {module}: {type(exc).__name__}: {exc} "
-                       "(make gpu-bundle on a machine with network, then carry .whl)")
+        missing.append(f"cannot import {module}: {type(exc).__name__}: {exc} {fix}")
         break
+for module, what in (("hypothesis", "the tests part's kernel test modules"), ("math_verify", "bcr's answer checks")):
+    try:  # wanted, not needed: the other parts still run
+        importlib.import_module(module)
+    except Exception as exc:  # noqa: BLE001
+        wanted.append(f"cannot import {module} ({what} need it): {type(exc).__name__}: {exc} {fix}")
 if not cuda and not missing and sys.argv[2] != "1":
     missing.append("no CUDA device visible to torch")
 text = "\n".join(lines)
 print(text)
 open(sys.argv[1], "w").write(text + "\n")
-for m in missing:
+for m in wanted + missing:
     print(f"gpu_check: {m}")
 sys.exit(2 if missing else 0)
 EOF
