@@ -18,7 +18,9 @@ kernel of ``bcr_kernels`` that no spec launches (a new kernel needs a spec in ``
 registers per thread and spilled (local-memory) bytes per thread from the cubin
 (``cuobjdump --dump-resource-usage``, Triton's ``n_spills`` is the same number).
 
-Run in a process of its own without ``TRITON_INTERPRET`` (under the interpreter ``triton.jit``
+An ``@triton.autotune`` kernel is compiled in every one of its configs. A spec that cannot run on
+``meta`` tensors (an op that reads a value back to the host) can call the op's internal launch
+function instead, with the tensors it would get. Run in a process of its own without ``TRITON_INTERPRET`` (under the interpreter ``triton.jit``
 returns interpreted functions, which cannot be compiled): ``test_compile_gpu.py`` does that.
 """
 
@@ -166,7 +168,7 @@ DEVICE_FUNCTIONS: dict[str, str] = {}
 
 def kernels() -> dict[str, object]:
     """Every ``@triton.jit`` function defined in a module of ``bcr_kernels``: qualified name -> function."""
-    from triton.runtime.jit import JITFunction
+    from triton.runtime.jit import JITFunction, KernelInterface
 
     import bcr_kernels
 
@@ -174,6 +176,8 @@ def kernels() -> dict[str, object]:
     for info in pkgutil.walk_packages(bcr_kernels.__path__, "bcr_kernels."):
         module = importlib.import_module(info.name)
         for value in vars(module).values():
+            while isinstance(value, KernelInterface) and not isinstance(value, JITFunction):
+                value = value.fn  # @triton.autotune / @triton.heuristics wrap the JITFunction
             if isinstance(value, JITFunction) and value.fn.__module__.startswith("bcr_kernels"):
                 found[f"{value.fn.__module__}.{value.fn.__name__}"] = value
     return found
@@ -195,23 +199,29 @@ def intercepted_launches(launches: list[Launch], spec: str):
     import bcr_kernels
     from bcr_kernels import _dispatch
 
-    saved_run = JITFunction.run
+    from triton.runtime.autotuner import Autotuner
+
+    saved_run, saved_tune = JITFunction.run, Autotuner.run
 
     def record(self, *args, grid, warmup, **kwargs):
         launches.append(Launch(spec, self, args, kwargs))
+
+    def every_config(self, *args, **kwargs):  # an autotuned kernel: each of its configs is a launch
+        for config in self.configs:
+            self.fn.run(*args, **{**kwargs, **config.all_kwargs()})
 
     patched = [(_dispatch, "use_triton", _dispatch.use_triton)]
     for info in pkgutil.walk_packages(bcr_kernels.__path__, "bcr_kernels."):
         module = importlib.import_module(info.name)
         if getattr(module, "use_triton", None) is _dispatch.use_triton:
             patched.append((module, "use_triton", module.use_triton))
-    JITFunction.run = record
+    JITFunction.run, Autotuner.run = record, every_config
     for module, name, _ in patched:
         setattr(module, name, lambda *tensors: True)
     try:
         yield
     finally:
-        JITFunction.run = saved_run
+        JITFunction.run, Autotuner.run = saved_run, saved_tune
         for module, name, value in patched:
             setattr(module, name, value)
 
