@@ -10,8 +10,9 @@
 # numpy, rich, typer, pyyaml, matplotlib, pytest, pytest-benchmark. Here: Python 3.12 where pyenv
 # (or PATH) has one, else this machine's python3 (said in the log); torch 2.11.0 from PyPI (its CUDA
 # build: the same wheel as there, running on the CPU) where the index has it for that Python, else
-# the newest torch the index offers (said in the log); numpy < 2.5, because triton 3.6's interpreter
-# calls int() on 1-element arrays, an error from numpy 2.5 on (the GPU never runs the interpreter).
+# the newest torch the index offers (said in the log); numpy < 2.4, because triton 3.6's interpreter
+# calls int() on 1-element arrays, an error from numpy 2.4 on (triton 3.9 squeezes them first; the
+# GPU never runs the interpreter).
 # Writes build/gpu-rehearsal/rehearsal.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -48,7 +49,7 @@ if [[ ! -f $venv/.installed ]]; then
     fi
     rm -rf "$root/probe"
     "$venv/bin/pip" install -q --disable-pip-version-check "$torch_spec" triton==3.6.0 transformers==5.17.0 \
-        "numpy<2.5" pyyaml rich typer matplotlib pytest pytest-benchmark peft accelerate 2>&1 | grep -v "^WARNING: Location"
+        "numpy<2.4" pyyaml rich typer matplotlib pytest pytest-benchmark peft accelerate 2>&1 | grep -v "^WARNING: Location"
     "$venv/bin/python" -c 'import torch, triton, transformers' && touch "$venv/.installed" || exit 1
 fi
 "$venv/bin/python" -c 'import numpy, torch, triton, transformers, sys; print("rehearsal: python", sys.version.split()[0], "torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__, "numpy", numpy.__version__)'
