@@ -7,8 +7,9 @@
 # The GPU machine: Python 3.12, torch 2.11.0+cu130, triton 3.6.0, transformers 5.17, peft, accelerate,
 # numpy, rich, typer, pyyaml, matplotlib, pytest, pytest-benchmark; no package registry. bcr imports
 # math-verify (and its latex2sympy2_extended / antlr4 runtime); the kernel tests use hypothesis; the
-# check compares against Liger-Kernel. All pure Python, about 2.5 MB, pinned to the versions the
-# project is tested with. Not bundled: flash-attn and vLLM (compiled for one torch / CUDA build,
+# check compares against Liger-Kernel. Pure Python but hypothesis (a CPython 3.12 manylinux wheel,
+# which is why the download names the GPU machine's Python and platform), 2.4 MB, pinned to the
+# versions the project is tested with. Not bundled: flash-attn and vLLM (compiled for one torch / CUDA build,
 # hundreds of MB), TRL (needs datasets + pyarrow + pandas, about 60 MB): their rows are skipped with
 # the reason. Each wheel is installed there with --no-deps, so every dependency is listed here.
 set -euo pipefail

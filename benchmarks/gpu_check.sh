@@ -37,7 +37,12 @@ mkdir -p "$out" || { say "cannot create the output folder $out"; exit 2; }
 shopt -s nullglob
 bundle="${BCR_BUNDLE:-.whl}"
 wheels=("$bundle"/*.whl)
-if ((${#wheels[@]})); then
+if ((${#wheels[@]})) && ! "$python" -m pip --version >/dev/null 2>&1; then
+    # no pip: pure-Python wheels are zip files that import once unpacked
+    mkdir -p "$site" && for w in "${wheels[@]}"; do "$python" -m zipfile -e "$w" "$site" || say "cannot unpack $w"; done
+    say "no pip for $python: unpacked ${#wheels[@]} bundled wheels into $site"
+    export PYTHONPATH="$repo:$site${PYTHONPATH:+:$PYTHONPATH}"
+elif ((${#wheels[@]})); then
     if "$python" -m pip install -q --no-index --no-deps --no-warn-conflicts --disable-pip-version-check \
         --upgrade --target "$site" "${wheels[@]}" >"$out/bundle-install.log" 2>&1; then
         say "installed ${#wheels[@]} bundled wheels into $site"
