@@ -57,7 +57,6 @@ else
 fi
 
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export TRITON_DEFAULT_FP_FUSION="${TRITON_DEFAULT_FP_FUSION:-1}"
 unset TRITON_INTERPRET BCR_KERNEL_BACKEND  # the real kernels, not the interpreter or the torch paths
 
 # 2. what is here: versions, the device, and whether the project imports (one line per missing piece)
