@@ -10,9 +10,9 @@ for shared text). The loss only needs those positions; ``completion_index`` list
 each sequence's completion tokens.
 
 ``pad_to`` (the trainer passes :data:`COMPLETION_MULTIPLE`) pads the ``completion_*`` fields to a
-multiple of that many entries, so the kernels on them (the LM head's log-probs, the scatter of the
-advantages, the policy loss) see a length divisible by 16 and use vectorised 128-bit loads and stores
-instead of falling back to 32-bit ones. A padding entry reads the hidden state of position 0, has the
+multiple of that many entries, so the ``[C]``-sized kernels on them (the scatter of the advantages,
+the policy losses) see a length divisible by 16 and use vectorised 128-bit loads and stores instead of
+falling back to 32-bit ones (the LM head's per-token kernels are vectorised over V either way). A padding entry reads the hidden state of position 0, has the
 target ``-100`` (log-prob and entropy 0, no gradient), segment -1 and lies after
 ``completion_cu_seqlens[-1]`` (outside every sequence: advantage 0, no sequence weight); the loss
 masks it out with ``completion_mask``. ``num_completion_tokens`` counts the real tokens only.
