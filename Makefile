@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 HAS_CUDA = $(shell $(BIN)/python -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
 PYTEST_ENV = $(if $(filter 1,$(HAS_CUDA)),,TRITON_INTERPRET=1)
 
-.PHONY: install test bench lint clean demo
+.PHONY: install test bench lint clean demo gpu-bundle gpu-rehearsal
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -32,6 +32,16 @@ bench: install
 # Pass options through DEMO_ARGS, e.g. make demo DEMO_ARGS="length_baseline=true" or "--from-stage eval".
 demo: install
 	$(BIN)/python -m bcr demo $(DEMO_ARGS)
+
+# The first GPU minutes (benchmarks/README.md, "One prepared GPU check"). gpu-bundle: the wheels the
+# lent GPU machine lacks, into .whl/ (carry it), and the command to run there. gpu-rehearsal: a venv
+# like that machine's (Python 3.12, torch 2.11, triton 3.6, transformers 5.17) runs the kernel tests,
+# the ahead-of-time compile and gpu_check.sh --smoke with the bundle installed offline. Not in make test.
+gpu-bundle:
+	PYTHON=$(PY) bash benchmarks/gpu_bundle.sh
+
+gpu-rehearsal:
+	bash benchmarks/gpu_rehearsal.sh
 
 lint: install
 	$(BIN)/ruff check bcr bcr_kernels tests benchmarks

@@ -65,6 +65,7 @@ import torch
 import torch.nn.functional as F
 
 from bcr_kernels import fused_linear_logprobs, token_logprobs, varlen_attention
+from bcr_kernels._varlen_attention import last_dispatch
 
 from . import harness, profile_step
 from .harness import MiB
@@ -350,6 +351,19 @@ def part_head(ctx: Context) -> dict:
     return {"rows": rows, "data": data}
 
 
+def auto_attention_backend(ctx: Context) -> str:
+    """The varlen path ``backend="auto"`` takes for the step's attention here (bf16 on a GPU): what the
+    ``bcr_varlen`` attention of the packed variants runs in their processes, which make the same choice."""
+    s = ctx.sizes
+    q = torch.zeros(32, s.heads, s.head_dim, device=ctx.device, dtype=ctx.dtype)
+    kv = torch.zeros(32, s.kv_heads, s.head_dim, device=ctx.device, dtype=ctx.dtype)
+    cu = torch.tensor([0, 16, 32], dtype=torch.int32, device=ctx.device)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kernel_varlen_attention(q, kv, kv, cu, 16, "auto")
+    return last_dispatch().backend
+
+
 def part_step(ctx: Context) -> dict:
     prefix = ctx.out_dir / "profile_step"
     args = ["--preset", ctx.sizes.step_preset, "--variants", "packed,padded-eager,packed-liger,trl",
@@ -361,18 +375,21 @@ def part_step(ctx: Context) -> dict:
     report = json.loads(prefix.with_suffix(".json").read_text())
     summ = report["summary"]
     part = f"training step ({ctx.sizes.step_preset}, {report['batch']['real_tokens']:,} tokens)"
+    varlen = auto_attention_backend(ctx)
     rows = []
     for r in report["results"]:
         v = r["variant"]
         if v in summ:
             s = summ[v]
-            rows.append(row(part, f"{v}: tokens/s, peak memory",
+            attn = profile_step.VARIANTS[v].attn
+            attn = f"bcr_varlen: {varlen}" if attn == "bcr_varlen" else f"transformers {attn}"
+            rows.append(row(part, f"{v} (attention {attn}): tokens/s, peak memory",
                             f"{s['tokens_per_s']['median']:,.0f}, {s['peak_bytes']['median'] / MiB:,.0f} MiB"))
         elif "skipped" in r:
             rows.append(skipped(part, v, r["skipped"]))
         else:  # an out-of-memory padded baseline or a broken variant: shown, and the run fails
             rows.append(row(part, "error", f"{v}: {r.get('error', '')[-300:]}", "", False))
-    data = {"report": str(prefix.with_suffix(".json"))}
+    data = {"report": str(prefix.with_suffix(".json")), "bcr_varlen_backend": varlen}
     if "packed" in summ and "padded-eager" in summ:
         p, b = summ["packed"], summ["padded-eager"]
         speed = p["tokens_per_s"]["median"] / b["tokens_per_s"]["median"]
@@ -438,12 +455,13 @@ def part_attention(ctx: Context) -> dict:
         except (RuntimeError, ValueError, NotImplementedError) as exc:
             rows.append(skipped(part, backend, f"{type(exc).__name__}: {exc}"[:300]))
             continue
-        fell_back = [str(w.message) for w in caught if "using SDPA" in str(w.message)]
-        if fell_back and backend != "sdpa":
-            rows.append(skipped(part, backend, fell_back[0]))
+        ran = last_dispatch().backend  # the path that produced the output, whatever was asked
+        fell_back = [str(w.message) for w in caught if "using SDPA" in str(w.message) or "trying the next" in str(w.message)]
+        if ran != backend:
+            rows.append(skipped(part, backend, f"asked for {backend}, {ran} ran" + (f" ({fell_back[0]})" if fell_back else "")))
             continue
-        data[backend] = {"forward_s": tf, "forward_backward_s": tb}
-        rows.append(row(part, f"{backend}: forward, forward+backward", f"{tf * 1e3:.2f} ms, {tb * 1e3:.2f} ms"))
+        data[backend] = {"forward_s": tf, "forward_backward_s": tb, "ran": ran}
+        rows.append(row(part, f"{backend} (ran {ran}): forward, forward+backward", f"{tf * 1e3:.2f} ms, {tb * 1e3:.2f} ms"))
     return {"rows": rows, "data": data}
 
 
@@ -523,7 +541,7 @@ def main(argv=None) -> int:
         "device_name": ctx.device_name,
         "date": harness.now(),
         "command": harness.command(MODULE, argv),
-        "versions": harness.versions((*harness.DEFAULT_PACKAGES, "flash-attn")),
+        "versions": harness.versions((*harness.DEFAULT_PACKAGES, "flash-attn", "math-verify", "hypothesis")),
         "git": harness.git_state(),
         "smoke": args.smoke,
         "sizes": asdict(sizes),

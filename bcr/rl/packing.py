@@ -9,6 +9,14 @@ for shared text). The loss only needs those positions; ``completion_index`` list
 ``completion_*`` fields are the same data compacted to them, with ``completion_cu_seqlens`` delimiting
 each sequence's completion tokens.
 
+``pad_to`` (the trainer passes :data:`COMPLETION_MULTIPLE`) pads the ``completion_*`` fields to a
+multiple of that many entries, so the ``[C]``-sized kernels on them (the scatter of the advantages,
+the policy losses) see a length divisible by 16 and use vectorised 128-bit loads and stores instead of
+falling back to 32-bit ones (the LM head's per-token kernels are vectorised over V either way). A padding entry reads the hidden state of position 0, has the
+target ``-100`` (log-prob and entropy 0, no gradient), segment -1 and lies after
+``completion_cu_seqlens[-1]`` (outside every sequence: advantage 0, no sequence weight); the loss
+masks it out with ``completion_mask``. ``num_completion_tokens`` counts the real tokens only.
+
 Illustration, one sequence with prompt ``p0 p1`` and completion ``c0 c1 EOS``::
 
     input_ids    p0   p1   c0   c1   EOS
@@ -23,7 +31,11 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from bcr_kernels import packed_targets
+from bcr_kernels import IGNORE_INDEX, packed_targets
+
+#: The multiple the trainer pads the completion fields to: Triton specialises a length divisible by 16
+#: and vectorises the loads and stores of the ``[C]``-sized kernels on it.
+COMPLETION_MULTIPLE = 16
 
 
 @dataclass
@@ -53,6 +65,8 @@ class PackedBatch:
     completion_cu_seqlens: torch.Tensor  # [S + 1] int32
     sample_indices: list[int] = field(default_factory=list)  # which input samples this row holds
     shared_prompts: bool = False  # some completions continue a prompt packed once (see pack_row)
+    completion_mask: torch.Tensor | None = None  # [C] bool, False at padding entries (None: no padding)
+    completion_padding: int = 0  # padding entries at the end of the completion fields
 
     @property
     def num_tokens(self) -> int:
@@ -64,7 +78,14 @@ class PackedBatch:
 
     @property
     def num_completion_tokens(self) -> int:
-        return int(self.completion_index.numel())
+        """Real completion tokens (the padding entries not counted)."""
+        return int(self.completion_index.numel()) - self.completion_padding
+
+    def completion_weights(self, like: torch.Tensor) -> torch.Tensor:
+        """The loss mask of the completion fields in ``like``'s dtype and device: 1, and 0 at padding."""
+        if self.completion_mask is None:
+            return torch.ones_like(like)
+        return self.completion_mask.to(device=like.device, dtype=like.dtype)
 
     def to(self, device) -> PackedBatch:
         moved = {}
@@ -86,8 +107,8 @@ def _groups(samples: Sequence[Sample], share_prompts: bool) -> list[list[int]]:
 
 
 def pack_row(samples: Sequence[Sample], sample_indices: Sequence[int] | None = None, *,
-             share_prompts: bool = False) -> PackedBatch:
-    """Pack ``samples`` into one row (no padding).
+             share_prompts: bool = False, pad_to: int = 1) -> PackedBatch:
+    """Pack ``samples`` into one row (no padding between sequences).
 
     With ``share_prompts``, consecutive samples with the same prompt are packed as one sequence
     ``[prompt, completion 1, ..., completion G]`` whose completions all continue at position ``P``
@@ -96,7 +117,11 @@ def pack_row(samples: Sequence[Sample], sample_indices: Sequence[int] | None = N
     every completion token in sample order either way; the per-position fields (``targets``,
     ``loss_mask``, ``segment_ids``) follow each position's own branch, so at a shared prompt's last
     position they describe the first completion.
+
+    ``pad_to`` > 1 pads the ``completion_*`` fields to a multiple of it (see the module docstring).
     """
+    if pad_to < 1:
+        raise ValueError(f"pad_to must be >= 1, got {pad_to}")
     if not samples:
         raise ValueError("pack_row needs at least one sample")
     ids: list[int] = []
@@ -139,9 +164,12 @@ def pack_row(samples: Sequence[Sample], sample_indices: Sequence[int] | None = N
         lengths.append(len(ids) - (prompt_last + 1 - P))
     input_ids = torch.tensor(ids, dtype=torch.long)
     targets = packed_targets(input_ids, _cumsum(branches))  # the next token of each position's branch
-    completion_index = torch.tensor(predicted_at, dtype=torch.long)
     loss_mask = torch.zeros(len(ids), dtype=torch.bool)
-    loss_mask[completion_index] = True
+    loss_mask[torch.tensor(predicted_at, dtype=torch.long)] = True
+    real = len(predicted_at)
+    padding = -real % pad_to
+    completion_mask = torch.arange(real + padding) < real
+    completion_index = torch.tensor(predicted_at + [0] * padding, dtype=torch.long)
     segment_ids = torch.full((len(ids),), -1, dtype=torch.long)
     seen: set[int] = set()
     for at, seg in zip(predicted_at, completion_segments):
@@ -159,16 +187,18 @@ def pack_row(samples: Sequence[Sample], sample_indices: Sequence[int] | None = N
         instance_advantages=advantages,
         num_instances=num_instances,
         completion_index=completion_index,
-        completion_targets=torch.tensor(completion_targets, dtype=torch.long),
-        completion_segment_ids=torch.tensor(completion_segments, dtype=torch.long),
+        completion_targets=torch.tensor(completion_targets + [IGNORE_INDEX] * padding, dtype=torch.long),
+        completion_segment_ids=torch.tensor(completion_segments + [-1] * padding, dtype=torch.long),
         completion_cu_seqlens=_cumsum(completion_lengths),
         sample_indices=list(range(len(samples)) if sample_indices is None else sample_indices),
         shared_prompts=share_prompts and len(branches) > len(lengths),
+        completion_mask=completion_mask,
+        completion_padding=padding,
     )
 
 
 def pack_samples(samples: Sequence[Sample], max_tokens: int | None = None, *,
-                 share_prompts: bool = False) -> list[PackedBatch]:
+                 share_prompts: bool = False, pad_to: int = 1) -> list[PackedBatch]:
     """Pack ``samples`` in order into rows of at most ``max_tokens`` tokens (one row when None).
 
     A sample longer than ``max_tokens`` gets a row of its own; sequences are never split. With
@@ -188,7 +218,7 @@ def pack_samples(samples: Sequence[Sample], max_tokens: int | None = None, *,
         used += n
     if current:
         rows.append(current)
-    return [pack_row([samples[i] for i in row], row, share_prompts=share_prompts) for row in rows]
+    return [pack_row([samples[i] for i in row], row, share_prompts=share_prompts, pad_to=pad_to) for row in rows]
 
 
 def _cumsum(lengths: Sequence[int]) -> torch.Tensor:

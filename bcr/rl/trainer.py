@@ -56,7 +56,7 @@ from bcr.rl.checkpoint import (
     save_trainer_checkpoint,
 )
 from bcr.rl.config import BCRConfig
-from bcr.rl.packing import PackedBatch, Sample, pack_samples
+from bcr.rl.packing import COMPLETION_MULTIPLE, PackedBatch, Sample, pack_samples
 from bcr.rl.rewards import compute_advantages, instance_rewards
 from bcr.models.rollout import Generation, derive_seed, make_engine
 from bcr.rl.run_dir import open_run_dir, resume_settings
@@ -281,6 +281,10 @@ class BCRTrainer:
             TRL's name ``reward_funcs=`` works too.
     """
 
+    #: The packed rows' completion fields are padded to a multiple of this (vectorised kernel access;
+    #: see ``bcr.rl.packing``); 1 turns the padding off. It changes no loss, gradient or metric.
+    completion_multiple: int = COMPLETION_MULTIPLE
+
     def __init__(self, model, train_problems=None, config: BCRConfig | None = None, tokenizer=None,
                  eval_problems=None, reward_fn=None, template=None, *,
                  train_dataset=None, eval_dataset=None, reward_funcs=None, args=None, processing_class=None):
@@ -502,7 +506,7 @@ class BCRTrainer:
         rows = [row.to(self.device)
                 for i in range(0, len(samples), per)
                 for row in pack_samples(samples[i : i + per], cfg.max_tokens_per_microbatch,
-                                        share_prompts=self.share_prompts)]
+                                        share_prompts=self.share_prompts, pad_to=self.completion_multiple)]
         normalizer = self._normalizer(samples)
         shared = cfg.shared_advantage if cfg.advantage_mode == "instance" else "mean"
         advantages = [scatter_instance_advantages(r.instance_advantages, r.completion_segment_ids,
@@ -607,7 +611,7 @@ class BCRTrainer:
         """Clipped policy loss (+ KL) of one row -> (loss, metrics, entropy). Without old log-probs
         (ratio 1) the loss is fused into the LM head, whose gradients come with the forward."""
         cfg = self.config
-        mask = torch.ones_like(adv)
+        mask = row.completion_weights(adv)  # 0 at the padding entries of the completion fields
         loss_kwargs = {"ref_logp": ref_logp, "beta": cfg.beta, "epsilon": cfg.epsilon,
                        "epsilon_high": cfg.epsilon_high, "reduction": cfg.reduction,
                        "max_completion_length": cfg.max_completion_length, "normalizer": normalizer}

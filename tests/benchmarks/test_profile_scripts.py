@@ -252,6 +252,10 @@ def test_gpu_check_smoke(tmp_path, no_interpreter):
     assert data["head"]["fused"]["time_s"] > 0 and "fused_time_ratio" in data["head"]
     assert data["step"]["packed_vs_padded_tokens_per_s"] > 0
     assert data["attention"]["sdpa"]["forward_backward_s"] > 0
+    # which attention path ran is said for every row that ran (on the CPU: SDPA everywhere)
+    assert data["attention"]["sdpa"]["ran"] == "sdpa" and data["step"]["bcr_varlen_backend"] == "sdpa"
+    ran = [r for r in by_part["step"] if ": tokens/s" in r["measure"]]
+    assert ran and all("(attention " in r["measure"] for r in ran)
     assert "| part | measurement | value | target | met |" in (tmp_path / "gpu_check.md").read_text()
 
 

@@ -115,11 +115,11 @@ def test_import_registers_lazily_without_importing_transformers():
 
 
 def _causal_mask(config, embeds, attention_mask, position_ids):
-    """create_causal_mask under either signature (transformers >= 5, or 4.56/4.57 with cache_position)."""
+    """create_causal_mask under each signature (transformers >= 5, or 4.56/4.57 with cache_position)."""
     params = inspect.signature(masking_utils.create_causal_mask).parameters
     kw = {"config": config, "attention_mask": attention_mask, "position_ids": position_ids}
-    if "inputs_embeds" in params:
-        kw.update(inputs_embeds=embeds, cache=None)
+    if "inputs_embeds" in params:  # the cache argument is `cache` from 5.2x, `past_key_values` before (5.17)
+        kw.update({"inputs_embeds": embeds, "cache" if "cache" in params else "past_key_values": None})
     else:
         kw.update(input_embeds=embeds, cache_position=torch.arange(embeds.shape[1]), past_key_values=None)
     return masking_utils.create_causal_mask(**kw)

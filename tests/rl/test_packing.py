@@ -159,3 +159,69 @@ def test_packed_sequences_do_not_see_each_other(tiny_tokenizer, tiny_qwen2):
         alone = torch.cat([completion_logprobs(tiny_qwen2, pack_row([s]), attn_implementation=attn).logp
                            for s in samples])
     torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Completion fields padded to a multiple of 16 (vectorised kernel access) == unpadded
+# ------------------------------------------------------------------------------------------------
+def test_completion_padding_layout():
+    s = Sample(prompt_ids=[10, 11], completion_ids=[20, 21, 2], advantages=[0.5, -1.0], segment_ids=[0, 1, -1])
+    t = Sample(prompt_ids=[12], completion_ids=[22], advantages=[3.0], segment_ids=[0])
+    plain, padded = pack_row([s, t]), pack_row([s, t], pad_to=16)
+    assert plain.completion_padding == 0 and plain.completion_mask.all()
+    assert padded.completion_padding == 12 and padded.num_completion_tokens == plain.num_completion_tokens == 4
+    assert padded.completion_index.tolist() == [1, 2, 3, 5] + [0] * 12
+    assert padded.completion_targets.tolist() == [20, 21, 2, 22] + [-100] * 12
+    assert padded.completion_segment_ids.tolist() == [0, 1, -1, 0] + [-1] * 12
+    assert padded.completion_mask.tolist() == [True] * 4 + [False] * 12
+    assert padded.completion_weights(torch.zeros(16)).tolist() == [1.0] * 4 + [0.0] * 12
+    # the row itself and the sequence boundaries are untouched: the padding lies after every sequence
+    for name in ("input_ids", "position_ids", "cu_seqlens", "targets", "loss_mask", "segment_ids",
+                 "completion_cu_seqlens", "instance_advantages", "num_instances"):
+        assert torch.equal(getattr(padded, name), getattr(plain, name)), name
+    exact = pack_row([Sample([1], list(range(5, 21)), [0.0])], pad_to=16)  # 16 completion tokens already
+    assert exact.completion_padding == 0 and exact.completion_index.numel() == 16
+    rows = pack_samples([s, t, s], max_tokens=8, pad_to=16)
+    assert all(r.completion_index.numel() % 16 == 0 for r in rows)
+    assert [r.sample_indices for r in rows] == [[0, 1], [2]] and [r.num_completion_tokens for r in rows] == [4, 3]
+    with pytest.raises(ValueError, match="pad_to"):
+        pack_row([s], pad_to=0)
+
+
+def _update_with(tiny_tokenizer, tmp_path, multiple: int, samples, **cfg_kw):
+    """One BCRTrainer update on ``samples`` with the completion fields padded to ``multiple``:
+    (metrics, parameter change)."""
+    from bcr.models.tiny import tiny_model
+    from bcr.rl.config import BCRConfig
+    from bcr.rl.trainer import BCRTrainer
+    from bcr.task.synthetic import make_arithmetic_problems
+
+    model = tiny_model(tiny_tokenizer, seed=0)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    cfg = BCRConfig(output_dir=str(tmp_path / f"pad{multiple}"), n_problems=3, num_generations=2,
+                    max_completion_length=16, bundles_per_step=2, max_steps=1, disable_progress_bar=True,
+                    learning_rate=1.0, adam_epsilon=1.0, max_grad_norm=0.0, **cfg_kw)
+    trainer = BCRTrainer(model, make_arithmetic_problems(4, seed=0), cfg, tokenizer=tiny_tokenizer)
+    trainer.completion_multiple = multiple
+    rows = trainer.microbatches(samples).rows
+    assert all(r.completion_index.numel() % multiple == 0 for r in rows)
+    metrics = trainer.update(samples).reduce()
+    return metrics, {k: v.detach() - before[k] for k, v in model.named_parameters()}
+
+
+@pytest.mark.parametrize("cfg_kw", [
+    {"loss_type": "dapo"},  # the fused head + loss (num_iterations 1), token mean
+    {"loss_type": "grpo", "beta": 0.1, "num_iterations": 2},  # old/ref log-probs, policy_loss, per-sequence weights
+    {"loss_type": "dr_grpo", "max_tokens_per_microbatch": 30, "gradient_accumulation_steps": 2},
+])
+def test_padding_the_completions_changes_no_loss_gradient_or_metric(tiny_tokenizer, tmp_path, cfg_kw):
+    gen = torch.Generator().manual_seed(3)
+    samples = _random_samples(len(tiny_tokenizer), gen, count=6)
+    plain, d_plain = _update_with(tiny_tokenizer, tmp_path, 1, samples, **cfg_kw)
+    padded, d_padded = _update_with(tiny_tokenizer, tmp_path, 16, samples, **cfg_kw)
+    assert max(float(d.abs().max()) for d in d_plain.values()) > 1e-4  # the update is not trivially zero
+    assert set(plain) == set(padded) and {"loss", "entropy", "ratio_mean", "kl"} <= set(plain)
+    for name in plain:
+        assert padded[name] == pytest.approx(plain[name], rel=1e-5, abs=1e-7), name
+    for k in d_plain:
+        torch.testing.assert_close(d_padded[k], d_plain[k], rtol=1e-4, atol=1e-7, msg=k)
