@@ -280,8 +280,8 @@ print(json.dumps(sorted(seconds)))
 def test_warm_up_gives_the_first_burst_its_time_bound():
     """Issue 30 item 6: the first concurrent checks of a fresh process (the helpers not started, math-verify
     not imported) waited for the helpers' start-up and overran their bound; after ``warm_up`` they keep it.
-    Both runs are fresh processes; the cold one shows that the bound asserted for the warm one is not
-    met without the warm-up."""
+    Both runs are fresh processes; the warm one must keep the bound (its helpers are alive and math-verify
+    imported before the first call, checked inside it); the cold one's time is reported beside it."""
     import subprocess
     import sys
 
@@ -296,7 +296,8 @@ def test_warm_up_gives_the_first_burst_its_time_bound():
         return json.loads(out.stdout.strip().splitlines()[-1])
 
     warm, cold = first_burst("warm"), first_burst("cold")
+    # The cold time is reported, not asserted: how long the helpers take to start depends on the machine
+    # and its load (5.9 s cold against 1.0 s warm on the shared 2-core machine), and a timing is no unit test.
     warnings.warn(VerifyRates(f"first burst of {threads} pathological checks: slowest {cold[-1]:.2f} s cold, "
                               f"{warm[-1]:.2f} s after warm_up (timeout {timeout} s)"), stacklevel=1)
     assert warm[-1] < bound, warm
-    assert cold[-1] > bound, cold  # the helpers' start-up is what warm_up takes off the first calls
