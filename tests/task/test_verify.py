@@ -44,8 +44,10 @@ PERTURB_TIMEOUT = 1.0
 MAX_PERTURB_FALSE_MATCHES = {"olympiadbench/test.jsonl": 1, "math_train/train.jsonl": 1}
 
 
-class VerifyRates(UserWarning):
-    pass
+def report_rates(message: str) -> None:
+    """Measured rates shown in pytest's warnings summary (a plain UserWarning: pytest-xdist workers send
+    warnings to the controller by pickling, and a class defined in a test module does not unpickle there)."""
+    warnings.warn(f"[verify rates] {message}", UserWarning, stacklevel=2)
 
 
 def perturb(ans: str) -> str:
@@ -88,7 +90,7 @@ def test_reference_answers(name, record_property):
         f"(false matches {len(false_match)}: {false_match[:3]}; timeouts {len(inconclusive)})"
     )
     record_property("verify_rates", summary)
-    warnings.warn(summary, VerifyRates, stacklevel=1)
+    report_rates(summary)
     assert not e2e_fail, e2e_fail[:10]
     assert len(mv_fail) <= 0.01 * n, mv_fail[:10]
     assert len(false_match) <= MAX_PERTURB_FALSE_MATCHES.get(name, 0), false_match
@@ -226,8 +228,8 @@ def test_time_bound_holds_per_caller_with_16_threads():
              for i in range(threads)]
     got = _in_threads(calls)
     seconds = sorted(dt for _, dt in got)
-    warnings.warn(VerifyRates(f"16 concurrent pathological checks: slowest {seconds[-1]:.2f} s, median "
-                              f"{seconds[len(seconds) // 2]:.2f} s (timeout {timeout} s)"), stacklevel=1)
+    report_rates(f"16 concurrent pathological checks: slowest {seconds[-1]:.2f} s, median "
+                 f"{seconds[len(seconds) // 2]:.2f} s (timeout {timeout} s)")
     assert all(ok is False for ok, _ in got)
     assert seconds[-1] < timeout + 1.0 + 1.5, seconds
     # and the helpers still answer correctly afterwards
@@ -298,6 +300,6 @@ def test_warm_up_gives_the_first_burst_its_time_bound():
     warm, cold = first_burst("warm"), first_burst("cold")
     # The cold time is reported, not asserted: how long the helpers take to start depends on the machine
     # and its load (5.9 s cold against 1.0 s warm on the shared 2-core machine), and a timing is no unit test.
-    warnings.warn(VerifyRates(f"first burst of {threads} pathological checks: slowest {cold[-1]:.2f} s cold, "
-                              f"{warm[-1]:.2f} s after warm_up (timeout {timeout} s)"), stacklevel=1)
+    report_rates(f"first burst of {threads} pathological checks: slowest {cold[-1]:.2f} s cold, "
+                 f"{warm[-1]:.2f} s after warm_up (timeout {timeout} s)")
     assert warm[-1] < bound, warm
