@@ -90,6 +90,8 @@ class Objective:
         if self.kind == "vespo" and self.is_mode is not None and not self.is_mode.startswith("token"):
             raise ValueError("objective 'vespo' takes token-level rollout weights only (importance_sampling_mode "
                              f"'token_truncate' or 'token_mask'), got {self.is_mode!r}")
+        if not (self.epsilon >= 0 and self.eps_high >= 0):
+            raise ValueError(f"epsilon and epsilon_high must be >= 0, got {self.epsilon}, {self.epsilon_high}")
         for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
