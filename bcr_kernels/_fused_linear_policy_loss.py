@@ -22,13 +22,16 @@ how much of ``logp`` it needs decides how ``g`` is got (``_plan``):
   ``logp`` at all (the objectives see ``logp`` only through ``logp - sg(logp)``, or linearly), so it is
   computed once before the chunk loop, at ``logp = 0``. This covers the ``sequence`` and ``instance``
   levels too: their per-segment reduction of the log-ratio is known (0) before any log-prob is;
-- ``chunk`` (``token`` level with the KL term): each token's ``g`` depends on its own log-prob only,
-  so it is computed per chunk, as soon as the chunk's log-probs are;
-- ``two_pass`` (the KL term at the ``sequence``/``instance`` level, rollout weights, the off-policy
-  mask, ``vespo`` with KL): ``g`` needs per-segment sums of functions of ``logp``, so a first pass over
+- ``chunk`` (``token`` level with the KL term or ``token_*`` rollout weights): each token's ``g``
+  depends on its own log-prob only, so it is computed per chunk, as soon as the chunk's log-probs are;
+- ``two_pass`` (the KL term at the ``sequence``/``instance`` level, ``sequence_*``/``instance_*``
+  rollout weights, the off-policy mask, ``vespo`` with KL or rollout weights): ``g`` needs per-segment
+  sums of functions of ``logp`` (the weights are constants, but a head gradient summed over tokens
+  cannot be rescaled per segment afterwards), so a first pass over
   the chunks computes ``logp`` only (one matmul per chunk, no gradient), the segment reductions and
   ``g`` follow on ``[T]`` vectors, and the second pass is the loop above. Cost: one extra head matmul
-  per chunk.
+  per chunk (TRL instead runs a whole extra no-grad model forward for the old log-probs of its vLLM
+  correction).
 
 The loss value and the metrics are then computed from the ``[T]`` log-probs (cheap vector ops).
 Backward only scales the stored gradients by the scalar upstream gradient (in place; the graph can be
@@ -99,18 +102,19 @@ class _Options:
 
 def _plan(o: _obj.Objective, has_ref: bool) -> str:
     """How ``g`` is got (module docstring): ``upfront`` | ``chunk`` | ``two_pass``."""
-    if o.is_mode is not None or o.off_policy_mask_threshold is not None:
-        return "two_pass"
-    if not has_ref:
+    if not has_ref and o.is_mode is None and o.off_policy_mask_threshold is None:
         return "upfront"
-    return "chunk" if (o.level == "token" and o.kind != "vespo") else "two_pass"
+    token_local = (o.level == "token" and o.kind != "vespo" and o.off_policy_mask_threshold is None
+                   and (o.is_mode is None or o.is_mode.startswith("token")))
+    return "chunk" if token_local else "two_pass"
 
 
 def _loss_terms(lp, tok: _Tokens, o: _obj.Objective, sl=slice(None)):
     """``per_token_loss`` at ``old = sg(lp)`` on tokens ``sl`` (the whole ``[T]`` when groups are used)."""
     ref = None if tok.ref is None else tok.ref[sl]
+    sampling = None if tok.sampling is None else tok.sampling[sl]
     return _obj.per_token_loss(lp, lp.detach(), tok.adv[sl], tok.mask[sl], o, tok.groups, ref=ref,
-                               sampling=tok.sampling)
+                               sampling=sampling)
 
 
 def _grad(lp, tok: _Tokens, o: _obj.Objective, sl=slice(None)):

@@ -153,11 +153,16 @@ def test_fused_objectives(backend, case, level):
     _check_fused(_kw(case, level, beta=0.0), seed=1, chunk=3)  # upfront plan
 
 
-@pytest.mark.parametrize("mode", ["token_mask", "sequence_truncate", "instance_mask"])
+@pytest.mark.parametrize("mode", ["token_mask", "token_truncate", "sequence_truncate", "instance_mask"])
 def test_fused_rollout_correction_and_off_policy_mask(backend, mode):
     for case in ("clip", "cispo"):
         _check_fused(_kw(case, "instance", importance_sampling_mode=mode, importance_sampling_clip_min=0.8,
                          importance_sampling_clip_max=1.3, off_policy_mask_threshold=0.05))
+        # token weights alone (and the KL) at the token level: the one-pass chunk plan, chunk 4 of 19 tokens
+        _check_fused(_kw(case, "token", importance_sampling_mode=mode, importance_sampling_clip_min=0.8,
+                         importance_sampling_clip_max=1.3), seed=2)
+    if mode.startswith("token"):
+        _check_fused(_kw("vespo", "token", beta=0.0, importance_sampling_mode=mode, importance_sampling_clip_max=1.3))
 
 
 def test_fused_plans():
@@ -165,7 +170,9 @@ def test_fused_plans():
     assert bcr_kernels._fused_linear_policy_loss._plan(o(level="instance"), has_ref=False) == "upfront"
     assert bcr_kernels._fused_linear_policy_loss._plan(o(), has_ref=True) == "chunk"
     assert bcr_kernels._fused_linear_policy_loss._plan(o(level="sequence"), has_ref=True) == "two_pass"
-    assert bcr_kernels._fused_linear_policy_loss._plan(o(is_mode="token_mask"), has_ref=False) == "two_pass"
+    assert bcr_kernels._fused_linear_policy_loss._plan(o(is_mode="token_mask"), has_ref=False) == "chunk"
+    assert bcr_kernels._fused_linear_policy_loss._plan(o(is_mode="sequence_mask"), has_ref=False) == "two_pass"
+    assert bcr_kernels._fused_linear_policy_loss._plan(o(off_policy_mask_threshold=0.1), has_ref=False) == "two_pass"
 
 
 def test_fused_two_pass_runs_the_head_twice(monkeypatch):
