@@ -487,8 +487,8 @@ class BCRTrainer:
                 advantages: list[torch.Tensor]) -> list[Sample]:
         """One training sample per completion: its tokens, its N advantages, (instance mode) the
         instance each completion token belongs to (sequence mode: every token gets the same one), the
-        engine's log-probs (when the rollout correction is on) and the truncation mask (when
-        ``mask_truncated_completions``)."""
+        engine's log-probs (when it reports them: the rollout correction and the off-policy mask use
+        them) and the truncation mask (when ``mask_truncated_completions``)."""
         cfg = self.config
         instance = cfg.advantage_mode == "instance"
         out = []
@@ -497,7 +497,7 @@ class BCRTrainer:
                 need = instance or (cfg.mask_truncated_completions and g.truncated)
                 seg = completion_segment_ids(self.tokenizer, g.completion_ids, p) if need else None
                 mask = truncation_mask(g, p, seg, cfg.mask_truncated_scope) if cfg.mask_truncated_completions else None
-                sampling = g.sampling_logprobs if cfg.rollout_correction else None
+                sampling = g.sampling_logprobs  # the correction (if on) and the off-policy mask read them
                 if sampling is not None and len(sampling) != len(g.completion_ids):
                     raise ValueError(f"the rollout engine gave {len(sampling)} log-probs for {len(g.completion_ids)} "
                                      "completion tokens")
