@@ -24,7 +24,7 @@ from __future__ import annotations
 import warnings
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -39,7 +39,9 @@ class Generation:
     truncated: bool  # True when no EOS came within max_new_tokens
     #: the engine's log-prob of each completion token, log softmax(logits / temperature) before top-p
     #: (the quantity the trainer recomputes): the rollout correction's denominator. None: not reported.
-    sampling_logprobs: list[float] | None = None
+    #: Not part of equality: the same tokens drawn in another batch (padding, prefill sharing) carry
+    #: log-probs equal only up to float noise.
+    sampling_logprobs: list[float] | None = field(default=None, compare=False)
 
 
 class RolloutEngine(Protocol):
