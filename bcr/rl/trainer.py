@@ -12,7 +12,8 @@ Each training step (:meth:`BCRTrainer.training_step`):
    accuracy, or a TRL-style ``reward_fn``), and turn the rewards [G, N] into advantages;
 4. pack prompt + completion tokens of all samples into padding-free rows, run the model backbone with
    varlen attention, and compute log-probs of the completion tokens only with the fused LM-head
-   kernel; scatter each instance's advantage onto its tokens; clipped policy loss (+ KL);
+   kernel; scatter each instance's advantage onto its tokens; the policy loss of ``loss_type`` at
+   ``importance_sampling_level`` (+ KL, rollout correction, masks; see ``BCRConfig.policy_loss_kwargs``);
 5. backward (micro-batches share one global normaliser), clip the gradient norm, AdamW, LR schedule;
 6. metrics, computed from what was scored and from the update.
 
