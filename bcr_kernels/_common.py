@@ -17,7 +17,7 @@ import torch
 
 IGNORE_INDEX = -100
 #: How the policy loss aggregates token losses (``bcr_kernels.reference.policy_loss`` defines them).
-REDUCTIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+REDUCTIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm", "seq_mean_token_sum")
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
@@ -68,6 +68,8 @@ def reduction_weights(m, cu, reduction, max_completion_length, normalizer):
     elif reduction == "seq_mean_token_mean":
         seq_w = 1.0 / seq_mask_counts(m, cu).clamp(min=1.0)
         sid = token_sequence_index(cu, m.numel())
+        denom = max(S, 1) if normalizer is None else normalizer
+    elif reduction == "seq_mean_token_sum":  # LUSPO: each sequence's token sum, averaged over sequences
         denom = max(S, 1) if normalizer is None else normalizer
     else:
         if normalizer is None:

@@ -1,17 +1,10 @@
-"""LM head + token log-probs + GRPO policy loss in one pass, for ``num_iterations == 1``.
+"""LM head + token log-probs + policy loss, for ``num_iterations == 1``: no ``[T, V]`` tensor.
 
 Semantics: ``reference.policy_loss(logp, logp.detach(), ...)`` with
 ``logp = reference.fused_linear_logprobs(hidden, weight, targets, ...)``, values and gradients
-(``hidden``, ``weight``, ``bias``). With ``old_logp = logp.detach()`` the ratio is exactly 1, so the
-upstream gradient of each token's log-prob is known as soon as that log-prob is:
-
-    d loss / d logp_t = w_t / D * ( -A_t * c_min  +  beta * (1 - exp(ref_t - logp_t)) )
-
-where ``w_t / D`` is the token weight of the ``reduction`` (``bcr_kernels._common.reduction_weights``:
-mask-only, computed before the chunk loop) and ``c_min`` is ``d(-min(r * A, clamp(r) * A)) / d r`` at
-``r = 1`` with ``torch.minimum`` / ``torch.clamp`` tie semantics (1 for any ``epsilon >= 0``: a tie
-splits the gradient in halves, both pass). So the LM-head gradients are produced in the forward,
-chunk by chunk (three big matmuls per chunk instead of four: no recomputation in backward)::
+(``hidden``, ``weight``, ``bias``), for every objective, importance-sampling level, rollout correction
+and off-policy mask of ``policy_loss`` (``bcr_kernels._objectives``). The head's gradients are produced
+in the forward, chunk by chunk, from ``g = d loss / d logp`` (three big matmuls per chunk)::
 
     logits_c = hidden_c @ weight.T (+ bias)          # 1
     logp_c, lse_c (, entropy_c)
@@ -21,6 +14,26 @@ chunk by chunk (three big matmuls per chunk instead of four: no recomputation in
     grad_weight   += dlogits_c.T @ hidden_c          # 3
     grad_bias     += dlogits_c.sum(0)
 
+``g`` is ``_objectives.per_token_loss`` differentiated by autograd on ``[T]`` vectors (the weights of
+the ``reduction`` folded in); with ``old_logp = logp.detach()`` every ratio is exactly 1 in value, so
+how much of ``logp`` it needs decides how ``g`` is got (``_plan``):
+
+- ``upfront`` (no KL, no rollout weights, no off-policy mask): ``g`` does not depend on the values of
+  ``logp`` at all (the objectives see ``logp`` only through ``logp - sg(logp)``, or linearly), so it is
+  computed once before the chunk loop, at ``logp = 0``. This covers the ``sequence`` and ``instance``
+  levels too: their per-segment reduction of the log-ratio is known (0) before any log-prob is;
+- ``chunk`` (``token`` level with the KL term or ``token_*`` rollout weights): each token's ``g``
+  depends on its own log-prob only, so it is computed per chunk, as soon as the chunk's log-probs are;
+- ``two_pass`` (the KL term at the ``sequence``/``instance`` level, ``sequence_*``/``instance_*``
+  rollout weights, the off-policy mask, ``vespo`` with KL or rollout weights): ``g`` needs per-segment
+  sums of functions of ``logp`` (the weights are constants, but a head gradient summed over tokens
+  cannot be rescaled per segment afterwards), so a first pass over
+  the chunks computes ``logp`` only (one matmul per chunk, no gradient), the segment reductions and
+  ``g`` follow on ``[T]`` vectors, and the second pass is the loop above. Cost: one extra head matmul
+  per chunk (TRL instead runs a whole extra no-grad model forward for the old log-probs of its vLLM
+  correction).
+
+The loss value and the metrics are then computed from the ``[T]`` log-probs (cheap vector ops).
 Backward only scales the stored gradients by the scalar upstream gradient (in place; the graph can be
 back-propagated once). Memory: the gradients of ``hidden``/``weight``/``bias`` are held from the forward
 to the backward (fp32 ``grad_weight`` for bf16/fp16 weights, as in ``fused_linear_logprobs``), plus
@@ -34,11 +47,13 @@ Backends and mixed precision: as ``fused_linear_logprobs`` — Triton log-softma
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from . import _common
+from . import _objectives as _obj
 from ._common import (
     IGNORE_INDEX,
     LOW_PRECISION,
@@ -70,50 +85,64 @@ class _Tokens:
     mask: torch.Tensor  # fp32
     wd: torch.Tensor  # fp32 token weight / D
     ref: torch.Tensor | None  # fp32 reference log-probs, None without the KL term
+    sampling: torch.Tensor | None  # fp32 rollout-engine log-probs
+    groups: _obj.Groups | None  # per-sequence / per-segment reductions
 
 
 @dataclass(frozen=True)
 class _Options:
     head: HeadOptions
-    beta: float
-    lo: float  # clip range of the ratio (metrics only: the ratio is 1)
-    hi: float
+    objective: _obj.Objective
     needs: tuple[bool, bool, bool]  # gradients of hidden, weight, bias
 
 
 # --------------------------------------------------------------------------------------------------
-# per-token pieces (fp32 [n] vectors)
+# d loss / d logp
 
 
-def _dloss_dlogp(logp_c, adv_c, wd_c, ref_c, beta, c_min):
-    """``d loss / d logp`` for a chunk at ratio 1; ``wd_c`` = token weight / D."""
-    g = -adv_c * c_min * wd_c
-    if ref_c is not None:
-        g_kl = wd_c * beta
-        g = g - (g_kl * torch.exp(ref_c - logp_c) - g_kl)
+def _plan(o: _obj.Objective, has_ref: bool) -> str:
+    """How ``g`` is got (module docstring): ``upfront`` | ``chunk`` | ``two_pass``."""
+    if not has_ref and o.is_mode is None and o.off_policy_mask_threshold is None:
+        return "upfront"
+    token_local = (o.level == "token" and o.kind != "vespo" and o.off_policy_mask_threshold is None
+                   and (o.is_mode is None or o.is_mode.startswith("token")))
+    return "chunk" if token_local else "two_pass"
+
+
+def _loss_terms(lp, tok: _Tokens, o: _obj.Objective, sl=slice(None)):
+    """``per_token_loss`` at ``old = sg(lp)`` on tokens ``sl`` (the whole ``[T]`` when groups are used)."""
+    ref = None if tok.ref is None else tok.ref[sl]
+    sampling = None if tok.sampling is None else tok.sampling[sl]
+    return _obj.per_token_loss(lp, lp.detach(), tok.adv[sl], tok.mask[sl], o, tok.groups, ref=ref,
+                               sampling=sampling)
+
+
+def _grad(lp, tok: _Tokens, o: _obj.Objective, sl=slice(None)):
+    """``d sum_t(l_t * wd_t) / d lp`` on tokens ``sl`` (fp32, no graph kept)."""
+    with torch.enable_grad():
+        z = lp.detach().float().requires_grad_(True)
+        loss = (_loss_terms(z, tok, o, sl)[0] * tok.wd[sl]).sum()
+        (g,) = torch.autograd.grad(loss, z)
     return g
 
 
-def _ratio_one_grad_coef(lo: float, hi: float) -> float:
-    """``d(min(r * A, clamp(r, lo, hi) * A)) / d(r * A)`` at ``r = 1``, torch.minimum/clamp semantics."""
-    c = min(max(1.0, lo), hi)
-    if c == 1.0:  # tie: half to each branch; clamp passes on the closed interval
-        return 1.0
-    # ratio is clipped: clamp blocks its gradient; the unclipped branch wins where it is smaller, which
-    # depends on sign(A) -- not reachable with epsilon >= 0, rejected by the caller.
-    raise ValueError("fused_linear_policy_loss needs 1 - epsilon <= 1 <= 1 + epsilon_high")
+class _GradSource:
+    """``g`` of a chunk: sliced from a precomputed ``[T]`` vector, or computed from the chunk's log-probs."""
+
+    def __init__(self, tok: _Tokens, o: _obj.Objective, g: torch.Tensor | None):
+        self.tok, self.o, self.g = tok, o, g
+
+    def __call__(self, c0: int, n: int, lp_c: torch.Tensor) -> torch.Tensor:
+        if self.g is not None:
+            return self.g[c0 : c0 + n]
+        return _grad(lp_c, self.tok, self.o, slice(c0, c0 + n))
 
 
 # --------------------------------------------------------------------------------------------------
 # chunk loops: fill logp (and entropy) and the three gradients
 
 
-def _chunk_grad(lp, tok: _Tokens, c0, n, o: _Options, c_min):
-    return _dloss_dlogp(lp, tok.adv[c0 : c0 + n], tok.wd[c0 : c0 + n],
-                        None if tok.ref is None else tok.ref[c0 : c0 + n], o.beta, c_min)
-
-
-def _torch_pass(hidden, weight, bias, tok: _Tokens, o: _Options, c_min):
+def _torch_pass(hidden, weight, bias, targets, o: _Options, grad_of):
     h_o = o.head
     need_h, need_w, need_b = o.needs
     T = hidden.shape[0]
@@ -135,14 +164,14 @@ def _torch_pass(hidden, weight, bias, tok: _Tokens, o: _Options, c_min):
         n = min(rows, T - c0)
         h_c = hidden[c0 : c0 + n]
         x = chunk_logits_fp32(buf32[:n], buf_low[:n] if lowp else None, h_c, weight, bias, inv_t)
-        t = tok.targets[c0 : c0 + n]
+        t = targets[c0 : c0 + n]
         lp, _, ent, d, s = chunk_log_softmax_(x, t, h_o.ignore_index, ebuf[:n] if h_o.return_entropy else None)
         if h_o.return_entropy:
             entropy[c0 : c0 + n] = ent
         logp[c0 : c0 + n] = lp
         if not any(o.needs):
             continue
-        g = _chunk_grad(lp, tok, c0, n, o, c_min)
+        g = grad_of(c0, n, lp)
         valid = t != h_o.ignore_index
         g = torch.where(valid, g * inv_t, torch.zeros_like(g)).unsqueeze(1)
         d.mul_((-g) / s.unsqueeze(1))  # d = exp(x - max): -g * softmax
@@ -153,7 +182,7 @@ def _torch_pass(hidden, weight, bias, tok: _Tokens, o: _Options, c_min):
     return logp, entropy, grad_h, grad_w, grad_b
 
 
-def _triton_pass(hidden, weight, bias, tok: _Tokens, o: _Options, c_min):
+def _triton_pass(hidden, weight, bias, targets, o: _Options, grad_of):
     h_o = o.head
     need_h, need_w, need_b = o.needs
     T = hidden.shape[0]
@@ -169,7 +198,7 @@ def _triton_pass(hidden, weight, bias, tok: _Tokens, o: _Options, c_min):
     for c0 in range(0, T, rows):
         n = min(rows, T - c0)
         h_c = hidden[c0 : c0 + n]
-        t = tok.targets[c0 : c0 + n]
+        t = targets[c0 : c0 + n]
         x = chunk_logits(buf[:n], h_c, weight, bias, 1.0)
         lp, lse_c, ent = logprobs_fwd(x, t, h_o.temperature, h_o.ignore_index, h_o.return_entropy)
         logp[c0 : c0 + n] = lp
@@ -177,7 +206,7 @@ def _triton_pass(hidden, weight, bias, tok: _Tokens, o: _Options, c_min):
             entropy[c0 : c0 + n] = ent
         if not any(o.needs):
             continue
-        g = _chunk_grad(lp, tok, c0, n, o, c_min)
+        g = grad_of(c0, n, lp)
         g = torch.where(t != h_o.ignore_index, g, torch.zeros_like(g)).contiguous()
         logprobs_bwd_inplace(x, t, lse_c, g, h_o.temperature, h_o.ignore_index)  # x <- d loss / d logits
         add_head_grads_(x, h_c, weight, grad_h[c0 : c0 + n] if need_h else None, grad_w, grad_b)
@@ -196,7 +225,7 @@ class _FusedLinearPolicyLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, tok: _Tokens, o: _Options):
-        c_min = _ratio_one_grad_coef(o.lo, o.hi)
+        obj = o.objective
         T = hidden.shape[0]
         if T == 0:
             logp = hidden.new_zeros(0, dtype=torch.float32)
@@ -205,23 +234,23 @@ class _FusedLinearPolicyLoss(torch.autograd.Function):
                      for t, nd in zip((hidden, weight, bias), o.needs)]
         else:
             run = _triton_pass if o.head.triton else _torch_pass
-            logp, entropy, grad_h, grad_w, grad_b = run(hidden, weight, bias, tok, o, c_min)
+            plan = _plan(obj, tok.ref is not None)
+            g = None
+            if plan == "upfront":
+                g = _grad(torch.zeros(T, device=hidden.device), tok, obj)
+            elif plan == "two_pass" and any(o.needs):
+                first = _Options(dataclasses.replace(o.head, return_entropy=False), obj, (False, False, False))
+                lp0 = run(hidden, weight, bias, tok.targets, first, None)[0]
+                g = _grad(lp0, tok, obj)
+            logp, entropy, grad_h, grad_w, grad_b = run(hidden, weight, bias, tok.targets, o,
+                                                       _GradSource(tok, obj, g))
             grads = [grad_h, None if grad_w is None else grad_w.result(weight.dtype),
                      grad_b if grad_b is None or grad_b.dtype == bias.dtype else grad_b.to(bias.dtype)]
-        # loss and metrics at ratio 1, from the [T] log-probs (cheap vector ops)
-        adv, m = tok.adv, tok.mask
-        ratio = torch.ones_like(logp)
-        per_tok = -torch.minimum(adv, min(max(1.0, o.lo), o.hi) * adv)
-        if tok.ref is not None:
-            dk = tok.ref - logp
-            kl = torch.exp(dk) - dk - 1
-            per_tok = per_tok + o.beta * kl
-        else:
-            kl = torch.zeros_like(logp)
-        loss = (per_tok * tok.wd).sum()  # wd already holds 1 / D
-        low = ((ratio < o.lo) & (adv < 0)).float()
-        high = ((ratio > o.hi) & (adv > 0)).float()
-        stats = torch.stack([m.sum(), (low * m).sum(), (high * m).sum(), (ratio * m).sum(), (kl * m).sum()])
+        # loss and metrics at old = logp, from the [T] log-probs (cheap vector ops)
+        with torch.no_grad():
+            per_tok, ratio, kl, low, high = _loss_terms(logp, tok, obj)
+            loss = (per_tok * tok.wd).sum()  # wd already holds 1 / D
+            stats = _obj.stats(tok.mask, ratio, kl, low, high)
         ctx.grads = grads
         if entropy is None:
             entropy = logp.new_empty(0)
@@ -260,26 +289,49 @@ def fused_linear_policy_loss(
     ignore_index: int = IGNORE_INDEX,
     chunk_tokens: int | None = None,
     return_entropy: bool = False,
+    objective: str = "clip",
+    importance_sampling_level: str = "token",
+    segment_ids: torch.Tensor | None = None,
+    delta: float | None = None,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
+    vespo_k_pos: float = 2.0,
+    vespo_lambda_pos: float = 3.0,
+    vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0,
+    use_bias_correction_kl: bool = False,
+    sampling_logp: torch.Tensor | None = None,
+    importance_sampling_mode: str | None = None,
+    importance_sampling_clip_min: float | None = None,
+    importance_sampling_clip_max: float | None = 3.0,
+    off_policy_mask_threshold: float | None = None,
 ) -> FusedPolicyLossOutput:
-    """GRPO loss of the LM head's token log-probs with ``old_logp = logp.detach()`` (``num_iterations == 1``).
+    """Policy loss of the LM head's token log-probs with ``old_logp = logp.detach()`` (``num_iterations == 1``).
 
     Equals ``policy_loss(logp, logp.detach(), advantages, mask, cu_seqlens, ...)`` with
     ``logp = fused_linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature).logp``
     in value and in the gradients of ``hidden`` ``[T, H]``, ``weight`` ``[V, H]`` and ``bias`` ``[V]``,
     which are computed during this call (see the module docstring). ``advantages``, ``mask``,
-    ``ref_logp`` are constants. Returns ``FusedPolicyLossOutput(loss, metrics, logp, entropy)``
-    (``logp``: detached fp32 ``[T]``; ``entropy``: detached fp32 ``[T]`` with ``return_entropy``, else
-    None). ``epsilon``/``epsilon_high`` only matter for the metrics' definitions (the ratio is 1:
-    nothing is clipped). Under ``torch.autocast`` the operands are cast as for ``F.linear``.
+    ``ref_logp``, ``segment_ids``, ``sampling_logp`` are constants; every keyword after
+    ``return_entropy`` is ``policy_loss``'s. Returns ``FusedPolicyLossOutput(loss, metrics, logp,
+    entropy)`` (``logp``: detached fp32 ``[T]``; ``entropy``: detached fp32 ``[T]`` with
+    ``return_entropy``, else None). Under ``torch.autocast`` the operands are cast as for ``F.linear``.
     """
     check_reduction(reduction)
+    o = _obj.Objective(
+        objective, importance_sampling_level, float(epsilon), epsilon_high, delta, sapo_temperature_pos,
+        sapo_temperature_neg, vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg, float(beta),
+        bool(use_bias_correction_kl), importance_sampling_mode, importance_sampling_clip_min,
+        importance_sampling_clip_max, off_policy_mask_threshold)
+    o.check()
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden [T, H] and weight [V, H] must share H; got {tuple(hidden.shape)}, "
                          f"{tuple(weight.shape)}")
     T = hidden.shape[0]
     named = {"targets": targets, "advantages": advantages, "mask": mask}
-    if ref_logp is not None:
-        named["ref_logp"] = ref_logp
+    for name, t in (("ref_logp", ref_logp), ("segment_ids", segment_ids), ("sampling_logp", sampling_logp)):
+        if t is not None:
+            named[name] = t
     for name, t in named.items():
         if t.dim() != 1 or t.numel() != T:
             raise ValueError(f"{name} must be [T] = [{T}], got shape {tuple(t.shape)}")
@@ -293,9 +345,6 @@ def fused_linear_policy_loss(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if chunk_tokens is not None and chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    eps_high = epsilon if epsilon_high is None else epsilon_high
-    lo, hi = 1.0 - float(epsilon), 1.0 + float(eps_high)
-    _ratio_one_grad_coef(lo, hi)  # validate early
 
     dev = hidden.device
     h = hidden.contiguous()
@@ -306,9 +355,12 @@ def fused_linear_policy_loss(
     adv = advantages.detach().to(device=dev, dtype=torch.float32).contiguous()
     has_kl = beta != 0.0 and ref_logp is not None
     ref = ref_logp.detach().to(device=dev, dtype=torch.float32).contiguous() if has_kl else None
+    smp = None if sampling_logp is None else sampling_logp.detach().to(device=dev, dtype=torch.float32)
+    cu = cu_seqlens.to(dev)
+    grp = _obj.groups(cu, T, None if segment_ids is None else segment_ids.to(dev)) if _obj.needs_groups(o) else None
 
     # token weights / D (mask and sequence boundaries only): policy_loss's aggregation
-    seq_w, sid, denom = reduction_weights(m, cu_seqlens.to(dev), reduction, max_completion_length, normalizer)
+    seq_w, sid, denom = reduction_weights(m, cu, reduction, max_completion_length, normalizer)
     wd = (token_weights(m, seq_w, sid) / denom).contiguous()
 
     grad_on = torch.is_grad_enabled()
@@ -317,7 +369,8 @@ def fused_linear_policy_loss(
     V = w.shape[0]
     chunk = int(chunk_tokens) if chunk_tokens is not None else default_chunk_tokens(T, V)
     head = HeadOptions(float(temperature), int(ignore_index), chunk, bool(return_entropy), use_triton(h, w, tg, b))
-    opts = _Options(head, float(beta), lo, hi, needs)
+    opts = _Options(head, o, needs)
     with _common.autocast_off(dev.type):
-        loss, stats, logp, entropy = _FusedLinearPolicyLoss.apply(h, w, b, _Tokens(tg, adv, m, wd, ref), opts)
+        loss, stats, logp, entropy = _FusedLinearPolicyLoss.apply(h, w, b, _Tokens(tg, adv, m, wd, ref, smp, grp),
+                                                                  opts)
     return FusedPolicyLossOutput(loss, policy_metrics(stats), logp, entropy if return_entropy else None)

@@ -1,13 +1,21 @@
-"""GRPO clipped surrogate (+ k3 KL) over packed tokens: fused Triton forward and backward.
+"""Policy loss over packed tokens: every TRL 1.16 objective, with a fused Triton forward and backward
+for the classic clipped one.
 
-Semantics: ``bcr_kernels.reference.policy_loss``. Per token ``t`` (all inputs ``[T]``)::
+Semantics: ``bcr_kernels.reference.policy_loss``. The objectives (``objective`` = ``clip`` | ``cispo``
+| ``sapo`` | ``vespo``), importance-sampling levels (``token`` | ``sequence`` | ``instance``), two-sided
+clipping (``delta``), rollout correction and off-policy mask are described in
+``bcr_kernels._objectives``; they run on the vectorised PyTorch path of that module (vector ops over
+``[T]``: O(T) memory, nothing of the vocabulary's size). The Triton kernels below cover TRL's classic
+objective (``clip`` at the ``token`` level, no ``delta``, no rollout weights or off-policy mask, KL
+without the bias correction), the one every loss type used before and the hot path of
+``num_iterations > 1``. Per token ``t`` (all inputs ``[T]``)::
 
     ratio = exp(logp - old_logp)
     l     = -min(ratio * A, clamp(ratio, 1 - epsilon, 1 + epsilon_high) * A) + beta * kl
     kl    = exp(ref - logp) - (ref - logp) - 1
 
 and every ``reduction`` is a weighted token sum ``loss = sum_t l_t * w_t / D`` with ``w_t = mask_t``
-(``token_mean``, ``seq_mean_token_sum_norm``) or ``w_t = mask_t / max(sum(mask)_s(t), 1)``
+(``token_mean``, ``seq_mean_token_sum_norm``, ``seq_mean_token_sum``) or ``w_t = mask_t / max(sum(mask)_s(t), 1)``
 (``seq_mean_token_mean``). ``D`` and the per-sequence weights depend on the mask only, so they are
 computed up front in PyTorch; one Triton pass then gives the loss and every metric:
 
@@ -20,8 +28,8 @@ computed up front in PyTorch; one Triton pass then gives the loss and every metr
   that of ``clamp`` follows ``torch.clamp`` (it passes the gradient on the closed interval), so the
   kernel matches the reference's autograd exactly, including the common ``ratio == 1`` case.
 
-A vectorised PyTorch path (same maths, autograd) runs when Triton is not picked
-(``bcr_kernels._dispatch.use_triton``).
+The vectorised PyTorch path (``_objectives.per_token_loss``, autograd) runs every other objective, and
+this one when Triton is not picked (``bcr_kernels._dispatch.use_triton``).
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _common
+from . import _objectives as _obj
 from ._common import check_reduction, policy_metrics, reduction_weights, token_weights
 from ._dispatch import use_triton
 from .outputs import PolicyLossOutput
@@ -213,25 +222,14 @@ class _PolicyLoss(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 
 
-def _torch_policy_loss(logp, c: _Consts):
+def _torch_policy_loss(logp, old_logp, advantages, m, cu, segment_ids, o: _obj.Objective, ref, sampling,
+                       seq_w, sid, denom):
     # as in the Triton path, only logp is differentiated: the others are constants of the step
-    lp = logp.float()
-    a = c.advantages.detach().float()
-    m = c.mask
-    ratio = torch.exp(lp - c.old_logp.detach().float())
-    per_tok = -torch.minimum(ratio * a, torch.clamp(ratio, c.lo, c.hi) * a)
-    if c.ref_logp is not None:
-        d = c.ref_logp.detach().float() - lp
-        kl = torch.exp(d) - d - 1
-        per_tok = per_tok + c.beta * kl
-    else:
-        kl = torch.zeros_like(per_tok)
-    loss = (per_tok * token_weights(m, c.seq_w, c.sid)).sum() / c.denom
-    with torch.no_grad():
-        low = ((ratio < c.lo) & (a < 0)).float()
-        high = ((ratio > c.hi) & (a > 0)).float()
-        stats = torch.stack([m.sum(), (low * m).sum(), (high * m).sum(), (ratio * m).sum(), (kl * m).sum()])
-    return loss, stats
+    g = _obj.groups(cu, logp.numel(), segment_ids) if _obj.needs_groups(o) else None
+    per_tok, ratio, kl, low, high = _obj.per_token_loss(logp, old_logp, advantages, m, o, g, ref=ref,
+                                                        sampling=sampling)
+    loss = (per_tok * token_weights(m, seq_w, sid)).sum() / denom
+    return loss, _obj.stats(m, ratio, kl, low, high)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,8 +251,24 @@ def policy_loss(
     reduction: str = "token_mean",
     max_completion_length: int | None = None,
     normalizer: float | None = None,
+    objective: str = "clip",
+    importance_sampling_level: str = "token",
+    segment_ids: torch.Tensor | None = None,
+    delta: float | None = None,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
+    vespo_k_pos: float = 2.0,
+    vespo_lambda_pos: float = 3.0,
+    vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0,
+    use_bias_correction_kl: bool = False,
+    sampling_logp: torch.Tensor | None = None,
+    importance_sampling_mode: str | None = None,
+    importance_sampling_clip_min: float | None = None,
+    importance_sampling_clip_max: float | None = 3.0,
+    off_policy_mask_threshold: float | None = None,
 ) -> PolicyLossOutput:
-    """GRPO clipped surrogate (+ ``beta`` * k3 KL) over packed tokens; returns ``PolicyLossOutput(loss, metrics)``.
+    """Policy loss: GRPO clipped surrogate (+ ``beta`` * k3 KL) over packed tokens; returns ``PolicyLossOutput(loss, metrics)``.
 
     Args:
         logp: ``[T]`` log-probs of the current policy (the only input that gets a gradient).
@@ -265,39 +279,58 @@ def policy_loss(
         ref_logp: ``[T]`` reference-policy log-probs; the KL term is used when ``beta != 0``.
         epsilon, epsilon_high: clip range ``[1 - epsilon, 1 + epsilon_high]`` (``epsilon_high``
             defaults to ``epsilon``).
-        reduction: ``token_mean`` | ``seq_mean_token_mean`` | ``seq_mean_token_sum_norm`` (see
+        reduction: ``token_mean`` | ``seq_mean_token_mean`` | ``seq_mean_token_sum_norm`` |
+            ``seq_mean_token_sum`` (see
             ``bcr_kernels.reference.policy_loss`` for the exact aggregation; TRL's ``loss_type``
             names map to these).
         max_completion_length: the Dr. GRPO constant (default: longest masked sequence).
         normalizer: replaces the loss denominator (gradient accumulation over micro-batches).
+        objective: ``clip`` (PPO/GRPO clipping, TRL's grpo/bnpo/dr_grpo/dapo/luspo) | ``cispo`` |
+            ``sapo`` | ``vespo``; their options keep TRL 1.16's names and defaults (``delta``,
+            ``sapo_temperature_*``, ``vespo_*``, ``use_bias_correction_kl``); see
+            ``bcr_kernels._objectives``.
+        importance_sampling_level: ``token`` | ``sequence`` (GSPO) | ``instance`` (one ratio per problem
+            segment of ``segment_ids`` ``[T]``, -1 = shared text, which takes its sequence's ratio).
+        sampling_logp: ``[T]`` log-probs of the rollout engine; with ``importance_sampling_mode``
+            (TRL's ``vllm_importance_sampling_mode`` values plus ``instance_truncate`` /
+            ``instance_mask``) they give the rollout-correction weights, bounded by
+            ``importance_sampling_clip_min`` / ``importance_sampling_clip_max``; the off-policy mask
+            (``off_policy_mask_threshold``) measures its KL from them (default: ``old_logp``).
 
     Returns:
         ``loss`` (fp32 scalar) and ``metrics``: detached fp32 scalars ``clip_ratio/low_mean``,
         ``clip_ratio/high_mean``, ``clip_ratio/region_mean``, ``ratio_mean`` and ``kl``.
     """
     check_reduction(reduction)
+    o = _obj.Objective(
+        objective, importance_sampling_level, float(epsilon), epsilon_high, delta, sapo_temperature_pos,
+        sapo_temperature_neg, vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg, float(beta),
+        bool(use_bias_correction_kl), importance_sampling_mode, importance_sampling_clip_min,
+        importance_sampling_clip_max, off_policy_mask_threshold)
+    o.check()
     T = logp.numel()
     named = {"logp": logp, "old_logp": old_logp, "advantages": advantages, "mask": mask}
     if ref_logp is not None:
         named["ref_logp"] = ref_logp
+    for name, t in (("segment_ids", segment_ids), ("sampling_logp", sampling_logp)):
+        if t is not None:
+            named[name] = t
     for name, t in named.items():
         if t.dim() != 1 or t.numel() != T:
             raise ValueError(f"{name} must be [T] = [{T}] like logp, got shape {tuple(t.shape)}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
         raise ValueError(f"cu_seqlens must be [S + 1], got shape {tuple(cu_seqlens.shape)}")
-    eps_high = epsilon if epsilon_high is None else epsilon_high
-    lo, hi = 1.0 - float(epsilon), 1.0 + float(eps_high)
     has_kl = beta != 0.0 and ref_logp is not None
     device = logp.device
     cu = cu_seqlens.to(device)
     m = mask.to(device=device, dtype=torch.float32).contiguous()
     seq_w, sid, denom = reduction_weights(m, cu, reduction, max_completion_length, normalizer)
     ref = ref_logp if has_kl else None
-    if T > 0 and use_triton(logp, old_logp, advantages, m, ref):
+    if T > 0 and o.plain and use_triton(logp, old_logp, advantages, m, ref):
         c = _Consts(old_logp.contiguous(), advantages.contiguous(), m, None if ref is None else ref.contiguous(),
-                    seq_w, sid, denom, lo, hi, float(beta))
+                    seq_w, sid, denom, o.lo, o.hi, float(beta))
         loss, stats = _PolicyLoss.apply(logp.contiguous(), c)
     else:
-        loss, stats = _torch_policy_loss(logp, _Consts(old_logp, advantages, m, ref, seq_w, sid, denom, lo, hi,
-                                                       float(beta)))
+        loss, stats = _torch_policy_loss(logp, old_logp, advantages, m, cu, segment_ids, o, ref, sampling_logp,
+                                         seq_w, sid, denom)
     return PolicyLossOutput(loss, policy_metrics(stats))

@@ -6,6 +6,8 @@ tested against these, values and gradients. Nothing here is tuned; it materialis
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -126,6 +128,19 @@ def scatter_instance_advantages(
     return out
 
 
+def _unit_value(x, m, seg, level, n, *, mean: bool):
+    """Per token of one sequence: ``x`` summed (or ``m``-averaged) over its ratio unit."""
+    out = torch.zeros(n, dtype=x.dtype, device=x.device)
+    whole = (x * m).sum() / (m.sum().clamp(min=1.0) if mean else 1.0)
+    out[:] = whole
+    if level == "instance" and seg is not None:
+        for k in sorted(set(seg.tolist()) - {-1}):
+            idx = (seg == k).nonzero().flatten()
+            v = (x[idx] * m[idx]).sum()
+            out[idx] = v / m[idx].sum().clamp(min=1.0) if mean else v
+    return out
+
+
 def policy_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -140,68 +155,182 @@ def policy_loss(
     reduction: str = "token_mean",
     max_completion_length: int | None = None,
     normalizer: float | None = None,
+    objective: str = "clip",
+    importance_sampling_level: str = "token",
+    segment_ids: torch.Tensor | None = None,
+    delta: float | None = None,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
+    vespo_k_pos: float = 2.0,
+    vespo_lambda_pos: float = 3.0,
+    vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0,
+    use_bias_correction_kl: bool = False,
+    sampling_logp: torch.Tensor | None = None,
+    importance_sampling_mode: str | None = None,
+    importance_sampling_clip_min: float | None = None,
+    importance_sampling_clip_max: float | None = 3.0,
+    off_policy_mask_threshold: float | None = None,
 ) -> PolicyLossOutput:
-    """GRPO clipped surrogate (+ k3 KL to a reference policy) over packed tokens.
+    """Policy loss over packed tokens: one objective per token, then an aggregation.
 
-    All inputs are ``[T]``; ``mask`` marks the tokens that count (completion tokens). Per token:
-    ``ratio = exp(logp - old_logp)``,
-    ``l = -min(ratio * A, clamp(ratio, 1 - epsilon, 1 + epsilon_high) * A) + beta * kl`` with
-    ``kl = exp(ref - logp) - (ref - logp) - 1``. Aggregation (``reduction``; TRL's ``loss_type`` names in
-brackets):
+    All inputs are ``[T]``; ``mask`` (``m``) marks the tokens that count (completion tokens). Computed
+    sequence by sequence (``cu_seqlens``), per token ``t`` with advantage ``A``:
 
-    - ``token_mean``: ``sum(l * m) / D`` with ``D = sum(m)`` (TRL ``bnpo``; ``dapo`` passes the global
-      token count of the whole batch as ``normalizer``);
-    - ``seq_mean_token_mean``: ``sum_s(sum(l * m)_s / max(sum(m)_s, 1)) / D`` with ``D = S`` (TRL ``grpo``);
+    1. log-ratio ``lr = logp - old_logp`` and importance weight ``r = exp(lw)``; ``lw`` by
+       ``importance_sampling_level``: ``token``: ``lr``; ``sequence`` (GSPO): the ``m``-mean of ``lr``
+       over the sequence; ``instance`` (BCR): the ``m``-mean of ``lr`` over the tokens of the same problem
+       segment (``segment_ids``, instance index inside the sequence); shared tokens (segment -1: a
+       preamble, separators) take the sequence's value, so ``instance`` equals ``sequence`` on a
+       completion without problem segments.
+    2. rollout weights ``w_is`` (``importance_sampling_mode``, TRL's vLLM correction): from
+       ``d = (old_logp - sampling_logp) * m`` (NaN -> 0): ``token_*``: ``exp(d_t)``; ``sequence_*``:
+       ``exp(sum of d over the sequence)``; ``instance_*``: ``exp(sum of d over the segment)`` (shared
+       tokens: the sequence's sum). ``*_truncate`` clamps them to ``[clip_min, clip_max]``; ``*_mask``
+       zeroes those outside it. Constants (no gradient).
+    3. the objective (``sg`` = no gradient):
+       ``clip``: ``-min(c1 * A, clamp(r, 1 - epsilon, 1 + epsilon_high) * A)``, ``c1 = min(r, delta)``
+       with ``delta`` (two-sided clipping) else ``r``;
+       ``cispo``: ``-sg(min(r, epsilon_high)) * A * logp``;
+       ``sapo``: ``-sigmoid(tau * (r - 1)) * 4 / tau * A``, ``tau`` = ``sapo_temperature_pos`` if
+       ``A > 0`` else ``sapo_temperature_neg``;
+       ``vespo``: ``-sg(phi) * A * logp``, ``phi = exp(lam + k * log w - lam * w)``, ``log w`` = the sum
+       over the sequence (the segment at the ``instance`` level) of ``m * (clamp(lr, -20, 20) +
+       clamp(log w_is, log 1e-8, 20))``, clamped to ``[log 1e-8, 20]``; ``k, lam`` = ``vespo_k_pos,
+       vespo_lambda_pos`` if ``A >= 0`` else the ``_neg`` pair (``lam >= 1e-4``); non-finite phi -> 0.
+    4. the off-policy mask (``off_policy_mask_threshold`` = delta): the objective is zeroed where
+       ``A < 0`` and the ``m``-mean over the sequence of ``sampling_logp - sg(logp)`` (default
+       ``sampling_logp``: ``old_logp``) exceeds delta; then times ``w_is`` (not for ``vespo``).
+    5. ``+ beta * kl`` with ``kl = exp(ref - logp) - (ref - logp) - 1`` (times ``r`` with
+       ``use_bias_correction_kl``), when ``beta != 0`` and ``ref_logp`` is given.
+
+    Aggregation (``reduction``; TRL's ``loss_type`` names in brackets):
+
+    - ``token_mean``: ``sum(l * m) / D`` with ``D = sum(m)`` (TRL ``bnpo``; ``dapo``, ``cispo``,
+      ``vespo`` pass the global token count of the whole batch as ``normalizer``);
+    - ``seq_mean_token_mean``: ``sum_s(sum(l * m)_s / max(sum(m)_s, 1)) / D`` with ``D = S`` (TRL
+      ``grpo``, ``sapo``);
     - ``seq_mean_token_sum_norm``: ``sum(l * m) / D`` with ``D = S * max_completion_length`` (Dr. GRPO;
-      ``max_completion_length`` defaults to the longest masked sequence).
+      ``max_completion_length`` defaults to the longest masked sequence);
+    - ``seq_mean_token_sum``: ``sum(l * m) / D`` with ``D = S`` (TRL ``luspo``).
 
     ``normalizer`` replaces ``D`` (for gradient accumulation over micro-batches). Returns
-    ``PolicyLossOutput(loss, metrics)`` where metrics are detached fp32 scalars: ``clip_ratio/low_mean`` (tokens with
-    ``ratio < 1 - epsilon`` and ``A < 0``), ``clip_ratio/high_mean`` (``ratio > 1 + epsilon_high`` and
-    ``A > 0``), ``clip_ratio/region_mean`` (their sum), ``ratio_mean`` and ``kl`` (masked means).
+    ``PolicyLossOutput(loss, metrics)`` where metrics are detached fp32 masked token means:
+    ``clip_ratio/low_mean`` (``r < 1 - epsilon`` and ``A < 0``; ``clip`` only),
+    ``clip_ratio/high_mean`` (``r > 1 + epsilon_high`` and ``A > 0``; for ``cispo``: ``r > epsilon_high``
+    and ``A > 0``; 0 for ``sapo`` / ``vespo``), ``clip_ratio/region_mean`` (their sum), ``ratio_mean``
+    (of ``r``) and ``kl`` (after the bias correction).
     """
     check_reduction(reduction)
     eps_high = epsilon if epsilon_high is None else epsilon_high
-    m = mask.float()
-    adv = advantages.float()
-    ratio = torch.exp(logp.float() - old_logp.float())
-    clipped = torch.clamp(ratio, 1 - epsilon, 1 + eps_high)
-    per_tok = -torch.minimum(ratio * adv, clipped * adv)
-    kl = torch.zeros_like(per_tok)
-    if beta != 0.0 and ref_logp is not None:
-        d = ref_logp.float() - logp.float()
-        kl = torch.exp(d) - d - 1
-        per_tok = per_tok + beta * kl
     S = cu_seqlens.numel() - 1
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    seq_index = torch.repeat_interleave(torch.arange(S, device=logp.device), lengths)
+    bounds = cu_seqlens.tolist()
+    m_all = mask.float()
+    dev = logp.device
+    pieces, ratios, kls, lows, highs = [], [], [], [], []
+    for s in range(S):
+        a0, b0 = bounds[s], bounds[s + 1]
+        n = b0 - a0
+        lp = logp[a0:b0].float()
+        old = old_logp[a0:b0].float().detach()
+        a = advantages[a0:b0].float().detach()
+        m = m_all[a0:b0]
+        seg = None if segment_ids is None else segment_ids[a0:b0].long()
+        lr = lp - old
+        if importance_sampling_level == "token":
+            lw = lr
+        else:
+            lw = _unit_value(lr, m, seg, importance_sampling_level, n, mean=True)
+        r = torch.exp(lw)
+        w_is = None
+        if importance_sampling_mode is not None:
+            smp = old if sampling_logp is None else sampling_logp[a0:b0].float()
+            d = torch.nan_to_num((old - smp) * m, nan=0.0)
+            unit = importance_sampling_mode.split("_")[0]
+            log_is = d if unit == "token" else _unit_value(d, torch.ones_like(m), seg, unit, n, mean=False)
+            w_is = torch.exp(log_is)
+            lo_is = -float("inf") if importance_sampling_clip_min is None else importance_sampling_clip_min
+            hi_is = float("inf") if importance_sampling_clip_max is None else importance_sampling_clip_max
+            if importance_sampling_mode.endswith("truncate"):
+                w_is = torch.clamp(w_is, min=lo_is, max=hi_is)
+            else:
+                w_is = torch.where((w_is < lo_is) | (w_is > hi_is), torch.zeros_like(w_is), w_is)
+        low = high = torch.zeros(n, device=dev)
+        if objective == "clip":
+            c1 = r if delta is None else torch.clamp(r, max=delta)
+            loss = -torch.minimum(c1 * a, torch.clamp(r, 1 - epsilon, 1 + eps_high) * a)
+            low = ((r < 1 - epsilon) & (a < 0)).float()
+            high = ((r > 1 + eps_high) & (a > 0)).float()
+        elif objective == "cispo":
+            loss = -torch.clamp(r, max=eps_high).detach() * a * lp
+            high = ((r > eps_high) & (a > 0)).float()
+        elif objective == "sapo":
+            tau = torch.where(a > 0, sapo_temperature_pos, sapo_temperature_neg)
+            loss = -torch.sigmoid(tau * (r - 1)) * 4 / tau * a
+        elif objective == "vespo":
+            x = torch.clamp(lr.detach(), -20.0, 20.0)
+            if w_is is not None:
+                x = x + torch.clamp(torch.log(w_is), math.log(1e-8), 20.0)
+            level = "instance" if importance_sampling_level == "instance" else "sequence"
+            log_w = torch.clamp(_unit_value(x, m, seg, level, n, mean=False), math.log(1e-8), 20.0)
+            k = torch.where(a >= 0, vespo_k_pos, vespo_k_neg)
+            lam = torch.where(a >= 0, vespo_lambda_pos, vespo_lambda_neg).clamp(min=1e-4)
+            phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+            loss = -phi * a * lp
+        else:
+            raise ValueError(f"unknown objective {objective!r}")
+        if off_policy_mask_threshold is not None:
+            smp = old if sampling_logp is None else sampling_logp[a0:b0].float()
+            kl_seq = (torch.nan_to_num(smp - lp.detach(), nan=0.0) * m).sum() / m.sum().clamp(min=1.0)
+            keep = (a >= 0) | (kl_seq <= off_policy_mask_threshold)
+            loss = loss * keep.float()
+        if w_is is not None and objective != "vespo":
+            loss = loss * w_is
+        kl = torch.zeros(n, device=dev)
+        if beta != 0.0 and ref_logp is not None:
+            dk = ref_logp[a0:b0].float() - lp
+            kl = torch.exp(dk) - dk - 1
+            if use_bias_correction_kl:
+                kl = kl * r
+            loss = loss + beta * kl
+        pieces.append(loss)
+        ratios.append(r.detach())
+        kls.append(kl.detach())
+        lows.append(low)
+        highs.append(high)
+
+    seq_sums = [(p * m_all[bounds[s] : bounds[s + 1]]).sum() for s, p in enumerate(pieces)]
+    seq_cnts = [m_all[bounds[s] : bounds[s + 1]].sum() for s in range(S)]
+    zero = logp.float().sum() * 0.0  # keeps the graph when there are no sequences
+    total = sum(seq_sums, zero)
     if reduction == "token_mean":
-        denom = m.sum().clamp(min=1.0) if normalizer is None else normalizer
-        loss = (per_tok * m).sum() / denom
+        denom = m_all.sum().clamp(min=1.0) if normalizer is None else normalizer
+        loss = total / denom
     elif reduction == "seq_mean_token_mean":
-        seq_sum = torch.zeros(S, device=logp.device).index_add(0, seq_index, per_tok * m)
-        seq_cnt = torch.zeros(S, device=logp.device).index_add(0, seq_index, m)
         denom = max(S, 1) if normalizer is None else normalizer
-        loss = (seq_sum / seq_cnt.clamp(min=1.0)).sum() / denom
+        loss = sum((x / c.clamp(min=1.0) for x, c in zip(seq_sums, seq_cnts)), zero) / denom
+    elif reduction == "seq_mean_token_sum":
+        denom = max(S, 1) if normalizer is None else normalizer
+        loss = total / denom
     else:
         if normalizer is None:
             if max_completion_length is None:
-                seq_cnt = torch.zeros(S, device=logp.device).index_add(0, seq_index, m)
-                max_completion_length = max(int(seq_cnt.max().item()) if S else 1, 1)
+                max_completion_length = max([int(c) for c in seq_cnts] + [1])
             denom = max(S, 1) * max_completion_length
         else:
             denom = normalizer
-        loss = (per_tok * m).sum() / denom
+        loss = total / denom
     with torch.no_grad():
-        n = m.sum().clamp(min=1.0)
-        low = ((ratio < 1 - epsilon) & (adv < 0)).float()
-        high = ((ratio > 1 + eps_high) & (adv > 0)).float()
+        cat = (lambda xs: torch.cat(xs) if xs else torch.zeros(0, device=dev))  # noqa: E731
+        mm = torch.cat([m_all[bounds[s] : bounds[s + 1]] for s in range(S)]) if S else torch.zeros(0, device=dev)
+        n = mm.sum().clamp(min=1.0)
+        low, high = cat(lows), cat(highs)
         metrics = {
-            "clip_ratio/low_mean": (low * m).sum() / n,
-            "clip_ratio/high_mean": (high * m).sum() / n,
-            "clip_ratio/region_mean": ((low + high) * m).sum() / n,
-            "ratio_mean": (ratio * m).sum() / n,
-            "kl": (kl * m).sum() / n,
+            "clip_ratio/low_mean": (low * mm).sum() / n,
+            "clip_ratio/high_mean": (high * mm).sum() / n,
+            "clip_ratio/region_mean": ((low + high) * mm).sum() / n,
+            "ratio_mean": (cat(ratios) * mm).sum() / n,
+            "kl": (cat(kls) * mm).sum() / n,
         }
     return PolicyLossOutput(loss, metrics)
 

@@ -3,6 +3,7 @@
     python -m benchmarks.profile_step --preset cpu-small            # the issue-10 CPU shape (minutes)
     python -m benchmarks.profile_step --preset tiny --repeats 1     # seconds; what the smoke test runs
     python -m benchmarks.profile_step --preset qwen2.5-1.5b         # on a GPU (bf16)
+    python -m benchmarks.profile_step --preset cpu-small --objectives  # one row per policy objective
 
 A *step* is what ``bcr.rl.trainer.BCRTrainer.update`` does for one batch of rollouts with
 ``num_iterations=1``: build the batch tensors from token lists, forward, completion-token log-probs,
@@ -47,6 +48,12 @@ Variants (each in a FRESH subprocess: 1+ untimed warm-up steps, then ``--repeats
   TRL's clipped loss (``dapo``) with per-token advantages. Skipped when ``trl`` is not importable.
 - ``trl-selective``: TRL's earlier path (<= 0.2x): ``logits_to_keep`` = completion length, logits of
   the completion positions, ``trl.trainer.utils.selective_log_softmax``; same loss.
+
+``--objectives`` runs ``packed`` (dapo, token level) and then ``packed`` once per row of ``OBJECTIVES``:
+every other TRL loss type, two-sided clipping, the sequence (GSPO) and instance (BCR) ratios, the
+rollout correction (samples carrying engine log-probs) and the off-policy mask; their ratios are
+against ``packed``. Rows whose gradient needs per-segment sums of the log-probs (the rollout correction,
+the off-policy mask) run the fused head twice (``fused_linear_policy_loss``'s ``two_pass`` plan).
 
 Phases (wall clock; ``torch.cuda.synchronize`` at every boundary on CUDA; each region is also a
 ``torch.profiler.record_function`` so ``--trace DIR`` writes a Chrome trace of the last step):
@@ -98,7 +105,7 @@ from bcr.rl.config import BCRConfig
 from bcr.rl.packing import Sample, pack_samples
 from bcr.task.synthetic import make_arithmetic_problems
 from bcr.models.tiny import build_tokenizer
-from bcr.rl.trainer import BCRTrainer
+from bcr.rl.trainer import BCRTrainer, RolloutSample
 from bcr_kernels import fused_linear_logprobs, policy_loss, scatter_instance_advantages
 from bcr_kernels import packed_model_kwargs
 
@@ -107,6 +114,25 @@ from .harness import MiB
 
 MODULE = "benchmarks.profile_step"
 BASELINE = "padded-eager"
+# ``--objectives``: the ``packed`` step (the trainer's update) once per policy objective, each against
+# ``packed`` (dapo, token level) as the baseline. name -> (BCRConfig options, rows carry engine log-probs)
+OBJECTIVES = {
+    "packed-grpo": ({"loss_type": "grpo"}, False),
+    "packed-dr_grpo": ({"loss_type": "dr_grpo"}, False),
+    "packed-bnpo": ({"loss_type": "bnpo"}, False),
+    "packed-cispo": ({"loss_type": "cispo", "epsilon_high": 5.0}, False),
+    "packed-sapo": ({"loss_type": "sapo"}, False),
+    "packed-vespo": ({"loss_type": "vespo"}, False),
+    "packed-delta": ({"delta": 1.5}, False),
+    "packed-sequence": ({"importance_sampling_level": "sequence"}, False),  # GSPO's ratio
+    "packed-luspo": ({"loss_type": "luspo", "importance_sampling_level": "sequence"}, False),
+    "packed-instance": ({"importance_sampling_level": "instance"}, False),
+    # the rollout correction (engine log-probs in every sample) and the off-policy mask: two passes
+    "packed-is-sequence_mask": ({"vllm_importance_sampling_correction": True}, True),
+    "packed-is-instance_mask": ({"vllm_importance_sampling_correction": True,
+                                 "vllm_importance_sampling_mode": "instance_mask"}, True),
+    "packed-off-policy-mask": ({"off_policy_mask_threshold": 0.5}, False),
+}
 PHASES = ("prepare", "forward", "logprobs", "loss", "backward", "optimizer")
 EPSILON = 0.2
 RENAMED = {"packed-fused-loss": "packed (it now times BCRTrainer.update, which runs the fused loss)"}
@@ -304,6 +330,16 @@ class Setup:
     def bcr_samples(self) -> list[Sample]:
         return [Sample(s["prompt_ids"], s["completion_ids"], s["advantages"], s["segment_ids"]) for s in self.samples]
 
+    def rollout_samples(self) -> list[RolloutSample]:
+        """``bcr_samples`` with engine log-probs (seeded, near the trainer's -log V at init) for the
+        rollout-correction rows."""
+        g = torch.Generator().manual_seed(self.spec["seed"])
+        out = []
+        for s in self.bcr_samples():
+            lp = (-math.log(self.spec["batch"]["vocab_size"]) + 0.01 * torch.randn(len(s.completion_ids), generator=g))
+            out.append(RolloutSample(s.prompt_ids, s.completion_ids, s.advantages, s.segment_ids, lp.tolist()))
+        return out
+
 
 @dataclass
 class Step:
@@ -363,7 +399,7 @@ def clipped_token_loss(logp, adv, mask, normalizer):
 def trainer_config(setup: Setup) -> BCRConfig:
     """The trainer settings of the ``packed`` variant (the loss of every other variant)."""
     spec = setup.spec
-    return BCRConfig(
+    settings = dict(
         n_problems=1,  # only bundling reads it; the prepared samples carry their own N
         max_completion_length=spec["batch"]["budget"],
         learning_rate=1e-6,
@@ -379,6 +415,8 @@ def trainer_config(setup: Setup) -> BCRConfig:
         shared_prompt="true" if setup.spec["variant"] == "packed-shared" else "false",
         seed=spec["seed"],
     )
+    settings.update(OBJECTIVES.get(setup.spec["variant"], ({}, False))[0])  # an --objectives row's options
+    return BCRConfig(**settings)
 
 
 def trainer_update(trainer: BCRTrainer, samples: list[Sample]) -> float:
@@ -410,7 +448,7 @@ def packed(setup: Setup) -> Step:
     trainer = BCRTrainer(
         setup.model, make_arithmetic_problems(1, seed=0), trainer_config(setup), tokenizer=build_tokenizer()
     )
-    samples = setup.bcr_samples()
+    samples = setup.rollout_samples() if OBJECTIVES.get(setup.spec["variant"], ({}, False))[1] else setup.bcr_samples()
     current: list[PhaseTimer | None] = [None]
     time_trainer_phases(trainer, lambda: current[0])
 
@@ -649,9 +687,14 @@ VARIANTS: dict[str, Variant] = {
 }
 
 
+def variant(name: str) -> Variant:
+    """``VARIANTS[name]``, or the trainer's ``packed`` step for an ``OBJECTIVES`` row."""
+    return Variant(packed, "bcr_varlen") if name in OBJECTIVES else VARIANTS[name]
+
+
 def unavailable(name: str) -> str | None:
     """Why variant ``name`` cannot run here (its optional package is missing), or None."""
-    needs = VARIANTS[name].needs
+    needs = variant(name).needs
     if needs is None:
         return None
     if importlib.util.find_spec(needs) is None:
@@ -691,15 +734,15 @@ def child_main(spec: dict) -> dict:
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     name = spec["variant"]
-    if name not in VARIANTS:
-        raise ValueError(f"unknown variant {name!r}; choose from {tuple(VARIANTS)}")
+    if name not in VARIANTS and name not in OBJECTIVES:
+        raise ValueError(f"unknown variant {name!r}; choose from {tuple(VARIANTS) + tuple(OBJECTIVES)}")
     why = unavailable(name)
     if why:
         return {"variant": name, "skipped": why}
     device = torch.device(spec["device"])
-    model = build_model(spec["preset"], VARIANTS[name].attn, getattr(torch, spec["dtype"]), device, spec["seed"])
+    model = build_model(spec["preset"], variant(name).attn, getattr(torch, spec["dtype"]), device, spec["seed"])
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    step = VARIANTS[name].build(Setup(model, make_batch_spec(**spec["batch"])["samples"], device, spec))
+    step = variant(name).build(Setup(model, make_batch_spec(**spec["batch"])["samples"], device, spec))
     probe = harness.MemoryProbe(device)
     for _ in range(spec["warmup"]):
         step.optimizer.zero_grad(set_to_none=True)
@@ -740,10 +783,10 @@ def _median(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
-def summarize(results: list[dict], stats: dict) -> dict:
+def summarize(results: list[dict], stats: dict, baseline: str = BASELINE) -> dict:
     """Per-variant medians and spreads, and ratios vs the baseline (paired by repeat index)."""
     out = {}
-    base = next((r for r in results if r["variant"] == BASELINE and "runs" in r), None)
+    base = next((r for r in results if r["variant"] == baseline and "runs" in r), None)
     for r in results:
         if "runs" not in r:
             continue
@@ -788,6 +831,7 @@ def _fmt_mib(b):
 
 def markdown(report: dict) -> str:
     st, summ = report["batch"], report["summary"]
+    baseline = report.get("baseline", BASELINE)
     dev = report["device"]
     mem_name = "peak step memory (MiB)" if dev == "cpu" else "peak step memory growth (MiB)"
     lines = [
@@ -806,8 +850,8 @@ def markdown(report: dict) -> str:
         ),
         "",
         (
-            f"| variant | attention | step s (median, min-max) | tokens/s | tokens/s vs {BASELINE} | "
-            f"{mem_name} | memory vs {BASELINE} |"
+            f"| variant | attention | step s (median, min-max) | tokens/s | tokens/s vs {baseline} | "
+            f"{mem_name} | memory vs {baseline} |"
         ),
         "|---|---|---|---|---|---|---|",
     ]
@@ -885,6 +929,9 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--variants", default=",".join(v for v in VARIANTS if v != "packed-shared"),
                    help=f"comma-separated subset of {tuple(VARIANTS)} (default: all but packed-shared, which "
                    "needs --group-size > 1 to differ from packed)")
+    p.add_argument("--objectives", action="store_true",
+                   help=f"run packed and one packed row per policy objective {tuple(OBJECTIVES)}, with packed (dapo) "
+                   "as the baseline of the ratios (replaces --variants)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: the preset's)")
     p.add_argument("--num-completions", type=int, default=None)
@@ -922,11 +969,14 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.variant_list = [v.strip() for v in args.variants.split(",") if v.strip()]
+    args.baseline = BASELINE
+    if args.objectives:
+        args.variant_list, args.baseline = ["packed", *OBJECTIVES], "packed"
     for v in args.variant_list:
         if v in RENAMED:
             p.error(f"variant {v!r} was renamed: use {RENAMED[v]}")
-        if v not in VARIANTS:
-            p.error(f"unknown variant {v!r}; choose from {tuple(VARIANTS)}")
+        if v not in VARIANTS and v not in OBJECTIVES:
+            p.error(f"unknown variant {v!r}; choose from {tuple(VARIANTS) + tuple(OBJECTIVES)}")
     return args
 
 
@@ -1029,9 +1079,11 @@ def main(argv=None) -> int:
         "batch": stats,
         "memory_method": next((r["memory_method"] for r in results if r.get("memory_method")), None),
         "results": results,
-        "summary": summarize(results, stats),
+        "baseline": args.baseline,
+        "summary": summarize(results, stats, args.baseline),
     }
-    out = Path(args.out) if args.out else harness.RESULTS / f"profile_step_{args.preset}_{device}"
+    suffix = "_objectives" if args.objectives else ""
+    out = Path(args.out) if args.out else harness.RESULTS / f"profile_step_{args.preset}_{device}{suffix}"
     md = markdown(report)
     harness.write_report(out, report, md, plot)
     print()

@@ -24,7 +24,7 @@ from __future__ import annotations
 import warnings
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -37,6 +37,11 @@ class Generation:
     completion_ids: list[int]  # includes the EOS token when the model stopped by itself
     text: str  # decoded completion, special tokens skipped
     truncated: bool  # True when no EOS came within max_new_tokens
+    #: the engine's log-prob of each completion token, log softmax(logits / temperature) before top-p
+    #: (the quantity the trainer recomputes): the rollout correction's denominator. None: not reported.
+    #: Not part of equality: the same tokens drawn in another batch (padding, prefill sharing) carry
+    #: log-probs equal only up to float noise.
+    sampling_logprobs: list[float] | None = field(default=None, compare=False)
 
 
 class RolloutEngine(Protocol):
@@ -103,6 +108,7 @@ class _SeededSampler:
         self.generators = [torch.Generator().manual_seed(s) for s in seeds]
         self.temperature = temperature
         self.top_p = top_p
+        self.logprobs: list[list[float]] = [[] for _ in seeds]  # per row, one per drawn token
 
     def sample(self, scores: torch.Tensor, rows: Sequence[int] | None = None) -> torch.Tensor:
         """One token per row of ``scores`` ([B, vocab]); row ``j`` uses generator ``rows[j]`` (default ``j``)."""
@@ -120,6 +126,9 @@ class _SeededSampler:
         cdf = cdf / cdf[:, -1:]
         tokens = torch.searchsorted(cdf, u.to(cdf.device)[:, None]).clamp(max=probs.shape[-1] - 1)
         tokens = torch.where(probs.gather(-1, tokens) > 0, tokens, probs.argmax(-1, keepdim=True))
+        drawn = torch.log_softmax(scores.float() / self.temperature, dim=-1).gather(-1, tokens)[:, 0].tolist()
+        for j, lp in enumerate(drawn):
+            self.logprobs[j if rows is None else rows[j]].append(lp)
         return tokens[:, 0]
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -223,10 +232,10 @@ class HFEngine:
             input_ids, attention_mask = _left_pad(prompts, self.pad_id)
             new = self._decode_generate(input_ids.to(device), attention_mask.to(device), sampler, budget)
         generations = []
-        for ids, completion in zip(prompts, new):
+        for ids, completion, logprobs in zip(prompts, new, sampler.logprobs):
             completion, truncated = _cut_at_eos(completion, self.eos_ids)
             text = self.tokenizer.decode(completion, skip_special_tokens=True)
-            generations.append(Generation(list(ids), completion, text, truncated))
+            generations.append(Generation(list(ids), completion, text, truncated, logprobs[: len(completion)]))
         return generations
 
     def _decode_generate(self, input_ids, attention_mask, sampler: _SeededSampler, budget: int) -> list[list[int]]:
@@ -373,7 +382,10 @@ class VLLMEngine:
         seeds = _prompt_seeds(seed, len(prompts))
         budgets = _budgets(max_new_tokens, len(prompts))
         params = [
-            SamplingParams(n=num_generations, temperature=temperature, top_p=top_p, max_tokens=b, seed=s)
+            # logprobs=0: the drawn token's log-prob (vLLM's logprobs_mode="processed_logprobs", set by
+            # llm_kwargs, makes it the tempered one the trainer recomputes; the raw default differs by T)
+            SamplingParams(n=num_generations, temperature=temperature, top_p=top_p, max_tokens=b, seed=s,
+                           logprobs=0)
             for b, s in zip(budgets, seeds)
         ]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
@@ -383,7 +395,8 @@ class VLLMEngine:
             group = []
             for c in out.outputs:
                 ids = list(c.token_ids)
-                group.append(Generation(prompt_ids, ids, c.text, c.finish_reason == "length"))
+                logprobs = [step[t].logprob for step, t in zip(c.logprobs, ids)] if c.logprobs else None
+                group.append(Generation(prompt_ids, ids, c.text, c.finish_reason == "length", logprobs))
             results.append(group)
         return results
 

@@ -13,6 +13,7 @@ raises ``ConfigError`` naming the field and the fix.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,13 +23,20 @@ import yaml
 
 from bcr.runtime.dataclass_cli import ConfigError, check_fields, load_dataclass
 
-# TRL loss_type -> the reduction of bcr_kernels.policy_loss (see its docstring).
+# TRL loss_type -> (objective, reduction) of bcr_kernels.policy_loss (see its docstring).
 LOSS_TYPES = {
-    "dapo": "token_mean",  # token mean, normalised by the token count of the whole (global) batch
-    "bnpo": "token_mean",  # token mean, normalised by the token count of this rank's batch
-    "grpo": "seq_mean_token_mean",  # mean over sequences of each sequence's token mean
-    "dr_grpo": "seq_mean_token_sum_norm",  # token sum / (sequences * max_completion_length)
+    "dapo": ("clip", "token_mean"),  # token mean, normalised by the token count of the whole (global) batch
+    "bnpo": ("clip", "token_mean"),  # token mean, normalised by the token count of this rank's batch
+    "grpo": ("clip", "seq_mean_token_mean"),  # mean over sequences of each sequence's token mean
+    "dr_grpo": ("clip", "seq_mean_token_sum_norm"),  # token sum / (sequences * max_completion_length)
+    "cispo": ("cispo", "token_mean"),  # clipped, detached IS weight times A log p; normalised as dapo
+    "sapo": ("sapo", "seq_mean_token_mean"),  # soft sigmoid gate instead of clipping; aggregated as grpo
+    "luspo": ("clip", "seq_mean_token_sum"),  # token sum per sequence, mean over sequences
+    "vespo": ("vespo", "token_mean"),  # Gamma weight of the sequence ratio times A log p; normalised as dapo
 }
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence", "instance")
+IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask", "instance_truncate", "instance_mask")
+TRUNCATED_SCOPES = ("unanswered", "completion")
 SCHEDULERS = ("constant", "linear", "cosine")
 SCALE_REWARDS = ("group", "batch", "none")
 ADVANTAGE_MODES = ("instance", "sequence")
@@ -39,7 +47,8 @@ DISTRIBUTED_STRATEGIES = ("auto", "fsdp2", "ddp")
 REPORT_TO = ("tensorboard", "wandb")
 MODEL_DTYPES = ("auto", "float32", "bfloat16")  # bcr.models.loading.DTYPES
 REWARD_EXTRACTIONS = ("strict", "flexible")  # bcr.task.scoring.EXTRACTIONS
-CHOICES = {"loss_type": LOSS_TYPES, "lr_scheduler_type": SCHEDULERS, "scale_rewards": SCALE_REWARDS,
+CHOICES = {"loss_type": LOSS_TYPES, "importance_sampling_level": IMPORTANCE_SAMPLING_LEVELS,
+           "vllm_importance_sampling_mode": IS_MODES, "mask_truncated_scope": TRUNCATED_SCOPES, "lr_scheduler_type": SCHEDULERS, "scale_rewards": SCALE_REWARDS,
            "advantage_mode": ADVANTAGE_MODES, "shared_advantage": SHARED_ADVANTAGES,
            "rollout_engine": ROLLOUT_ENGINES, "distributed_strategy": DISTRIBUTED_STRATEGIES,
            "model_dtype": MODEL_DTYPES, "shared_prompt": SHARED_PROMPT, "reward_extraction": REWARD_EXTRACTIONS}
@@ -71,6 +80,16 @@ RANGES = {
     "beta": (lambda v: v >= 0, "must be >= 0 (0.0 disables the KL term and the reference model)"),
     "epsilon": (lambda v: v >= 0, "must be >= 0"),
     "epsilon_high": (lambda v: v is None or v >= 0, "must be >= 0 (None: epsilon)"),
+    "delta": (lambda v: v is None or v > 0, "must be > 0 (None: one-sided clipping; INTELLECT-2 uses > 1 + epsilon)"),
+    "sapo_temperature_pos": (lambda v: v > 0, "must be > 0"),
+    "sapo_temperature_neg": (lambda v: v > 0, "must be > 0"),
+    "vespo_k_pos": (lambda v: v >= 0, "must be >= 0"),
+    "vespo_lambda_pos": (lambda v: v >= 0, "must be >= 0"),
+    "vespo_k_neg": (lambda v: v >= 0, "must be >= 0"),
+    "vespo_lambda_neg": (lambda v: v >= 0, "must be >= 0"),
+    "vllm_importance_sampling_clip_max": (lambda v: v is None or v > 0, "must be > 0 (None: no upper bound)"),
+    "vllm_importance_sampling_clip_min": (lambda v: v is None or v >= 0, "must be >= 0 (None: no lower bound)"),
+    "off_policy_mask_threshold": (lambda v: v is None or v >= 0, "must be >= 0 (None: no off-policy mask)"),
     "save_steps": (lambda v: v >= 0, "must be >= 0 (0: save only at the end)"),
     "eval_steps": (lambda v: v >= 0, "must be >= 0 (0: never)"),
     "vllm_gpu_memory_utilization": (lambda v: 0 < v <= 1, "must lie in (0, 1]"),
@@ -179,8 +198,55 @@ class BCRConfig:
     # --- loss -----------------------------------------------------------------------------------
     beta: float = _help("KL coefficient; 0.0 loads no reference model", default=0.0)
     epsilon: float = _help("lower clipping range of the ratio", default=0.2)
-    epsilon_high: float | None = _help("upper clipping range (None: epsilon)", default=None)
-    loss_type: str = _help("'dapo' (default), 'grpo', 'dr_grpo' or 'bnpo', as in TRL", default="dapo")
+    epsilon_high: float | None = _help(
+        "upper clipping range (None: epsilon); with loss_type=cispo the cap of the IS weight itself (CISPO's "
+        "epsilon_max, ScaleRL uses 5.0)", default=None)
+    delta: float | None = _help(
+        "two-sided clipping (INTELLECT-2): the ratio is also capped at delta in the unclipped branch (clip loss "
+        "types); None: off", default=None)
+    loss_type: str = _help(
+        "as in TRL: 'dapo' (default; token mean over the global batch), 'grpo' (mean of sequence means), "
+        "'dr_grpo' (token sum / (sequences * max_completion_length)), 'bnpo' (token mean of this rank), 'cispo' "
+        "(clipped detached IS weight x A x log p), 'sapo' (soft sigmoid gate, sapo_temperature_*), 'luspo' (token "
+        "sum per sequence; use importance_sampling_level=sequence), 'vespo' (Gamma weight of the sequence ratio, "
+        "vespo_*)", default="dapo")
+    sapo_temperature_pos: float = _help("SAPO gate temperature for tokens with a positive advantage", default=1.0)
+    sapo_temperature_neg: float = _help("SAPO gate temperature for tokens with a non-positive advantage", default=1.05)
+    vespo_k_pos: float = _help("VESPO power k for advantages >= 0 (down-weights ratios < 1)", default=2.0)
+    vespo_lambda_pos: float = _help("VESPO decay lambda for advantages >= 0 (down-weights ratios > 1)", default=3.0)
+    vespo_k_neg: float = _help("VESPO power k for negative advantages", default=3.0)
+    vespo_lambda_neg: float = _help("VESPO decay lambda for negative advantages", default=2.0)
+    importance_sampling_level: str = _help(
+        "one IS ratio per 'token', per 'sequence' (GSPO: exp of the mean log-ratio over the completion) or per "
+        "'instance' (BCR: exp of the mean log-ratio over one problem's tokens, so a completion's N answers are "
+        "clipped independently; shared text takes its completion's sequence ratio)", default="token")
+    use_bias_correction_kl: bool = _help(
+        "multiply the KL term by the IS ratio (DeepSeek-V3.2's unbiased KL gradient); changes the KL gradient "
+        "even on-policy", default=True)
+    off_policy_mask_threshold: float | None = _help(
+        "drop tokens with a negative advantage whose completion's mean KL(sampling || policy) exceeds this "
+        "(DeepSeek-V3.2 off-policy sequence mask); None: off", default=None)
+    mask_truncated_completions: bool = _help(
+        "leave out of the loss what a cut at max_completion_length spoiled (see mask_truncated_scope)",
+        default=False)
+    mask_truncated_scope: str = _help(
+        "with mask_truncated_completions: 'unanswered' (BCR: a truncated completion keeps the tokens up to its "
+        "last answered problem, which keep their reward; only the unfinished tail is masked; nothing answered = "
+        "all masked) or 'completion' (TRL: the whole truncated completion is masked)", default="unanswered")
+    vllm_importance_sampling_correction: bool | None = _help(
+        "reweight the loss by exp(trainer log-prob - rollout engine log-prob) (TRL's vLLM correction); None: "
+        "on for rollout_engine=vllm, off for hf (whose own log-probs give a ratio of 1 up to float noise; True "
+        "runs the path anyway)", default=None)
+    vllm_importance_sampling_mode: str = _help(
+        "'token_truncate' | 'token_mask' | 'sequence_truncate' | 'sequence_mask' (TRL's default) | "
+        "'instance_truncate' | 'instance_mask' (one weight per problem segment): truncate clamps the weight to "
+        "[clip_min, clip_max], mask zeroes the loss where it falls outside", default="sequence_mask")
+    vllm_importance_sampling_clip_max: float | None = _help(
+        "upper bound C_max of the rollout-correction weight (None: none)", default=3.0)
+    vllm_importance_sampling_clip_min: float | None = _help(
+        "lower bound C_min of the rollout-correction weight (None: none)", default=None)
+    vllm_importance_sampling_cap: float | None = _help(
+        "deprecated in TRL: sets vllm_importance_sampling_clip_max", default=None)
     scale_rewards: str = _help("normalise rewards by the std of the 'group', the 'batch', or 'none'", default="group")
 
     # --- efficiency -----------------------------------------------------------------------------
@@ -236,6 +302,10 @@ class BCRConfig:
         if isinstance(self.shared_prompt, bool):  # YAML and key=value read true/false as booleans
             self.shared_prompt = "true" if self.shared_prompt else "false"
         check_fields(self)  # types from the annotations: whole ints, finite floats, no list for a scalar
+        if self.vllm_importance_sampling_cap is not None:  # TRL's deprecated name
+            warnings.warn("vllm_importance_sampling_cap is deprecated (as in TRL); use "
+                          "vllm_importance_sampling_clip_max", FutureWarning, stacklevel=3)
+            self.vllm_importance_sampling_clip_max = self.vllm_importance_sampling_cap
         self.n_problems = _normalise_n_problems(self.n_problems)
         self._validate()
 
@@ -263,12 +333,50 @@ class BCRConfig:
             fail("num_generations", "GRPO needs at least 2 completions per prompt to compare; set num_generations >= 2")
         if self.max_steps == -1 and self.num_train_epochs <= 0:
             fail("num_train_epochs", "must be > 0 when max_steps = -1")
+        lo, hi = self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max
+        if lo is not None and hi is not None and lo >= hi:
+            fail("vllm_importance_sampling_clip_min", f"must be < vllm_importance_sampling_clip_max ({hi})")
+        mode = self.vllm_importance_sampling_mode
+        if mode.endswith("truncate") and lo is None and hi is None:
+            fail("vllm_importance_sampling_mode", "a *_truncate mode needs vllm_importance_sampling_clip_min or _max")
+        if self.loss_type == "vespo" and self.rollout_correction and not mode.startswith("token"):
+            fail("vllm_importance_sampling_mode", "loss_type=vespo takes 'token_truncate' or 'token_mask' (VESPO puts "
+                 "per-token weights into its sequence weight)")
 
     # ------------------------------------------------------------------------------------------
     @property
     def reduction(self) -> str:
         """The ``reduction`` of ``bcr_kernels.policy_loss`` for TRL's ``loss_type``."""
-        return LOSS_TYPES[self.loss_type]
+        return LOSS_TYPES[self.loss_type][1]
+
+    @property
+    def objective(self) -> str:
+        """The ``objective`` of ``bcr_kernels.policy_loss`` for TRL's ``loss_type``."""
+        return LOSS_TYPES[self.loss_type][0]
+
+    @property
+    def rollout_correction(self) -> bool:
+        """Whether the loss is reweighted by the rollout engine's log-probs."""
+        if self.vllm_importance_sampling_correction is None:
+            return self.rollout_engine == "vllm"
+        return self.vllm_importance_sampling_correction
+
+    def policy_loss_kwargs(self) -> dict:
+        """The options of ``bcr_kernels.policy_loss`` / ``fused_linear_policy_loss`` this config sets
+        (the rollout correction only where ``rollout_correction``; the trainer adds the tensors)."""
+        return {
+            "objective": self.objective, "reduction": self.reduction, "beta": self.beta, "epsilon": self.epsilon,
+            "epsilon_high": self.epsilon_high, "delta": self.delta,
+            "importance_sampling_level": self.importance_sampling_level,
+            "sapo_temperature_pos": self.sapo_temperature_pos, "sapo_temperature_neg": self.sapo_temperature_neg,
+            "vespo_k_pos": self.vespo_k_pos, "vespo_lambda_pos": self.vespo_lambda_pos,
+            "vespo_k_neg": self.vespo_k_neg, "vespo_lambda_neg": self.vespo_lambda_neg,
+            "use_bias_correction_kl": self.use_bias_correction_kl,
+            "off_policy_mask_threshold": self.off_policy_mask_threshold,
+            "importance_sampling_mode": self.vllm_importance_sampling_mode if self.rollout_correction else None,
+            "importance_sampling_clip_min": self.vllm_importance_sampling_clip_min,
+            "importance_sampling_clip_max": self.vllm_importance_sampling_clip_max,
+        }
 
     @property
     def n_values(self) -> list[int]:

@@ -12,7 +12,8 @@ Each training step (:meth:`BCRTrainer.training_step`):
    accuracy, or a TRL-style ``reward_fn``), and turn the rewards [G, N] into advantages;
 4. pack prompt + completion tokens of all samples into padding-free rows, run the model backbone with
    varlen attention, and compute log-probs of the completion tokens only with the fused LM-head
-   kernel; scatter each instance's advantage onto its tokens; clipped policy loss (+ KL);
+   kernel; scatter each instance's advantage onto its tokens; the policy loss of ``loss_type`` at
+   ``importance_sampling_level`` (+ KL, rollout correction, masks; see ``BCRConfig.policy_loss_kwargs``);
 5. backward (micro-batches share one global normaliser), clip the gradient norm, AdamW, LR schedule;
 6. metrics, computed from what was scored and from the update.
 
@@ -38,7 +39,7 @@ import dataclasses
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -213,6 +214,11 @@ def _as_instance_rewards(value, n: int) -> list[float]:
     return [0.0 if v is None else float(v) for v in values]
 
 
+def _loss_mask(sample: Sample) -> list[float]:
+    mask = getattr(sample, "loss_mask", None)
+    return [1.0] * len(sample.completion_ids) if mask is None else list(mask)
+
+
 def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
     """Multiplier of the peak learning rate after ``update`` optimizer updates."""
 
@@ -250,6 +256,36 @@ class Microbatches:
     normalizer: float
     real: int
     unshared_tokens: int = 0  # the tokens of the real rows had no prompt been shared
+    masks: list[torch.Tensor] | None = None  # per row: fp32 [C], 0 where mask_truncated_completions masks
+    sampling: list[torch.Tensor | None] | None = None  # per row: the rollout engine's log-probs [C], or None
+
+
+@dataclass
+class RolloutSample(Sample):
+    """A ``Sample`` with what the rollout engine and the truncation mask add, per completion token."""
+
+    sampling_logprobs: Sequence[float] | None = None  # the engine's log-probs (rollout correction)
+    loss_mask: Sequence[float] | None = None  # 0 = left out of the loss (mask_truncated_completions)
+
+
+def truncation_mask(generation: Generation, parsed: ParsedCompletion, segment_ids: Sequence[int],
+                    scope: str) -> list[float] | None:
+    """Per completion token, 1 = in the loss, for ``mask_truncated_completions`` (None: nothing masked).
+
+    ``completion`` (TRL): a truncated completion is masked whole. ``unanswered`` (BCR): the cut spoils
+    only what it interrupted, so a truncated completion keeps its tokens up to the last token of the
+    last problem that got an answer (those problems keep their reward) and masks the unfinished tail
+    after it; with no answered problem it is masked whole. Causal attention makes masking a tail an
+    exact removal of it: the kept tokens' log-probs never see it.
+    """
+    n = len(generation.completion_ids)
+    if not generation.truncated:
+        return None
+    if scope == "completion":
+        return [0.0] * n
+    answered = {k for k, inst in enumerate(parsed.instances) if inst.answer is not None}
+    last = max((t for t, k in enumerate(segment_ids) if k in answered), default=-1)
+    return [1.0 if t <= last else 0.0 for t in range(n)]
 
 
 def _one_of(bcr_name: str, bcr_value, trl_name: str, trl_value) -> tuple[str, object]:
@@ -487,46 +523,72 @@ class BCRTrainer:
 
     def samples(self, groups: list[list[Generation]], parsed: list[list[ParsedCompletion]],
                 advantages: list[torch.Tensor]) -> list[Sample]:
-        """One training sample per completion: its tokens, its N advantages and (instance mode) the
-        instance each completion token belongs to (sequence mode: every token gets the same one)."""
-        instance = self.config.advantage_mode == "instance"
-        return [Sample(g.prompt_ids, g.completion_ids, adv_i.tolist(),
-                       completion_segment_ids(self.tokenizer, g.completion_ids, p) if instance else None)
-                for group, pgroup, adv in zip(groups, parsed, advantages)
-                for g, p, adv_i in zip(group, pgroup, adv)]
+        """One training sample per completion: its tokens, its N advantages, (instance mode) the
+        instance each completion token belongs to (sequence mode: every token gets the same one), the
+        engine's log-probs (when it reports them: the rollout correction and the off-policy mask use
+        them) and the truncation mask (when ``mask_truncated_completions``)."""
+        cfg = self.config
+        instance = cfg.advantage_mode == "instance"
+        out = []
+        for group, pgroup, adv in zip(groups, parsed, advantages):
+            for g, p, adv_i in zip(group, pgroup, adv):
+                need = instance or (cfg.mask_truncated_completions and g.truncated)
+                seg = completion_segment_ids(self.tokenizer, g.completion_ids, p) if need else None
+                mask = truncation_mask(g, p, seg, cfg.mask_truncated_scope) if cfg.mask_truncated_completions else None
+                sampling = g.sampling_logprobs  # the correction (if on) and the off-policy mask read them
+                if sampling is not None and len(sampling) != len(g.completion_ids):
+                    raise ValueError(f"the rollout engine gave {len(sampling)} log-probs for {len(g.completion_ids)} "
+                                     "completion tokens")
+                out.append(RolloutSample(g.prompt_ids, g.completion_ids, adv_i.tolist(), seg if instance else None,
+                                         sampling, mask))
+        return out
 
     # ------------------------------------------------------------------------------------------
     # Update
     # ------------------------------------------------------------------------------------------
     def microbatches(self, samples: list[Sample]) -> Microbatches:
         """``samples`` packed into rows (``gradient_accumulation_steps`` groups, each cut at
-        ``max_tokens_per_microbatch``), their per-token advantages and the global loss normaliser."""
+        ``max_tokens_per_microbatch``), their per-token advantages, masks and engine log-probs, and the
+        global loss normaliser."""
         cfg = self.config
         per = math.ceil(len(samples) / cfg.gradient_accumulation_steps) if samples else 1
-        rows = [row.to(self.device)
-                for i in range(0, len(samples), per)
-                for row in pack_samples(samples[i : i + per], cfg.max_tokens_per_microbatch,
-                                        share_prompts=self.share_prompts, pad_to=self.completion_multiple)]
+        rows, masks, sampling = [], [], []
+        for i in range(0, len(samples), per):
+            part = samples[i : i + per]
+            for row in pack_samples(part, cfg.max_tokens_per_microbatch, share_prompts=self.share_prompts,
+                                    pad_to=self.completion_multiple):
+                rows.append(row.to(self.device))
+                mine = [part[j] for j in row.sample_indices]  # completion tokens are in sample order
+                pad = [0.0] * row.completion_padding  # the padding entries of the completion fields: no loss
+                masks.append(torch.tensor([x for s in mine for x in _loss_mask(s)] + pad, dtype=torch.float32,
+                                          device=self.device))
+                smp = [getattr(s, "sampling_logprobs", None) for s in mine]
+                sampling.append(None if any(x is None for x in smp) else
+                                torch.tensor([x for xs in smp for x in xs] + pad, dtype=torch.float32,
+                                             device=self.device))
         normalizer = self._normalizer(samples)
         shared = cfg.shared_advantage if cfg.advantage_mode == "instance" else "mean"
         advantages = [scatter_instance_advantages(r.instance_advantages, r.completion_segment_ids,
                                                   r.completion_cu_seqlens, num_instances=r.num_instances,
                                                   shared=shared) for r in rows]
-        padded = self.scale.even_rows(list(zip(rows, advantages)))
+        padded = self.scale.even_rows(list(zip(rows, advantages, masks, sampling)))
         unshared = sum(len(s.prompt_ids) + len(s.completion_ids) for s in samples)
-        return Microbatches([r for r, _ in padded], [a for _, a in padded], normalizer, real=len(rows),
-                            unshared_tokens=unshared)
+        return Microbatches([r for r, *_ in padded], [a for _, a, *_ in padded], normalizer, real=len(rows),
+                            unshared_tokens=unshared, masks=[m for _, _, m, _ in padded],
+                            sampling=[x for *_, x in padded])
 
     def _normalizer(self, samples: list[Sample]) -> float:
-        """The loss denominator of the whole global batch, per rank (gradients are averaged over ranks)."""
+        """The loss denominator of the whole global batch, per rank (gradients are averaged over ranks):
+        tokens in the loss (``bnpo``: of this rank; ``dapo``, ``cispo``, ``vespo``: of all ranks), or
+        sequences (``grpo``, ``sapo``, ``luspo``; times ``max_completion_length`` for ``dr_grpo``), as TRL."""
         cfg = self.config
-        tokens = sum(len(s.completion_ids) for s in samples)
+        tokens = sum(sum(_loss_mask(s)) for s in samples)
         if cfg.loss_type == "bnpo":
             return float(max(tokens, 1))
         g_tokens, g_seqs = all_reduce_sum([tokens, len(samples)], self.device)
-        if cfg.loss_type == "dapo":
+        if cfg.loss_type in ("dapo", "cispo", "vespo"):
             return max(g_tokens, 1.0) / self.world_size
-        if cfg.loss_type == "grpo":
+        if cfg.loss_type in ("grpo", "sapo", "luspo"):
             return max(g_seqs, 1.0) / self.world_size
         return max(g_seqs, 1.0) * cfg.max_completion_length / self.world_size  # dr_grpo
 
@@ -591,9 +653,11 @@ class BCRTrainer:
         Padding rows, and every row after a non-finite loss, run backward with weight 0, so each rank
         runs the same forwards and backwards (FSDP2 gathers and reduce-scatters in them)."""
         finite, total_loss, last = True, 0.0, len(batch.rows) - 1
+        masks = batch.masks or [None] * len(batch.rows)
+        sampling = batch.sampling or [None] * len(batch.rows)
         for i, (row, adv, old_logp, ref_logp) in enumerate(zip(batch.rows, batch.advantages, old, ref)):
             self.scale.set_gradient_sync(self.policy, i == last)
-            loss, metrics, entropy = self._loss(row, adv, old_logp, ref_logp, batch.normalizer)
+            loss, metrics, entropy = self._loss(row, adv, old_logp, ref_logp, batch.normalizer, masks[i], sampling[i])
             if i < batch.real and not torch.isfinite(loss):
                 finite = False
             if i >= batch.real or not finite:
@@ -607,14 +671,18 @@ class BCRTrainer:
                 stats.add(name, float(value) * c, c)
         return finite, total_loss
 
-    def _loss(self, row: PackedBatch, adv: torch.Tensor, old_logp, ref_logp, normalizer: float):
-        """Clipped policy loss (+ KL) of one row -> (loss, metrics, entropy). Without old log-probs
-        (ratio 1) the loss is fused into the LM head, whose gradients come with the forward."""
+    def _loss(self, row: PackedBatch, adv: torch.Tensor, old_logp, ref_logp, normalizer: float,
+              mask: torch.Tensor | None = None, sampling: torch.Tensor | None = None):
+        """Policy loss (+ KL) of one row -> (loss, metrics, entropy). Without old log-probs (ratio 1)
+        the loss is fused into the LM head, whose gradients come with the forward."""
         cfg = self.config
-        mask = row.completion_weights(adv)  # 0 at the padding entries of the completion fields
-        loss_kwargs = {"ref_logp": ref_logp, "beta": cfg.beta, "epsilon": cfg.epsilon,
-                       "epsilon_high": cfg.epsilon_high, "reduction": cfg.reduction,
-                       "max_completion_length": cfg.max_completion_length, "normalizer": normalizer}
+        if mask is None:
+            mask = row.completion_weights(adv)  # 0 at the padding entries of the completion fields
+        loss_kwargs = cfg.policy_loss_kwargs()
+        if sampling is None:  # no engine log-probs: nothing to correct
+            loss_kwargs["importance_sampling_mode"] = None
+        loss_kwargs.update(ref_logp=ref_logp, max_completion_length=cfg.max_completion_length, normalizer=normalizer,
+                           segment_ids=row.completion_segment_ids, sampling_logp=sampling)
         if old_logp is None:
             fused = {"advantages": adv, "mask": mask, "cu_seqlens": row.completion_cu_seqlens, **loss_kwargs}
             out = self._logprobs(self.policy, row, completion_policy_loss, return_entropy=True, **fused)

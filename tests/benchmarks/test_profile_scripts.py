@@ -107,6 +107,23 @@ def test_profile_step_tiny_in_process(tmp_path, no_interpreter):
     assert out.with_suffix(".png").stat().st_size > 0
 
 
+def test_profile_step_objective_rows(tmp_path, no_interpreter):
+    """``--objectives`` rows run the trainer's step with their options, ratios against packed (dapo)."""
+    out = tmp_path / "obj"
+    rows = ["packed", "packed-sapo", "packed-instance", "packed-is-instance_mask"]
+    assert set(rows[1:]) <= set(ps.OBJECTIVES)
+    rc = ps.main(["--preset", "tiny", "--variants", ",".join(rows), "--repeats", "1", "--warmup", "0",
+                  "--in-process", "--num-completions", "2", "--budget", "24", "--out", str(out)])
+    assert rc == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    ran = {r["variant"]: r for r in report["results"] if "runs" in r}
+    assert set(ran) == set(rows)
+    losses = {v: r["runs"][0]["loss"] for v, r in ran.items()}
+    assert losses["packed-sapo"] != losses["packed"]  # another objective: another loss value (2/tau vs 1)
+    assert ps.parse_args(["--objectives"]).variant_list == ["packed", *ps.OBJECTIVES]
+    assert ps.parse_args(["--objectives"]).baseline == "packed"
+
+
 def test_profile_step_subprocess_child(no_interpreter):
     """The default path: each variant in a fresh process, JSON back through a file."""
     batch = {

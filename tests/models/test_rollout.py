@@ -130,6 +130,11 @@ def test_decode_loop_matches_generate(tiny_tokenizer, tiny_qwen2, temperature, t
 
     assert ids(loop) == ids(ref)
     assert loop == ref  # text and truncation flags too
+    # the drawn tokens' log-probs (the rollout correction's denominator) agree up to float noise
+    for a, b in zip((g for grp in loop for g in grp), (g for grp in ref for g in grp)):
+        assert len(a.sampling_logprobs) == len(b.sampling_logprobs) == len(a.completion_ids)
+        torch.testing.assert_close(torch.tensor(a.sampling_logprobs), torch.tensor(b.sampling_logprobs),
+                                   atol=1e-4, rtol=0)
     lengths = [len(c) for c in ids(ref)]
     if eos_bias:  # the case is non-trivial: rows stop at different steps, some run to budget
         assert len(set(lengths)) > 3

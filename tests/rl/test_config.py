@@ -25,10 +25,33 @@ def test_defaults_follow_trl():
     assert trl_names <= {f.name for f in dataclasses.fields(BCRConfig)}
 
 
-@pytest.mark.parametrize("loss_type,mode", [("dapo", "token_mean"), ("bnpo", "token_mean"),
-                                            ("grpo", "seq_mean_token_mean"), ("dr_grpo", "seq_mean_token_sum_norm")])
-def test_loss_type_maps_to_kernel_modes(loss_type, mode):
-    assert BCRConfig(loss_type=loss_type).reduction == mode
+@pytest.mark.parametrize("loss_type,objective,mode", [
+    ("dapo", "clip", "token_mean"), ("bnpo", "clip", "token_mean"), ("grpo", "clip", "seq_mean_token_mean"),
+    ("dr_grpo", "clip", "seq_mean_token_sum_norm"), ("cispo", "cispo", "token_mean"),
+    ("sapo", "sapo", "seq_mean_token_mean"), ("luspo", "clip", "seq_mean_token_sum"), ("vespo", "vespo", "token_mean"),
+])
+def test_loss_type_maps_to_kernel_modes(loss_type, objective, mode):
+    c = BCRConfig(loss_type=loss_type)
+    assert (c.objective, c.reduction) == (objective, mode)
+    kw = c.policy_loss_kwargs()
+    assert (kw["objective"], kw["reduction"]) == (objective, mode)
+
+
+def test_policy_loss_kwargs_are_the_kernels():
+    """Every option the config hands the loss is a keyword of both loss ops (and means the same)."""
+    import inspect
+
+    import bcr_kernels
+
+    c = BCRConfig(loss_type="sapo", importance_sampling_level="instance", delta=1.4, off_policy_mask_threshold=0.3,
+                  vllm_importance_sampling_correction=True, vllm_importance_sampling_mode="instance_truncate",
+                  vllm_importance_sampling_clip_min=0.5)
+    kw = c.policy_loss_kwargs()
+    for op in (bcr_kernels.policy_loss, bcr_kernels.fused_linear_policy_loss):
+        assert set(kw) <= set(inspect.signature(op).parameters), op.__name__
+    assert kw["importance_sampling_mode"] == "instance_truncate" and kw["importance_sampling_clip_min"] == 0.5
+    assert kw["delta"] == 1.4 and kw["off_policy_mask_threshold"] == 0.3
+    assert BCRConfig().policy_loss_kwargs()["importance_sampling_mode"] is None  # hf: no correction
 
 
 @pytest.mark.parametrize("field,value", [
@@ -37,10 +60,25 @@ def test_loss_type_maps_to_kernel_modes(loss_type, mode):
     ("temperature", 0.0), ("top_p", 1.5), ("beta", -0.1), ("max_steps", 0), ("n_problems", 0),
     ("n_problems", {2: -1.0}), ("bundles_per_step", 0), ("report_to", ["mlflow"]), ("warmup_ratio", 2.0),
     ("save_total_limit", 0), ("learning_rate", "fast"), ("learning_rate", 1e38), ("learning_rate", -1e-6),
+    ("importance_sampling_level", "bundle"), ("delta", 0.0), ("sapo_temperature_neg", 0.0), ("vespo_k_pos", -1.0),
+    ("vllm_importance_sampling_mode", "sequence"), ("vllm_importance_sampling_clip_max", 0.0),
+    ("off_policy_mask_threshold", -0.5), ("mask_truncated_scope", "tail"),
+    ("vllm_importance_sampling_correction", "maybe"),
 ])
 def test_bad_values_name_the_field(field, value):
     with pytest.raises(ConfigError, match=field):
         BCRConfig(**{field: value})
+
+
+def test_cross_field_checks_name_the_field_and_the_fix():
+    with pytest.raises(ConfigError, match="vllm_importance_sampling_clip_min.*must be < vllm_importance_sampling_clip_max"):
+        BCRConfig(vllm_importance_sampling_clip_min=3.0)
+    with pytest.raises(ConfigError, match="vllm_importance_sampling_mode.*clip_min or _max"):
+        BCRConfig(vllm_importance_sampling_mode="token_truncate", vllm_importance_sampling_clip_max=None)
+    with pytest.raises(ConfigError, match="vespo.*token_truncate"):
+        BCRConfig(loss_type="vespo", vllm_importance_sampling_correction=True)
+    BCRConfig(loss_type="vespo", vllm_importance_sampling_correction=True, vllm_importance_sampling_mode="token_mask")
+    BCRConfig(loss_type="vespo")  # hf without correction: the mode does not apply
 
 
 def test_n_problems_forms():
@@ -67,6 +105,8 @@ def test_help_lists_every_option_with_its_default():
     for f in dataclasses.fields(BCRConfig):
         assert f"  {f.name} = " in text, f.name
     assert "bundles_per_step = 8" in text and "GLOBAL number of bundles" in text
+    assert "importance_sampling_level = 'token'" in text and "'instance' (BCR:" in text
+    assert "mask_truncated_scope = 'unanswered'" in text and "vllm_importance_sampling_mode = 'sequence_mask'" in text
 
 
 @pytest.mark.parametrize("field,value,words", [
