@@ -139,7 +139,9 @@ def test_mask_truncated_completions_reaches_the_loss(tmp_path, tiny_tokenizer, p
     samples = trainer.samples([[cut, done]], [[parsed, pdone]], adv)
     batch = trainer.microbatches(samples)
     want = truncation_mask(cut, parsed, seg, scope) + [1.0] * len(done.completion_ids)
-    assert batch.masks[0].tolist() == want
+    pad = batch.rows[0].completion_padding  # the completion fields are padded to a multiple of 16: masked out
+    assert (len(want) + pad) % trainer.completion_multiple == 0
+    assert batch.masks[0].tolist() == want + [0.0] * pad
     assert batch.normalizer == sum(want)
     trainer.model.train()
     loss, _, _ = trainer._loss(batch.rows[0], batch.advantages[0], None, None, batch.normalizer, batch.masks[0])
