@@ -21,8 +21,12 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 
 install: $(VENV)/.installed
 
+# The suite runs on PYTEST_WORKERS processes (pytest-xdist), one test file per worker at a time (module
+# fixtures such as the tiny demo run once); each test uses one torch thread (tests/conftest.py).
+PYTEST_WORKERS ?= 2
+
 test: install
-	$(PYTEST_ENV) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(PYTEST_ENV) $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/pip install -q -e ".[bench]"
