@@ -296,6 +296,13 @@ def _one_of(bcr_name: str, bcr_value, trl_name: str, trl_value) -> tuple[str, ob
     return (trl_name, trl_value) if trl_value is not None else (bcr_name, bcr_value)
 
 
+def default_completion_multiple(device: torch.device) -> int:
+    """16 on CUDA, where the Triton kernels vectorise the completion fields' loads when their length is
+    a multiple of 16; 1 elsewhere: the CPU paths gain nothing from padding, and the padded sums differ in
+    the last bits, which over a run gives another model (the demo's tables were made unpadded)."""
+    return COMPLETION_MULTIPLE if device.type == "cuda" else 1
+
+
 class BCRTrainer:
     """Train ``model`` on ``train_problems`` with Batched Contextual Reinforcement.
 
@@ -318,8 +325,9 @@ class BCRTrainer:
     """
 
     #: The packed rows' completion fields are padded to a multiple of this (vectorised kernel access;
-    #: see ``bcr.rl.packing``); 1 turns the padding off. It changes no loss, gradient or metric.
-    completion_multiple: int = COMPLETION_MULTIPLE
+    #: see ``bcr.rl.packing``); 1 turns the padding off. None: :func:`default_completion_multiple` of the
+    #: device. Padding changes no loss, gradient or metric beyond the last bits of the sums.
+    completion_multiple: int | None = None
 
     def __init__(self, model, train_problems=None, config: BCRConfig | None = None, tokenizer=None,
                  eval_problems=None, reward_fn=None, template=None, *,
@@ -346,6 +354,7 @@ class BCRTrainer:
         warm_up()  # math-verify imports while the model loads, so the first rewards do not wait for it
         self.model, self.tokenizer = _load_model(model, tokenizer, cfg)
         self.device = next(self.model.parameters()).device
+        self.completion_multiple = self.completion_multiple or default_completion_multiple(self.device)
         self.template = _template(template, cfg.numbered_single)
         self.eval_problems = list(evals)
         self.bundles = self._bundle_stream(list(train))

@@ -132,6 +132,7 @@ def test_mask_truncated_completions_reaches_the_loss(tmp_path, tiny_tokenizer, p
     cfg = _cfg(tmp_path, n_problems=3, max_completion_length=40, loss_type="dapo", mask_truncated_completions=True,
                mask_truncated_scope=scope)
     trainer = BCRTrainer(tiny_model(tiny_tokenizer, seed=0), problems, cfg, tokenizer=tiny_tokenizer)
+    trainer.completion_multiple = 16  # padded as on CUDA: the masks must be padded with the completion fields
     cut, parsed, seg = _cut_generation(tiny_tokenizer)
     done_text = "Problem 1: 1+1=2\nAnswer 1: 2\n"
     done, pdone, _ = _cut_generation(tiny_tokenizer, done_text, truncated=False)
@@ -140,7 +141,7 @@ def test_mask_truncated_completions_reaches_the_loss(tmp_path, tiny_tokenizer, p
     batch = trainer.microbatches(samples)
     want = truncation_mask(cut, parsed, seg, scope) + [1.0] * len(done.completion_ids)
     pad = batch.rows[0].completion_padding  # the completion fields are padded to a multiple of 16: masked out
-    assert (len(want) + pad) % trainer.completion_multiple == 0
+    assert pad > 0 and (len(want) + pad) % 16 == 0
     assert batch.masks[0].tolist() == want + [0.0] * pad
     assert batch.normalizer == sum(want)
     trainer.model.train()

@@ -225,3 +225,13 @@ def test_padding_the_completions_changes_no_loss_gradient_or_metric(tiny_tokeniz
         assert padded[name] == pytest.approx(plain[name], rel=1e-5, abs=1e-7), name
     for k in d_plain:
         torch.testing.assert_close(d_padded[k], d_plain[k], rtol=1e-4, atol=1e-7, msg=k)
+
+
+def test_the_completions_are_padded_by_default_only_on_cuda():
+    """Padding helps the CUDA kernels' vector loads; on the CPU it buys nothing and would change the last
+    bits of the demo's sums (another model after a run), so the trainer pads only on CUDA by default."""
+    from bcr.rl.packing import COMPLETION_MULTIPLE
+    from bcr.rl.trainer import default_completion_multiple
+
+    assert default_completion_multiple(torch.device("cuda", 0)) == COMPLETION_MULTIPLE == 16
+    assert default_completion_multiple(torch.device("cpu")) == 1
