@@ -69,6 +69,9 @@ class TaskConfig:
                          "the checks), merged (the chain on one 'Merged: ...' line) and direct (the answer line "
                          "only); each shorter and less reliable than the one before",
                          default_factory=lambda: {"steps": 3.0, "direct": 1.0})
+    styles_by_steps: dict = _help("style weights for the problems of a given number of operations, in place of "
+                                  "styles for them, e.g. {1: {steps: 1, direct: 1}} (direct answers on "
+                                  "one-operation problems only)", default_factory=dict)
     ordinals: bool = _help("problem texts name each operation's place ('First, add 5. Second, subtract 3.'), "
                            "so step k of the work has a word of its own to copy from", default=False)
     numbered_single: bool = _help(
@@ -86,6 +89,10 @@ class TaskConfig:
                               "text and leave nothing to train on)")
         try:
             check_styles(self.styles)
+            for k, weights in self.styles_by_steps.items():
+                if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+                    raise ValueError(f"styles_by_steps: {k!r} is not a number of operations (an int >= 1)")
+                check_styles(weights)
         except ValueError as e:
             raise ConfigError(f"task.{e}") from None
 

@@ -31,12 +31,13 @@ def _held_out(text: str, seed: int, every: int) -> bool:
 
 def worked_only(cfg: DemoConfig) -> DemoConfig:
     """``cfg`` with every solution written in the steps style (the first SFT phase's data; the same problems)."""
-    return dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, styles={"steps": 1.0}))
+    return dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, styles={"steps": 1.0}, styles_by_steps={}))
 
 
 def has_shorter_styles(cfg: DemoConfig) -> bool:
-    """Whether ``task.styles`` gives any problem a style other than steps."""
-    return check_styles(cfg.task.styles)[0] != ["steps"]
+    """Whether ``task.styles`` (or ``task.styles_by_steps``) gives any problem a style other than steps."""
+    mixes = [cfg.task.styles, *cfg.task.styles_by_steps.values()]
+    return any(check_styles(weights)[0] != ["steps"] for weights in mixes)
 
 
 def make_task(cfg: DemoConfig) -> tuple[list[Problem], list[Problem]]:
@@ -49,7 +50,7 @@ def make_task(cfg: DemoConfig) -> tuple[list[Problem], list[Problem]]:
     while len(train) < task.num_train_problems and size < 50 * task.num_train_problems:
         size *= 2
         pool = make_arithmetic_problems(size, seed=cfg.seed, verify_loops=tuple(task.verify_loops),
-                                        styles=task.styles, **kw)
+                                        styles=task.styles, styles_by_steps=task.styles_by_steps, **kw)
         train = [p for p in pool if not _held_out(p.problem, cfg.seed, task.held_out_every)][: task.num_train_problems]
     evals, seen = [], set()
     for p in make_arithmetic_problems(task.num_eval_problems * 200, seed=cfg.seed + 10_007, **kw):

@@ -190,6 +190,7 @@ def make_arithmetic_problems(
     verify_loops: tuple[int, int] = (0, 0),
     styles: Mapping[str, float] | None = None,
     ordinals: bool = False,
+    styles_by_steps: Mapping[int, Mapping[str, float]] | None = None,
 ) -> list[Problem]:
     """``n`` multi-step integer arithmetic problems (``source="synthetic"``).
 
@@ -205,6 +206,9 @@ def make_arithmetic_problems(
             ``{"steps": 1, "merged": 1, "direct": 1}``; each problem draws one.
         ordinals: name each operation's place in the problem text (``"Start with 7. First, add 12.
             Second, multiply by 3."``), so step k of the work has a word of its own to copy from.
+        styles_by_steps: style weights for the problems of a given number of operations, in place of
+            ``styles`` for them, e.g. ``{1: {"steps": 1, "direct": 1}}``: direct answers on one-operation
+            problems only.
 
     ``meta`` always has ``"start"``, ``"operations"`` (list of ``[op, operand]``),
     ``"num_verify_loops"`` (0 when ``with_solution`` is False) and ``"style"``.
@@ -219,6 +223,11 @@ def make_arithmetic_problems(
     if not operators or any(o not in OPERATORS for o in operators):
         raise ValueError(f"operators={operators!r}: use a non-empty string of {''.join(OPERATORS)!r}")
     style_names, style_weights = check_styles(styles)
+    by_steps = {}
+    for k, weights in (styles_by_steps or {}).items():
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"styles_by_steps: {k!r} is not a number of operations (an int >= 1)")
+        by_steps[k] = check_styles(weights)
     ops = "".join(dict.fromkeys(operators))  # unique, order kept
     cap = 10 ** (digits_r[1] + 1)
 
@@ -238,7 +247,8 @@ def make_arithmetic_problems(
         if ordinals:
             phrases = [f"{ORDINALS[j]}, {p[0].lower()}{p[1:]}" for j, p in enumerate(phrases)]
         text = " ".join([f"Start with {start}.", *phrases, "What is the result?"])
-        style = random.Random(f"bcr-synthetic-style:{seed}:{i}").choices(style_names, style_weights)[0]
+        names, weights = by_steps.get(len(operations), (style_names, style_weights))
+        style = random.Random(f"bcr-synthetic-style:{seed}:{i}").choices(names, weights)[0]
         meta: dict = {"start": start, "operations": [[o, x] for o, x in operations], "num_verify_loops": 0,
                       "style": style}
         prob = Problem(id=f"synth-{seed}-{i}", problem=text, answer=answer, source="synthetic", meta=meta)

@@ -174,6 +174,9 @@ def test_the_stage_configs_of_the_defaults():
     ("task.styles={short: 1}", r"task.styles: unknown style\(s\) \['short'\]"),
     ("task.styles={steps: -1}", r"task.styles\['steps'\]=-1.*>= 0"),
     ("length.method=l2", r"length.method='l2': must be one of \['kimi', 'linear'\]"),
+    ("task.styles_by_steps={0: {direct: 1}}", "task.styles_by_steps: 0 is not a number of operations"),
+    ("task.styles_by_steps={1: {quick: 1}}", r"task.styles: unknown style\(s\) \['quick'\]"),
+    ("task.held_out_every=1", "task.held_out_every=1: must be >= 2"),
 ])
 def test_bad_nested_options_fail_clearly(option, message):
     with pytest.raises(ConfigError, match=message):

@@ -228,3 +228,17 @@ def test_section_styles_follow_the_template_headers_and_answer_lines():
     assert "### Problem" not in text
     assert section_styles(text, t) == [p.meta["style"] for p in ps]
     assert section_styles(text) == ["other"]  # read with the default template: no header, one section
+
+
+def test_styles_by_steps_sets_the_style_of_each_difficulty_and_leaves_the_problems_alone():
+    plain = make_arithmetic_problems(300, seed=4, steps=(1, 2))
+    mixed = make_arithmetic_problems(300, seed=4, steps=(1, 2), styles_by_steps={1: {"steps": 1, "direct": 1}})
+    assert [p.problem for p in mixed] == [p.problem for p in plain]
+    one = [p for p in mixed if len(p.meta["operations"]) == 1]
+    two = [p for p in mixed if len(p.meta["operations"]) == 2]
+    assert {p.meta["style"] for p in two} == {"steps"}  # styles (default: steps) for the others
+    assert 0.3 < sum(p.meta["style"] == "direct" for p in one) / len(one) < 0.7
+    with pytest.raises(ValueError, match="styles_by_steps: 'one' is not a number of operations"):
+        make_arithmetic_problems(2, styles_by_steps={"one": {"direct": 1}})
+    with pytest.raises(ValueError, match="unknown style"):
+        make_arithmetic_problems(2, styles_by_steps={1: {"shortcut": 1}})
