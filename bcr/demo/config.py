@@ -20,7 +20,7 @@ from bcr.rl.config import MAX_LEARNING_RATE, BCRConfig
 from bcr.runtime.dataclass_cli import ConfigError, check_fields
 from bcr.eval.sweep import EvalConfig
 from bcr.task.prompts import PromptTemplate
-from bcr.task.synthetic import check_styles
+from bcr.task.synthetic import check_styles, check_styles_by_steps
 
 STAGES = ("sft", "bcr", "length", "eval")
 #: the explicit length penalties of stage length (and the study), each added to accuracy x a weight
@@ -89,10 +89,7 @@ class TaskConfig:
                               "text and leave nothing to train on)")
         try:
             check_styles(self.styles)
-            for k, weights in self.styles_by_steps.items():
-                if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-                    raise ValueError(f"styles_by_steps: {k!r} is not a number of operations (an int >= 1)")
-                check_styles(weights)
+            check_styles_by_steps(self.styles_by_steps)
         except ValueError as e:
             raise ConfigError(f"task.{e}") from None
 

@@ -48,7 +48,8 @@ REPORT_TO = ("tensorboard", "wandb")
 MODEL_DTYPES = ("auto", "float32", "bfloat16")  # bcr.models.loading.DTYPES
 REWARD_EXTRACTIONS = ("strict", "flexible")  # bcr.task.scoring.EXTRACTIONS
 CHOICES = {"loss_type": LOSS_TYPES, "importance_sampling_level": IMPORTANCE_SAMPLING_LEVELS,
-           "vllm_importance_sampling_mode": IS_MODES, "mask_truncated_scope": TRUNCATED_SCOPES, "lr_scheduler_type": SCHEDULERS, "scale_rewards": SCALE_REWARDS,
+           "vllm_importance_sampling_mode": IS_MODES, "mask_truncated_scope": TRUNCATED_SCOPES,
+           "lr_scheduler_type": SCHEDULERS, "scale_rewards": SCALE_REWARDS,
            "advantage_mode": ADVANTAGE_MODES, "shared_advantage": SHARED_ADVANTAGES,
            "rollout_engine": ROLLOUT_ENGINES, "distributed_strategy": DISTRIBUTED_STRATEGIES,
            "model_dtype": MODEL_DTYPES, "shared_prompt": SHARED_PROMPT, "reward_extraction": REWARD_EXTRACTIONS}

@@ -256,7 +256,7 @@ class Microbatches:
     normalizer: float
     real: int
     unshared_tokens: int = 0  # the tokens of the real rows had no prompt been shared
-    masks: list[torch.Tensor] | None = None  # per row: fp32 [C], 0 where mask_truncated_completions masks
+    masks: list[torch.Tensor | None] | None = None  # per row: fp32 [C], 0 where masked (None: no token is)
     sampling: list[torch.Tensor | None] | None = None  # per row: the rollout engine's log-probs [C], or None
 
 
@@ -569,8 +569,10 @@ class BCRTrainer:
                 rows.append(row.to(self.device))
                 mine = [part[j] for j in row.sample_indices]  # completion tokens are in sample order
                 pad = [0.0] * row.completion_padding  # the padding entries of the completion fields: no loss
+                # None: every token counts (the row's own mask, 0 at padding, is used) / no engine log-probs
+                masked = any(getattr(s, "loss_mask", None) is not None for s in mine)
                 masks.append(torch.tensor([x for s in mine for x in _loss_mask(s)] + pad, dtype=torch.float32,
-                                          device=self.device))
+                                          device=self.device) if masked else None)
                 smp = [getattr(s, "sampling_logprobs", None) for s in mine]
                 sampling.append(None if any(x is None for x in smp) else
                                 torch.tensor([x for xs in smp for x in xs] + pad, dtype=torch.float32,

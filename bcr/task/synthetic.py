@@ -53,7 +53,8 @@ from collections.abc import Mapping
 from bcr.data.problems import Problem
 from bcr.task.prompts import PromptTemplate, bundle_solution, format_solution
 
-__all__ = ["OPERATORS", "ORDINALS", "STYLES", "bundle_solution", "check_styles", "format_solution",
+__all__ = ["OPERATORS", "ORDINALS", "STYLES", "bundle_solution", "check_styles", "check_styles_by_steps",
+           "format_solution",
            "make_arithmetic_problems", "section_styles", "solve_steps"]
 
 #: operator symbol -> its phrase in the problem text (the symbol itself is written in solutions)
@@ -95,6 +96,16 @@ def check_styles(styles: Mapping[str, float] | None) -> tuple[list[str], list[fl
     if not names:
         raise ValueError(f"styles={dict(styles)!r}: at least one weight must be > 0")
     return names, [float(styles[k]) for k in names]
+
+
+def check_styles_by_steps(styles_by_steps: Mapping[int, Mapping[str, float]] | None) -> dict:
+    """``{number of operations: (names, weights)}`` of a ``styles_by_steps`` mapping (see :func:`check_styles`)."""
+    out = {}
+    for k, weights in (styles_by_steps or {}).items():
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"styles_by_steps: {k!r} is not a number of operations (an int >= 1)")
+        out[k] = check_styles(weights)
+    return out
 
 
 #: the first work line of each written-out style (a direct section starts with its answer line)
@@ -223,11 +234,7 @@ def make_arithmetic_problems(
     if not operators or any(o not in OPERATORS for o in operators):
         raise ValueError(f"operators={operators!r}: use a non-empty string of {''.join(OPERATORS)!r}")
     style_names, style_weights = check_styles(styles)
-    by_steps = {}
-    for k, weights in (styles_by_steps or {}).items():
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"styles_by_steps: {k!r} is not a number of operations (an int >= 1)")
-        by_steps[k] = check_styles(weights)
+    by_steps = check_styles_by_steps(styles_by_steps)
     ops = "".join(dict.fromkeys(operators))  # unique, order kept
     cap = 10 ** (digits_r[1] + 1)
 
