@@ -20,7 +20,7 @@ from bcr.rl.config import MAX_LEARNING_RATE, BCRConfig
 from bcr.runtime.dataclass_cli import ConfigError, check_fields
 from bcr.eval.sweep import EvalConfig
 from bcr.task.prompts import PromptTemplate
-from bcr.task.synthetic import check_styles, check_styles_by_steps
+from bcr.task.synthetic import PHRASINGS, check_styles, check_styles_by_steps
 
 STAGES = ("sft", "bcr", "length", "eval")
 #: the explicit length penalties of stage length (and the study), each added to accuracy x a weight
@@ -74,6 +74,9 @@ class TaskConfig:
                                   "one-operation problems only)", default_factory=dict)
     ordinals: bool = _help("problem texts name each operation's place ('First, add 5. Second, subtract 3.'), "
                            "so step k of the work has a word of its own to copy from", default=False)
+    phrasings: int = _help("how many wordings of the problem text ('Start with 7. ... What is the result?', "
+                           "'Take 7. ... What do you get?', ...; up to 12) the problems use: with several, a "
+                           "held-out text can be a new wording of a fact the model was trained on", default=1)
     numbered_single: bool = _help(
         "N = 1 prompts and solutions use the numbered format of N > 1 ('Problem 1:', '### Problem 1', "
         "'Answer 1:') in every stage, so the format costs the same tokens per problem at every N",
@@ -83,7 +86,9 @@ class TaskConfig:
         check_fields(self)  # types from the annotations: whole ints, finite floats, no list for a scalar
         for name in ("problem_steps", "problem_digits", "verify_loops"):
             setattr(self, name, _int_range("task", name, getattr(self, name)))
-        _at_least_one("task", self, ("num_train_problems", "num_eval_problems"))
+        _at_least_one("task", self, ("num_train_problems", "num_eval_problems", "phrasings"))
+        if self.phrasings > len(PHRASINGS):
+            raise ConfigError(f"task.phrasings={self.phrasings!r}: there are {len(PHRASINGS)} wordings")
         if self.held_out_every < 2:
             raise ConfigError(f"task.held_out_every={self.held_out_every!r}: must be >= 2 (1 would hold out every "
                               "text and leave nothing to train on)")

@@ -45,7 +45,7 @@ def make_task(cfg: DemoConfig) -> tuple[list[Problem], list[Problem]]:
     evaluation problems are distinct held-out texts."""
     task = cfg.task
     kw = {"steps": tuple(task.problem_steps), "digits": tuple(task.problem_digits), "operators": task.operators,
-          "ordinals": task.ordinals}
+          "ordinals": task.ordinals, "phrasings": task.phrasings}
     train, size = [], task.num_train_problems
     while len(train) < task.num_train_problems and size < 50 * task.num_train_problems:
         size *= 2

@@ -53,7 +53,7 @@ from collections.abc import Mapping
 from bcr.data.problems import Problem
 from bcr.task.prompts import PromptTemplate, bundle_solution, format_solution
 
-__all__ = ["OPERATORS", "ORDINALS", "STYLES", "bundle_solution", "check_styles", "check_styles_by_steps",
+__all__ = ["OPERATORS", "ORDINALS", "PHRASINGS", "STYLES", "bundle_solution", "check_styles", "check_styles_by_steps",
            "format_solution",
            "make_arithmetic_problems", "section_styles", "solve_steps"]
 
@@ -61,6 +61,24 @@ __all__ = ["OPERATORS", "ORDINALS", "STYLES", "bundle_solution", "check_styles",
 OPERATORS = {"+": "Add {x}.", "-": "Subtract {x}.", "*": "Multiply by {x}.", "/": "Divide by {x}."}
 #: the words that name an operation's place with ``ordinals=True``
 ORDINALS = ("First", "Second", "Third", "Fourth", "Fifth", "Sixth", "Seventh", "Eighth", "Ninth")
+#: (opening, question) pairs of the problem text; ``phrasings=k`` draws one of the first k per problem
+#: (the first is the only one by default). The numbers sit in the same places in every pair, so a fact
+#: trained in one wording can be recognised in another: a held-out text is then a new wording of a
+#: fact, not a new fact (the one-operation facts are few: 126 with one digit and ``+-``).
+PHRASINGS = (
+    ("Start with {x}.", "What is the result?"),
+    ("Begin with {x}.", "What do you get?"),
+    ("Take {x}.", "What is the answer?"),
+    ("You have {x}.", "What number is it now?"),
+    ("Think of {x}.", "What is the result?"),
+    ("Start with {x}.", "What do you get?"),
+    ("Begin with {x}.", "What is the answer?"),
+    ("Take {x}.", "What number is it now?"),
+    ("You have {x}.", "What is the result?"),
+    ("Think of {x}.", "What do you get?"),
+    ("Start with {x}.", "What is the answer?"),
+    ("Begin with {x}.", "What number is it now?"),
+)
 #: the ways a worked solution can be written, longest (and most reliable for a small model) first
 STYLES = ("steps", "merged", "direct")
 
@@ -202,6 +220,7 @@ def make_arithmetic_problems(
     styles: Mapping[str, float] | None = None,
     ordinals: bool = False,
     styles_by_steps: Mapping[int, Mapping[str, float]] | None = None,
+    phrasings: int = 1,
 ) -> list[Problem]:
     """``n`` multi-step integer arithmetic problems (``source="synthetic"``).
 
@@ -233,6 +252,8 @@ def make_arithmetic_problems(
     loops_r = _check_range("verify_loops", verify_loops, 0)
     if not operators or any(o not in OPERATORS for o in operators):
         raise ValueError(f"operators={operators!r}: use a non-empty string of {''.join(OPERATORS)!r}")
+    if isinstance(phrasings, bool) or not isinstance(phrasings, int) or not 1 <= phrasings <= len(PHRASINGS):
+        raise ValueError(f"phrasings={phrasings!r}: must be an int in 1..{len(PHRASINGS)}")
     style_names, style_weights = check_styles(styles)
     by_steps = check_styles_by_steps(styles_by_steps)
     ops = "".join(dict.fromkeys(operators))  # unique, order kept
@@ -253,7 +274,9 @@ def make_arithmetic_problems(
         phrases = [OPERATORS[o].format(x=x) for o, x in operations]
         if ordinals:
             phrases = [f"{ORDINALS[j]}, {p[0].lower()}{p[1:]}" for j, p in enumerate(phrases)]
-        text = " ".join([f"Start with {start}.", *phrases, "What is the result?"])
+        opening, question = PHRASINGS[random.Random(f"bcr-synthetic-phrasing:{seed}:{i}").randrange(phrasings)
+                                      if phrasings > 1 else 0]
+        text = " ".join([opening.format(x=start), *phrases, question])
         names, weights = by_steps.get(len(operations), (style_names, style_weights))
         style = random.Random(f"bcr-synthetic-style:{seed}:{i}").choices(names, weights)[0]
         meta: dict = {"start": start, "operations": [[o, x] for o, x in operations], "num_verify_loops": 0,

@@ -177,6 +177,8 @@ def test_the_stage_configs_of_the_defaults():
     ("task.styles_by_steps={0: {direct: 1}}", "task.styles_by_steps: 0 is not a number of operations"),
     ("task.styles_by_steps={1: {quick: 1}}", r"task.styles: unknown style\(s\) \['quick'\]"),
     ("task.held_out_every=1", "task.held_out_every=1: must be >= 2"),
+    ("task.phrasings=0", "task.phrasings=0: must be >= 1"),
+    ("task.phrasings=13", "task.phrasings=13: there are 12 wordings"),
 ])
 def test_bad_nested_options_fail_clearly(option, message):
     with pytest.raises(ConfigError, match=message):

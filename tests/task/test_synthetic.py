@@ -7,7 +7,7 @@ import re
 import pytest
 
 from bcr.task.prompts import PromptTemplate, bundle_solution
-from bcr.task.synthetic import STYLES, make_arithmetic_problems, section_styles
+from bcr.task.synthetic import PHRASINGS, STYLES, make_arithmetic_problems, section_styles
 
 _STEP = {"Add": "+", "Subtract": "-", "Multiply by": "*", "Divide by": "/"}
 
@@ -218,6 +218,30 @@ def test_ordinals_name_each_operation_and_change_nothing_else():
         assert re.sub(r"(First|Second|Third|Fourth), (\w)", lambda m: m.group(2).upper(), b.problem) == a.problem
     with pytest.raises(ValueError, match="with ordinals at most 9"):
         make_arithmetic_problems(2, steps=(1, 10), ordinals=True)
+
+
+def test_phrasings_reword_the_text_and_change_nothing_else():
+    plain = make_arithmetic_problems(200, seed=4, steps=(1, 3))
+    assert plain == make_arithmetic_problems(200, seed=4, steps=(1, 3), phrasings=1)  # the default
+    for k in (2, 5, len(PHRASINGS)):
+        worded = make_arithmetic_problems(200, seed=4, steps=(1, 3), phrasings=k)
+        used = set()
+        for a, b in zip(plain, worded):
+            assert (a.answer, a.meta, a.id) == (b.answer, b.meta, b.id)  # numbers, solution, style
+            def middle(text, pair):
+                opening, question = pair[0].format(x=b.meta["start"]), pair[1]
+                ok = text.startswith(opening + " ") and text.endswith(" " + question)
+                return text[len(opening): -len(question)] if ok else None
+
+            pair = next(j for j, p in enumerate(PHRASINGS) if middle(b.problem, p) is not None)
+            assert pair < k
+            used.add(PHRASINGS[pair])
+            # between the opening and the question the text is the plain one
+            assert middle(b.problem, PHRASINGS[pair]) == middle(a.problem, PHRASINGS[0])
+        assert len(used) == k  # 200 draws cover every allowed wording
+    for bad in (0, len(PHRASINGS) + 1, True, 2.0):
+        with pytest.raises(ValueError, match="phrasings"):
+            make_arithmetic_problems(2, phrasings=bad)
 
 
 def test_section_styles_follow_the_template_headers_and_answer_lines():
