@@ -125,7 +125,12 @@ class SFTConfig:
     style_steps: int = _help("then optimizer steps on the mix of task.styles (skipped when the mix is the steps "
                              "style alone): trained from scratch on the mix, the 0.55M model never learns to "
                              "copy operands reliably", default=500)
-    style_learning_rate: float = _help("AdamW peak learning rate of the style_steps (warm-up, cosine decay)",
+    direct_steps: int = _help("between the two: optimizer steps on the training problems task.styles writes "
+                              "'direct', alone (bundles of their answer lines): the facts the model is to know by "
+                              "heart before it learns when to use them; in the mix they are too few answer tokens "
+                              "to be learnt (0: no such phase)", default=0)
+    style_learning_rate: float = _help("AdamW peak learning rate of the direct_steps and style_steps (warm-up, "
+                                       "cosine decay)",
                                        default=1e-3)
     batch_size: int = _help("sequences per step", default=8)
     learning_rate: float = _help("AdamW peak learning rate (linear warm-up, cosine decay)", default=4e-3)
@@ -141,8 +146,9 @@ class SFTConfig:
         for name in ("learning_rate", "style_learning_rate"):
             if not 0 <= getattr(self, name) <= MAX_LEARNING_RATE:
                 raise ConfigError(f"sft.{name}={getattr(self, name)!r} must lie in [0, {MAX_LEARNING_RATE:g}]")
-        if self.style_steps < 0:
-            raise ConfigError(f"sft.style_steps={self.style_steps!r} must be >= 0")
+        for name in ("style_steps", "direct_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"sft.{name}={getattr(self, name)!r} must be >= 0")
         if self.weight_decay < 0:
             raise ConfigError(f"sft.weight_decay={self.weight_decay!r} must be >= 0")
         _at_least_one("sft", self, ("steps", "batch_size"))
@@ -228,6 +234,10 @@ class DemoConfig:
         if self.rl.max_steps < 1:
             raise ConfigError(f"rl.max_steps={self.rl.max_steps}: the demo's RL stages run a fixed number of "
                               "steps; give one >= 1")
+        if self.sft.direct_steps and not any(
+                "direct" in check_styles(w)[0] for w in [self.task.styles, *self.task.styles_by_steps.values()]):
+            raise ConfigError(f"sft.direct_steps={self.sft.direct_steps}: no problem is written 'direct' "
+                              f"(task.styles={self.task.styles}, task.styles_by_steps={self.task.styles_by_steps})")
         if self.task.num_eval_problems < max(self.eval.n_values):
             raise ConfigError(f"task.num_eval_problems={self.task.num_eval_problems} is smaller than the largest N "
                               f"of eval.n_values={self.eval.n_values}")

@@ -69,7 +69,8 @@ def _fresh_dir(path: Path) -> Path:
 # ----------------------------------------------------------------------------------------------
 def run_sft(cfg: DemoConfig, console: Console | None = None) -> dict:
     """Stage 1: build the tokenizer and the tiny model, fine-tune it on verbose worked solutions, then
-    (when ``task.styles`` holds shorter styles) on the task's mix of styles for ``sft.style_steps``."""
+    (``sft.direct_steps``) on the direct answers alone, then (when ``task.styles`` holds shorter
+    styles) on the task's mix of styles for ``sft.style_steps``."""
     console = console or Console()
     t0 = time.perf_counter()
     out = _fresh_dir(stage_dir(cfg, "sft"))
@@ -81,13 +82,20 @@ def run_sft(cfg: DemoConfig, console: Console | None = None) -> dict:
                   f"{n_params / 1e6:.2f}M parameters, {len(train)} training problems")
     log = train_sft(model, sft_batches(train, tokenizer, cfg), cfg.sft, pad_token_id=tokenizer.pad_token_id,
                     seed=cfg.seed, progress=cfg.progress)
+    styled, _ = make_task(cfg) if has_shorter_styles(cfg) else (train, None)
+    if cfg.sft.direct_steps:
+        direct = [p for p in styled if p.meta["style"] == "direct"]
+        console.print(f"  then {cfg.sft.direct_steps} steps on the direct answers of {len(direct)} problems alone")
+        phase = dataclasses.replace(cfg.sft, steps=cfg.sft.direct_steps, learning_rate=cfg.sft.style_learning_rate)
+        more = train_sft(model, sft_batches(direct, tokenizer, cfg), phase, pad_token_id=tokenizer.pad_token_id,
+                         seed=cfg.seed, progress=cfg.progress)
+        log += [{**r, "step": r["step"] + len(log), "phase": "direct"} for r in more]
     if has_shorter_styles(cfg) and cfg.sft.style_steps:
-        styled, _ = make_task(cfg)
         console.print(f"  then {cfg.sft.style_steps} steps on the styles {cfg.task.styles}")
         phase = dataclasses.replace(cfg.sft, steps=cfg.sft.style_steps, learning_rate=cfg.sft.style_learning_rate)
         more = train_sft(model, sft_batches(styled, tokenizer, cfg), phase, pad_token_id=tokenizer.pad_token_id,
                          seed=cfg.seed, progress=cfg.progress)
-        log += [{**r, "step": r["step"] + cfg.sft.steps, "phase": "styles"} for r in more]
+        log += [{**r, "step": r["step"] + len(log), "phase": "styles"} for r in more]
         train = styled
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
