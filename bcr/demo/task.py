@@ -30,8 +30,10 @@ def _held_out(text: str, seed: int, every: int) -> bool:
 
 
 def worked_only(cfg: DemoConfig) -> DemoConfig:
-    """``cfg`` with every solution written in the steps style (the first SFT phase's data; the same problems)."""
-    return dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, styles={"steps": 1.0}, styles_by_steps={}))
+    """``cfg`` with every solution written in the steps style (the first SFT phase's data; the same problems;
+    no direct answers, so no ``sft.direct_steps``)."""
+    return dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, styles={"steps": 1.0}, styles_by_steps={}),
+                               sft=dataclasses.replace(cfg.sft, direct_steps=0))
 
 
 def has_shorter_styles(cfg: DemoConfig) -> bool:

@@ -20,7 +20,7 @@ from bcr.demo.config import DemoConfig, ModelConfig, SFTConfig, TaskConfig, demo
 from bcr.demo.sft import pack, padded_loss, sft_batches, sft_bundle_batches, sft_loss, train_sft
 from bcr.demo.stages import run_sft
 from bcr.demo.task import build_tokenizer_and_model, make_task, sft_example
-from bcr.runtime.dataclass_cli import load_dataclass
+from bcr.runtime.dataclass_cli import ConfigError, load_dataclass
 
 ARCHS = ("llama", "qwen2")
 
@@ -166,3 +166,30 @@ def test_the_second_phase_trains_on_the_styles():
     worked, _ = make_task(worked_only(cfg))
     assert [(p.problem, p.answer) for p in worked] == [(p.problem, p.answer) for p in train]
     assert {p.meta["style"] for p in worked} == {"steps"}
+
+
+def test_the_direct_phase_trains_on_the_direct_answers_alone_between_the_two(tmp_path, torch_kernels, monkeypatch):
+    """sft.direct_steps: a phase between the worked and the styles phases, on the training problems the
+    styles write 'direct' (their answer lines alone), with its own warm-up to sft.style_learning_rate."""
+    import bcr.demo.stages as stages
+
+    seen = []
+    real = stages.sft_batches
+    monkeypatch.setattr(stages, "sft_batches", lambda problems, *a: seen.append(problems) or real(problems, *a))
+    cfg = _cfg("llama", tmp_path / "d", styles={"steps": 1.0, "direct": 1.0}, steps=3, direct_steps=2,
+               style_steps=2, packed=False)
+    run_sft(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "d" / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, 7]
+    assert [r.get("phase") for r in rows] == [None] * 3 + ["direct"] * 2 + ["styles"] * 2
+    assert max(r["lr"] for r in rows[3:5]) == cfg.sft.style_learning_rate
+    worked, direct, styled = seen
+    assert {p.meta["style"] for p in worked} == {"steps"}
+    assert direct and {p.meta["style"] for p in direct} == {"direct"}
+    assert [p.id for p in direct] == [p.id for p in styled if p.meta["style"] == "direct"]
+    assert all(p.meta["steps"] == [] for p in direct)  # answer lines only
+    # a direct phase needs direct answers in the task
+    with pytest.raises(ConfigError, match="sft.direct_steps=5: no problem is written 'direct'"):
+        load_dataclass(DemoConfig, overrides=["sft.direct_steps=5", "task.styles={steps: 1}"])
+    with pytest.raises(ConfigError, match="sft.direct_steps=-1 must be >= 0"):
+        load_dataclass(DemoConfig, overrides=["sft.direct_steps=-1"])
