@@ -42,7 +42,7 @@ def test_direct_recall_measures_trained_and_held_out_texts_and_training_raises_r
     task = ["task.problem_steps=[1,2]", "task.phrasings=3", "task.num_train_problems=64", "task.num_eval_problems=6"]
     tiny = [*task, *TINY[len(TASK):]]
     run_demo(load_dataclass(DemoConfig, overrides=[f"output_dir={tmp_path}", *tiny]))
-    assert direct_recall.main([str(tmp_path), *task, "--train-steps", "200", "--lr", "1e-2"]) == 0
+    assert direct_recall.main([str(tmp_path), *task, "--train-steps", "100", "--lr", "1e-2"]) == 0
     result = json.loads((tmp_path / "direct_recall.json").read_text())
     cfg = load_dataclass(DemoConfig, overrides=task)
     train, held = direct_recall.one_operation_texts(cfg)
@@ -50,6 +50,6 @@ def test_direct_recall_measures_trained_and_held_out_texts_and_training_raises_r
     assert (result["training_texts"], result["held_out_texts"]) == (len(train), len(held))
     assert 126 < len(train) + len(held) <= 3 * 126 and held and not {p.problem for p in train} & {p.problem for p in held}
     first, last = result["rows"][0], result["rows"][-1]
-    assert [r["step"] for r in result["rows"]] == [0, 100, 200]
-    assert last["training"] > first["training"] + 0.05  # 0 -> 0.14 for this 1-layer, width-32 model
+    assert [r["step"] for r in result["rows"]] == [0, 100]
+    assert last["training"] > first["training"] + 0.05  # 0 -> 0.11 for this 1-layer, width-32 model
     assert "held-out" in capsys.readouterr().out
