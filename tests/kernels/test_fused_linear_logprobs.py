@@ -16,7 +16,6 @@ from bcr_kernels import (
     DEFAULT_CHUNK_BYTES,
     LogprobsOutput,
     _common,
-    _dispatch,
     default_chunk_tokens,
     fused_linear_logprobs,
     reference,
@@ -25,19 +24,6 @@ from bcr_kernels import _fused_linear_logprobs as flp_mod
 from kernel_checks import GemmRecorder
 
 IGN = -100
-
-
-@pytest.fixture(params=["torch", "triton"])
-def backend(request, monkeypatch):
-    """Select the implementation; 'triton' means whatever ``auto`` dispatch gives when it is Triton."""
-    if request.param == "torch":
-        monkeypatch.setenv("BCR_KERNEL_BACKEND", "torch")
-    else:
-        monkeypatch.setenv("BCR_KERNEL_BACKEND", "auto")
-        probe = torch.empty(1)
-        if not _dispatch.use_triton(probe):
-            pytest.skip("Triton path not selected on CPU without TRITON_INTERPRET=1")
-    return request.param
 
 
 def _make(T, H, V, *, dtype=torch.float32, bias=False, ignore=(), seed=0, lead=None):

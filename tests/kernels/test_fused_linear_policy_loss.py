@@ -12,23 +12,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bcr_kernels import FusedPolicyLossOutput, _dispatch, fused_linear_policy_loss, reference
+from bcr_kernels import FusedPolicyLossOutput, fused_linear_policy_loss, reference
 from bcr_kernels import _token_logprobs as tlp_mod
 from kernel_checks import GemmRecorder, LaunchRecorder
 
 IGN = -100
 REDUCTIONS = reference.REDUCTIONS
-
-
-@pytest.fixture(params=["torch", "triton"])
-def backend(request, monkeypatch):
-    if request.param == "torch":
-        monkeypatch.setenv("BCR_KERNEL_BACKEND", "torch")
-    else:
-        monkeypatch.setenv("BCR_KERNEL_BACKEND", "auto")
-        if not _dispatch.use_triton(torch.empty(1)):
-            pytest.skip("Triton path not selected on CPU without TRITON_INTERPRET=1")
-    return request.param
 
 
 def _make(lengths, H=16, V=40, *, bias=False, seed=0, mask_p=0.8, ignore=(), dtype=torch.float32):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import bcr_kernels
-from bcr_kernels import _dispatch, _objectives, fused_linear_policy_loss, reference
+from bcr_kernels import _objectives, fused_linear_policy_loss, reference
 
 LENGTHS = [5, 0, 1, 9, 4]  # an empty and a one-token sequence
 # segment ids per sequence: shared text (-1), a one-token segment, a problem with no tokens (2 in seq 3)
@@ -30,17 +30,6 @@ CASES = {
 LEVELS = ["token", "sequence", "instance"]
 IS_MODES = ["token_truncate", "token_mask", "sequence_truncate", "sequence_mask", "instance_truncate",
             "instance_mask"]
-
-
-@pytest.fixture(params=["torch", "triton"])
-def backend(request, monkeypatch):
-    if request.param == "torch":
-        monkeypatch.setenv("BCR_KERNEL_BACKEND", "torch")
-    else:
-        monkeypatch.setenv("BCR_KERNEL_BACKEND", "auto")
-        if not _dispatch.use_triton(torch.empty(1)):
-            pytest.skip("Triton path not selected on CPU without TRITON_INTERPRET=1")
-    return request.param
 
 
 def _cu(lengths):

@@ -220,6 +220,13 @@ def test_ordinals_name_each_operation_and_change_nothing_else():
         make_arithmetic_problems(2, steps=(1, 10), ordinals=True)
 
 
+def _middle(problem, pair):
+    """The text of ``problem`` between the opening and the question of wording ``pair`` (None: another wording)."""
+    opening, question = pair[0].format(x=problem.meta["start"]), pair[1]
+    ok = problem.problem.startswith(opening + " ") and problem.problem.endswith(" " + question)
+    return problem.problem[len(opening): -len(question)] if ok else None
+
+
 def test_phrasings_reword_the_text_and_change_nothing_else():
     plain = make_arithmetic_problems(200, seed=4, steps=(1, 3))
     assert plain == make_arithmetic_problems(200, seed=4, steps=(1, 3), phrasings=1)  # the default
@@ -228,16 +235,11 @@ def test_phrasings_reword_the_text_and_change_nothing_else():
         used = set()
         for a, b in zip(plain, worded):
             assert (a.answer, a.meta, a.id) == (b.answer, b.meta, b.id)  # numbers, solution, style
-            def middle(text, pair):
-                opening, question = pair[0].format(x=b.meta["start"]), pair[1]
-                ok = text.startswith(opening + " ") and text.endswith(" " + question)
-                return text[len(opening): -len(question)] if ok else None
-
-            pair = next(j for j, p in enumerate(PHRASINGS) if middle(b.problem, p) is not None)
+            pair = next(j for j, p in enumerate(PHRASINGS) if _middle(b, p) is not None)
             assert pair < k
             used.add(PHRASINGS[pair])
             # between the opening and the question the text is the plain one
-            assert middle(b.problem, PHRASINGS[pair]) == middle(a.problem, PHRASINGS[0])
+            assert _middle(b, PHRASINGS[pair]) == _middle(a, PHRASINGS[0])
         assert len(used) == k  # 200 draws cover every allowed wording
     for bad in (0, len(PHRASINGS) + 1, True, 2.0):
         with pytest.raises(ValueError, match="phrasings"):
