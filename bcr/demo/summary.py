@@ -65,10 +65,13 @@ def budget_use(records) -> dict:
 
 # The pass rule of the task-scaling law (fixed before the runs; see the README): no point may be
 # bound by its budget, tokens per problem must fall with disjoint 95% CIs at all but one step
-# N -> N + 1, and accuracy may fall less from the first to the last N than the baseline's.
+# N -> N + 1, and accuracy may fall less from the first to the last N than the baseline's, starting
+# from an N = 1 accuracy at least the baseline's minus the free-lunch margin (3 points; added
+# 2026-12-07, before any run it judges: without it a collapsed model, with nothing left to lose, passed).
 MAX_BUDGET_USE = 0.85
 MAX_TRUNCATION = 0.10
 STEPS_ALLOWED_TO_FAIL = 1
+ACCURACY_FLOOR_POINTS = 3.0
 
 
 def law_check(model: dict, baseline: dict | None) -> dict:
@@ -80,6 +83,7 @@ def law_check(model: dict, baseline: dict | None) -> dict:
              if (use is not None and use > MAX_BUDGET_USE) or (trunc is not None and trunc > MAX_TRUNCATION)]
     loss = model["accuracy"][0] - model["accuracy"][-1]
     base_loss = None if baseline is None else baseline["accuracy"][0] - baseline["accuracy"][-1]
+    floor = None if baseline is None else baseline["accuracy"][0] - ACCURACY_FLOOR_POINTS / 100
     steps = len(ns) - 1
     out = {
         "falls_with_disjoint_ci_at_n": clear,
@@ -89,8 +93,11 @@ def law_check(model: dict, baseline: dict | None) -> dict:
         "baseline_accuracy_loss_first_to_last_n": base_loss,
         "tokens_pass": steps > 0 and len(clear) >= steps - STEPS_ALLOWED_TO_FAIL,
         "budget_not_binding": not bound,
+        "first_n_accuracy_floor": floor,
+        "first_n_accuracy_kept": floor is not None and model["accuracy"][0] >= floor - 1e-12,
         "accuracy_pass": base_loss is not None and loss < base_loss,
     }
+    out["accuracy_pass"] = out["accuracy_pass"] and out["first_n_accuracy_kept"]
     out["passes"] = out["tokens_pass"] and out["budget_not_binding"] and out["accuracy_pass"]
     return out
 
@@ -238,6 +245,10 @@ def law_verdict(law: dict) -> str:
              "no point budget-bound" if law["budget_not_binding"] else f"budget-bound at N = {law['budget_bound_at_n']}",
              f"accuracy loss {100 * law['accuracy_loss_first_to_last_n']:.1f} points"
              + (f" vs the baseline's {100 * base:.1f}" if base is not None else "")]
+    floor = law.get("first_n_accuracy_floor")
+    if floor is not None and not law["first_n_accuracy_kept"]:
+        parts.append(f"first-N accuracy below the baseline's minus {ACCURACY_FLOOR_POINTS:.0f} points "
+                     f"({100 * floor:.1f} %)")
     return ("PASS" if law["passes"] else "FAIL") + ": " + "; ".join(parts)
 
 

@@ -263,6 +263,24 @@ def test_law_check_needs_disjoint_falls_an_unbound_budget_and_a_gentler_accuracy
     assert law_verdict(law).startswith("FAIL: falls with disjoint 95% CIs at 5 of 5 steps")
 
 
+def test_law_check_fails_a_collapsed_model_that_has_no_accuracy_left_to_lose():
+    """The Intel demo's length-penalty model (10 % right at N = 1, tokens falling) passed the rule
+    before it had a floor: its accuracy could not fall further than the SFT baseline's."""
+    lunch = {"baseline": "verbose-sft", "comparisons": []}
+    sft = _law_rows("verbose-sft", [39, 40, 40, 41, 38, 38], [0.717, 0.392, 0.258, 0.175, 0.142, 0.142])
+    collapsed = _law_rows("length", [20, 16, 12, 8, 5, 2], [0.10, 0.025, 0.033, 0.025, 0.0, 0.033])
+    law = demo_summary({"rows": sft + collapsed, "free_lunch": lunch})["models"]["length"]["law"]
+    assert law["tokens_pass"] and law["budget_not_binding"]
+    assert law["accuracy_loss_first_to_last_n"] < law["baseline_accuracy_loss_first_to_last_n"]
+    assert law["first_n_accuracy_floor"] == pytest.approx(0.687)
+    assert not law["first_n_accuracy_kept"] and not law["accuracy_pass"] and not law["passes"]
+    assert "first-N accuracy below the baseline's minus 3 points (68.7 %)" in law_verdict(law)
+    # at the floor exactly (baseline minus 3 points) the first N is kept
+    kept = _law_rows("length", [20, 16, 12, 8, 5, 2], [0.687, 0.6, 0.6, 0.6, 0.6, 0.6])
+    law = demo_summary({"rows": sft + kept, "free_lunch": lunch})["models"]["length"]["law"]
+    assert law["first_n_accuracy_kept"] and law["passes"]
+
+
 def test_budget_use_is_the_mean_fraction_of_each_ceiling():
     recs = [{"model": "m", "n_problems": 2, "completion_tokens": 50, "max_new_tokens": 100},
             {"model": "m", "n_problems": 2, "completion_tokens": 100, "max_new_tokens": 100}]
