@@ -2,13 +2,19 @@
 
 Every engine implements the small ``RolloutEngine`` protocol:
 
-- ``generate(prompts, *, num_generations, max_new_tokens, temperature, top_p, seed)`` returns one list of
+- ``generate(prompts, *, num_generations, max_new_tokens, temperature, top_p, top_k, seed)`` returns one list of
   ``Generation`` per prompt; ``max_new_tokens`` is one budget for all prompts or one per prompt;
   ``seed`` is an int (prompt ``i`` then uses the seed derived from ``(seed, i)``) or one seed per prompt.
   Each completion is a pure function of (prompt, its seed, its index in the group, the weights): it does
   not depend on which other prompts share the call. The trainer relies on this for exact resume and
   for results that do not depend on the number of processes.
-- ``sync_weights(model)`` makes the engine sample from the trainer's current weights.
+- ``sync_weights(model)`` makes the engine sample from the trainer's current weights (checked, or it raises).
+- ``context_length``: the most tokens (prompt + completion) one sequence may hold (None: unknown).
+
+Every engine reports, per completion token, the log-prob of the distribution the token was drawn from
+(``Generation.sampling_logprobs``): ``log_softmax(logits / temperature)``, and with top-p / top-k the
+log-prob renormalised over the kept tokens. That is the rollout correction's denominator (the sampler's
+policy); at ``top_p = 1``, ``top_k = 0`` it equals the tempered log-prob the trainer recomputes.
 
 ``HFEngine`` decodes with the trainer's own ``transformers`` model (batched over prompts x G, left padding,
 KV cache). It draws each sampled token itself from a per-row ``torch.Generator`` (``_SeededSampler``), so
@@ -16,7 +22,8 @@ the global RNG is never touched. Two decoding paths give the same tokens for the
 ``decode="loop"`` (default) is a short prefill + one-token-per-step loop over a ``DynamicCache`` that drops
 finished rows from the batch; ``decode="generate"`` runs ``model.generate`` with the sampler as a logits
 processor. With ``shared_prefill`` (default; loop only) each distinct prompt of a batch is prefilled once
-and its KV cache and last logits are copied to its G rows, so the prompt costs one forward, not G. ``VLLMEngine`` (colocated vLLM) is used when vllm is installed.
+and its KV cache and last logits are copied to its G rows, so the prompt costs one forward, not G.
+``VLLMEngine`` (vLLM in this process, :mod:`bcr.models.vllm_engine`) is ``make_engine("vllm", ...)``.
 """
 
 from __future__ import annotations
@@ -37,8 +44,9 @@ class Generation:
     completion_ids: list[int]  # includes the EOS token when the model stopped by itself
     text: str  # decoded completion, special tokens skipped
     truncated: bool  # True when no EOS came within max_new_tokens
-    #: the engine's log-prob of each completion token, log softmax(logits / temperature) before top-p
-    #: (the quantity the trainer recomputes): the rollout correction's denominator. None: not reported.
+    #: the engine's log-prob of each completion token under the distribution it was drawn from:
+    #: log softmax(logits / temperature), renormalised over the top-p / top-k set when those are set
+    #: (the rollout correction's denominator). None: not reported.
     #: Not part of equality: the same tokens drawn in another batch (padding, prefill sharing) carry
     #: log-probs equal only up to float noise.
     sampling_logprobs: list[float] | None = field(default=None, compare=False)
@@ -53,10 +61,13 @@ class RolloutEngine(Protocol):
         max_new_tokens: int | list[int],
         temperature: float = 1.0,
         top_p: float = 1.0,
+        top_k: int = 0,
         seed: int | Sequence[int] = 0,
     ) -> list[list[Generation]]: ...
 
     def sync_weights(self, model) -> None: ...
+
+    context_length: int | None
 
 
 def derive_seed(*parts: int) -> int:
@@ -100,33 +111,43 @@ def eos_token_ids(model, tokenizer) -> list[int]:
 class _SeededSampler:
     """A logits processor that samples each row's next token from that row's own ``torch.Generator``.
 
-    It applies temperature and top-p, draws the token, and returns scores that are -inf everywhere but
-    at the drawn token, so greedy decoding (``do_sample=False``) emits exactly that token.
+    It applies temperature, top-k and top-p, draws the token, records the token's log-prob under that
+    (renormalised) distribution, and returns scores that are -inf everywhere but at the drawn token, so
+    greedy decoding (``do_sample=False``) emits exactly that token.
     """
 
-    def __init__(self, seeds: list[int], temperature: float, top_p: float):
+    def __init__(self, seeds: list[int], temperature: float, top_p: float, top_k: int = 0):
         self.generators = [torch.Generator().manual_seed(s) for s in seeds]
         self.temperature = temperature
         self.top_p = top_p
+        self.top_k = top_k
         self.logprobs: list[list[float]] = [[] for _ in seeds]  # per row, one per drawn token
 
     def sample(self, scores: torch.Tensor, rows: Sequence[int] | None = None) -> torch.Tensor:
         """One token per row of ``scores`` ([B, vocab]); row ``j`` uses generator ``rows[j]`` (default ``j``)."""
         generators = self.generators if rows is None else [self.generators[i] for i in rows]
         probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        log_kept = torch.zeros_like(probs[:, :1])  # log of the tempered mass that top-k / top-p keep
+        if 0 < self.top_k < probs.shape[-1]:  # keep the k most likely tokens
+            kth = probs.topk(self.top_k, dim=-1).values[:, -1:]
+            probs = probs.masked_fill(probs < kth, 0.0)
+            log_kept = log_kept + probs.sum(-1, keepdim=True).log()
+            probs = probs / probs.sum(-1, keepdim=True)
         if self.top_p < 1.0:
             sorted_p, order = probs.sort(dim=-1, descending=True)
             cum = sorted_p.cumsum(-1)
             drop = (cum - sorted_p) >= self.top_p  # keep the smallest prefix whose mass reaches top_p
             sorted_p = sorted_p.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+            log_kept = log_kept + probs.sum(-1, keepdim=True).log()
             probs = probs / probs.sum(-1, keepdim=True)
         u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in generators])
         cdf = probs.double().cumsum(-1)
         cdf = cdf / cdf[:, -1:]
         tokens = torch.searchsorted(cdf, u.to(cdf.device)[:, None]).clamp(max=probs.shape[-1] - 1)
         tokens = torch.where(probs.gather(-1, tokens) > 0, tokens, probs.argmax(-1, keepdim=True))
-        drawn = torch.log_softmax(scores.float() / self.temperature, dim=-1).gather(-1, tokens)[:, 0].tolist()
+        tempered = torch.log_softmax(scores.float() / self.temperature, dim=-1).gather(-1, tokens)
+        drawn = (tempered - log_kept)[:, 0].tolist()  # the log-prob under the distribution drawn from
         for j, lp in enumerate(drawn):
             self.logprobs[j if rows is None else rows[j]].append(lp)
         return tokens[:, 0]
@@ -170,8 +191,14 @@ class HFEngine:
         self.pad_id = int(pad) if pad is not None else self.eos_ids[0]
         self._warned_truncation = False
 
+    @property
+    def context_length(self) -> int | None:
+        """The model config's ``max_position_embeddings`` (None when it has none)."""
+        value = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+        return int(value) if value else None
+
     def sync_weights(self, model) -> None:
-        self.model = model
+        self.model = model  # the trainer's own model: nothing to copy
 
     def _encode(self, prompt: str) -> list[int]:
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -195,6 +222,7 @@ class HFEngine:
         max_new_tokens: int | list[int],
         temperature: float = 1.0,
         top_p: float = 1.0,
+        top_k: int = 0,
         seed: int | Sequence[int] = 0,
     ) -> list[list[Generation]]:
         seeds = _prompt_seeds(seed, len(prompts))
@@ -214,15 +242,17 @@ class HFEngine:
                 for start in range(0, len(group), step):
                     chunk = group[start : start + step]
                     row_seeds = [derive_seed(seeds[p], g) for p, g in chunk]
-                    outs = self._generate_rows([prompt_ids[p] for p, _ in chunk], row_seeds, budget, temperature, top_p)
+                    outs = self._generate_rows([prompt_ids[p] for p, _ in chunk], row_seeds, budget, temperature, top_p,
+                                               top_k)
                     results.update(zip(chunk, outs))
         finally:
             self.model.train(was_training)
         return [[results[(p, g)] for g in range(num_generations)] for p in range(len(prompts))]
 
-    def _generate_rows(self, prompts: list[list[int]], seeds: list[int], budget: int, temperature: float, top_p: float):
+    def _generate_rows(self, prompts: list[list[int]], seeds: list[int], budget: int, temperature: float, top_p: float,
+                       top_k: int = 0):
         device = next(self.model.parameters()).device
-        sampler = _SeededSampler(seeds, temperature, top_p)
+        sampler = _SeededSampler(seeds, temperature, top_p, top_k)
         if self.decode == "loop":
             unique, source = _distinct(prompts) if self.shared_prefill else (prompts, None)
             # the same padded width as the unshared batch, so a row's prefill sees the same shapes
@@ -353,68 +383,13 @@ def _cut_at_eos(ids: list[int], eos_ids: list[int]) -> tuple[list[int], bool]:
     return ids, True
 
 
-class VLLMEngine:
-    """Colocated vLLM: the engine runs in this process and gets the trainer's weights after each update."""
-
-    def __init__(self, model, tokenizer, *, gpu_memory_utilization: float = 0.3, max_model_len: int | None = None,
-                 seed: int = 0, **llm_kwargs):
-        try:
-            from vllm import LLM
-        except ImportError as err:  # pragma: no cover - depends on the environment
-            raise ImportError("rollout_engine='vllm' needs vllm: pip install 'bcr[vllm]' or use rollout_engine=hf") from err
-        path = model if isinstance(model, str) else getattr(model, "name_or_path", None)
-        if not path:
-            raise ValueError("VLLMEngine needs the model's local path (model.name_or_path) to start vLLM")
-        self.tokenizer = tokenizer
-        self.llm = LLM(model=str(path), gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-                       seed=seed, **llm_kwargs)
-
-    def sync_weights(self, model) -> None:  # pragma: no cover - needs vllm and a GPU
-        state = model.state_dict() if not hasattr(model, "merge_and_unload") else _merged_state_dict(model)
-        runner = self.llm.llm_engine.model_executor.driver_worker.worker.model_runner
-        runner.model.load_weights(state.items())
-        if hasattr(self.llm, "reset_prefix_cache"):
-            self.llm.reset_prefix_cache()
-
-    def generate(self, prompts, *, num_generations, max_new_tokens, temperature=1.0, top_p=1.0, seed=0):  # pragma: no cover
-        from vllm import SamplingParams
-
-        seeds = _prompt_seeds(seed, len(prompts))
-        budgets = _budgets(max_new_tokens, len(prompts))
-        params = [
-            # logprobs=0: the drawn token's log-prob (vLLM's logprobs_mode="processed_logprobs", set by
-            # llm_kwargs, makes it the tempered one the trainer recomputes; the raw default differs by T)
-            SamplingParams(n=num_generations, temperature=temperature, top_p=top_p, max_tokens=b, seed=s,
-                           logprobs=0)
-            for b, s in zip(budgets, seeds)
-        ]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        results = []
-        for out in outputs:
-            prompt_ids = list(out.prompt_token_ids)
-            group = []
-            for c in out.outputs:
-                ids = list(c.token_ids)
-                logprobs = [step[t].logprob for step, t in zip(c.logprobs, ids)] if c.logprobs else None
-                group.append(Generation(prompt_ids, ids, c.text, c.finish_reason == "length", logprobs))
-            results.append(group)
-        return results
-
-
-def _merged_state_dict(peft_model) -> dict:  # pragma: no cover - needs peft
-    peft_model.merge_adapter()
-    try:
-        state = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
-                 for k, v in peft_model.state_dict().items() if "lora_" not in k}
-    finally:
-        peft_model.unmerge_adapter()
-    return state
-
-
 def make_engine(name: str, model, tokenizer, **kw) -> RolloutEngine:
-    """``"hf"`` -> ``HFEngine``; ``"vllm"`` -> ``VLLMEngine`` (raises a clear ImportError without vllm)."""
+    """``"hf"`` -> ``HFEngine``; ``"vllm"`` -> :class:`bcr.models.vllm_engine.VLLMEngine` (one clear
+    ImportError without a working vllm)."""
     if name == "hf":
         return HFEngine(model, tokenizer, **kw)
     if name == "vllm":
+        from .vllm_engine import VLLMEngine
+
         return VLLMEngine(model, tokenizer, **kw)
     raise ValueError(f"unknown rollout engine {name!r}; use 'hf' or 'vllm'")

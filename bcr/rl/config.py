@@ -42,6 +42,8 @@ SCALE_REWARDS = ("group", "batch", "none")
 ADVANTAGE_MODES = ("instance", "sequence")
 SHARED_ADVANTAGES = ("mean", "zero")
 ROLLOUT_ENGINES = ("hf", "vllm")
+VLLM_MODES = ("colocate",)  # TRL's "server" mode: a served model is evaluated (bcr eval / solve), not trained
+VLLM_DTYPES = ("auto", "float32", "bfloat16", "float16")
 SHARED_PROMPT = ("auto", "true", "false")
 DISTRIBUTED_STRATEGIES = ("auto", "fsdp2", "ddp")
 REPORT_TO = ("tensorboard", "wandb")
@@ -51,12 +53,13 @@ CHOICES = {"loss_type": LOSS_TYPES, "importance_sampling_level": IMPORTANCE_SAMP
            "vllm_importance_sampling_mode": IS_MODES, "mask_truncated_scope": TRUNCATED_SCOPES,
            "lr_scheduler_type": SCHEDULERS, "scale_rewards": SCALE_REWARDS,
            "advantage_mode": ADVANTAGE_MODES, "shared_advantage": SHARED_ADVANTAGES,
-           "rollout_engine": ROLLOUT_ENGINES, "distributed_strategy": DISTRIBUTED_STRATEGIES,
+           "rollout_engine": ROLLOUT_ENGINES, "vllm_mode": VLLM_MODES, "vllm_dtype": VLLM_DTYPES,
+           "distributed_strategy": DISTRIBUTED_STRATEGIES,
            "model_dtype": MODEL_DTYPES, "shared_prompt": SHARED_PROMPT, "reward_extraction": REWARD_EXTRACTIONS}
 POSITIVE_INTS = ("num_generations", "max_completion_length", "bundles_per_step", "gradient_accumulation_steps",
                  "num_iterations", "logging_steps", "lora_r")
 OPTIONAL_POSITIVE_INTS = ("max_prompt_length", "max_tokens_per_microbatch", "chunk_tokens", "generation_batch_size",
-                          "save_total_limit", "limit", "eval_limit")
+                          "save_total_limit", "limit", "eval_limit", "vllm_max_model_length")
 # AdamW's step is lr / (1 - beta1 ** step), handed to torch as a float32 scalar: above ~3e37 / (1 - beta1)
 # it cannot be represented and the first update fails deep inside torch. Up to this bound it can, for
 # any beta1 < 1 a float can hold (1 - beta1 >= 1.1e-16); such rates are absurd but fail cleanly (the
@@ -78,6 +81,7 @@ RANGES = {
     "max_steps": (lambda v: v == -1 or v >= 1, "must be -1 (use num_train_epochs) or >= 1"),
     "temperature": (lambda v: v > 0, "must be > 0 (sampling needs a positive temperature)"),
     "top_p": (lambda v: 0 < v <= 1, "must lie in (0, 1]"),
+    "top_k": (lambda v: v >= 0, "must be >= 0 (0: no top-k filtering)"),
     "beta": (lambda v: v >= 0, "must be >= 0 (0.0 disables the KL term and the reference model)"),
     "epsilon": (lambda v: v >= 0, "must be >= 0"),
     "epsilon_high": (lambda v: v is None or v >= 0, "must be >= 0 (None: epsilon)"),
@@ -94,6 +98,8 @@ RANGES = {
     "save_steps": (lambda v: v >= 0, "must be >= 0 (0: save only at the end)"),
     "eval_steps": (lambda v: v >= 0, "must be >= 0 (0: never)"),
     "vllm_gpu_memory_utilization": (lambda v: 0 < v <= 1, "must lie in (0, 1]"),
+    "vllm_kv_cache_gb": (lambda v: v is None or v > 0, "must be > 0 GB (None: 2 on a CPU, the memory fraction on a GPU)"),
+    "vllm_sync_check_atol": (lambda v: v is None or v > 0, "must be > 0 (None: 1e-4 in float32, 0.05 in bf16/fp16)"),
     "lora_dropout": (lambda v: 0 <= v < 1, "must lie in [0, 1)"),
 }
 
@@ -165,9 +171,24 @@ class BCRConfig:
     )
     temperature: float = _help("sampling temperature (also divides the logits of the policy log-probs)", default=1.0)
     top_p: float = _help("nucleus sampling threshold", default=1.0)
-    rollout_engine: str = _help("'hf' (transformers generate) or 'vllm' (colocated, needs vllm)", default="hf")
+    top_k: int = _help("sample from the k most likely tokens only (0: all); with top_p < 1 or top_k the engine's "
+                       "log-probs are those of the truncated distribution (the rollout correction's denominator)",
+                       default=0)
+    rollout_engine: str = _help("'hf' (the trainer's own model) or 'vllm' (vLLM in this process, fed the weights after "
+                                "every update; needs vllm, see the README)", default="hf")
     generation_batch_size: int | None = _help("rows per generate call of the hf engine (None: all at once)", default=None)
+    vllm_mode: str = _help("'colocate' (vLLM in the trainer's process; TRL's 'server' mode is not supported)",
+                           default="colocate")
     vllm_gpu_memory_utilization: float = _help("GPU memory fraction given to vLLM", default=0.3)
+    vllm_max_model_length: int | None = _help("vLLM's context (prompt + completion; None: the model config's)",
+                                              default=None)
+    vllm_dtype: str = _help("dtype vLLM serves in: 'auto' = the trainer's forward dtype (bfloat16 with bf16 on CUDA, "
+                            "else the model's own), or float32 / bfloat16 / float16", default="auto")
+    vllm_kv_cache_gb: float | None = _help("vLLM's KV-cache size in GB (None: 2 on a CPU, "
+                                           "vllm_gpu_memory_utilization on a GPU)", default=None)
+    vllm_sync_check_atol: float | None = _help(
+        "after each weight sync the log-probs of a probe sequence from vLLM and from the trainer's model must agree "
+        "to this (max abs; None: 1e-4 in float32, 0.05 in bf16/fp16), or the step raises", default=None)
 
     # --- optimisation ---------------------------------------------------------------------------
     learning_rate: float = _help("AdamW peak learning rate", default=1e-6)

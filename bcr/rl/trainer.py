@@ -379,15 +379,37 @@ class BCRTrainer:
             self.optimizer, lr_lambda(cfg.lr_scheduler_type, warmup, total_updates))
 
         self.share_prompts = _share_prompts(cfg, self.model, self.attn_implementation)
-        engine_kw = {"max_prompt_length": cfg.max_prompt_length, "batch_size": cfg.generation_batch_size,
-                     "shared_prefill": cfg.shared_prompt != "false"}
-        if cfg.rollout_engine == "vllm":
-            engine_kw = {"gpu_memory_utilization": cfg.vllm_gpu_memory_utilization, "seed": cfg.seed}
-        self.engine = make_engine(cfg.rollout_engine, self.model, self.tokenizer, **engine_kw)
+        with self.scale.full_weights(self.policy):
+            self.engine = make_engine(cfg.rollout_engine, self.model, self.tokenizer, **self._engine_kwargs(bf16))
+        self.weights_version = 0  # optimizer updates (and resumes) so far; the engine serves _served_version
+        self._served_version = 0  # vLLM starts from the weights as they are now
         self.step = 0  # completed training steps
         self.last_metrics: dict = {}
         self._updating = False  # True while the parameters are between two step boundaries
         self.run_id: str | None = None  # set by train(); recorded in every checkpoint
+
+    def _engine_kwargs(self, bf16: bool) -> dict:
+        """The rollout engine's options from the config (``bcr.models.rollout.make_engine``)."""
+        cfg = self.config
+        if cfg.rollout_engine == "hf":
+            return {"max_prompt_length": cfg.max_prompt_length, "batch_size": cfg.generation_batch_size,
+                    "shared_prefill": cfg.shared_prompt != "false"}
+        dtype = cfg.vllm_dtype
+        if dtype == "auto":  # what the trainer's forward computes in, so the correction has least to do
+            dtype = "bfloat16" if bf16 else str(next(self.model.parameters()).dtype).replace("torch.", "")
+        return {"dtype": dtype, "max_model_len": cfg.vllm_max_model_length, "max_prompt_length": cfg.max_prompt_length,
+                "kv_cache_gb": cfg.vllm_kv_cache_gb, "gpu_memory_utilization": cfg.vllm_gpu_memory_utilization,
+                "seed": cfg.seed, "check_atol": cfg.vllm_sync_check_atol}
+
+    def sync_engine(self) -> None:
+        """Give the rollout engine the current weights if it serves older ones (vLLM; checked by the
+        engine, which raises on a mismatch). Called before every generation, so a resumed run or an
+        evaluation never samples from stale weights."""
+        if self._served_version == self.weights_version or self.config.rollout_engine == "hf":
+            return
+        with self.scale.full_weights(self.policy):
+            self.engine.sync_weights(self.model)
+        self._served_version = self.weights_version
 
     def _prepare_models(self, model) -> tuple:
         """LoRA, gradient checkpointing, the packed forward's attention, and the frozen reference
@@ -450,10 +472,12 @@ class BCRTrainer:
             torch.manual_seed(derive_seed(cfg.seed, step, self.rank, 7))  # dropout etc.
             bundles = self.bundles.step_bundles(step)
             prompts = [render_prompt(problems, self.tokenizer, self.template) for _, problems in bundles]
+            self.sync_engine()
             with self.scale.full_weights(self.policy):
                 groups = self.engine.generate(prompts, num_generations=cfg.num_generations,
                                               max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
-                                              top_p=cfg.top_p, seed=[derive_seed(cfg.seed, step, j) for j, _ in bundles])
+                                              top_p=cfg.top_p, top_k=cfg.top_k,
+                                              seed=[derive_seed(cfg.seed, step, j) for j, _ in bundles])
             scored = self.score(prompts, [problems for _, problems in bundles], groups)
             advantages = self.advantages(scored.rewards)
             samples = self.samples(groups, scored.parsed, advantages)
@@ -464,9 +488,6 @@ class BCRTrainer:
             ref = self.ref_logprobs(batch)
             update_stats = self.optimize(batch, old, ref)
             t2 = time.perf_counter()
-            if cfg.rollout_engine != "hf":  # vLLM: one engine per rank (data parallel), fed full weights
-                with self.scale.full_weights(self.policy):
-                    self.engine.sync_weights(self.model)
             return self.step_metrics(bundles, groups, scored, update_stats, seconds=(t1 - t0, t2 - t1))
 
     def update(self, samples: list[Sample]) -> StepStats:
@@ -646,6 +667,7 @@ class BCRTrainer:
             if finite:
                 self._updating = True
                 self.optimizer.step()
+                self.weights_version += 1
                 assert_finite_parameters(self.model, self.step + 1)  # stop at the update that broke them
                 stats.add("loss", total_loss)
                 stats.add("grad_norm", grad_norm)
@@ -679,7 +701,10 @@ class BCRTrainer:
             c = row.num_completion_tokens
             stats.add("entropy", float(entropy.sum()), c)
             for name, value in metrics.items():
-                stats.add(name, float(value) * c, c)
+                if name.endswith("/max"):
+                    stats.add_max(name, float(value))
+                else:
+                    stats.add(name, float(value) * c, c)
         return finite, total_loss
 
     def _loss(self, row: PackedBatch, adv: torch.Tensor, old_logp, ref_logp, normalizer: float,
@@ -697,10 +722,10 @@ class BCRTrainer:
         if old_logp is None:
             fused = {"advantages": adv, "mask": mask, "cu_seqlens": row.completion_cu_seqlens, **loss_kwargs}
             out = self._logprobs(self.policy, row, completion_policy_loss, return_entropy=True, **fused)
-            return out.loss, out.metrics, out.entropy
+            return out.loss, {**out.metrics, **_sampling_gap(out.logp, sampling, mask)}, out.entropy
         logp, entropy = self._logprobs(self.policy, row, return_entropy=True)
         loss, metrics = policy_loss(logp, old_logp, adv, mask, row.completion_cu_seqlens, **loss_kwargs)
-        return loss, metrics, entropy
+        return loss, {**metrics, **_sampling_gap(old_logp, sampling, mask)}, entropy
 
     # ------------------------------------------------------------------------------------------
     # Metrics
@@ -795,6 +820,7 @@ class BCRTrainer:
         ``bcr eval`` with this run's seed, budget, temperature and prompt template); the bundles are
         shared out over the ranks."""
         cfg, out = self.config, {}
+        self.sync_engine()
         eval_cfg = EvalConfig(n_values=list(cfg.n_values), max_completion_length=cfg.max_completion_length,
                               temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
                               numbered_single=cfg.numbered_single)
@@ -840,12 +866,26 @@ class BCRTrainer:
                 warnings.warn(f"resuming {path} with {key}={getattr(self.config, key)!r} but it was trained with "
                               f"{saved[key]!r}; the data order will differ from the original run", stacklevel=2)
         self.step = int(state["step"])
+        self.weights_version += 1  # the loaded weights: the engine gets them before it generates
 
     def save(self, path: str | Path | None = None) -> Path:
         """Save the model and tokenizer as an HF directory (default: ``output_dir``). Every rank must
         call it (FSDP2 gathers the weights); rank 0 writes."""
         with fail_together("saving the final model"):
             return save_model(path or self.config.output_dir, self.model, self.tokenizer, device=self.device)
+
+
+def _sampling_gap(logp: torch.Tensor, sampling: torch.Tensor | None, mask: torch.Tensor) -> dict:
+    """How far the engine's sampling log-probs lie from the policy's before the update (TRL's names):
+    ``sampling/sampling_logp_difference/mean`` and ``/max`` of ``|old - sampling|`` over the loss tokens.
+    On policy with an exact engine both are ~0 (the rollout correction's ratio is 1)."""
+    if sampling is None:
+        return {}
+    keep = mask > 0
+    if not bool(keep.any()):
+        return {}
+    gap = (logp.detach().float() - sampling.to(logp.device).float()).abs()[keep]
+    return {"sampling/sampling_logp_difference/mean": gap.mean(), "sampling/sampling_logp_difference/max": gap.max()}
 
 
 # ----------------------------------------------------------------------------------------------

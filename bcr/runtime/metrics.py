@@ -19,7 +19,7 @@ import warnings
 from collections import defaultdict
 from pathlib import Path
 
-from bcr.runtime.distributed import all_reduce_sum
+from bcr.runtime.distributed import all_reduce_max, all_reduce_sum
 
 
 class StepStats:
@@ -28,21 +28,31 @@ class StepStats:
     def __init__(self) -> None:
         self._sums: dict[str, float] = defaultdict(float)
         self._counts: dict[str, float] = defaultdict(float)
+        self._maxima: dict[str, float] = {}
 
     def add(self, name: str, value_sum: float, count: float = 1.0) -> None:
         self._sums[name] += float(value_sum)
         self._counts[name] += float(count)
 
+    def add_max(self, name: str, value: float) -> None:
+        """Keep the largest ``value`` seen under ``name`` (reported as the maximum over all ranks)."""
+        self._maxima[name] = max(float(value), self._maxima.get(name, float("-inf")))
+
     def extend(self, other: StepStats) -> None:
-        """Add every (sum, count) of ``other`` (e.g. the update's metrics to the rollout's)."""
+        """Add every (sum, count) and maximum of ``other`` (e.g. the update's metrics to the rollout's)."""
         for name, value in other._sums.items():
             self.add(name, value, other._counts[name])
+        for name, value in other._maxima.items():
+            self.add_max(name, value)
 
     def reduce(self, device=None) -> dict[str, float]:
         names = sorted(self._sums)
         flat = all_reduce_sum([self._sums[n] for n in names] + [self._counts[n] for n in names], device)
         sums, counts = flat[: len(names)], flat[len(names) :]
-        return {n: (s / c if c else float("nan")) for n, s, c in zip(names, sums, counts)}
+        out = {n: (s / c if c else float("nan")) for n, s, c in zip(names, sums, counts)}
+        maxima = sorted(self._maxima)
+        out.update(zip(maxima, all_reduce_max([self._maxima[n] for n in maxima], device)))
+        return out
 
 
 def _clean(value):

@@ -84,6 +84,31 @@ def test_sampler_draws_from_the_tempered_distribution():
     assert set(kept.tolist()) <= {0, 1}
 
 
+@pytest.mark.parametrize(("top_k", "top_p", "kept"), [(2, 1.0, [0, 1]), (0, 0.7, [0, 1]), (3, 0.8, [0, 1])])
+def test_sampler_reports_the_log_prob_of_the_distribution_it_draws_from(top_k, top_p, kept):
+    """With top-k / top-p the drawn token's log-prob is renormalised over the kept tokens (the sampler's
+    policy, the rollout correction's denominator); the draws follow that same distribution."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(4000, 1)
+    sampler = _SeededSampler(list(range(4000)), temperature=1.0, top_p=top_p, top_k=top_k)
+    tokens = sampler.sample(logits)
+    p = torch.softmax(logits[0], -1)
+    renormalised = torch.zeros(4)
+    renormalised[kept] = p[kept] / p[kept].sum()
+    freq = torch.bincount(tokens, minlength=4).float() / 4000
+    torch.testing.assert_close(freq, renormalised, atol=0.03, rtol=0)
+    drawn = torch.tensor([lp[0] for lp in sampler.logprobs])
+    torch.testing.assert_close(drawn, renormalised[tokens].log(), atol=1e-6, rtol=0)
+    # without truncation it is the tempered log-softmax the trainer recomputes
+    plain = _SeededSampler([0, 1], temperature=0.7, top_p=1.0, top_k=0)
+    t = plain.sample(logits[:2])
+    torch.testing.assert_close(torch.tensor([lp[0] for lp in plain.logprobs]),
+                               torch.log_softmax(logits[:2] / 0.7, -1).gather(-1, t[:, None])[:, 0], atol=0, rtol=0)
+
+
+def test_hf_engine_context_length_is_the_models(tiny_tokenizer, tiny_qwen2):
+    assert HFEngine(tiny_qwen2, tiny_tokenizer).context_length == tiny_qwen2.config.max_position_embeddings
+
+
 def test_long_prompts_are_cut_from_the_left_with_a_warning(tiny_tokenizer, tiny_qwen2):
     engine = HFEngine(tiny_qwen2, tiny_tokenizer, max_prompt_length=3)
     with pytest.warns(UserWarning, match="max_prompt_length"):
@@ -174,17 +199,3 @@ def test_make_engine():
     if importlib.util.find_spec("vllm") is None:
         with pytest.raises(ImportError, match="vllm"):
             make_engine("vllm", "some/path", None)
-
-
-@pytest.mark.gpu
-def test_vllm_engine_generates(tmp_path, tiny_tokenizer, tiny_qwen2):
-    pytest.importorskip("vllm")
-    if not torch.cuda.is_available():
-        pytest.skip("vLLM needs a GPU")
-    tiny_qwen2.save_pretrained(tmp_path)
-    tiny_tokenizer.save_pretrained(tmp_path)
-    engine = make_engine("vllm", str(tmp_path), tiny_tokenizer, gpu_memory_utilization=0.2)
-    out = engine.generate(PROMPTS, num_generations=2, max_new_tokens=8, seed=[1, 2, 3])
-    assert len(out) == 3 and all(len(g) == 2 and len(g[0].completion_ids) <= 8 for g in out)
-    again = engine.generate(PROMPTS, num_generations=2, max_new_tokens=8, seed=[1, 2, 3])
-    assert [g.completion_ids for grp in out for g in grp] == [g.completion_ids for grp in again for g in grp]
