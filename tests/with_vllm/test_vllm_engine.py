@@ -8,7 +8,6 @@ One engine serves the whole module (vLLM's in-process state holds one engine at 
 from __future__ import annotations
 
 import copy
-import time
 
 import pytest
 import torch
@@ -133,9 +132,7 @@ def test_top_k_and_top_p_logprobs_are_those_of_the_truncated_distribution(engine
 
 def test_sync_swaps_two_models_back_and_forth(engine, models, tiny_tokenizer):
     for name in ("runs", "stops", "runs"):
-        start = time.perf_counter()
         _use(engine, models[name])
-        assert time.perf_counter() - start < 30
         _greedy(engine, tiny_tokenizer, models[name])
 
 
@@ -184,10 +181,9 @@ def test_lora_weights_are_merged_into_the_sync(engine, models, tiny_tokenizer):
 
 def test_a_model_vllm_cannot_serve_is_refused_before_it_starts(tiny_tokenizer):
     narrow = tiny_model(tiny_tokenizer, arch="llama", hidden_size=64, num_heads=4, num_kv_heads=2)  # head dim 16
-    start = time.perf_counter()
-    with pytest.raises(ValueError, match="head dimension 16"):
+    with pytest.raises(ValueError, match="head dimension 16") as err:
         VLLMEngine(narrow, tiny_tokenizer)
-    assert time.perf_counter() - start < 5
+    assert err.traceback[-1].name == "check_servable"  # from the config, before vLLM was asked to start
 
 
 def test_context_length_and_prompts_that_do_not_fit(engine, models):
