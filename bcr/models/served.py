@@ -92,16 +92,16 @@ def _client(url: str, *, max_retries: int = 2, timeout: float = 600.0, api_key: 
     return openai.OpenAI(base_url=_base_url(url), api_key=key, max_retries=max_retries, timeout=timeout)
 
 
-def _call(url: str, what: str, request, timeout: float, max_retries: int) -> dict:
-    """Send one request (``request()`` returns the openai client's raw response); its JSON body as a dict,
+def _call(client, url: str, what: str, request) -> dict:
+    """Send one request through ``client`` (``request()`` returns its raw response); the JSON body as a dict,
     or one :class:`ServedModelError` line for every way it can fail."""
     import openai
 
-    tries = f"{max_retries + 1} tr{'y' if max_retries == 0 else 'ies'}"
+    tries = f"{client.max_retries + 1} tr{'y' if client.max_retries == 0 else 'ies'}"
     try:
         raw = request()
     except openai.APITimeoutError:
-        raise ServedModelError(f"the model server at {url} did not answer {what} within {timeout:g} s ({tries}); "
+        raise ServedModelError(f"the model server at {url} did not answer {what} within {client.timeout:g} s ({tries}); "
                                "raise engine_kwargs={timeout: ...} or lower max_concurrency") from None
     except openai.APIConnectionError as err:
         cause = " ".join(str(err.__cause__ or err).split())
@@ -121,9 +121,9 @@ def _call(url: str, what: str, request, timeout: float, max_retries: int) -> dic
 
 
 def _error_message(err) -> str:
-    body = err.body if isinstance(err.body, dict) else {}
-    message = body.get("message") or body.get("error", {}).get("message") if body else None
-    return " ".join(str(message or err.message).split())
+    body = err.body if isinstance(err.body, dict) else {}  # the client passes the "error" object, or the body
+    message = body.get("message") or (body.get("error") or {}).get("message") or err.message
+    return " ".join(str(message).split())
 
 
 def _excerpt(text: str, limit: int = 80) -> str:
@@ -131,8 +131,8 @@ def _excerpt(text: str, limit: int = 80) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
-def _list_models(client, url: str, *, timeout: float = 600.0, max_retries: int = 2) -> list[dict]:
-    data = _call(url, "GET /models", lambda: client.models.with_raw_response.list(), timeout, max_retries)
+def _list_models(client, url: str) -> list[dict]:
+    data = _call(client, url, "GET /models", lambda: client.models.with_raw_response.list())
     models = data.get("data")
     if not isinstance(models, list) or not models or not all(isinstance(m, dict) and "id" in m for m in models):
         raise ServedModelError(f"malformed response from {url} to GET /models: no model list ({_excerpt(data)}); "
@@ -154,14 +154,14 @@ def _pick_model(models: list[dict], url: str, served_model: str | None) -> dict:
 
 def check_server(url: str, **kwargs) -> None:
     """Raise :class:`ServedModelError` unless ``url`` answers ``GET /models`` as an OpenAI server does
-    (``kwargs``: ``max_retries``, ``timeout``, ``api_key``)."""
-    _list_models(_client(url, **kwargs), url, timeout=kwargs.get("timeout", 600.0),
-                 max_retries=kwargs.get("max_retries", 2))
+    (``kwargs``: ``max_retries``, ``timeout`` (default 30 s), ``api_key``)."""
+    _list_models(_client(url, **{"timeout": 30.0, **kwargs}), url)
 
 
 def served_tokenizer(url: str, served_model: str | None = None, **kwargs):
     """The tokenizer of the model the server at ``url`` serves (``kwargs``: as :func:`check_server`)."""
-    return _tokenizer_of(_pick_model(_list_models(_client(url, **kwargs), url), url, served_model), url)
+    return _tokenizer_of(_pick_model(_list_models(_client(url, **{"timeout": 30.0, **kwargs}), url), url, served_model),
+                         url)
 
 
 def _tokenizer_of(info: dict, url: str):
@@ -207,10 +207,9 @@ class ServedEngine:
             raise ConfigError(f"need max_concurrency >= 1, max_retries >= 0 and timeout > 0; got {max_concurrency}, "
                               f"{max_retries}, {timeout}")
         self.url, self.api, self.logprobs, self.verbose = _base_url(url), api, logprobs, verbose
-        self.max_concurrency, self.max_retries, self.timeout = max_concurrency, max_retries, timeout
+        self.max_concurrency = max_concurrency
         self.client = _client(url, max_retries=max_retries, timeout=timeout, api_key=api_key)
-        info = _pick_model(_list_models(self.client, self.url, timeout=timeout, max_retries=max_retries), self.url,
-                           served_model)
+        info = _pick_model(_list_models(self.client, self.url), self.url, served_model)
         self.served_model: str = info["id"]
         reported = info.get("max_model_len")
         self.context_length: int | None = int(context_length or reported or 0) or None
@@ -284,7 +283,7 @@ class ServedEngine:
             create, what = self.client.chat.completions.with_raw_response.create, "POST /chat/completions"
         else:
             create, what = self.client.completions.with_raw_response.create, "POST /completions"
-        data = _call(self.url, what, lambda: create(**body), self.timeout, self.max_retries)
+        data = _call(self.client, self.url, what, lambda: create(**body))
         try:
             return _read_answer(data, self.api, self.logprobs)
         except (KeyError, IndexError, TypeError, ValueError) as err:

@@ -40,10 +40,15 @@ PROBLEMS = make_arithmetic_problems(4, seed=7)
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny Llama (head_dim 32: vLLM's CPU attention needs >= 32) whose weights are drawn wider than the
-    default init, so that greedy decoding does not repeat one token from the start."""
+    default init, so that greedy decoding does not repeat one token from the start; its tokenizer adds a
+    BOS token to plain text, as Llama's does (bcr's rendered prompt already holds one from the template)."""
+    from tokenizers import processors
+
     from bcr.models.tiny import build_tokenizer, tiny_model
 
     tok = build_tokenizer()
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{tok.bos_token} $A", special_tokens=[(tok.bos_token, tok.bos_token_id)])
     model = tiny_model(tok, arch="llama", hidden_size=128, num_heads=4, num_kv_heads=2, max_position_embeddings=1024)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -139,7 +144,7 @@ def test_greedy_equals_hf_and_counts_are_the_servers(engine, hf_model, server):
     gens = engine.generate(prompts, num_generations=1, max_new_tokens=24, temperature=0.0)
     for prompt, (gen,) in zip(prompts, gens):
         ids = tok(prompt, add_special_tokens=False)["input_ids"]
-        assert gen.prompt_ids == ids  # the server tokenised bcr's text as bcr does (no BOS added)
+        assert gen.prompt_ids == ids and ids != tok(prompt)["input_ids"]  # tokenised as bcr does: no BOS added
         out = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                 max_new_tokens=24, do_sample=False, eos_token_id=tok.eos_token_id,
                                 pad_token_id=tok.pad_token_id)
