@@ -212,7 +212,8 @@ def test_token_ids_from_the_server_or_from_bcr(stub):
     tok = engine.tokenizer
     stub.answer = lambda index, body: (200, json.dumps(_completion(body, tok, ids=True)))
     (with_ids,), = engine.generate(["What is 1 + 1?"], num_generations=1, max_new_tokens=16)
-    (without,), = engine.generate(["What is 1 + 1?"], num_generations=1, max_new_tokens=16)  # the stub's default
+    stub.answer = lambda index, body: (200, json.dumps(_completion(body, tok)))
+    (without,), = engine.generate(["What is 1 + 1?"], num_generations=1, max_new_tokens=16)
     stub.answer = lambda index, body: (200, json.dumps(_completion(body, tok, completion_tokens=3)))
     with pytest.warns(UserWarning, match="counted 3 completion tokens where bcr's tokenizer counts"):
         engine.generate(["What is 1 + 1?"], num_generations=1, max_new_tokens=16)
