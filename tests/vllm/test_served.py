@@ -12,6 +12,7 @@ The server starts with ``python -m vllm.entrypoints.openai.api_server`` (what ``
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -24,7 +25,11 @@ import urllib.request
 import pytest
 import torch
 
-pytest.importorskip("vllm", reason="the served-model tests start vllm serve: run them in the vllm venv (.venv-vllm)")
+# the installed vllm package, not this tests/vllm folder (which, with tests/ on sys.path, imports as a namespace
+# package named vllm)
+_VLLM = importlib.util.find_spec("vllm")
+if _VLLM is None or _VLLM.origin in (None, "namespace"):
+    pytest.skip("the served-model tests start vllm serve: run them in the vllm venv (.venv-vllm)", allow_module_level=True)
 pytest.importorskip("openai", reason="the served-model client needs openai: pip install 'bcr[served]'")
 
 from bcr import cli  # noqa: E402
@@ -221,7 +226,7 @@ def test_bcr_eval_end_to_end(server, engine, problems_file, tmp_path):
         prompt = render_prompt([by_id[i] for i in r["problem_ids"]], tok, template)
         assert r["model"] == server.split("//")[1].split("/")[0]
         assert r["prompt_tokens"] == len(tok(prompt, add_special_tokens=False)["input_ids"])
-        assert 1 <= r["completion_tokens"] <= 24 and r["truncated"] == (r["completion_tokens"] == 24)
+        assert 1 <= r["completion_tokens"] <= 24 and (r["completion_tokens"] == 24 or not r["truncated"])
     strip = [[{k: v for k, v in r.items() if k != "timing"} for r in run] for run in runs]
     assert strip[0] == strip[1]  # the server honours the seeds: a second run writes the same records
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
