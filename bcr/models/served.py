@@ -15,7 +15,8 @@ derives it from (prompt seed, sample index), so a server that honours seeds (vLL
 completions on every run; requests run ``max_concurrency`` at a time.
 
 What is measured. Token counts come from the server's ``usage`` fields. vLLM also returns the token ids
-(``return_token_ids``), which fill ``Generation.prompt_ids`` / ``completion_ids``; a server that returns no
+(``return_token_ids``), which fill ``Generation.prompt_ids`` / ``completion_ids`` (checked against ``usage``;
+the text is those ids decoded by bcr, as the local engines decode it); a server that returns no
 ids gets bcr's own tokenisation of the prompt and of the completion text (EOS appended when the server
 stopped by itself), with a warning when its count differs from the server's. With ``logprobs=True`` the
 server's log-prob of each sampled token fills ``sampling_logprobs``: vLLM reports the tempered log-probs
