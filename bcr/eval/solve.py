@@ -82,6 +82,7 @@ from bcr.eval.sweep import (
     read_results,
 )
 from bcr.models.loading import DTYPES, resolve_model_source
+from bcr.models.served import is_served
 from bcr.runtime.dataclass_cli import ConfigError, check_fields, parse_cli
 from bcr.runtime.io import atomic_write_text, check_output_dir
 from bcr.runtime.metrics import progress_bar
@@ -455,7 +456,7 @@ def solve(model=None, input=None, *, output: str | os.PathLike | None = None, co
     cfg = dataclasses.replace(cfg, engine=engine_name)
 
     out = _check_output(cfg)
-    if isinstance(model, (str, os.PathLike)) and engine_name == "hf":
+    if isinstance(model, (str, os.PathLike)) and engine_name == "hf" and not is_served(model):
         resolve_model_source(model)  # an unknown model is one clear error, before anything loads
     if isinstance(tokenizer or cfg.tokenizer, (str, os.PathLike)) and not Path(tokenizer or cfg.tokenizer).exists():
         raise ConfigError(f"tokenizer path {str(tokenizer or cfg.tokenizer)!r} does not exist")

@@ -72,6 +72,7 @@ from bcr.eval.report import write_run_outputs
 from bcr.eval.scaling import TIMING_KEY, power_law_label, stable_seed, summarize_records
 from bcr.models.loading import DTYPES, load_model, load_tokenizer, resolve_model_source
 from bcr.models.rollout import make_engine
+from bcr.models.served import ServedEngine, check_server, is_served, served_name, served_tokenizer
 from bcr.runtime.dataclass_cli import ConfigError, check_fields, parse_cli
 from bcr.runtime.distributed import (
     RankFailedError,
@@ -342,7 +343,7 @@ def _normalize_models(models) -> dict[str, Any]:
             raise ConfigError("no model to evaluate: pass model=/path or models={name: /path}")
         return {str(k): v for k, v in models.items()}
     if isinstance(models, (str, os.PathLike)):
-        name = Path(str(models)).name or "model"
+        name = served_name(models) if is_served(models) else (Path(str(models)).name or "model")
         return {name: str(models)}
     return {"model": models}
 
@@ -354,6 +355,8 @@ def _tokenizer_for(name: str, model, tokenizer):
         return load_tokenizer(tokenizer)
     if tokenizer is not None:
         return tokenizer
+    if is_served(model):
+        return served_tokenizer(model)  # of the model the server reports (several models: pass tokenizer=)
     if isinstance(model, (str, os.PathLike)):
         return load_tokenizer(model)
     if _is_engine(model):
@@ -365,7 +368,8 @@ def _open_engine(name: str, model, tokenizer, cfg: EvalConfig):
     """A RolloutEngine for ``model`` (an engine, an HF model, or a path)."""
     if _is_engine(model):
         return model
-
+    if is_served(model):  # model=http://host:port/v1: an OpenAI-compatible server
+        return ServedEngine(model, tokenizer, **dict(cfg.engine_kwargs))
     if isinstance(model, (str, os.PathLike)) and cfg.engine == "hf":
         model, _ = load_model(model, dtype=cfg.model_dtype, with_tokenizer=False)
     elif isinstance(model, os.PathLike):
@@ -378,7 +382,9 @@ def _check_paths(models: Mapping[str, Any], tokenizer, cfg: EvalConfig) -> None:
 
     check_output_dir(cfg.output_dir)
     for model in models.values():
-        if isinstance(model, (str, os.PathLike)) and cfg.engine == "hf":  # vLLM resolves its own names
+        if is_served(model):
+            check_server(model)  # a server that does not answer fails here, before anything is written
+        elif isinstance(model, (str, os.PathLike)) and cfg.engine == "hf":  # vLLM resolves its own names
             resolve_model_source(model)  # a directory, a .gguf file or a Hub id; a clear error otherwise
     paths = tokenizer.values() if isinstance(tokenizer, Mapping) else [tokenizer]
     for tok in paths:
