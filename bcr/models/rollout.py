@@ -385,11 +385,16 @@ def _cut_at_eos(ids: list[int], eos_ids: list[int]) -> tuple[list[int], bool]:
 
 def make_engine(name: str, model, tokenizer, **kw) -> RolloutEngine:
     """``"hf"`` -> ``HFEngine``; ``"vllm"`` -> :class:`bcr.models.vllm_engine.VLLMEngine` (one clear
-    ImportError without a working vllm)."""
+    ImportError without a working vllm); ``"served"``, or a model given as an ``http(s)://`` URL ->
+    :class:`bcr.models.served.ServedEngine` (an OpenAI-compatible server)."""
+    if name == "served" or (isinstance(model, str) and model.lower().startswith(("http://", "https://"))):
+        from .served import ServedEngine
+
+        return ServedEngine(model, tokenizer, **kw)
     if name == "hf":
         return HFEngine(model, tokenizer, **kw)
     if name == "vllm":
         from .vllm_engine import VLLMEngine
 
         return VLLMEngine(model, tokenizer, **kw)
-    raise ValueError(f"unknown rollout engine {name!r}; use 'hf' or 'vllm'")
+    raise ValueError(f"unknown rollout engine {name!r}; use 'hf', 'vllm' or 'served'")

