@@ -586,3 +586,19 @@ def test_thousands_of_free_boxes_keep_every_rule():
     # a label's box is not free, and a label beats the free boxes of its section
     labelled = "### Problem 1\n" + boxes(5, 50) + "### Problem 2\nAnswer 2: \\boxed{7}\n" + boxes(6, 50)
     assert parse_completion(labelled, 2).answers == ["5-49", "7"]
+
+
+def test_parsing_keeps_its_public_names():
+    """The parser is split into strict_parsing, flexible_extraction and token_segments; every public name
+    stays importable from bcr.task.parsing, as the same object."""
+    import bcr.task.parsing as parsing
+    from bcr.task import flexible_extraction, strict_parsing, token_segments
+
+    assert sorted(parsing.__all__) == sorted(["InstanceParse", "ParsedCompletion", "completion_segment_ids",
+                                              "extract_boxed", "flexible_answers", "parse_completion",
+                                              "segment_ids_for_tokens", "token_offsets"])
+    homes = {"parse_completion": strict_parsing, "ParsedCompletion": strict_parsing, "InstanceParse": strict_parsing,
+             "flexible_answers": flexible_extraction, "token_offsets": token_segments,
+             "segment_ids_for_tokens": token_segments, "completion_segment_ids": token_segments}
+    for name, module in homes.items():
+        assert getattr(parsing, name) is getattr(module, name)
