@@ -18,11 +18,13 @@ each bundle is one prompt (:func:`bcr.task.prompts.render_prompt`) answered by o
 as ``bcr eval`` samples (same seeds, so ``bcr solve`` at N gives the completions of a sweep's first
 sample at N). The completion is parsed into its N answers as the sweep scores them
 (:func:`bcr.task.scoring.score_completion`): the strict BCR answer line first, the flexible
-extraction as a fallback. A problem left without a strict answer, or whose section was cut off by
-the token budget, is asked again alone (N = 1) once (``retry=true``, the default), so that a bundle
-never costs an answer; the better of the two answers is kept (a strict one over a flexible one over
-none; an uncut one first; the retry's on a tie). A problem that was alone in its prompt already (n=1,
-or the last bundle holding one problem) is not asked again: that would be the same question.
+extraction as a fallback. A strict answer is complete by its answer line (a closed ``\\boxed{}``, or a
+plain value on a finished line), wherever the token budget ended the text. A problem left without
+one is asked again alone (N = 1) once (``retry=true``, the default), so that a bundle never costs an
+answer; the retry's answer replaces the bundle's only when it ranks higher (strict over flexible over
+none; of one kind, one whose section the budget did not cut off over one it did; a tie keeps the
+bundle's), so a retry never loses a complete answer. A problem that was alone in its prompt already
+(n=1, or the last bundle holding one problem) is not asked again: that would be the same question.
 
 Output (``output``, JSON Lines, one line per problem, in input order)::
 
@@ -33,7 +35,7 @@ Output (``output``, JSON Lines, one line per problem, in input order)::
     bundle_size    problems in that bundle's prompt
     section_tokens completion tokens of its section of the bundle's completion
     bundle_tokens  completion tokens of the whole bundle (shared by its bundle_size problems)
-    cut_off        its answer was cut off by the token budget (or never reached)
+    cut_off        the token budget ended its section before a complete answer line
     retried        it was asked again alone; retry_tokens: the tokens of that completion
     answer_from    "bundle" or "retry": whose answer this is
     correct        only for a problem with a reference answer: whether the answer matches it
@@ -139,7 +141,7 @@ class SolveConfig:
                                                        "else hf), hf or vllm"))
     engine_kwargs: dict = field(default_factory=dict, metadata=_help("extra keyword arguments for make_engine"))
     batch_size: int = field(default=8, metadata=_help("bundles (prompts) per generate call"))
-    retry: bool = field(default=True, metadata=_help("ask a problem again alone when its answer is missing or cut off"))
+    retry: bool = field(default=True, metadata=_help("ask a problem again alone when it has no strict answer"))
     resume: bool = field(default=True, metadata=_help("continue a partial output; false starts it afresh"))
     progress: bool = field(default=True, metadata=_help("show a progress bar"))
     verify_timeout: float = field(default=2.0, metadata=_help("seconds allowed to check one answer"))
@@ -268,15 +270,20 @@ def _answer_records(bundle, gen, tokenizer, cfg: SolveConfig) -> list[dict]:
     return records
 
 
+def _rank(record: Mapping) -> tuple[int, bool]:
+    """How good an answer is: strict (a complete answer line, wherever the budget ended the text) over
+    flexible over none; between two of one kind, the one whose section the budget did not cut off."""
+    return EXTRACTION_RANK[record["extraction"]], not record["cut_off"]
+
+
 def _needs_retry(record: Mapping) -> bool:
-    return record["extraction"] != "strict" or record["cut_off"]
+    """A problem is asked again alone when its section has no complete answer line (no strict answer)."""
+    return record["extraction"] != "strict"
 
 
 def _better(retry: Mapping, first: Mapping) -> bool:
-    """Whether the retry's answer replaces the bundle's: uncut first, then strict > flexible > none."""
-    def rank(r):
-        return (not r["cut_off"], EXTRACTION_RANK[r["extraction"]])
-    return rank(retry) >= rank(first)
+    """Whether the retry's answer replaces the bundle's: only when it ranks higher (a tie keeps the bundle's)."""
+    return _rank(retry) > _rank(first)
 
 
 def solve_batch(engine, tokenizer, batch: Sequence[tuple[int, list]], cfg: SolveConfig, template, n: int) -> list[dict]:

@@ -63,11 +63,14 @@ Segments (character spans, end exclusive)
     ``[0, len(text))``.
 
 Truncation (``truncated=True``: the generation hit the token budget)
-    A plain (unboxed) labelled value on the unterminated last line is discarded (it may be cut
-    mid-number). The instance whose segment reaches the end of the text is flagged ``truncated``;
-    when no segment does and non-blank text follows the last segment, that text becomes the segment
-    of the lowest-numbered instance with neither answer nor segment (the one being worked on), which
-    is flagged ``truncated``.
+    An answer is complete when its answer line is: a plain (unboxed) labelled value on the
+    unterminated last line is discarded (it may be cut mid-number), and an unclosed ``\boxed{`` is
+    no answer (as always). An answer that is kept is complete wherever the text ends: a completion
+    cut right after ``Answer 2: \boxed{8}``, or after the newline that ends ``Answer 2: 8``, has
+    answered problem 2. Only an instance without an answer is flagged ``truncated`` (the one being
+    worked on when the budget ran out): the one whose segment reaches the end of the text; when no
+    segment does and non-blank text follows the last segment, the lowest-numbered instance with
+    neither answer nor segment, which gets that text as its segment.
 
 ``out_of_order`` is set for instance k when its segment starts before that of some j < k or after
 that of some j > k.
@@ -549,12 +552,13 @@ def _instances(text: str, n: int, winners: _Winners, spans: dict[int, Span]) -> 
 
 
 def _mark_truncated(text: str, instances: list[InstanceParse], spans: dict[int, Span], lo: int) -> None:
-    """Flag the instance being written when the budget ran out (may give it the trailing text)."""
+    """Flag the instance being written when the budget ran out, never one with an answer (may give it
+    the trailing text)."""
     hi = len(text)
     text_end = len(text.rstrip())
     reached = [k for k, (s, e) in spans.items() if e >= text_end and e > s]
     for k in reached:
-        instances[k - 1].truncated = True
+        instances[k - 1].truncated = instances[k - 1].missing  # a kept answer's line is complete
     if reached:
         return
     last_end = max((e for (s, e) in spans.values()), default=lo)

@@ -19,8 +19,8 @@ import pytest
 from bcr import cli
 from bcr.data.bundling import bundle_sequential
 from bcr.eval.scaling import stable_seed
-from bcr.eval.solve import SolveConfig, _needs_retry, choose_n, solve
-from bcr.models.rollout import make_engine
+from bcr.eval.solve import SolveConfig, _answer_records, _better, _needs_retry, choose_n, solve
+from bcr.models.rollout import Generation, make_engine
 from bcr.runtime.dataclass_cli import ConfigError
 from bcr.task.prompts import PromptTemplate, render_prompt
 from bcr.task.synthetic import make_arithmetic_problems
@@ -119,6 +119,62 @@ def test_missing_answers_are_retried_alone_once(tmp_path, tiny_qwen2, tiny_token
 
     off = solve(tiny_qwen2, problems, output=tmp_path / "off.jsonl", retry=False, **opts)
     assert off["retried"] == 0
+
+
+def _records(text, problems, tokenizer, truncated=True):
+    """The answer records `bcr solve` makes of one real completion text (tokenised by the real tokenizer)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return _answer_records(problems, Generation([], ids, text, truncated), tokenizer, SolveConfig(**FAST))
+
+
+B = "\\boxed"
+# a bundle of two completions cut by the budget: before, inside and right after problem 2's answer line
+CUTS = [
+    ("before_the_answer_line", f"Answer 1: {B}{{3}}\nFor problem 2, 4*2 = 8 and", "none", True),
+    ("inside_the_box", f"Answer 1: {B}{{3}}\nAnswer 2: {B}{{8", "none", True),
+    ("inside_a_plain_value", f"Answer 1: {B}{{3}}\nAnswer 2: 8", "none", True),
+    ("right_after_the_box", f"Answer 1: {B}{{3}}\nAnswer 2: {B}{{8}}", "strict", False),
+    ("right_after_a_plain_line", f"Answer 1: {B}{{3}}\nAnswer 2: 8\n", "strict", False),
+    ("after_the_box_on_its_line", f"Answer 1: {B}{{3}}\nAnswer 2: {B}{{8}} because 4*2", "strict", False),
+]
+
+
+@pytest.mark.parametrize("text,extraction,cut_off", [c[1:] for c in CUTS], ids=[c[0] for c in CUTS])
+def test_an_answer_is_complete_by_its_answer_line(tiny_tokenizer, text, extraction, cut_off):
+    """A completion cut by the budget right after a complete answer line has answered: no retry; one cut
+    before or inside the line has not, and is retried."""
+    problems = make_arithmetic_problems(2, seed=11)
+    first, second = _records(text, problems, tiny_tokenizer)
+    assert (first["extraction"], first["cut_off"], _needs_retry(first)) == ("strict", False, False)
+    assert (second["extraction"], second["cut_off"], _needs_retry(second)) == (extraction, cut_off, cut_off)
+    if extraction == "strict":
+        assert second["answer"] == "8"
+
+
+def test_a_retry_replaces_only_a_worse_answer(tiny_tokenizer):
+    """Ranks, from real completions: strict > flexible > none, and of one kind uncut > cut; a tie keeps the
+    bundle's answer, so a retry never loses a complete one."""
+    (p,) = make_arithmetic_problems(1, seed=12)
+
+    def one(text, truncated):
+        return _records(text, [p], tiny_tokenizer, truncated)[0]
+
+    strict_cut_text = one(f"so {B}{{8}}", True)  # the budget ended the text right after the box
+    strict = one(f"so {B}{{8}}", False)
+    flexible = one("4*2 gives 8.\n", False)
+    flexible_cut = one("4*2 gives 8.\nthen", True)
+    none = one("no idea", False)
+    none_cut = one("no idea, but", True)
+    assert (strict_cut_text["extraction"], strict_cut_text["cut_off"]) == ("strict", False)
+    assert (flexible["extraction"], flexible["cut_off"], flexible_cut["extraction"], flexible_cut["cut_off"]) == (
+        "flexible", False, "flexible", True)
+    ladder = [none_cut, none, flexible_cut, flexible, strict]
+    for i, worse in enumerate(ladder):
+        for better in ladder[i + 1:]:
+            assert _better(better, worse) and not _better(worse, better)
+    for record in ladder:
+        assert not _better(dict(record), record)  # a tie keeps the bundle's
+    assert not _better(none, strict_cut_text)  # the issue's case: an uncut retry without an answer
 
 
 _SOLVE_CHILD = [sys.executable, "-m", "bcr", "solve", "n=2", "batch_size=1", "per_problem_budget=6",
