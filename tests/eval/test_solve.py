@@ -1,7 +1,9 @@
 """bcr.eval.solve (``bcr solve``) with a tiny random HF model (its answers are garbage; what is tested is
-that every problem gets exactly one line, in order, whatever N and the file length; that a run killed
-at random points resumes to the file an uninterrupted run writes; that missing answers are retried
-alone; ``n=auto`` from a ``bcr eval`` summary; and that bad input is one clear line)."""
+that every problem gets exactly one line, in order, whatever N and the file length; that an answer is
+complete by its answer line and a retry replaces only a worse one; that a run killed anywhere resumes to
+the file an uninterrupted run writes, and a resume with other settings or references is refused; that
+the default budget fits the model; ``n=auto`` from a ``bcr eval`` summary; and that bad input is one
+clear line)."""
 
 from __future__ import annotations
 
@@ -117,8 +119,10 @@ def test_missing_answers_are_retried_alone_once(tmp_path, tiny_qwen2, tiny_token
                                   max_new_tokens=8, temperature=cfg.temperature, top_p=cfg.top_p,
                                   seed=[stable_seed(0, "solve-retry", p.id) & 0x7FFFFFFF])
         assert final["retry_tokens"] == len(gen.completion_ids)
-        if final["answer_from"] == "bundle":  # kept only when the retry was worse
-            assert (final["answer"], final["extraction"]) == (first["answer"], first["extraction"])
+        (second,) = _answer_records([p], gen, tiny_tokenizer, cfg)
+        assert final["answer_from"] == ("retry" if _better(second, first) else "bundle")
+        kept = second if final["answer_from"] == "retry" else first
+        assert (final["answer"], final["extraction"]) == (kept["answer"], kept["extraction"])
 
     off = solve(tiny_qwen2, problems, output=tmp_path / "off.jsonl", retry=False, **opts)
     assert off["retried"] == 0
@@ -131,7 +135,7 @@ def _records(text, problems, tokenizer, truncated=True):
 
 
 B = "\\boxed"
-# a bundle of two completions cut by the budget: before, inside and right after problem 2's answer line
+# completions of a bundle of two problems, cut by the budget before, inside and right after problem 2's answer line
 CUTS = [
     ("before_the_answer_line", f"Answer 1: {B}{{3}}\nFor problem 2, 4*2 = 8 and", "none", True),
     ("inside_the_box", f"Answer 1: {B}{{3}}\nAnswer 2: {B}{{8", "none", True),
