@@ -30,7 +30,9 @@ The budget (``per_problem_budget``, or ``max_completion_length`` with ``budget_m
 ``auto`` by default: the most new tokens, up to 1024 per problem (2048 per prompt), with which every
 prompt of the input fits the model's context (the engine's ``context_length``, else the HF model's
 ``max_position_embeddings``). A number is used as given; either way a prompt that would not fit is
-refused before anything is written, and the chosen numbers are printed.
+refused before anything is written, and the chosen numbers are printed. (A retry's prompt is checked
+when it is asked; one that would not fit, possible only for a prompt alone longer than the longest
+bundle prompt, is not asked.)
 
 Output (``output``, JSON Lines, one line per problem, in input order)::
 
