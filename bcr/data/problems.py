@@ -39,7 +39,8 @@ stable id ``"<label>-<row index>"`` where the label is the file stem (or ``<fold
 stem is a bare split name such as ``test``).
 
 Errors a user can cause raise :class:`DataError` (a ``ValueError``) naming the file and line (or
-record), the problem, and the fix. With ``skip_invalid=True`` bad rows are skipped instead: a single
+record), the problem, and the fix. :func:`iter_problems` gives the same problems one at a time, reading
+a JSON Lines file line by line (memory does not grow with the file). With ``skip_invalid=True`` bad rows are skipped instead: a single
 :class:`UserWarning` reports how many, and the returned list (a :class:`ProblemList`, a plain
 ``list`` subclass) carries a :class:`LoadReport` in its ``.report`` attribute with the counts and
 the first error messages.
@@ -69,6 +70,7 @@ __all__ = [
     "ProblemList",
     "default_data_dirs",
     "extract_last_boxed",
+    "iter_problems",
     "load_problems",
     "problem_from_record",
     "problems_from_records",
@@ -670,3 +672,38 @@ def load_problems(
         f"({', '.join(sorted(BENCHMARKS))}) or a Hugging Face dataset id ('owner/name'). "
         "Check the path, or use one of the names with data_dir=... / BCR_DATA_DIR"
     )
+
+
+def iter_problems(
+    source: str | os.PathLike,
+    split: str | None = None,
+    limit: int | None = None,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    require_answer: bool = True,
+) -> Iterator[Problem]:
+    """The problems :func:`load_problems` returns, one at a time, for inputs too large to hold.
+
+    A JSON Lines file (``.jsonl`` / ``.ndjson``) is read line by line, so memory does not grow with it;
+    any other source is loaded whole by :func:`load_problems` first. A bad row raises
+    :class:`DataError` when it is reached (the rows before it have been yielded), so read once to
+    validate before acting on the problems.
+    """
+    path = Path(source).expanduser()
+    if not (path.is_file() and _SUFFIXES.get(path.suffix.lower()) == "jsonl"):
+        yield from load_problems(source, split, limit, data_dir=data_dir, require_answer=require_answer)
+        return
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise ValueError(f"limit must be a non-negative int or None, got {limit!r}")
+    label = _label_for(path)
+    for index, (loc, rec) in enumerate(_iter_jsonl(path)):
+        if limit is not None and index >= limit:
+            return
+        try:
+            if isinstance(rec, Exception):
+                raise rec
+            problem = problem_from_record(rec, default_id=f"{label}-{index}", source=label,
+                                          require_answer=require_answer)
+        except DataError as e:
+            raise DataError(f"{loc}: {e} (fix the row)") from None
+        yield problem

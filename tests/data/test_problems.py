@@ -15,6 +15,7 @@ from bcr.data.problems import (
     Problem,
     ProblemList,
     extract_last_boxed,
+    iter_problems,
     load_problems,
     resolve_benchmark,
 )
@@ -356,3 +357,24 @@ def test_an_empty_training_file_is_named(tmp_path):
     path.write_text("\n")
     with pytest.raises(DataError, match=rf"^{path}: holds no problems \(train_data="):
         load_train_problems(BCRConfig(train_data=str(path)))
+
+
+def test_iter_problems_streams_what_load_problems_returns(tmp_path):
+    """iter_problems gives load_problems' problems one at a time (default ids, limit, other formats), and a bad
+    row is the same one-line DataError once it is reached."""
+    path = tmp_path / "test.jsonl"
+    rows = [{"problem": "1+1", "answer": "2"}, {}, {"id": "x", "question": "2+2", "answer": "4", "level": 3}]
+    path.write_text("\n".join("" if not r else json.dumps(r) for r in rows) + "\n" + json.dumps(rows[0]) + "\n")
+    stream = iter_problems(path)
+    assert next(stream) == load_problems(path)[0]
+    assert list(stream) == load_problems(path)[1:] and len(load_problems(path)) == 3
+    assert list(iter_problems(path, limit=2)) == load_problems(path, limit=2)
+    assert [p.id for p in iter_problems(path)] == [f"{tmp_path.name}-test-0", "x", f"{tmp_path.name}-test-2"]
+    as_json = tmp_path / "all.json"
+    as_json.write_text(json.dumps([rows[0], rows[2]]))
+    assert list(iter_problems(as_json)) == load_problems(as_json)
+    path.write_text(json.dumps(rows[0]) + "\n{\"problem\": \n")
+    stream = iter_problems(path)
+    assert next(stream).problem == "1+1"
+    with pytest.raises(DataError, match=r"test.jsonl:2: invalid JSON"):
+        next(stream)
