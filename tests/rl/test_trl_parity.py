@@ -239,7 +239,7 @@ def test_config_defaults_are_trls():
 # The trainer's own paths: BCRTrainer's gradient against TRL's _compute_loss on materialised logits
 # ================================================================================================
 # Two prompts of PROMPT_LENGTH tokens, three completions each (TRL's layout: one row per completion,
-# right-padded). Sample 2's last MASKED_TAIL tokens are left out of the loss (a truncated tail).
+# right-padded). Sample 0's last MASKED_TAIL tokens are left out of the loss (a truncated tail).
 PROMPT_LENGTH, TEMPERATURE, MASKED_TAIL = 6, 0.7, 3
 COMPLETION_LENGTHS = [7, 4, 9, 5, 8, 3]
 SEQ_ADVANTAGES = [0.9, -1.1, 0.2, -0.6, 1.3, -0.7]
@@ -289,7 +289,7 @@ def rollouts(tiny_tokenizer):
     prompt_ids = torch.tensor([prompts[i // 3] for i in range(B)])
     completion_ids = _padded(completions)
     mask = _padded([[1] * n for n in COMPLETION_LENGTHS])
-    mask[2, COMPLETION_LENGTHS[2] - MASKED_TAIL : COMPLETION_LENGTHS[2]] = 0
+    mask[0, COMPLETION_LENGTHS[0] - MASKED_TAIL : COMPLETION_LENGTHS[0]] = 0
     model = tiny_model(tiny_tokenizer, seed=0)
     with torch.no_grad():
         old = _materialised_logps(model, torch.cat([prompt_ids, completion_ids], 1),
