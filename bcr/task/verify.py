@@ -46,7 +46,7 @@ checks and in the helper process for the others. Until it is done, the first che
 *in addition to* their ``timeout + 1 s``: a main-thread check waits for the in-process load before
 its clock starts, and a check off the main thread waits for the one helper start, shared by all
 callers arriving meanwhile (not one start each; 16 threads in a fresh process on a busy 2-core
-machine: the start took 2.9-11.9 s, and the slowest caller was answered 1.5-3.2 s after it with
+machine: the start took 2.9-11.9 s, and the slowest caller was answered 1.3-3.6 s after it with
 timeouts of 1-2 s; ``benchmarks/RESULTS.md``). The callers wait rather than answer "no match" early, which would turn a
 cold start into wrong rewards. :func:`warm_up` does both loads in a background thread; ``bcr
 solve``, ``bcr eval`` and the trainer call it before they load the model, so scoring is warm by the

@@ -231,8 +231,9 @@ def test_truncation_mask_scopes(tiny_tokenizer):
 
 @pytest.mark.parametrize("scope", ["unanswered", "completion"])
 def test_mask_truncated_completions_reaches_the_loss(tmp_path, tiny_tokenizer, problems, scope):
-    """The masks land on the right packed tokens, the token normaliser counts only kept tokens, and
-    masked tokens get no gradient: the loss equals the one of a batch without the masked tail."""
+    """The masks land on the right packed tokens (padding included), the token normaliser counts only
+    kept tokens, and the trainer's fused loss equals the plain reference's with the masked tail at
+    weight 0."""
     from bcr.models.tiny import tiny_model
 
     cfg = _cfg(tmp_path, n_problems=3, max_completion_length=40, loss_type="dapo", mask_truncated_completions=True,
