@@ -326,6 +326,7 @@ def _trl_update(model, cfg: BCRConfig, r: Rollouts, needs_old: bool) -> float:
             "prompt_ids": r.prompt_ids[rows], "prompt_mask": torch.ones_like(r.prompt_ids[rows]),
             "completion_ids": r.completion_ids[rows], "completion_mask": r.mask[rows],
             "advantages": torch.tensor(SEQ_ADVANTAGES[rows]), "num_items_in_batch": r.mask.sum().float(),
+            # the trainer's reference is a copy of the initial model, the one that gave r.old
             "ref_per_token_logps": r.old[rows], "sampling_per_token_logps": r.sampling[rows],
         }
         if needs_old:
