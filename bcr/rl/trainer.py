@@ -296,6 +296,15 @@ def _one_of(bcr_name: str, bcr_value, trl_name: str, trl_value) -> tuple[str, ob
     return (trl_name, trl_value) if trl_value is not None else (bcr_name, bcr_value)
 
 
+def reads_segments(cfg: BCRConfig) -> bool:
+    """Whether a step reads each completion token's problem segment: the advantages do in
+    ``advantage_mode=instance``, the loss at ``importance_sampling_level=instance`` and in the
+    ``instance_*`` correction modes, whatever the advantage mode. Otherwise the samples carry none, and
+    every token is shared text (in sequence mode all of a completion's advantages are equal anyway)."""
+    mode = cfg.vllm_importance_sampling_mode if cfg.rollout_correction else ""
+    return cfg.advantage_mode == "instance" or cfg.importance_sampling_level == "instance" or mode.startswith("instance")
+
+
 def default_completion_multiple(device: torch.device) -> int:
     """16 on CUDA, where the Triton kernels vectorise the completion fields' loads when their length is
     a multiple of 16; 1 elsewhere: the CPU paths gain nothing from padding, and the padded sums differ in
@@ -553,23 +562,23 @@ class BCRTrainer:
 
     def samples(self, groups: list[list[Generation]], parsed: list[list[ParsedCompletion]],
                 advantages: list[torch.Tensor]) -> list[Sample]:
-        """One training sample per completion: its tokens, its N advantages, (instance mode) the
-        instance each completion token belongs to (sequence mode: every token gets the same one), the
-        engine's log-probs (when it reports them: the rollout correction and the off-policy mask use
-        them) and the truncation mask (when ``mask_truncated_completions``)."""
+        """One training sample per completion: its tokens, its N advantages, the instance each
+        completion token belongs to (when the step reads it: see :func:`reads_segments`; else None, all
+        shared), the engine's log-probs (when it reports them: the rollout correction and the off-policy
+        mask use them) and the truncation mask (when ``mask_truncated_completions``)."""
         cfg = self.config
-        instance = cfg.advantage_mode == "instance"
+        reads = reads_segments(cfg)
         out = []
         for group, pgroup, adv in zip(groups, parsed, advantages):
             for g, p, adv_i in zip(group, pgroup, adv):
-                need = instance or (cfg.mask_truncated_completions and g.truncated)
+                need = reads or (cfg.mask_truncated_completions and g.truncated)
                 seg = completion_segment_ids(self.tokenizer, g.completion_ids, p) if need else None
                 mask = truncation_mask(g, p, seg, cfg.mask_truncated_scope) if cfg.mask_truncated_completions else None
                 sampling = g.sampling_logprobs  # the correction (if on) and the off-policy mask read them
                 if sampling is not None and len(sampling) != len(g.completion_ids):
                     raise ValueError(f"the rollout engine gave {len(sampling)} log-probs for {len(g.completion_ids)} "
                                      "completion tokens")
-                out.append(RolloutSample(g.prompt_ids, g.completion_ids, adv_i.tolist(), seg if instance else None,
+                out.append(RolloutSample(g.prompt_ids, g.completion_ids, adv_i.tolist(), seg if reads else None,
                                          sampling, mask))
         return out
 

@@ -26,13 +26,13 @@ content of ``\boxed{...}``; ``ref`` is a reference answer as written in the data
      threads, so its timeouts are disabled and ours wraps parse + verify). A timer already armed
      by the caller (e.g. pytest-timeout) is restored afterwards with its remaining time;
    * in any other thread (a data-loader thread, a thread pool in a trainer), where signals cannot be
-     used, in a persistent helper **subprocess** (``subprocess.Popen``, so it also works inside
-     daemonic ``multiprocessing`` workers). The helper applies the same alarm internally; if it does
-     not answer within ``timeout + 1 s`` it is killed and restarted on the next call, so even a hang
-     inside C code cannot block the caller. Helpers form a pool, one per concurrent caller (started
-     on demand, kept for reuse, at most :data:`MAX_HELPERS`), so the bound holds for every caller:
-     16 threads checking at once each get their answer within ``timeout + 1 s``, not one after
-     another.
+     used, in a helper **subprocess**. One helper process per process (``subprocess.Popen``, so it
+     also works inside daemonic ``multiprocessing`` workers) loads math-verify once, then forks a
+     worker per concurrent caller (milliseconds: the fork shares what was loaded; at most
+     :data:`MAX_HELPERS`, kept for reuse). A worker applies the same alarm; if it does not answer
+     within ``timeout + 1 s`` of the request it is killed and replaced on the next call, so even a
+     hang inside C code cannot block the caller, and 16 threads checking at once each get their
+     answer within ``timeout + 1 s``, not one after another.
 
    A timeout counts as "no match" (False).
 6. Any exception anywhere -> False. ``answers_match`` never raises.
@@ -40,11 +40,17 @@ content of ``\boxed{...}``; ``ref`` is a reference answer as written in the data
 Results are cached with :func:`functools.lru_cache` on ``(pred, ref, timeout)``. Parsing completions
 and turning answers into rewards is :mod:`bcr.task.scoring`'s job.
 
-No cold start: the first check pays for importing math-verify (seconds), and the first burst of
-concurrent checks off the main thread also waits for their helpers to start and import it, so
-without care they all overrun their bound. :func:`warm_up` starts both in a background thread;
-``bcr solve``, ``bcr eval`` and the trainer call it before they load the model, so scoring is warm
-by the time the first completion exists.
+The bound from a cold start: loading math-verify (importing it and a few first parses that build
+its parser state; about 1.5 s of CPU) happens once per process, in the process for main-thread
+checks and in the helper process for the others. Until it is done, the first checks wait for it
+*in addition to* their ``timeout + 1 s``: a main-thread check waits for the in-process load before
+its clock starts, and a check off the main thread waits for the one helper start, shared by all
+callers arriving meanwhile (not one start each; 16 threads in a fresh process on a busy 2-core
+machine: the start took 2.9-11.9 s, and the slowest caller was answered 1.3-3.6 s after it with
+timeouts of 1-2 s; ``benchmarks/RESULTS.md``). The callers wait rather than answer "no match" early, which would turn a
+cold start into wrong rewards. :func:`warm_up` does both loads in a background thread; ``bcr
+solve``, ``bcr eval`` and the trainer call it before they load the model, so scoring is warm by the
+time the first completion exists.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ import os
 import re
 import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -197,21 +204,31 @@ def _numbers_match(p: tuple[Fraction, bool, bool], r: tuple[Fraction, bool, bool
 # ----------------------------------------------------------------------------------------------
 
 _MV = None
+_MV_LOCK = threading.Lock()
+#: Checks run once when math-verify is loaded: the first parse of each kind of expression builds
+#: parser and sympy state (about 2 s together); afterwards a check takes milliseconds.
+_FIRST_CHECKS = [("x^2+2x+1", "(x+1)^2"), ("(1,2)", "(1, 2)"), ("\\{1,2\\}", "\\{2,1\\}")]
 
 
 def _math_verify():
+    """math-verify, imported and warmed up (:data:`_FIRST_CHECKS`) once per process; other threads
+    asking meanwhile wait for it."""
     global _MV
     if _MV is None:
-        import math_verify
-        import math_verify.grader as _g
-        import math_verify.parser as _p
+        with _MV_LOCK:
+            if _MV is None:
+                import math_verify
+                import math_verify.grader as _g
+                import math_verify.parser as _p
 
-        # We disable math-verify's signal timeouts (we time-bound it ourselves); silence the
-        # one-time warning it logs about that.
-        for mod in (_g, _p):
-            if hasattr(mod, "TIMEOUT_WARNING_SHOWN"):
-                mod.TIMEOUT_WARNING_SHOWN = True
-        _MV = math_verify
+                # We disable math-verify's signal timeouts (we time-bound it ourselves); silence the
+                # one-time warning it logs about that.
+                for mod in (_g, _p):
+                    if hasattr(mod, "TIMEOUT_WARNING_SHOWN"):
+                        mod.TIMEOUT_WARNING_SHOWN = True
+                for pred, ref in _FIRST_CHECKS:
+                    _compare_with(math_verify, pred, ref)
+                _MV = math_verify
     return _MV
 
 
@@ -242,20 +259,17 @@ def _drop_partial(parsed: list, source: str) -> list:
         return parsed
 
 
-@functools.lru_cache(maxsize=1)
-def _gold_config():
-    mv = _math_verify()
-    return [mv.LatexExtractionConfig()]
-
-
 def _mv_compare(pred: str, ref: str) -> bool:
     """math-verify comparison without any timeout (callers bound the time)."""
-    mv = _math_verify()
+    return _compare_with(_math_verify(), pred, ref)
+
+
+def _compare_with(mv, pred: str, ref: str) -> bool:
     # The reference is LaTeX: parse it with the LaTeX extractor only. math-verify's plain-
     # expression extractor, given LaTeX it cannot read as a whole, falls back to *some* number
     # inside it (``\\frac{1}{3} E_{1}+\\frac{2}{3} E_{2}`` -> 2/3), and a gold reduced to a stray
     # number matches wrong predictions. The prediction may be plain text, so it gets both.
-    gold = mv.parse("\\boxed{" + ref + "}", extraction_config=_gold_config(), parsing_timeout=None)
+    gold = mv.parse("\\boxed{" + ref + "}", extraction_config=[mv.LatexExtractionConfig()], parsing_timeout=None)
     if not gold:
         return False
     target = mv.parse("\\boxed{" + pred + "}", parsing_timeout=None)
@@ -306,96 +320,182 @@ def _compare_with_alarm(pred: str, ref: str, timeout: float) -> bool:
             signal.setitimer(signal.ITIMER_REAL, max(left, 1e-4), prev_interval)
 
 
-_WORKER_CODE = r"""
-import json, sys
+# The one helper process started per process ("the zygote"): it loads math-verify once, then forks a
+# worker per concurrent caller on request (milliseconds: the fork shares the loaded, warmed-up state).
+# Control messages: the parent sends one byte with the worker's socket attached (SCM_RIGHTS); the
+# zygote answers the worker's pid. It exits when the parent closes its end (or dies).
+_ZYGOTE_CODE = r"""
+import os, signal, socket, sys
 sys.path.insert(0, sys.argv[1])
-from bcr.task.verify import _compare_with_alarm, _math_verify
+from bcr.task.verify import _math_verify, _serve
 _math_verify()
-out = sys.stdout.buffer
-out.write(b"ready\n"); out.flush()
-for line in sys.stdin.buffer:
-    try:
-        pred, ref, t = json.loads(line)
-        ok = _compare_with_alarm(pred, ref, float(t))
-    except Exception:
-        ok = False
-    out.write(b"1\n" if ok else b"0\n"); out.flush()
+control = socket.socket(fileno=int(sys.argv[2]))
+signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the workers
+control.sendall(b"ready\n")
+while True:
+    msg, fds, _, _ = socket.recv_fds(control, 1, 1)
+    if not msg:
+        break
+    pid = os.fork()
+    if pid == 0:
+        control.close()
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        _serve(socket.socket(fileno=fds[0]))
+        os._exit(0)
+    os.close(fds[0])
+    control.sendall(b"%d\n" % pid)
 """
 
 
-class _Helper:
-    """A persistent helper process running :func:`_compare_with_alarm`, killed on overrun.
+def _serve(sock) -> None:
+    """A worker's loop: one ``[pred, ref, timeout]`` JSON line in, ``1``/``0`` out, until EOF."""
+    with sock, sock.makefile("rb") as requests:
+        for line in requests:
+            try:
+                pred, ref, t = json.loads(line)
+                ok = _compare_with_alarm(pred, ref, float(t))
+            except Exception:
+                ok = False
+            sock.sendall(b"1\n" if ok else b"0\n")
 
-    Used by one caller at a time (the :class:`_HelperPool` hands it out)."""
+
+def _read_line(fd: int, buf: bytes, deadline: float) -> tuple[bytes | None, bytes]:
+    """``(line, rest)`` read from ``fd`` after ``buf``; ``(None, buf)`` at the deadline or EOF."""
+    while b"\n" not in buf:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            return None, buf
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return None, buf
+        buf += chunk
+    line, rest = buf.split(b"\n", 1)
+    return line, rest
+
+
+class _Zygote:
+    """Starts the zygote once (callers arriving during the start wait for that same start) and forks
+    workers from it. A zygote that died is started again by the next caller."""
 
     def __init__(self) -> None:
-        self.proc: subprocess.Popen | None = None
-        self.buf = b""
+        self.reset()
 
-    def _kill(self) -> None:
+    def reset(self) -> None:
+        """Forget the zygote (a forked child must not share its parent's socket)."""
+        self._cond = threading.Condition()
+        self._fork_lock = threading.Lock()
+        self.proc: subprocess.Popen | None = None
+        self.control: socket.socket | None = None
+        self.state = "stopped"  # -> "starting" -> "ready", or back to "stopped" when it fails
+
+    def _start(self) -> None:
+        """Spawn the zygote; a daemon thread waits for its ``ready`` (called with ``_cond`` held)."""
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        ours, theirs = socket.socketpair()
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-c", _ZYGOTE_CODE, root, str(theirs.fileno())],
+                                         pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        except Exception:
+            ours.close()
+            return
+        finally:
+            theirs.close()
+        self.control, self.state = ours, "starting"
+        threading.Thread(target=self._wait_ready, args=(ours,), name="bcr-verify-zygote", daemon=True).start()
+
+    def _wait_ready(self, control: socket.socket) -> None:
+        line, _ = _read_line(control.fileno(), b"", time.monotonic() + _STARTUP_S)
+        with self._cond:
+            if self.control is control:  # not stopped and replaced meanwhile
+                if line == b"ready":
+                    self.state = "ready"
+                else:
+                    self.stop()
+            self._cond.notify_all()
+
+    def ready(self) -> bool:
+        """Start the zygote unless it runs; wait for it (at most :data:`_STARTUP_S`); True when ready."""
+        with self._cond:
+            if self.state == "stopped" or (self.proc is not None and self.proc.poll() is not None):
+                self.stop()
+                self._start()
+            deadline = time.monotonic() + _STARTUP_S
+            while self.state == "starting" and self._cond.wait(max(0.0, deadline - time.monotonic())):
+                pass
+            return self.state == "ready"
+
+    def fork(self) -> tuple[socket.socket, int] | None:
+        """A new worker: ``(its socket, its pid)``, or None when the zygote cannot give one."""
+        if not self.ready():
+            return None
+        ours, theirs = socket.socketpair()
+        with self._fork_lock:
+            try:
+                socket.send_fds(self.control, [b"f"], [theirs.fileno()])
+                line, _ = _read_line(self.control.fileno(), b"", time.monotonic() + _STARTUP_S)
+                if line is not None:
+                    return ours, int(line)
+            except Exception:
+                pass
+            finally:
+                theirs.close()
+        ours.close()
+        with self._cond:
+            self.stop()
+        return None
+
+    def stop(self) -> None:
+        """Close the control socket (the zygote exits on it) and kill the process; workers stay."""
+        if self.control is not None:
+            self.control.close()
         if self.proc is not None:
             try:
                 self.proc.kill()
                 self.proc.wait(timeout=5)
             except Exception:
                 pass
-            for pipe in (self.proc.stdin, self.proc.stdout):
-                try:
-                    if pipe is not None:
-                        pipe.close()
-                except Exception:
-                    pass
-        self.proc = None
+        self.proc, self.control, self.state = None, None, "stopped"
+
+
+class _Helper:
+    """A worker process (forked from the zygote) running :func:`_compare_with_alarm` for one caller at
+    a time (the :class:`_HelperPool` hands it out); killed when it overruns ``timeout + 1 s``."""
+
+    def __init__(self) -> None:
+        self.sock: socket.socket | None = None
+        self.pid: int | None = None
         self.buf = b""
 
-    def _readline(self, deadline: float) -> bytes | None:
-        assert self.proc is not None and self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
-        while b"\n" not in self.buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            ready, _, _ = select.select([fd], [], [], left)
-            if not ready:
-                return None
-            chunk = os.read(fd, 4096)
-            if not chunk:
-                return None
-            self.buf += chunk
-        line, self.buf = self.buf.split(b"\n", 1)
-        return line
+    def _kill(self) -> None:
+        if self.pid is not None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except OSError:
+                pass
+        if self.sock is not None:
+            self.sock.close()
+        self.sock, self.pid, self.buf = None, None, b""
 
-    def _spawn(self) -> None:
-        """Start the process without waiting for it to be ready (see :meth:`_wait_ready`)."""
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", _WORKER_CODE, root],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-        )
-        self.buf = b""
-
-    def _wait_ready(self) -> bool:
-        if self._readline(time.monotonic() + _STARTUP_S) != b"ready":
+    def start(self) -> bool:
+        """Fork a worker unless this helper has a live one (an idle worker's socket is readable only
+        when the worker is gone)."""
+        if self.sock is not None and select.select([self.sock], [], [], 0)[0]:
             self._kill()
-            return False
+        if self.sock is None:
+            worker = _ZYGOTE.fork()
+            if worker is None:
+                return False
+            self.sock, self.pid = worker
         return True
-
-    def _start(self) -> bool:
-        self._spawn()
-        return self._wait_ready()
 
     def compare(self, pred: str, ref: str, timeout: float) -> bool:
         try:
-            if self.proc is None or self.proc.poll() is not None:
-                if not self._start():
-                    return False
-            assert self.proc is not None and self.proc.stdin is not None
-            self.proc.stdin.write((json.dumps([pred, ref, timeout]) + "\n").encode())
-            self.proc.stdin.flush()
-            line = self._readline(time.monotonic() + timeout + _HARD_GRACE_S)
-            if line is None:
+            if not self.start():
+                return False
+            self.sock.sendall((json.dumps([pred, ref, timeout]) + "\n").encode())
+            line, self.buf = _read_line(self.sock.fileno(), self.buf, time.monotonic() + timeout + _HARD_GRACE_S)
+            if line is None:  # overran (or died): the next call forks a fresh worker
                 self._kill()
                 return False
             return line.strip() == b"1"
@@ -405,16 +505,16 @@ class _Helper:
 
 
 class _HelperPool:
-    """Helpers handed out one per concurrent caller: a caller takes an idle helper, or starts a new
-    one while fewer than :data:`MAX_HELPERS` exist (else it waits for one to come back), so the time
-    bound holds per caller, not per process."""
+    """Helpers handed out one per concurrent caller: a caller takes an idle helper, or a new one while
+    fewer than :data:`MAX_HELPERS` exist (else it waits for one to come back), so the time bound holds
+    per caller, not per process."""
 
     def __init__(self, max_helpers: int) -> None:
         self.max_helpers = max_helpers
         self.reset()
 
     def reset(self) -> None:
-        """Forget all helpers (a forked child must not share its parent's pipes)."""
+        """Forget all helpers (a forked child must not share its parent's sockets)."""
         self._cond = threading.Condition()
         self._idle: list[_Helper] = []
         self._count = 0
@@ -432,27 +532,20 @@ class _HelperPool:
             while not self._idle and self._count >= self.max_helpers:
                 self._cond.wait()
             if self._idle:
-                return self._idle.pop()  # the most recently used one: warm
+                return self._idle.pop()  # the most recently used one
             self._count += 1
             return _Helper()
 
     def start(self, count: int) -> None:
-        """Start helpers (all at once) until ``count`` exist (at most ``max_helpers``) and leave them
-        idle for the next callers."""
+        """Fork helpers until ``count`` exist (at most ``max_helpers``) and leave them idle."""
         with self._cond:
             new = min(count, self.max_helpers) - self._count
             if new <= 0:
                 return
             self._count += new
-        helpers = [_Helper() for _ in range(new)]
-        for helper in helpers:
-            try:
-                helper._spawn()
-            except Exception:
-                helper._kill()
-        for helper in helpers:
-            if helper.proc is not None:
-                helper._wait_ready()  # a helper that failed to start is started again when used
+        for _ in range(new):
+            helper = _Helper()
+            helper.start()  # one that failed is started again when used
             self._release(helper)
 
     def _release(self, helper: _Helper) -> None:
@@ -468,8 +561,15 @@ class _HelperPool:
             self._release(helper)
 
 
+_ZYGOTE = _Zygote()
 _HELPERS = _HelperPool(MAX_HELPERS)
-atexit.register(_HELPERS.close)
+
+
+@atexit.register
+def _close_helpers() -> None:
+    _HELPERS.close()
+    with _ZYGOTE._cond:
+        _ZYGOTE.stop()
 
 
 def _bounded_math_verify(pred: str, ref: str, timeout: float) -> bool:
@@ -509,8 +609,9 @@ def _match_cached(pred: str, ref: str, timeout: float) -> bool:
 def answers_match(pred: str | None, ref: str, *, timeout: float = 2.0) -> bool:
     """True when the predicted answer ``pred`` is equivalent to the reference ``ref``.
 
-    See the module docstring for the exact rules. Never raises; never runs much longer than
-    ``timeout`` seconds (plus, on first use off the main thread, the helper's start-up); cached.
+    See the module docstring for the exact rules. Never raises; cached. Returns within ``timeout
+    + 1 s``, plus, until math-verify is loaded in this process (main thread) or in the shared
+    helper process (other threads), the wait for that one-time load (see the module docstring).
     """
     if pred is None or ref is None:
         return False
@@ -528,9 +629,10 @@ def answers_match(pred: str | None, ref: str, *, timeout: float = 2.0) -> bool:
 def warm_up(helpers: int = 0) -> threading.Thread:
     """Prepare answer checking in the background, so that the first checks do not wait for it.
 
-    Imports math-verify in this process (what checks from the main thread use) and starts
-    ``helpers`` helper processes (what checks from other threads use: one per concurrent caller,
-    at most :data:`MAX_HELPERS`). Returns the daemon thread doing it; ``join()`` it to wait.
+    Loads math-verify in this process (what checks from the main thread use) and, with ``helpers``
+    > 0, starts the helper process and forks ``helpers`` workers from it (what checks from other
+    threads use: one per concurrent caller, at most :data:`MAX_HELPERS`; more are forked on demand
+    in milliseconds). Returns the daemon thread doing it; ``join()`` it to wait.
     Never raises: whatever fails here is tried again by the first check that needs it.
     """
 
@@ -548,8 +650,9 @@ def warm_up(helpers: int = 0) -> threading.Thread:
 
 
 def _reset_after_fork() -> None:  # pragma: no cover - exercised by process pools
-    # A forked child must not talk to its parent's helper processes through inherited pipes.
+    # A forked child must not talk to its parent's helper processes through inherited sockets.
     _HELPERS.reset()
+    _ZYGOTE.reset()
 
 
 if hasattr(os, "register_at_fork"):
