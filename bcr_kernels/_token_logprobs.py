@@ -108,12 +108,14 @@ if triton is not None:
     def _token_logprobs_bwd_kernel(
         X, stride_xt, stride_xv,
         DX, stride_dt, stride_dv,
-        TGT, LSE, G,
+        TGT, LSE, G, GE, ENT,  # GE, ENT: the entropy's upstream gradient and value (HAS_ENT_GRAD only)
         V, temperature, ignore_index,
+        HAS_ENT_GRAD: tl.constexpr,
         BLOCK_V: tl.constexpr,
     ):
-        # d logp / d x_v = (onehot(target)_v - softmax(x / tau)_v) / tau. DX may alias X (in place):
-        # each block is read before it is written, by the same program.
+        # d logp / d x_v = (onehot(target)_v - p_v) / tau and d entropy / d x_v = -p_v (log p_v + H) / tau,
+        # p = softmax(x / tau). DX may alias X (in place): each block is read before it is written, by
+        # the same program.
         row = tl.program_id(0).to(tl.int64)
         x_row = X + row * stride_xt
         dx_row = DX + row * stride_dt
@@ -122,14 +124,20 @@ if triton is not None:
         lse = tl.load(LSE + row)
         g = tl.load(G + row).to(tl.float32)
         scale = tl.where(valid, g / temperature, 0.0)
+        if HAS_ENT_GRAD:
+            ent_scale = tl.where(valid, tl.load(GE + row).to(tl.float32) / temperature, 0.0)
+            ent = tl.load(ENT + row).to(tl.float32)
 
         offs = tl.arange(0, BLOCK_V)
         for start in range(0, V, BLOCK_V):
             cols = start + offs
             mask = cols < V
             x = tl.load(x_row + cols * stride_xv, mask=mask, other=float("-inf")).to(tl.float32)
-            p = tl.exp(x / temperature - lse)
+            logp = x / temperature - lse
+            p = tl.exp(logp)
             grad = (tl.where(cols == tgt, 1.0, 0.0) - p) * scale
+            if HAS_ENT_GRAD:  # p == 0 (x = -inf) contributes 0, not 0 * inf
+                grad += tl.where(p > 0.0, -p * (logp + ent), 0.0) * ent_scale
             grad = tl.where(valid, grad, 0.0)
             tl.store(dx_row + cols * stride_dv, grad.to(DX.dtype.element_ty), mask=mask)
 
@@ -169,28 +177,34 @@ def logprobs_fwd(logits2d, targets, temperature, ignore_index, return_entropy):
     return logp, lse, ent
 
 
-def logprobs_bwd_inplace(logits2d, targets, lse, grad_logp, temperature, ignore_index):
-    """Triton backward that overwrites ``logits2d`` with ``d(sum grad_logp * logp) / d logits2d``.
+def logprobs_bwd_inplace(logits2d, targets, lse, grad_logp, temperature, ignore_index, *, grad_entropy=None,
+                         entropy=None):
+    """Triton backward that overwrites ``logits2d`` with ``d(sum grad_logp * logp) / d logits2d``, plus
+    ``d(sum grad_entropy * entropy) / d logits2d`` with ``grad_entropy`` (and the rows' ``entropy``).
 
-    ``lse`` comes from :func:`logprobs_fwd` with the same ``temperature``; the gradient is written
-    in ``logits2d``'s dtype; rows with an ignored target become 0.
+    ``lse`` (and ``entropy``) come from :func:`logprobs_fwd` with the same ``temperature``; the gradient
+    is written in ``logits2d``'s dtype; rows with an ignored target become 0.
     """
     _check_2d(logits2d, targets)
     if logits2d.shape[0] == 0:
         return
-    _launch_bwd(logits2d, logits2d, targets, lse, grad_logp, temperature, ignore_index)
+    _launch_bwd(logits2d, logits2d, targets, lse, grad_logp, temperature, ignore_index, grad_entropy, entropy)
 
 
-def _launch_bwd(x, dx, targets, lse, grad_logp, temperature, ignore_index):
+def _launch_bwd(x, dx, targets, lse, grad_logp, temperature, ignore_index, grad_entropy=None, entropy=None):
     T, V = x.shape
     block = _block_v(V)
+    g = grad_logp.float().contiguous()
+    has_ent = grad_entropy is not None
+    ge = grad_entropy.float().contiguous() if has_ent else g  # a stand-in that is never read
+    ent = entropy.float().contiguous() if has_ent else g
     with _common.device_guard(x):
         _token_logprobs_bwd_kernel[(T,)](
             x, x.stride(0), x.stride(1),
             dx, dx.stride(0), dx.stride(1),
-            targets.contiguous(), lse.contiguous(), grad_logp.float().contiguous(),
+            targets.contiguous(), lse.contiguous(), g, ge, ent,
             V, float(temperature), int(ignore_index),
-            BLOCK_V=block, num_warps=_num_warps(block),
+            HAS_ENT_GRAD=has_ent, BLOCK_V=block, num_warps=_num_warps(block),
         )
 
 
