@@ -169,12 +169,12 @@ def _surrogate(lp, lr, ratio, a, m, g, o: Objective, is_w):
     return -vespo_phi(lr.detach(), a, m, g, o, is_w) * a * lp, zero, zero
 
 
-def top_entropy_keep(entropy, m, cu_seqlens, quantile: float) -> torch.Tensor:
-    """fp32 ``[T]``: 1 for the loss tokens (``m > 0``, inside a sequence) whose entropy is at least the
+def top_entropy_keep(entropy, loss_tokens, quantile: float) -> torch.Tensor:
+    """fp32 ``[T]``: 1 for the loss tokens (``loss_tokens > 0``) whose entropy is at least the
     ``1 - quantile`` quantile (``torch.quantile``, linear interpolation) of the loss tokens' entropies,
-    else 0 (TRL's ``top_entropy_quantile`` mask over the tokens of one call)."""
+    else 0 (TRL's ``top_entropy_quantile`` mask, over the tokens of one call)."""
     h = entropy.detach().float()
-    counted = (m > 0) & (token_sequence_index(cu_seqlens, h.numel()) >= 0)
+    counted = loss_tokens > 0
     values = h[counted]
     if values.numel() == 0:
         return torch.zeros_like(h)
@@ -182,18 +182,15 @@ def top_entropy_keep(entropy, m, cu_seqlens, quantile: float) -> torch.Tensor:
     return (counted & (h >= threshold)).float()
 
 
-def entropy_kept(m, keep):
-    """fp32 ``[T]``: the tokens the entropy terms act on (``m``, times ``keep`` when there is one)."""
-    return m if keep is None else m * keep
-
-
 def entropy_terms(entropy, m, cu_seqlens, o: Objective):
     """``(keep, e)``: the entropy mask (None without ``top_entropy_quantile`` < 1) and the tokens the
-    entropy bonus averages over (``m``, times ``keep``)."""
-    keep = None
-    if o.top_entropy_quantile < 1.0:
-        keep = top_entropy_keep(entropy, m, cu_seqlens, o.top_entropy_quantile)
-    return keep, entropy_kept(m, keep)
+    entropy bonus averages over: the loss tokens of the sequences (``m``, 0 outside every sequence),
+    times ``keep``."""
+    loss_tokens = m * (token_sequence_index(cu_seqlens, m.numel()) >= 0).float()
+    if o.top_entropy_quantile >= 1.0:
+        return None, loss_tokens
+    keep = top_entropy_keep(entropy, loss_tokens, o.top_entropy_quantile)
+    return keep, loss_tokens * keep
 
 
 def entropy_bonus(entropy, e, o: Objective, weight: float) -> torch.Tensor:

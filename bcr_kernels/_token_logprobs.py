@@ -136,8 +136,8 @@ if triton is not None:
             logp = x / temperature - lse
             p = tl.exp(logp)
             grad = (tl.where(cols == tgt, 1.0, 0.0) - p) * scale
-            if HAS_ENT_GRAD:  # p == 0 (x = -inf) contributes 0, not 0 * inf
-                grad += tl.where(p > 0.0, -p * (logp + ent), 0.0) * ent_scale
+            if HAS_ENT_GRAD:  # p == 0 (x = -inf, log p = -inf) contributes 0, not 0 * inf
+                grad += -p * (tl.where(p > 0.0, logp, 0.0) + ent) * ent_scale
             grad = tl.where(valid, grad, 0.0)
             tl.store(dx_row + cols * stride_dv, grad.to(DX.dtype.element_ty), mask=mask)
 
