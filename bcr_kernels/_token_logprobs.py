@@ -249,8 +249,9 @@ def _fwd_torch(logits2d, targets, temperature, ignore_index, return_entropy, nee
     return logp, lse, ent
 
 
-def _torch_bwd_into(x2d, dx2d, targets, lse, grad_logp, temperature, ignore_index):
-    # The softmax is recomputed with torch.softmax (one fused pass); ``lse`` is not needed here.
+def _torch_bwd_into(x2d, dx2d, targets, lse, grad_logp, temperature, ignore_index, grad_entropy=None):
+    # The softmax is recomputed with torch.softmax (one fused pass); ``lse`` is not needed here. With
+    # ``grad_entropy``: d entropy / d x_v = -p_v (log p_v + H) / temperature, H recomputed per chunk.
     T, V = x2d.shape
     step = _chunk_rows(V)
     g_all = grad_logp.float()
@@ -259,7 +260,15 @@ def _torch_bwd_into(x2d, dx2d, targets, lse, grad_logp, temperature, ignore_inde
         tgt = targets[a:b]
         valid = tgt != ignore_index
         g = torch.where(valid, g_all[a:b], torch.zeros_like(g_all[a:b])) / temperature
-        grad = torch.softmax(_scaled_chunk(x2d, a, b, temperature), dim=-1).mul_(-g[:, None])
+        if grad_entropy is None:
+            grad = torch.softmax(_scaled_chunk(x2d, a, b, temperature), dim=-1).mul_(-g[:, None])
+        else:
+            gh = torch.where(valid, grad_entropy[a:b].float(), torch.zeros_like(g)) / temperature
+            logsm = torch.log_softmax(_scaled_chunk(x2d, a, b, temperature), dim=-1)
+            p = logsm.exp()
+            logsm.masked_fill_(p == 0, 0.0)  # p == 0 contributes 0 (not 0 * inf)
+            h = -(p * logsm).sum(-1, keepdim=True)
+            grad = logsm.add_(h).mul_(gh[:, None]).add_(g[:, None]).mul_(p).neg_()
         safe = torch.where(valid, tgt, torch.zeros_like(tgt)).long()
         grad.scatter_add_(1, safe[:, None], g[:, None])
         dx2d[a:b] = grad
@@ -280,34 +289,38 @@ class _Options:
 
 
 class TokenLogprobsFunction(torch.autograd.Function):
-    """Autograd wrapper: saves ``(logits, targets, lse)`` (``lse`` on the Triton path only); backward
-    recomputes the softmax. Returns ``(logp, entropy)``, ``entropy`` empty without ``return_entropy``."""
+    """Autograd wrapper: saves ``(logits, targets, lse, entropy)`` (``lse`` and ``entropy`` on the Triton
+    path only); backward recomputes the softmax. Returns ``(logp, entropy)``, both differentiable,
+    ``entropy`` empty without ``return_entropy``."""
 
     @staticmethod
     def forward(ctx, logits, targets, opts: _Options):
+        ctx.set_materialize_grads(False)  # an entropy used as a metric only costs no backward term
         args = (logits, targets, opts.temperature, opts.ignore_index, opts.return_entropy)
         if opts.triton:
             logp, lse, ent = logprobs_fwd(*args)
         else:  # the PyTorch backward recomputes a fused softmax and needs no lse
             logp, lse, ent = _fwd_torch(*args, need_lse=False)
-        ctx.save_for_backward(logits, targets, lse)
-        ctx.opts = opts
         if ent is None:
             ent = logp.new_empty(0)
-        ctx.mark_non_differentiable(ent)
+        ctx.save_for_backward(logits, targets, lse, ent)
+        ctx.opts = opts
         return logp, ent
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_logp, _grad_entropy):
-        logits, targets, lse = ctx.saved_tensors
+    def backward(ctx, grad_logp, grad_entropy):
+        logits, targets, lse, ent = ctx.saved_tensors
         opts = ctx.opts
         grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         if grad_logp is None:
             grad_logp = torch.zeros(logits.shape[0], dtype=torch.float32, device=logits.device)
         if logits.shape[0] > 0:
-            into = _launch_bwd if opts.triton else _torch_bwd_into
-            into(logits, grad, targets, lse, grad_logp, opts.temperature, opts.ignore_index)
+            args = (logits, grad, targets, lse, grad_logp, opts.temperature, opts.ignore_index, grad_entropy)
+            if opts.triton:
+                _launch_bwd(*args, None if grad_entropy is None else ent)
+            else:
+                _torch_bwd_into(*args)
         return grad, None, None
 
 
@@ -323,8 +336,8 @@ def token_logprobs(
 
     ``logits`` is ``[T, V]`` in fp32/bf16/fp16 (row-strided views are read in place); ``targets`` is
     integer ``[T]``. Returns ``LogprobsOutput(logp, entropy)``: an ``ignore_index`` target gives
-    log-prob 0 and a zero gradient row; ``entropy`` is the per-row entropy (fp32 ``[T]``, detached, 0 on
-    ignored rows) with ``return_entropy``, else None. The gradient w.r.t. ``logits`` has their dtype.
+    log-prob 0 and a zero gradient row; ``entropy`` is the per-row entropy (fp32 ``[T]``, 0 and no
+    gradient on ignored rows, differentiable like ``logp``) with ``return_entropy``, else None. The gradient w.r.t. ``logits`` has their dtype.
     Runs Triton when :func:`bcr_kernels._dispatch.use_triton` says so, else a chunked PyTorch path.
     """
     _check_2d(logits, targets)

@@ -38,8 +38,8 @@ def token_logprobs(
     """log softmax(logits / temperature)[t, targets[t]] as fp32 ``[T]``, in ``LogprobsOutput.logp``.
 
     An ignored target (``ignore_index``) gives log-prob 0 and no gradient. With ``return_entropy``
-    ``LogprobsOutput.entropy`` holds the entropy of each row's distribution (fp32 ``[T]``, 0 on
-    ignored rows, detached: it is a metric, not a training signal); else it is None.
+    ``LogprobsOutput.entropy`` holds the entropy of each row's distribution (fp32 ``[T]``, 0 and no
+    gradient on ignored rows, differentiable: an entropy bonus trains through it); else it is None.
     """
     x = logits.float() / temperature
     valid = targets != ignore_index
@@ -49,11 +49,10 @@ def token_logprobs(
     logp = torch.where(valid, logp, torch.zeros_like(logp))
     if not return_entropy:
         return LogprobsOutput(logp)
-    with torch.no_grad():
-        p = torch.softmax(x, dim=-1)
-        px = torch.where(p > 0, p * x, torch.zeros_like(x))
-        entropy = lse - px.sum(-1)
-        entropy = torch.where(valid, entropy, torch.zeros_like(entropy))
+    p = torch.softmax(x, dim=-1)
+    x_seen = torch.where(p > 0, x, torch.zeros_like(x))  # p == 0 (x = -inf) adds 0, not 0 * inf
+    entropy = lse - (p * x_seen).sum(-1)
+    entropy = torch.where(valid, entropy, torch.zeros_like(entropy))
     return LogprobsOutput(logp, entropy)
 
 

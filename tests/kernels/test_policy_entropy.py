@@ -1,7 +1,7 @@
 """The entropy terms of the policy loss (TRL 1.16's ``top_entropy_quantile`` and entropy bonus):
 the oracle by hand, ``policy_loss`` against it (values, d/d logp, d/d entropy, metrics), and
 ``fused_linear_policy_loss``, which computes the entropies per chunk, against the oracle on
-materialised logits (values and the head's gradients, on the chunked PyTorch path and the
+materialised logits (``reference.fused_linear_logprobs``, whose entropy is differentiable) (values and the head's gradients, on the chunked PyTorch path and the
 Triton-interpreted one), at awkward layouts (an empty and a one-token sequence, masked and ignored
 tokens, tokens outside every sequence, chunks that do not divide T)."""
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import bcr_kernels
 from bcr_kernels import Objective, fused_linear_policy_loss, reference
@@ -152,22 +151,13 @@ def _head(seed=0, H=8, V=37):
     return hidden, weight, bias, targets
 
 
-def _materialised(hidden, weight, bias, targets, temperature):
-    """Log-probs and entropies from the full logits, both differentiable (0 at ignored targets)."""
-    x = F.linear(hidden, weight, bias) / temperature
-    logsm = torch.log_softmax(x, -1)
-    valid = targets != -100
-    lp = logsm.gather(1, targets.clamp(min=0)[:, None]).squeeze(1)
-    ent = -(logsm.exp() * logsm).sum(-1)
-    return torch.where(valid, lp, torch.zeros_like(lp)), torch.where(valid, ent, torch.zeros_like(ent))
-
-
 def _check_fused(o, seed=0, chunk=4, temperature=0.8, weight=0.6):
     _, _, adv, mask, ref, _, seg, cu = _tokens(seed)
     hidden, w, b, targets = _head(seed)
     kw = {"ref_logp": ref, "segment_ids": seg, "sampling_logp": None, "entropy_weight": weight}
     leaves = [t.clone().requires_grad_(True) for t in (hidden, w, b)]
-    lp, ent = _materialised(*leaves, targets, temperature)
+    lp, ent = reference.fused_linear_logprobs(*leaves[:2], targets, bias=leaves[2], temperature=temperature,
+                                              return_entropy=True)
     want = reference.policy_loss(lp, lp.detach(), adv, mask, cu, o, entropy=ent, **kw)
     want.loss.backward()
     mine = [t.clone().requires_grad_(True) for t in (hidden, w, b)]
@@ -247,19 +237,10 @@ def test_triton_backward_entropy_gradient(backend):
     targets[4] = -100
     g_lp, g_h = torch.randn(T, generator=g), torch.randn(T, generator=g)
     x = logits.clamp(min=-1e4).requires_grad_(True)  # autograd: exp(-1e4) is 0 too, without 0 * inf = NaN
-    lp, ent = _materialised_logits(x, targets, temperature)
+    lp, ent = reference.token_logprobs(x, targets, temperature=temperature, return_entropy=True)
     ((lp * g_lp).sum() + (ent * g_h).sum()).backward()
     buf = logits.clone()
     _, lse, h = logprobs_fwd(buf, targets, temperature, -100, True)
     logprobs_bwd_inplace(buf, targets, lse, g_lp, temperature, -100, grad_entropy=g_h, entropy=h)
     _close(buf, x.grad)
     assert torch.isfinite(buf).all() and buf[4].abs().sum() == 0 and buf[2, :10].abs().sum() == 0
-
-
-def _materialised_logits(x, targets, temperature):
-    logsm = torch.log_softmax(x / temperature, -1)
-    valid = targets != -100
-    lp = torch.where(valid, logsm.gather(1, targets.clamp(min=0)[:, None]).squeeze(1), torch.zeros(len(targets)))
-    p = logsm.exp()
-    ent = -torch.where(p > 0, p * logsm, torch.zeros_like(p)).sum(-1)
-    return lp, torch.where(valid, ent, torch.zeros_like(ent))
