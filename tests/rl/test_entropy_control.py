@@ -62,7 +62,8 @@ def _samples(tokenizer):
 def test_the_batch_bonus_is_its_mean_entropy_whatever_the_rows(tmp_path, tiny_tokenizer, tiny_qwen2,
                                                                   num_iterations):
     """Split into rows of at most 24 tokens and 2 accumulation groups, the summed loss of the rows is
-    -coef x (the batch's summed entropy / its loss tokens); with the bonus at 0 there is no gradient."""
+    -coef x (the batch's summed entropy / its loss tokens); with the bonus at 0 there is no gradient, and
+    the trainer's own update (which applies the configured coefficient) moves the weights."""
     cfg = _cfg(tmp_path, entropy_coef=0.3, num_iterations=num_iterations, max_tokens_per_microbatch=24,
                gradient_accumulation_steps=2)
     trainer = BCRTrainer(tiny_qwen2, make_arithmetic_problems(4, seed=0), cfg, tokenizer=tiny_tokenizer)
@@ -80,6 +81,9 @@ def test_the_batch_bonus_is_its_mean_entropy_whatever_the_rows(tmp_path, tiny_to
             assert total == pytest.approx(-coef * window[0] / window[1], rel=1e-5)
         norms[coef] = sum(float(p.grad.norm()) for p in trainer.params if p.grad is not None)
     assert norms[0.0] == 0.0 and norms[0.3] > 0.0
+    before = [p.detach().clone() for p in trainer.params]
+    trainer.update(_samples(tiny_tokenizer))  # the update itself applies the bonus: the weights move
+    assert any(not torch.equal(a, p) for a, p in zip(before, trainer.params))
 
 
 def test_adaptive_control_in_training_and_checkpoints(tmp_path, tiny_tokenizer, tiny_qwen2):
