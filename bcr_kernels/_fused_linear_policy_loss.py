@@ -2,17 +2,23 @@
 
 Semantics: ``reference.policy_loss(logp, logp.detach(), ...)`` with
 ``logp = reference.fused_linear_logprobs(hidden, weight, targets, ...)``, values and gradients
-(``hidden``, ``weight``, ``bias``), for every objective, importance-sampling level, rollout correction
-and off-policy mask of ``policy_loss`` (``bcr_kernels._objectives``). The head's gradients are produced
-in the forward, chunk by chunk, from ``g = d loss / d logp`` (three big matmuls per chunk)::
+(``hidden``, ``weight``, ``bias``), for every option of ``bcr_kernels.Objective`` (objective,
+importance-sampling level, rollout correction, off-policy mask, entropy mask and bonus; see
+``bcr_kernels._objectives``), the entropies being those of the same chunks. The head's gradients are
+produced in the forward, chunk by chunk, from ``g = d loss / d logp`` and, with the entropy bonus,
+``gh = d loss / d entropy`` (three big matmuls per chunk)::
 
     logits_c = hidden_c @ weight.T (+ bias)          # 1
     logp_c, lse_c (, entropy_c)
     g_c = d loss / d logp_c
-    dlogits_c = g_c * (onehot - softmax) / temperature   (in place, in the chunk buffer)
+    dlogits_c = (g_c * (onehot - p) - gh_c * p * (log p + entropy_c)) / temperature   (in place)
     grad_hidden[c] = dlogits_c @ weight              # 2
     grad_weight   += dlogits_c.T @ hidden_c          # 3
     grad_bias     += dlogits_c.sum(0)
+
+``gh = -entropy_coef * entropy_weight * e / max(sum(e), 1)`` depends on which tokens the bonus averages
+over only (``e``: the loss tokens, times the entropy mask), so it is known before the loop without the
+entropy mask and after a first pass with it.
 
 ``g`` is ``_objectives.per_token_loss`` differentiated by autograd on ``[T]`` vectors (the weights of
 the ``reduction`` folded in); with ``old_logp = logp.detach()`` every ratio is exactly 1 in value, so
@@ -25,15 +31,17 @@ how much of ``logp`` it needs decides how ``g`` is got (``_plan``):
 - ``chunk`` (``token`` level with the KL term or ``token_*`` rollout weights): each token's ``g``
   depends on its own log-prob only, so it is computed per chunk, as soon as the chunk's log-probs are;
 - ``two_pass`` (the KL term at the ``sequence``/``instance`` level, ``sequence_*``/``instance_*``
-  rollout weights, the off-policy mask, ``vespo`` with KL or rollout weights): ``g`` needs per-segment
-  sums of functions of ``logp`` (the weights are constants, but a head gradient summed over tokens
-  cannot be rescaled per segment afterwards), so a first pass over
-  the chunks computes ``logp`` only (one matmul per chunk, no gradient), the segment reductions and
+  rollout weights, the off-policy mask, ``vespo`` with KL or rollout weights, the entropy mask): ``g``
+  needs per-segment sums of functions of ``logp`` (the weights are constants, but a head gradient
+  summed over tokens cannot be rescaled per segment afterwards) or every token's entropy (the
+  quantile of ``top_entropy_quantile``), so a first pass over the chunks computes ``logp`` (and the
+  entropies) only (one matmul per chunk, no gradient), the segment reductions, the entropy mask and
   ``g`` follow on ``[T]`` vectors, and the second pass is the loop above. Cost: one extra head matmul
   per chunk (TRL instead runs a whole extra no-grad model forward for the old log-probs of its vLLM
   correction).
 
-The loss value and the metrics are then computed from the ``[T]`` log-probs (cheap vector ops).
+The loss value and the metrics are then computed from the ``[T]`` log-probs and entropies (cheap vector
+ops).
 Backward only scales the stored gradients by the scalar upstream gradient (in place; the graph can be
 back-propagated once). Memory: the gradients of ``hidden``/``weight``/``bias`` are held from the forward
 to the backward (fp32 ``grad_weight`` for bf16/fp16 weights, as in ``fused_linear_logprobs``), plus

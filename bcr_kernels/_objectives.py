@@ -24,8 +24,15 @@ The pieces, per token ``t`` of sequence ``s`` (``m`` = mask, ``A`` = advantage):
   (token; summed over the sequence, or over the segment with shared tokens taking the sequence's sum,
   for the ``sequence_*`` / ``instance_*`` modes), truncated to ``[clip_min, clip_max]`` or zeroed
   outside it, multiplying the objective (``vespo`` puts them into ``w`` instead);
+- entropy mask (``top_entropy_quantile`` < 1, :func:`top_entropy_keep`): the objective of a loss token
+  whose entropy is below the ``1 - top_entropy_quantile`` quantile of the call's loss tokens is zeroed
+  (before the rollout weights; the KL term is kept);
 - ``+ beta * kl`` with ``kl = exp(ref - logp) - (ref - logp) - 1``, times ``r`` with
   ``use_bias_correction_kl``.
+
+The entropy bonus (``entropy_coef``, :func:`entropy_bonus`) is added by the ops outside the per-token
+loss and its aggregation: ``-entropy_coef * entropy_weight * sum(H * e) / max(sum(e), 1)`` over the
+tokens ``e`` that the entropy mask keeps. The options are one ``bcr_kernels.Objective`` (``o``).
 """
 
 from __future__ import annotations

@@ -1,14 +1,15 @@
 """Policy loss over packed tokens: every TRL 1.16 objective, with a fused Triton forward and backward
 for the classic clipped one.
 
-Semantics: ``bcr_kernels.reference.policy_loss``. The objectives (``objective`` = ``clip`` | ``cispo``
-| ``sapo`` | ``vespo``), importance-sampling levels (``token`` | ``sequence`` | ``instance``), two-sided
-clipping (``delta``), rollout correction and off-policy mask are described in
-``bcr_kernels._objectives``; they run on the vectorised PyTorch path of that module (vector ops over
-``[T]``: O(T) memory, nothing of the vocabulary's size). The Triton kernels below cover TRL's classic
-objective (``clip`` at the ``token`` level, no ``delta``, no rollout weights or off-policy mask, KL
-without the bias correction), the one every loss type used before and the hot path of
-``num_iterations > 1``. Per token ``t`` (all inputs ``[T]``)::
+Semantics: ``bcr_kernels.reference.policy_loss``. The options are one ``bcr_kernels.Objective``: the
+objectives (``kind`` = ``clip`` | ``cispo`` | ``sapo`` | ``vespo``), importance-sampling levels
+(``token`` | ``sequence`` | ``instance``), two-sided clipping (``delta``), rollout correction,
+off-policy mask and entropy terms are described in ``bcr_kernels._objectives``; they run on the
+vectorised PyTorch path of that module (vector ops over ``[T]``: O(T) memory, nothing of the
+vocabulary's size). The Triton kernels below cover TRL's classic objective (``clip`` at the ``token``
+level, no ``delta``, no rollout weights, off-policy mask or entropy mask, KL without the bias
+correction; the entropy bonus is added outside them), the one every loss type used before and the hot
+path of ``num_iterations > 1``. Per token ``t`` (all inputs ``[T]``)::
 
     ratio = exp(logp - old_logp)
     l     = -min(ratio * A, clamp(ratio, 1 - epsilon, 1 + epsilon_high) * A) + beta * kl
