@@ -7,14 +7,16 @@ and a functional entry point that runs Triton on CUDA tensors (or on the CPU und
 
 The ops live in private modules named after them (``bcr_kernels._token_logprobs`` holds
 ``token_logprobs``), so each package attribute names one thing. Ops with several results return the
-named tuples of ``bcr_kernels.outputs``, of the same length whatever the flags.
+named tuples of ``bcr_kernels.outputs``, of the same length whatever the flags. The policy-loss ops
+take their options as one ``bcr_kernels.Objective`` (``bcr_kernels.objective``).
 """
 
-from . import outputs, reference, transformers_attention
+from . import objective, outputs, reference, transformers_attention
 from ._common import IGNORE_INDEX, REDUCTIONS
 from ._fused_linear_logprobs import DEFAULT_CHUNK_BYTES, default_chunk_tokens, fused_linear_logprobs
 from ._fused_linear_policy_loss import fused_linear_policy_loss
 from ._packed_targets import packed_targets
+from .objective import Objective, ObjectiveError
 from ._policy_loss import policy_loss
 from ._scatter_instance_advantages import scatter_instance_advantages
 from ._shared_prefix_attention import BranchLayout, branch_layout, shared_prefix_attention
@@ -33,6 +35,8 @@ __all__ = [
     "FusedPolicyLossOutput",
     "IGNORE_INDEX",
     "LogprobsOutput",
+    "Objective",
+    "ObjectiveError",
     "PolicyLossOutput",
     "REDUCTIONS",
     "branch_layout",
@@ -40,6 +44,7 @@ __all__ = [
     "default_chunk_tokens",
     "fused_linear_logprobs",
     "fused_linear_policy_loss",
+    "objective",
     "outputs",
     "packed_model_kwargs",
     "packed_targets",

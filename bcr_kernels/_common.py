@@ -30,14 +30,6 @@ def device_guard(t: torch.Tensor):
 # policy-loss aggregation (mask and sequence boundaries only)
 
 
-def check_reduction(reduction: str) -> None:
-    if reduction not in REDUCTIONS:
-        raise ValueError(
-            f"reduction must be one of {REDUCTIONS}, got {reduction!r} (TRL's loss_type names map to "
-            "these: see bcr.rl.config.LOSS_TYPES)"
-        )
-
-
 def seq_mask_counts(m: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
     """fp32 ``[S]``: ``sum(mask)`` of each sequence (fp64 prefix sums: deterministic, exact for 0/1 masks)."""
     csum = torch.zeros(m.numel() + 1, dtype=torch.float64, device=m.device)
@@ -91,16 +83,21 @@ def token_weights(m, seq_w, sid):
 
 
 def policy_metrics(stats: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Metrics from the fp32 sums ``[mask, low, high, ratio, kl]`` (detached)."""
+    """Metrics from the fp32 sums ``[mask, low, high, ratio, kl]`` (detached), and, where the objective
+    reads entropies, ``[kept, kept entropy]``: the tokens its entropy terms act on and their entropy."""
     stats = stats.detach()
     n = stats[0].clamp(min=1.0)
-    return {
+    out = {
         "clip_ratio/low_mean": stats[1] / n,
         "clip_ratio/high_mean": stats[2] / n,
         "clip_ratio/region_mean": (stats[1] + stats[2]) / n,
         "ratio_mean": stats[3] / n,
         "kl": stats[4] / n,
     }
+    if stats.numel() > 5:
+        out["entropy/kept_fraction"] = stats[5] / n
+        out["entropy/kept_mean"] = stats[6] / stats[5].clamp(min=1.0)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

@@ -3,15 +3,16 @@ ever holding the full ``[T, V]`` logits.
 
 The tokens are processed in chunks of ``chunk_tokens`` rows. Per chunk the logits
 ``hidden_c @ weight.T (+ bias)`` are computed into one reusable buffer, reduced to the target's
-log-prob and the row's log-sum-exp, and forgotten. Only ``lse`` (fp32 ``[T]``) is saved for backward;
-the backward recomputes each chunk's logits, turns them into ``d logp / d logits`` in place and
-accumulates
+log-prob and the row's log-sum-exp (and entropy), and forgotten. Only ``lse`` (and the entropy, fp32
+``[T]``) is saved for backward; the backward recomputes each chunk's logits, turns them into
+``d loss / d logits`` in place (through the log-probs, and through the entropies when they get a
+gradient: an entropy bonus) and accumulates
 
     grad_hidden[c] = dlogits_c @ weight
     grad_weight   += dlogits_c.T @ hidden_c
     grad_bias     += dlogits_c.sum(0)
 
-The upstream gradient is an arbitrary ``[T]`` vector (a per-token policy loss, not a scalar
+The upstream gradients are arbitrary ``[T]`` vectors (a per-token policy loss, not a scalar
 cross-entropy), so gradients cannot be precomputed in the forward as fused cross-entropy kernels do
 for a scalar loss; the price is one extra ``[T, H] x [H, V]`` matmul in backward (four matmuls
 instead of three).
@@ -104,7 +105,7 @@ def _torch_forward(hidden, weight, bias, targets, o: HeadOptions):
     return logp, lse, entropy
 
 
-def _torch_backward(hidden, weight, bias, targets, lse, grad_logp, o: HeadOptions, needs):
+def _torch_backward(hidden, weight, bias, targets, lse, grad_logp, o: HeadOptions, needs, grad_ent=None, ent=None):
     need_h, need_w, need_b = needs
     T = hidden.shape[0]
     V = weight.shape[0]
@@ -115,6 +116,8 @@ def _torch_backward(hidden, weight, bias, targets, lse, grad_logp, o: HeadOption
     safe_all = torch.where(valid, targets, torch.zeros_like(targets))
     # d logp_t / d logits_{t,v} = (onehot - softmax) / temperature; scaled by the upstream gradient.
     g = torch.where(valid, grad_logp.float() * inv_t, torch.zeros_like(lse))
+    gh = None if grad_ent is None else torch.where(valid, grad_ent.float() * inv_t, torch.zeros_like(lse))
+    pbuf = None if gh is None else torch.empty(rows, V, device=hidden.device, dtype=torch.float32)
 
     grad_h = torch.empty_like(hidden) if need_h else None
     grad_w = WeightGrad(weight, rows) if need_w else None
@@ -127,8 +130,13 @@ def _torch_backward(hidden, weight, bias, targets, lse, grad_logp, o: HeadOption
         h_c = hidden[c0 : c0 + n]
         d = chunk_logits_fp32(buf32[:n], buf_low[:n] if lowp else None, h_c, weight, bias, inv_t)
         g_c = g[c0 : c0 + n].unsqueeze(1)
-        d.sub_(lse[c0 : c0 + n].unsqueeze(1)).exp_()  # softmax
-        d.mul_(g_c.neg())  # -g * p
+        d.sub_(lse[c0 : c0 + n].unsqueeze(1))  # log softmax
+        if gh is None:
+            d.exp_().mul_(g_c.neg())  # -g * p
+        else:  # d entropy / d logits = -p (log p + H) / temperature: -p * (g + gh (log p + H))
+            p = torch.exp(d, out=pbuf[:n])
+            d.masked_fill_(p == 0, 0.0).add_(ent[c0 : c0 + n].unsqueeze(1)).mul_(gh[c0 : c0 + n].unsqueeze(1))
+            d.add_(g_c).mul_(p).neg_()
         d.scatter_add_(1, safe_all[c0 : c0 + n].unsqueeze(1), g_c)  # + g * onehot
         if lowp:  # the head GEMMs run in the inputs' dtype
             d = buf_low[:n].copy_(d)
@@ -159,12 +167,13 @@ def _triton_forward(hidden, weight, bias, targets, o: HeadOptions):
     return logp, lse, entropy
 
 
-def _triton_backward(hidden, weight, bias, targets, lse, grad_logp, o: HeadOptions, needs):
+def _triton_backward(hidden, weight, bias, targets, lse, grad_logp, o: HeadOptions, needs, grad_ent=None, ent=None):
     need_h, need_w, need_b = needs
     T = hidden.shape[0]
     V = weight.shape[0]
     rows = max(1, min(o.chunk, T))
     g = torch.where(targets != o.ignore_index, grad_logp.float(), torch.zeros_like(lse)).contiguous()
+    gh = None if grad_ent is None else grad_ent.float().contiguous()
 
     grad_h = torch.empty_like(hidden) if need_h else None
     grad_w = WeightGrad(weight, rows) if need_w else None
@@ -174,7 +183,9 @@ def _triton_backward(hidden, weight, bias, targets, lse, grad_logp, o: HeadOptio
         n = min(rows, T - c0)
         h_c = hidden[c0 : c0 + n]
         d = chunk_logits(buf[:n], h_c, weight, bias, 1.0)
-        logprobs_bwd_inplace(d, targets[c0 : c0 + n], lse[c0 : c0 + n], g[c0 : c0 + n], o.temperature, o.ignore_index)
+        sl = slice(c0, c0 + n)
+        logprobs_bwd_inplace(d, targets[sl], lse[sl], g[sl], o.temperature, o.ignore_index,
+                             grad_entropy=None if gh is None else gh[sl], entropy=None if gh is None else ent[sl])
         add_head_grads_(d, h_c, weight, grad_h[c0 : c0 + n] if need_h else None, grad_w, grad_b)
     return grad_h, grad_w, grad_b
 
@@ -184,34 +195,38 @@ def _triton_backward(hidden, weight, bias, targets, lse, grad_logp, o: HeadOptio
 
 
 class FusedLinearLogprobsFunction(torch.autograd.Function):
-    """``(logp, entropy)`` of the chunked head; ``entropy`` is empty without ``return_entropy``.
+    """``(logp, entropy)`` of the chunked head, both differentiable; ``entropy`` is empty without
+    ``return_entropy``.
 
     Call it with autocast off (the entry point casts the operands first, see the module docstring).
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, bias, opts: HeadOptions):
+        ctx.set_materialize_grads(False)  # an entropy used as a metric only costs no backward term
         fwd = _triton_forward if opts.triton else _torch_forward
         logp, lse, entropy = fwd(hidden, weight, bias, targets, opts)
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.opts = opts
         if entropy is None:
             entropy = logp.new_empty(0)
-        ctx.mark_non_differentiable(entropy)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
+        ctx.opts = opts
         return logp, entropy
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_logp, _grad_entropy):
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[3])
         if not any(needs) or hidden.shape[0] == 0:
             zeros = [torch.zeros_like(t) if (t is not None and nd) else None
                      for t, nd in zip((hidden, weight, bias), needs)]
             return zeros[0], zeros[1], None, zeros[2], None
+        if grad_logp is None:
+            grad_logp = torch.zeros_like(lse)
         bwd = _triton_backward if ctx.opts.triton else _torch_backward
         with _common.autocast_off(hidden.device.type):  # backward may run inside the caller's autocast
-            grad_h, grad_w, grad_b = bwd(hidden, weight, bias, targets, lse, grad_logp, ctx.opts, needs)
+            grad_h, grad_w, grad_b = bwd(hidden, weight, bias, targets, lse, grad_logp, ctx.opts, needs,
+                                         grad_entropy, entropy)
             grad_w = None if grad_w is None else grad_w.result(weight.dtype)
             if grad_b is not None and grad_b.dtype != bias.dtype:
                 grad_b = grad_b.to(bias.dtype)
@@ -234,9 +249,9 @@ def fused_linear_logprobs(
     ``hidden`` is ``[T, H]`` (or ``[..., H]`` with ``targets`` ``[...]``), ``weight`` the LM head
     ``[V, H]`` (may be tied to the embedding; its gradient is simply returned), ``bias`` ``[V]`` or
     None. Returns ``LogprobsOutput(logp, entropy)``: fp32 log-probs shaped like ``targets`` (0 and no
-    gradient where ``targets == ignore_index``) and, with ``return_entropy``, the detached fp32 entropy
-    of each row's distribution (else None). Differentiable in ``hidden``, ``weight`` and ``bias`` for
-    any upstream gradient. Under ``torch.autocast`` the operands are cast as for ``F.linear``. Same
+    gradient where ``targets == ignore_index``) and, with ``return_entropy``, the fp32 entropy of each
+    row's distribution (else None; 0 and no gradient at ignored targets). Both are differentiable in
+    ``hidden``, ``weight`` and ``bias`` for any upstream gradients (an entropy bonus included). Under ``torch.autocast`` the operands are cast as for ``F.linear``. Same
     values as ``bcr_kernels.reference.fused_linear_logprobs``, but peak extra memory is
     O(``chunk_tokens`` x V) instead of O(T x V). ``chunk_tokens`` defaults to
     :func:`default_chunk_tokens` (one chunk's fp32 logits within ``DEFAULT_CHUNK_BYTES`` = 256 MiB).

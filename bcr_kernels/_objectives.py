@@ -24,8 +24,15 @@ The pieces, per token ``t`` of sequence ``s`` (``m`` = mask, ``A`` = advantage):
   (token; summed over the sequence, or over the segment with shared tokens taking the sequence's sum,
   for the ``sequence_*`` / ``instance_*`` modes), truncated to ``[clip_min, clip_max]`` or zeroed
   outside it, multiplying the objective (``vespo`` puts them into ``w`` instead);
+- entropy mask (``top_entropy_quantile`` < 1, :func:`top_entropy_keep`): the objective of a loss token
+  whose entropy is below the ``1 - top_entropy_quantile`` quantile of the call's loss tokens is zeroed
+  (before the rollout weights; the KL term is kept);
 - ``+ beta * kl`` with ``kl = exp(ref - logp) - (ref - logp) - 1``, times ``r`` with
   ``use_bias_correction_kl``.
+
+The entropy bonus (``entropy_coef``, :func:`entropy_bonus`) is added by the ops outside the per-token
+loss and its aggregation: ``-entropy_coef * entropy_weight * sum(H * e) / max(sum(e), 1)`` over the
+tokens ``e`` that the entropy mask keeps. The options are one ``bcr_kernels.Objective`` (``o``).
 """
 
 from __future__ import annotations
@@ -36,71 +43,9 @@ from dataclasses import dataclass
 import torch
 
 from ._common import token_sequence_index
+from .objective import Objective
 
-OBJECTIVES = ("clip", "cispo", "sapo", "vespo")
-LEVELS = ("token", "sequence", "instance")
-IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask", "instance_truncate", "instance_mask")
 _VESPO_LOG_MIN = math.log(1e-8)
-
-
-@dataclass(frozen=True)
-class Objective:
-    """Every option of the per-token loss (the aggregation is the op's ``reduction``)."""
-
-    kind: str = "clip"
-    level: str = "token"
-    epsilon: float = 0.2
-    epsilon_high: float | None = None
-    delta: float | None = None
-    sapo_temperature_pos: float = 1.0
-    sapo_temperature_neg: float = 1.05
-    vespo_k_pos: float = 2.0
-    vespo_lambda_pos: float = 3.0
-    vespo_k_neg: float = 3.0
-    vespo_lambda_neg: float = 2.0
-    beta: float = 0.0
-    use_bias_correction_kl: bool = False
-    is_mode: str | None = None
-    is_clip_min: float | None = None
-    is_clip_max: float | None = 3.0
-    off_policy_mask_threshold: float | None = None
-
-    @property
-    def eps_high(self) -> float:
-        return float(self.epsilon if self.epsilon_high is None else self.epsilon_high)
-
-    @property
-    def lo(self) -> float:
-        return 1.0 - float(self.epsilon)
-
-    @property
-    def hi(self) -> float:
-        return 1.0 + self.eps_high
-
-    def check(self) -> None:
-        if self.kind not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.kind!r}")
-        if self.level not in LEVELS:
-            raise ValueError(f"importance_sampling_level must be one of {LEVELS}, got {self.level!r}")
-        if self.is_mode is not None and self.is_mode not in IS_MODES:
-            raise ValueError(f"importance_sampling_mode must be None or one of {IS_MODES}, got {self.is_mode!r}")
-        if self.is_mode is not None and self.is_mode.endswith("truncate") and \
-                self.is_clip_min is None and self.is_clip_max is None:
-            raise ValueError(f"importance_sampling_mode={self.is_mode!r} needs a clip_min or a clip_max")
-        if self.kind == "vespo" and self.is_mode is not None and not self.is_mode.startswith("token"):
-            raise ValueError("objective 'vespo' takes token-level rollout weights only (importance_sampling_mode "
-                             f"'token_truncate' or 'token_mask'), got {self.is_mode!r}")
-        if not (self.epsilon >= 0 and self.eps_high >= 0):
-            raise ValueError(f"epsilon and epsilon_high must be >= 0, got {self.epsilon}, {self.epsilon_high}")
-        for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-
-    @property
-    def plain(self) -> bool:
-        """TRL's classic clipped token objective (the Triton ``policy_loss`` kernel's)."""
-        return (self.kind == "clip" and self.level == "token" and self.delta is None and self.is_mode is None
-                and self.off_policy_mask_threshold is None and not (self.use_bias_correction_kl and self.beta))
 
 
 @dataclass(frozen=True)
@@ -154,13 +99,14 @@ def _level_reduce(x, m, g: Groups, level: str, *, mean: bool):
 def rollout_weights(old, sampling, m, g: Groups | None, o: Objective) -> torch.Tensor:
     """Constant rollout-correction weights ``[T]`` (``old`` = the trainer's log-probs before the update)."""
     diff = torch.nan_to_num((old.detach().float() - sampling.detach().float()) * m, nan=0.0)
-    unit = o.is_mode.split("_")[0]
+    mode, lo, hi = o.importance_sampling_mode, o.importance_sampling_clip_min, o.importance_sampling_clip_max
+    unit = mode.split("_")[0]
     log_w = diff if unit == "token" else _level_reduce(diff, m, g, unit, mean=False)
     w = torch.exp(log_w)
-    if o.is_mode.endswith("truncate"):
-        return torch.clamp(w, min=o.is_clip_min, max=o.is_clip_max)
-    lo = -math.inf if o.is_clip_min is None else o.is_clip_min
-    hi = math.inf if o.is_clip_max is None else o.is_clip_max
+    if mode.endswith("truncate"):
+        return torch.clamp(w, min=lo, max=hi)
+    lo = -math.inf if lo is None else lo
+    hi = math.inf if hi is None else hi
     return torch.where((w < lo) | (w > hi), torch.zeros_like(w), w)
 
 
@@ -170,7 +116,7 @@ def vespo_phi(lr, a, m, g: Groups, o: Objective, is_w) -> torch.Tensor:
         x = torch.clamp(lr, -20.0, 20.0)
         if is_w is not None:
             x = x + torch.clamp(torch.log(is_w), _VESPO_LOG_MIN, 20.0)
-        level = "instance" if o.level == "instance" else "sequence"
+        level = "instance" if o.importance_sampling_level == "instance" else "sequence"
         log_w = torch.clamp(_level_reduce(x, m, g, level, mean=False), _VESPO_LOG_MIN, 20.0)
         pos = a >= 0
         k = torch.where(pos, o.vespo_k_pos, o.vespo_k_neg)
@@ -178,43 +124,33 @@ def vespo_phi(lr, a, m, g: Groups, o: Objective, is_w) -> torch.Tensor:
         return torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def per_token_loss(lp, old, a, m, o: Objective, g: Groups | None, *, ref=None, sampling=None):
+def per_token_loss(lp, old, a, m, o: Objective, g: Groups | None, *, ref=None, sampling=None, keep=None):
     """``(loss [T], ratio [T], kl [T], low [T], high [T])`` in fp32; ``loss`` is differentiable in ``lp``.
 
-    ``g`` may be None for the ``token`` level with neither rollout weights nor the off-policy mask nor
-    ``vespo`` (then every term is token-local, and any slice of the tokens can be evaluated alone).
+    ``keep`` (fp32 ``[T]`` of 0/1, or None) is the entropy mask of ``top_entropy_quantile``: it multiplies
+    the objective (not the KL term). ``g`` may be None for the ``token`` level with neither rollout
+    weights nor the off-policy mask nor ``vespo`` (then every term is token-local, and any slice of the
+    tokens can be evaluated alone).
     """
     lp = lp.float()
     old = old.detach().float()
     a = a.detach().float()
     lr = lp - old
-    log_ratio = lr if o.level == "token" else _level_reduce(lr, m, g, o.level, mean=True)
-    ratio = torch.exp(log_ratio)
+    level = o.importance_sampling_level
+    ratio = torch.exp(lr if level == "token" else _level_reduce(lr, m, g, level, mean=True))
     is_w = None
-    if o.is_mode is not None:
+    if o.importance_sampling_mode is not None:
         is_w = rollout_weights(old, old if sampling is None else sampling, m, g, o)
-    zero = torch.zeros_like(lp)
-    low = high = zero
-    if o.kind == "clip":
-        c1 = ratio if o.delta is None else torch.clamp(ratio, max=o.delta)
-        loss = -torch.minimum(c1 * a, torch.clamp(ratio, o.lo, o.hi) * a)
-        low = ((ratio < o.lo) & (a < 0)).float()
-        high = ((ratio > o.hi) & (a > 0)).float()
-    elif o.kind == "cispo":
-        loss = -torch.clamp(ratio, max=o.eps_high).detach() * a * lp
-        high = ((ratio > o.eps_high) & (a > 0)).float()
-    elif o.kind == "sapo":
-        tau = torch.where(a > 0, o.sapo_temperature_pos, o.sapo_temperature_neg)
-        loss = -torch.sigmoid(tau * (ratio - 1)) * (4.0 / tau) * a
-    else:  # vespo
-        loss = -vespo_phi(lr.detach(), a, m, g, o, is_w) * a * lp
+    loss, low, high = _surrogate(lp, lr, ratio, a, m, g, o, is_w)
     if o.off_policy_mask_threshold is not None:
         smp = old if sampling is None else sampling.detach().float()
         seq_kl = group_mean(torch.nan_to_num(smp - lp.detach(), nan=0.0), m, g.seq, g.n_seq)
         loss = loss * ((a >= 0) | (seq_kl <= o.off_policy_mask_threshold)).float()
+    if keep is not None:
+        loss = loss * keep
     if is_w is not None and o.kind != "vespo":
         loss = loss * is_w
-    kl = zero
+    kl = torch.zeros_like(lp)
     if o.beta != 0.0 and ref is not None:
         d = ref.detach().float() - lp
         kl = torch.exp(d) - d - 1
@@ -224,12 +160,64 @@ def per_token_loss(lp, old, a, m, o: Objective, g: Groups | None, *, ref=None, s
     return loss, ratio.detach(), kl.detach(), low, high
 
 
-def needs_groups(o: Objective) -> bool:
-    return (o.level != "token" or o.is_mode is not None or o.off_policy_mask_threshold is not None
-            or o.kind == "vespo")
+def _surrogate(lp, lr, ratio, a, m, g, o: Objective, is_w):
+    """The objective of ``o.kind`` per token, and its low / high clip indicators."""
+    zero = torch.zeros_like(lp)
+    if o.kind == "clip":
+        c1 = ratio if o.delta is None else torch.clamp(ratio, max=o.delta)
+        loss = -torch.minimum(c1 * a, torch.clamp(ratio, o.lo, o.hi) * a)
+        return loss, ((ratio < o.lo) & (a < 0)).float(), ((ratio > o.hi) & (a > 0)).float()
+    if o.kind == "cispo":
+        loss = -torch.clamp(ratio, max=o.eps_high).detach() * a * lp
+        return loss, zero, ((ratio > o.eps_high) & (a > 0)).float()
+    if o.kind == "sapo":
+        tau = torch.where(a > 0, o.sapo_temperature_pos, o.sapo_temperature_neg)
+        return -torch.sigmoid(tau * (ratio - 1)) * (4.0 / tau) * a, zero, zero
+    return -vespo_phi(lr.detach(), a, m, g, o, is_w) * a * lp, zero, zero
+
+
+def top_entropy_keep(entropy, loss_tokens, quantile: float) -> torch.Tensor:
+    """fp32 ``[T]``: 1 for the loss tokens (``loss_tokens > 0``) whose entropy is at least the
+    ``1 - quantile`` quantile (``torch.quantile``, linear interpolation) of the loss tokens' entropies,
+    else 0 (TRL's ``top_entropy_quantile`` mask, over the tokens of one call)."""
+    h = entropy.detach().float()
+    counted = loss_tokens > 0
+    values = h[counted]
+    if values.numel() == 0:
+        return torch.zeros_like(h)
+    threshold = torch.quantile(values, 1.0 - quantile)
+    return (counted & (h >= threshold)).float()
+
+
+def entropy_terms(entropy, m, cu_seqlens, o: Objective):
+    """``(keep, e)``: the entropy mask (None without ``top_entropy_quantile`` < 1) and the tokens the
+    entropy bonus averages over: the loss tokens of the sequences (``m``, 0 outside every sequence),
+    times ``keep``."""
+    loss_tokens = m * (token_sequence_index(cu_seqlens, m.numel()) >= 0).float()
+    if o.top_entropy_quantile >= 1.0:
+        return None, loss_tokens
+    keep = top_entropy_keep(entropy, loss_tokens, o.top_entropy_quantile)
+    return keep, loss_tokens * keep
+
+
+def entropy_bonus(entropy, e, o: Objective, weight: float) -> torch.Tensor:
+    """The bonus term of the loss: ``-entropy_coef * weight * sum(entropy * e) / max(sum(e), 1)``
+    (differentiable in ``entropy``)."""
+    return (entropy.float() * e).sum() * (-o.entropy_coef * weight) / e.sum().clamp(min=1.0)
+
+
+def entropy_bonus_grad(e, o: Objective, weight: float) -> torch.Tensor:
+    """``d bonus / d entropy`` per token: ``-entropy_coef * weight * e / max(sum(e), 1)``."""
+    return e * (-o.entropy_coef * weight / e.sum().clamp(min=1.0))
 
 
 def stats(m, ratio, kl, low, high) -> torch.Tensor:
     """fp32 ``[mask, low, high, ratio, kl]`` sums (``_common.policy_metrics``' input)."""
     with torch.no_grad():
         return torch.stack([m.sum(), (low * m).sum(), (high * m).sum(), (ratio * m).sum(), (kl * m).sum()])
+
+
+def entropy_stats(entropy, e) -> torch.Tensor:
+    """fp32 ``[kept, kept entropy]`` sums over the entropy terms' tokens ``e`` (appended to ``stats``)."""
+    with torch.no_grad():
+        return torch.stack([e.sum(), (entropy.detach().float() * e).sum()])

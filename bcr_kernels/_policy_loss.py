@@ -1,14 +1,15 @@
 """Policy loss over packed tokens: every TRL 1.16 objective, with a fused Triton forward and backward
 for the classic clipped one.
 
-Semantics: ``bcr_kernels.reference.policy_loss``. The objectives (``objective`` = ``clip`` | ``cispo``
-| ``sapo`` | ``vespo``), importance-sampling levels (``token`` | ``sequence`` | ``instance``), two-sided
-clipping (``delta``), rollout correction and off-policy mask are described in
-``bcr_kernels._objectives``; they run on the vectorised PyTorch path of that module (vector ops over
-``[T]``: O(T) memory, nothing of the vocabulary's size). The Triton kernels below cover TRL's classic
-objective (``clip`` at the ``token`` level, no ``delta``, no rollout weights or off-policy mask, KL
-without the bias correction), the one every loss type used before and the hot path of
-``num_iterations > 1``. Per token ``t`` (all inputs ``[T]``)::
+Semantics: ``bcr_kernels.reference.policy_loss``. The options are one ``bcr_kernels.Objective``: the
+objectives (``kind`` = ``clip`` | ``cispo`` | ``sapo`` | ``vespo``), importance-sampling levels
+(``token`` | ``sequence`` | ``instance``), two-sided clipping (``delta``), rollout correction,
+off-policy mask and entropy terms are described in ``bcr_kernels._objectives``; they run on the
+vectorised PyTorch path of that module (vector ops over ``[T]``: O(T) memory, nothing of the
+vocabulary's size). The Triton kernels below cover TRL's classic objective (``clip`` at the ``token``
+level, no ``delta``, no rollout weights, off-policy mask or entropy mask, KL without the bias
+correction; the entropy bonus is added outside them), the one every loss type used before and the hot
+path of ``num_iterations > 1``. Per token ``t`` (all inputs ``[T]``)::
 
     ratio = exp(logp - old_logp)
     l     = -min(ratio * A, clamp(ratio, 1 - epsilon, 1 + epsilon_high) * A) + beta * kl
@@ -40,8 +41,9 @@ import torch
 
 from . import _common
 from . import _objectives as _obj
-from ._common import check_reduction, policy_metrics, reduction_weights, token_weights
+from ._common import policy_metrics, reduction_weights, token_weights
 from ._dispatch import use_triton
+from .objective import Objective, resolve
 from .outputs import PolicyLossOutput
 
 try:  # Triton is optional: the PyTorch path covers machines without it.
@@ -222,12 +224,12 @@ class _PolicyLoss(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 
 
-def _torch_policy_loss(logp, old_logp, advantages, m, cu, segment_ids, o: _obj.Objective, ref, sampling,
+def _torch_policy_loss(logp, old_logp, advantages, m, cu, segment_ids, o: Objective, ref, sampling, keep,
                        seq_w, sid, denom):
     # as in the Triton path, only logp is differentiated: the others are constants of the step
-    g = _obj.groups(cu, logp.numel(), segment_ids) if _obj.needs_groups(o) else None
+    g = _obj.groups(cu, logp.numel(), segment_ids) if o.needs_groups else None
     per_tok, ratio, kl, low, high = _obj.per_token_loss(logp, old_logp, advantages, m, o, g, ref=ref,
-                                                        sampling=sampling)
+                                                        sampling=sampling, keep=keep)
     loss = (per_tok * token_weights(m, seq_w, sid)).sum() / denom
     return loss, _obj.stats(m, ratio, kl, low, high)
 
@@ -237,100 +239,81 @@ def _torch_policy_loss(logp, old_logp, advantages, m, cu, segment_ids, o: _obj.O
 # ----------------------------------------------------------------------------------------------
 
 
+def check_inputs(named: dict, T: int, like: str) -> None:
+    """Each tensor of ``named`` (None: absent) must be ``[T]``."""
+    for name, t in named.items():
+        if t is not None and (t.dim() != 1 or t.numel() != T):
+            raise ValueError(f"{name} must be [T] = [{T}] like {like}, got shape {tuple(t.shape)}")
+
+
 def policy_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     cu_seqlens: torch.Tensor,
+    objective: Objective | None = None,
     *,
     ref_logp: torch.Tensor | None = None,
-    beta: float = 0.0,
-    epsilon: float = 0.2,
-    epsilon_high: float | None = None,
-    reduction: str = "token_mean",
-    max_completion_length: int | None = None,
-    normalizer: float | None = None,
-    objective: str = "clip",
-    importance_sampling_level: str = "token",
     segment_ids: torch.Tensor | None = None,
-    delta: float | None = None,
-    sapo_temperature_pos: float = 1.0,
-    sapo_temperature_neg: float = 1.05,
-    vespo_k_pos: float = 2.0,
-    vespo_lambda_pos: float = 3.0,
-    vespo_k_neg: float = 3.0,
-    vespo_lambda_neg: float = 2.0,
-    use_bias_correction_kl: bool = False,
     sampling_logp: torch.Tensor | None = None,
-    importance_sampling_mode: str | None = None,
-    importance_sampling_clip_min: float | None = None,
-    importance_sampling_clip_max: float | None = 3.0,
-    off_policy_mask_threshold: float | None = None,
+    entropy: torch.Tensor | None = None,
+    normalizer: float | None = None,
+    entropy_weight: float = 1.0,
+    **legacy,
 ) -> PolicyLossOutput:
-    """Policy loss: GRPO clipped surrogate (+ ``beta`` * k3 KL) over packed tokens; returns ``PolicyLossOutput(loss, metrics)``.
+    """The policy loss of ``objective`` over packed tokens; returns ``PolicyLossOutput(loss, metrics)``.
+
+    Semantics: ``bcr_kernels.reference.policy_loss`` (same arguments).
 
     Args:
-        logp: ``[T]`` log-probs of the current policy (the only input that gets a gradient).
-        old_logp: ``[T]`` log-probs of the sampling policy.
+        logp: ``[T]`` log-probs of the current policy (differentiated).
+        old_logp: ``[T]`` log-probs of the policy that the ratio is taken against.
         advantages: ``[T]`` per-token advantages (e.g. from ``scatter_instance_advantages``).
         mask: ``[T]`` bool or float; the tokens that count (completion tokens).
         cu_seqlens: int32 ``[S + 1]`` prefix sums of the packed sequence lengths.
-        ref_logp: ``[T]`` reference-policy log-probs; the KL term is used when ``beta != 0``.
-        epsilon, epsilon_high: clip range ``[1 - epsilon, 1 + epsilon_high]`` (``epsilon_high``
-            defaults to ``epsilon``).
-        reduction: ``token_mean`` | ``seq_mean_token_mean`` | ``seq_mean_token_sum_norm`` |
-            ``seq_mean_token_sum`` (see
-            ``bcr_kernels.reference.policy_loss`` for the exact aggregation; TRL's ``loss_type``
-            names map to these).
-        max_completion_length: the Dr. GRPO constant (default: longest masked sequence).
-        normalizer: replaces the loss denominator (gradient accumulation over micro-batches).
-        objective: ``clip`` (PPO/GRPO clipping, TRL's grpo/bnpo/dr_grpo/dapo/luspo) | ``cispo`` |
-            ``sapo`` | ``vespo``; their options keep TRL 1.16's names and defaults (``delta``,
-            ``sapo_temperature_*``, ``vespo_*``, ``use_bias_correction_kl``); see
-            ``bcr_kernels._objectives``.
-        importance_sampling_level: ``token`` | ``sequence`` (GSPO) | ``instance`` (one ratio per problem
-            segment of ``segment_ids`` ``[T]``, -1 = shared text, which takes its sequence's ratio).
-        sampling_logp: ``[T]`` log-probs of the rollout engine; with ``importance_sampling_mode``
-            (TRL's ``vllm_importance_sampling_mode`` values plus ``instance_truncate`` /
-            ``instance_mask``) they give the rollout-correction weights, bounded by
-            ``importance_sampling_clip_min`` / ``importance_sampling_clip_max``; the off-policy mask
-            (``off_policy_mask_threshold``) measures its KL from them (default: ``old_logp``).
+        objective: ``bcr_kernels.Objective`` (default: ``Objective()``, TRL's clipped token loss).
+        ref_logp: ``[T]`` reference-policy log-probs (the KL term, with ``objective.beta != 0``).
+        segment_ids: ``[T]`` problem segment of each token inside its sequence, -1 for shared text
+            (the ``instance`` level and ``instance_*`` modes need them).
+        sampling_logp: ``[T]`` log-probs of the rollout engine (the rollout correction and the
+            off-policy mask; default: ``old_logp``).
+        entropy: ``[T]`` entropy of each token's distribution, needed when the objective reads it
+            (``top_entropy_quantile`` < 1, ``entropy_coef``); the bonus is differentiated through it.
+        normalizer: replaces the loss denominator of ``objective.reduction`` (gradient accumulation).
+        entropy_weight: the weight of this call's entropy bonus (a batch split over calls: each call's
+            share of the batch's loss tokens, so the bonus of the batch is its mean entropy).
+        **legacy: the old keyword form of the objective's options (``epsilon=``, ``objective="sapo"``,
+            ...): deprecated, a ``FutureWarning``.
 
     Returns:
         ``loss`` (fp32 scalar) and ``metrics``: detached fp32 scalars ``clip_ratio/low_mean``,
-        ``clip_ratio/high_mean``, ``clip_ratio/region_mean``, ``ratio_mean`` and ``kl``.
+        ``clip_ratio/high_mean``, ``clip_ratio/region_mean``, ``ratio_mean`` and ``kl``; where the objective
+        reads entropies also ``entropy/kept_fraction`` and ``entropy/kept_mean``.
     """
-    check_reduction(reduction)
-    o = _obj.Objective(
-        objective, importance_sampling_level, float(epsilon), epsilon_high, delta, sapo_temperature_pos,
-        sapo_temperature_neg, vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg, float(beta),
-        bool(use_bias_correction_kl), importance_sampling_mode, importance_sampling_clip_min,
-        importance_sampling_clip_max, off_policy_mask_threshold)
-    o.check()
+    o = resolve(objective, legacy, "policy_loss")
     T = logp.numel()
-    named = {"logp": logp, "old_logp": old_logp, "advantages": advantages, "mask": mask}
-    if ref_logp is not None:
-        named["ref_logp"] = ref_logp
-    for name, t in (("segment_ids", segment_ids), ("sampling_logp", sampling_logp)):
-        if t is not None:
-            named[name] = t
-    for name, t in named.items():
-        if t.dim() != 1 or t.numel() != T:
-            raise ValueError(f"{name} must be [T] = [{T}] like logp, got shape {tuple(t.shape)}")
+    check_inputs({"logp": logp, "old_logp": old_logp, "advantages": advantages, "mask": mask, "ref_logp": ref_logp,
+                  "segment_ids": segment_ids, "sampling_logp": sampling_logp, "entropy": entropy}, T, "logp")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
         raise ValueError(f"cu_seqlens must be [S + 1], got shape {tuple(cu_seqlens.shape)}")
-    has_kl = beta != 0.0 and ref_logp is not None
+    if o.uses_entropy and entropy is None:
+        raise ValueError("top_entropy_quantile < 1 and entropy_coef need the tokens' entropy: pass entropy=")
     device = logp.device
     cu = cu_seqlens.to(device)
     m = mask.to(device=device, dtype=torch.float32).contiguous()
-    seq_w, sid, denom = reduction_weights(m, cu, reduction, max_completion_length, normalizer)
-    ref = ref_logp if has_kl else None
+    seq_w, sid, denom = reduction_weights(m, cu, o.reduction, o.max_completion_length, normalizer)
+    ref = ref_logp if (o.beta != 0.0 and ref_logp is not None) else None
+    keep, e = _obj.entropy_terms(entropy, m, cu, o) if o.uses_entropy else (None, None)
     if T > 0 and o.plain and use_triton(logp, old_logp, advantages, m, ref):
         c = _Consts(old_logp.contiguous(), advantages.contiguous(), m, None if ref is None else ref.contiguous(),
-                    seq_w, sid, denom, o.lo, o.hi, float(beta))
+                    seq_w, sid, denom, o.lo, o.hi, o.beta)
         loss, stats = _PolicyLoss.apply(logp.contiguous(), c)
     else:
         loss, stats = _torch_policy_loss(logp, old_logp, advantages, m, cu, segment_ids, o, ref, sampling_logp,
-                                         seq_w, sid, denom)
+                                         keep, seq_w, sid, denom)
+    if e is not None:
+        if o.entropy_coef != 0.0:
+            loss = loss + _obj.entropy_bonus(entropy, e, o, float(entropy_weight))
+        stats = torch.cat([stats, _obj.entropy_stats(entropy, e)])
     return PolicyLossOutput(loss, policy_metrics(stats))

@@ -108,12 +108,14 @@ if triton is not None:
     def _token_logprobs_bwd_kernel(
         X, stride_xt, stride_xv,
         DX, stride_dt, stride_dv,
-        TGT, LSE, G,
+        TGT, LSE, G, GE, ENT,  # GE, ENT: the entropy's upstream gradient and value (HAS_ENT_GRAD only)
         V, temperature, ignore_index,
+        HAS_ENT_GRAD: tl.constexpr,
         BLOCK_V: tl.constexpr,
     ):
-        # d logp / d x_v = (onehot(target)_v - softmax(x / tau)_v) / tau. DX may alias X (in place):
-        # each block is read before it is written, by the same program.
+        # d logp / d x_v = (onehot(target)_v - p_v) / tau and d entropy / d x_v = -p_v (log p_v + H) / tau,
+        # p = softmax(x / tau). DX may alias X (in place): each block is read before it is written, by
+        # the same program.
         row = tl.program_id(0).to(tl.int64)
         x_row = X + row * stride_xt
         dx_row = DX + row * stride_dt
@@ -122,14 +124,20 @@ if triton is not None:
         lse = tl.load(LSE + row)
         g = tl.load(G + row).to(tl.float32)
         scale = tl.where(valid, g / temperature, 0.0)
+        if HAS_ENT_GRAD:
+            ent_scale = tl.where(valid, tl.load(GE + row).to(tl.float32) / temperature, 0.0)
+            ent = tl.load(ENT + row).to(tl.float32)
 
         offs = tl.arange(0, BLOCK_V)
         for start in range(0, V, BLOCK_V):
             cols = start + offs
             mask = cols < V
             x = tl.load(x_row + cols * stride_xv, mask=mask, other=float("-inf")).to(tl.float32)
-            p = tl.exp(x / temperature - lse)
+            logp = x / temperature - lse
+            p = tl.exp(logp)
             grad = (tl.where(cols == tgt, 1.0, 0.0) - p) * scale
+            if HAS_ENT_GRAD:  # p == 0 (x = -inf, log p = -inf) contributes 0, not 0 * inf
+                grad += -p * (tl.where(p > 0.0, logp, 0.0) + ent) * ent_scale
             grad = tl.where(valid, grad, 0.0)
             tl.store(dx_row + cols * stride_dv, grad.to(DX.dtype.element_ty), mask=mask)
 
@@ -169,28 +177,34 @@ def logprobs_fwd(logits2d, targets, temperature, ignore_index, return_entropy):
     return logp, lse, ent
 
 
-def logprobs_bwd_inplace(logits2d, targets, lse, grad_logp, temperature, ignore_index):
-    """Triton backward that overwrites ``logits2d`` with ``d(sum grad_logp * logp) / d logits2d``.
+def logprobs_bwd_inplace(logits2d, targets, lse, grad_logp, temperature, ignore_index, *, grad_entropy=None,
+                         entropy=None):
+    """Triton backward that overwrites ``logits2d`` with ``d(sum grad_logp * logp) / d logits2d``, plus
+    ``d(sum grad_entropy * entropy) / d logits2d`` with ``grad_entropy`` (and the rows' ``entropy``).
 
-    ``lse`` comes from :func:`logprobs_fwd` with the same ``temperature``; the gradient is written
-    in ``logits2d``'s dtype; rows with an ignored target become 0.
+    ``lse`` (and ``entropy``) come from :func:`logprobs_fwd` with the same ``temperature``; the gradient
+    is written in ``logits2d``'s dtype; rows with an ignored target become 0.
     """
     _check_2d(logits2d, targets)
     if logits2d.shape[0] == 0:
         return
-    _launch_bwd(logits2d, logits2d, targets, lse, grad_logp, temperature, ignore_index)
+    _launch_bwd(logits2d, logits2d, targets, lse, grad_logp, temperature, ignore_index, grad_entropy, entropy)
 
 
-def _launch_bwd(x, dx, targets, lse, grad_logp, temperature, ignore_index):
+def _launch_bwd(x, dx, targets, lse, grad_logp, temperature, ignore_index, grad_entropy=None, entropy=None):
     T, V = x.shape
     block = _block_v(V)
+    g = grad_logp.float().contiguous()
+    has_ent = grad_entropy is not None
+    ge = grad_entropy.float().contiguous() if has_ent else g  # a stand-in that is never read
+    ent = entropy.float().contiguous() if has_ent else g
     with _common.device_guard(x):
         _token_logprobs_bwd_kernel[(T,)](
             x, x.stride(0), x.stride(1),
             dx, dx.stride(0), dx.stride(1),
-            targets.contiguous(), lse.contiguous(), grad_logp.float().contiguous(),
+            targets.contiguous(), lse.contiguous(), g, ge, ent,
             V, float(temperature), int(ignore_index),
-            BLOCK_V=block, num_warps=_num_warps(block),
+            HAS_ENT_GRAD=has_ent, BLOCK_V=block, num_warps=_num_warps(block),
         )
 
 
@@ -235,8 +249,9 @@ def _fwd_torch(logits2d, targets, temperature, ignore_index, return_entropy, nee
     return logp, lse, ent
 
 
-def _torch_bwd_into(x2d, dx2d, targets, lse, grad_logp, temperature, ignore_index):
-    # The softmax is recomputed with torch.softmax (one fused pass); ``lse`` is not needed here.
+def _torch_bwd_into(x2d, dx2d, targets, lse, grad_logp, temperature, ignore_index, grad_entropy=None):
+    # The softmax is recomputed with torch.softmax (one fused pass); ``lse`` is not needed here. With
+    # ``grad_entropy``: d entropy / d x_v = -p_v (log p_v + H) / temperature, H recomputed per chunk.
     T, V = x2d.shape
     step = _chunk_rows(V)
     g_all = grad_logp.float()
@@ -245,7 +260,15 @@ def _torch_bwd_into(x2d, dx2d, targets, lse, grad_logp, temperature, ignore_inde
         tgt = targets[a:b]
         valid = tgt != ignore_index
         g = torch.where(valid, g_all[a:b], torch.zeros_like(g_all[a:b])) / temperature
-        grad = torch.softmax(_scaled_chunk(x2d, a, b, temperature), dim=-1).mul_(-g[:, None])
+        if grad_entropy is None:
+            grad = torch.softmax(_scaled_chunk(x2d, a, b, temperature), dim=-1).mul_(-g[:, None])
+        else:
+            gh = torch.where(valid, grad_entropy[a:b].float(), torch.zeros_like(g)) / temperature
+            logsm = torch.log_softmax(_scaled_chunk(x2d, a, b, temperature), dim=-1)
+            p = logsm.exp()
+            logsm.masked_fill_(p == 0, 0.0)  # p == 0 contributes 0 (not 0 * inf)
+            h = -(p * logsm).sum(-1, keepdim=True)
+            grad = logsm.add_(h).mul_(gh[:, None]).add_(g[:, None]).mul_(p).neg_()
         safe = torch.where(valid, tgt, torch.zeros_like(tgt)).long()
         grad.scatter_add_(1, safe[:, None], g[:, None])
         dx2d[a:b] = grad
@@ -266,34 +289,38 @@ class _Options:
 
 
 class TokenLogprobsFunction(torch.autograd.Function):
-    """Autograd wrapper: saves ``(logits, targets, lse)`` (``lse`` on the Triton path only); backward
-    recomputes the softmax. Returns ``(logp, entropy)``, ``entropy`` empty without ``return_entropy``."""
+    """Autograd wrapper: saves ``(logits, targets, lse, entropy)`` (``lse`` and ``entropy`` on the Triton
+    path only); backward recomputes the softmax. Returns ``(logp, entropy)``, both differentiable,
+    ``entropy`` empty without ``return_entropy``."""
 
     @staticmethod
     def forward(ctx, logits, targets, opts: _Options):
+        ctx.set_materialize_grads(False)  # an entropy used as a metric only costs no backward term
         args = (logits, targets, opts.temperature, opts.ignore_index, opts.return_entropy)
         if opts.triton:
             logp, lse, ent = logprobs_fwd(*args)
         else:  # the PyTorch backward recomputes a fused softmax and needs no lse
             logp, lse, ent = _fwd_torch(*args, need_lse=False)
-        ctx.save_for_backward(logits, targets, lse)
-        ctx.opts = opts
         if ent is None:
             ent = logp.new_empty(0)
-        ctx.mark_non_differentiable(ent)
+        ctx.save_for_backward(logits, targets, lse, ent)
+        ctx.opts = opts
         return logp, ent
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_logp, _grad_entropy):
-        logits, targets, lse = ctx.saved_tensors
+    def backward(ctx, grad_logp, grad_entropy):
+        logits, targets, lse, ent = ctx.saved_tensors
         opts = ctx.opts
         grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         if grad_logp is None:
             grad_logp = torch.zeros(logits.shape[0], dtype=torch.float32, device=logits.device)
         if logits.shape[0] > 0:
-            into = _launch_bwd if opts.triton else _torch_bwd_into
-            into(logits, grad, targets, lse, grad_logp, opts.temperature, opts.ignore_index)
+            args = (logits, grad, targets, lse, grad_logp, opts.temperature, opts.ignore_index, grad_entropy)
+            if opts.triton:
+                _launch_bwd(*args, None if grad_entropy is None else ent)
+            else:
+                _torch_bwd_into(*args)
         return grad, None, None
 
 
@@ -309,8 +336,8 @@ def token_logprobs(
 
     ``logits`` is ``[T, V]`` in fp32/bf16/fp16 (row-strided views are read in place); ``targets`` is
     integer ``[T]``. Returns ``LogprobsOutput(logp, entropy)``: an ``ignore_index`` target gives
-    log-prob 0 and a zero gradient row; ``entropy`` is the per-row entropy (fp32 ``[T]``, detached, 0 on
-    ignored rows) with ``return_entropy``, else None. The gradient w.r.t. ``logits`` has their dtype.
+    log-prob 0 and a zero gradient row; ``entropy`` is the per-row entropy (fp32 ``[T]``, 0 and no
+    gradient on ignored rows, differentiable like ``logp``) with ``return_entropy``, else None. The gradient w.r.t. ``logits`` has their dtype.
     Runs Triton when :func:`bcr_kernels._dispatch.use_triton` says so, else a chunked PyTorch path.
     """
     _check_2d(logits, targets)

@@ -19,7 +19,7 @@ class LogprobsOutput(NamedTuple):
 
     #: fp32 log-probs of the targets (0 where the target is ``ignore_index``), differentiable.
     logp: torch.Tensor
-    #: detached fp32 entropy of each row's distribution with ``return_entropy``, else None.
+    #: fp32 entropy of each row's distribution with ``return_entropy`` (differentiable), else None.
     entropy: torch.Tensor | None = None
 
 
@@ -29,7 +29,8 @@ class PolicyLossOutput(NamedTuple):
     #: fp32 scalar.
     loss: torch.Tensor
     #: detached fp32 scalars ``clip_ratio/low_mean``, ``clip_ratio/high_mean``, ``clip_ratio/region_mean``,
-    #: ``ratio_mean``, ``kl`` (TRL's names).
+    #: ``ratio_mean``, ``kl`` (TRL's names), and ``entropy/kept_fraction``, ``entropy/kept_mean`` where the
+    #: objective reads entropies.
     metrics: dict[str, torch.Tensor]
 
 

@@ -11,7 +11,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._common import IGNORE_INDEX, REDUCTIONS, check_reduction
+from ._common import IGNORE_INDEX, REDUCTIONS
+from .objective import Objective, resolve
 from .outputs import LogprobsOutput, PolicyLossOutput
 
 __all__ = [
@@ -37,8 +38,8 @@ def token_logprobs(
     """log softmax(logits / temperature)[t, targets[t]] as fp32 ``[T]``, in ``LogprobsOutput.logp``.
 
     An ignored target (``ignore_index``) gives log-prob 0 and no gradient. With ``return_entropy``
-    ``LogprobsOutput.entropy`` holds the entropy of each row's distribution (fp32 ``[T]``, 0 on
-    ignored rows, detached: it is a metric, not a training signal); else it is None.
+    ``LogprobsOutput.entropy`` holds the entropy of each row's distribution (fp32 ``[T]``, 0 and no
+    gradient on ignored rows, differentiable: an entropy bonus trains through it); else it is None.
     """
     x = logits.float() / temperature
     valid = targets != ignore_index
@@ -48,11 +49,10 @@ def token_logprobs(
     logp = torch.where(valid, logp, torch.zeros_like(logp))
     if not return_entropy:
         return LogprobsOutput(logp)
-    with torch.no_grad():
-        p = torch.softmax(x, dim=-1)
-        px = torch.where(p > 0, p * x, torch.zeros_like(x))
-        entropy = lse - px.sum(-1)
-        entropy = torch.where(valid, entropy, torch.zeros_like(entropy))
+    p = torch.softmax(x, dim=-1)
+    x_seen = torch.where(p > 0, x, torch.zeros_like(x))  # p == 0 (x = -inf) adds 0, not 0 * inf
+    entropy = lse - (p * x_seen).sum(-1)
+    entropy = torch.where(valid, entropy, torch.zeros_like(entropy))
     return LogprobsOutput(logp, entropy)
 
 
@@ -141,54 +141,161 @@ def _unit_value(x, m, seg, level, n, *, mean: bool):
     return out
 
 
+def _rollout_weights(old, smp, m, seg, o: Objective):
+    """Step 2 of ``policy_loss``: the constant rollout-correction weights of one sequence."""
+    d = torch.nan_to_num((old - smp) * m, nan=0.0)
+    mode = o.importance_sampling_mode
+    unit = mode.split("_")[0]
+    log_is = d if unit == "token" else _unit_value(d, torch.ones_like(m), seg, unit, d.numel(), mean=False)
+    w = torch.exp(log_is)
+    lo = -math.inf if o.importance_sampling_clip_min is None else o.importance_sampling_clip_min
+    hi = math.inf if o.importance_sampling_clip_max is None else o.importance_sampling_clip_max
+    if mode.endswith("truncate"):
+        return torch.clamp(w, min=lo, max=hi)
+    return torch.where((w < lo) | (w > hi), torch.zeros_like(w), w)
+
+
+def _vespo_phi(lr, a, m, seg, w_is, o: Objective):
+    """VESPO's (detached) Gamma weight of one sequence's tokens (step 3)."""
+    x = torch.clamp(lr.detach(), -20.0, 20.0)
+    if w_is is not None:
+        x = x + torch.clamp(torch.log(w_is), math.log(1e-8), 20.0)
+    level = "instance" if o.importance_sampling_level == "instance" else "sequence"
+    log_w = torch.clamp(_unit_value(x, m, seg, level, x.numel(), mean=False), math.log(1e-8), 20.0)
+    k = torch.where(a >= 0, o.vespo_k_pos, o.vespo_k_neg)
+    lam = torch.where(a >= 0, o.vespo_lambda_pos, o.vespo_lambda_neg).clamp(min=1e-4)
+    return torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _surrogate(lp, lr, r, a, m, seg, w_is, o: Objective):
+    """Step 3: ``(loss, low, high)`` of the objective ``o.kind`` on one sequence."""
+    zero = torch.zeros_like(lp)
+    eps_high = o.eps_high
+    if o.kind == "clip":
+        c1 = r if o.delta is None else torch.clamp(r, max=o.delta)
+        loss = -torch.minimum(c1 * a, torch.clamp(r, 1 - o.epsilon, 1 + eps_high) * a)
+        return loss, ((r < 1 - o.epsilon) & (a < 0)).float(), ((r > 1 + eps_high) & (a > 0)).float()
+    if o.kind == "cispo":
+        return -torch.clamp(r, max=eps_high).detach() * a * lp, zero, ((r > eps_high) & (a > 0)).float()
+    if o.kind == "sapo":
+        tau = torch.where(a > 0, o.sapo_temperature_pos, o.sapo_temperature_neg)
+        return -torch.sigmoid(tau * (r - 1)) * 4 / tau * a, zero, zero
+    return -_vespo_phi(lr, a, m, seg, w_is, o) * a * lp, zero, zero
+
+
+def _sequence_loss(lp, old, a, m, seg, smp, ref, keep, o: Objective):
+    """Steps 1-5 of ``policy_loss`` on one sequence: ``(loss, ratio, kl, low, high)`` per token."""
+    lr = lp - old
+    level = o.importance_sampling_level
+    r = torch.exp(lr if level == "token" else _unit_value(lr, m, seg, level, lp.numel(), mean=True))
+    w_is = None if o.importance_sampling_mode is None else _rollout_weights(old, smp, m, seg, o)
+    loss, low, high = _surrogate(lp, lr, r, a, m, seg, w_is, o)
+    if o.off_policy_mask_threshold is not None:
+        kl_seq = (torch.nan_to_num(smp - lp.detach(), nan=0.0) * m).sum() / m.sum().clamp(min=1.0)
+        loss = loss * ((a >= 0) | (kl_seq <= o.off_policy_mask_threshold)).float()
+    if keep is not None:
+        loss = loss * keep
+    if w_is is not None and o.kind != "vespo":
+        loss = loss * w_is
+    kl = torch.zeros_like(lp)
+    if o.beta != 0.0 and ref is not None:
+        dk = ref - lp
+        kl = torch.exp(dk) - dk - 1
+        if o.use_bias_correction_kl:
+            kl = kl * r
+        loss = loss + o.beta * kl
+    return loss, r.detach(), kl.detach(), low, high
+
+
+def _top_entropy_keep(entropy, mask, bounds, quantile):
+    """Step 6: 1 for the loss tokens whose entropy is at least the ``1 - quantile`` quantile (linear
+    interpolation between the sorted entropies of every loss token of every sequence), else 0."""
+    keep = torch.zeros(mask.numel(), device=mask.device)
+    h = entropy.detach().float()
+    counted = [i for a0, b0 in zip(bounds[:-1], bounds[1:]) for i in range(a0, b0) if mask[i] > 0]
+    if not counted:
+        return keep
+    values = sorted(float(h[i]) for i in counted)
+    pos = (1.0 - quantile) * (len(values) - 1)
+    below, frac = int(math.floor(pos)), pos - math.floor(pos)
+    upper = values[min(below + 1, len(values) - 1)]
+    threshold = values[below] + (upper - values[below]) * frac
+    for i in counted:
+        keep[i] = float(float(h[i]) >= threshold)
+    return keep
+
+
+def _aggregate(seq_sums, seq_cnts, mask, o: Objective, normalizer, zero):
+    """The ``reduction`` of the per-sequence sums of ``l * m``."""
+    S = len(seq_sums)
+    total = sum(seq_sums, zero)
+    if o.reduction == "token_mean":
+        return total / (mask.sum().clamp(min=1.0) if normalizer is None else normalizer)
+    if o.reduction == "seq_mean_token_mean":
+        denom = max(S, 1) if normalizer is None else normalizer
+        return sum((x / c.clamp(min=1.0) for x, c in zip(seq_sums, seq_cnts)), zero) / denom
+    if o.reduction == "seq_mean_token_sum":
+        return total / (max(S, 1) if normalizer is None else normalizer)
+    if normalizer is None:
+        longest = o.max_completion_length or max([int(c) for c in seq_cnts] + [1])
+        return total / (max(S, 1) * longest)
+    return total / normalizer
+
+
+def _metrics(parts, mm, kept):
+    """The detached metrics: masked token means over the sequences' tokens (``parts``: per sequence
+    ``(ratio, kl, low, high)``), and the entropy terms' share and mean with ``kept`` = ``(sum(e),
+    sum(entropy * e))``."""
+    with torch.no_grad():
+        ratio, kl, low, high = (torch.cat(xs) for xs in zip(*parts)) if parts else [mm.new_zeros(0)] * 4
+        n = mm.sum().clamp(min=1.0)
+        out = {
+            "clip_ratio/low_mean": (low * mm).sum() / n,
+            "clip_ratio/high_mean": (high * mm).sum() / n,
+            "clip_ratio/region_mean": ((low + high) * mm).sum() / n,
+            "ratio_mean": (ratio * mm).sum() / n,
+            "kl": (kl * mm).sum() / n,
+        }
+        if kept is not None:
+            out["entropy/kept_fraction"] = kept[0] / n
+            out["entropy/kept_mean"] = kept[1] / kept[0].clamp(min=1.0)
+    return out
+
+
 def policy_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     cu_seqlens: torch.Tensor,
+    objective: Objective | None = None,
     *,
     ref_logp: torch.Tensor | None = None,
-    beta: float = 0.0,
-    epsilon: float = 0.2,
-    epsilon_high: float | None = None,
-    reduction: str = "token_mean",
-    max_completion_length: int | None = None,
-    normalizer: float | None = None,
-    objective: str = "clip",
-    importance_sampling_level: str = "token",
     segment_ids: torch.Tensor | None = None,
-    delta: float | None = None,
-    sapo_temperature_pos: float = 1.0,
-    sapo_temperature_neg: float = 1.05,
-    vespo_k_pos: float = 2.0,
-    vespo_lambda_pos: float = 3.0,
-    vespo_k_neg: float = 3.0,
-    vespo_lambda_neg: float = 2.0,
-    use_bias_correction_kl: bool = False,
     sampling_logp: torch.Tensor | None = None,
-    importance_sampling_mode: str | None = None,
-    importance_sampling_clip_min: float | None = None,
-    importance_sampling_clip_max: float | None = 3.0,
-    off_policy_mask_threshold: float | None = None,
+    entropy: torch.Tensor | None = None,
+    normalizer: float | None = None,
+    entropy_weight: float = 1.0,
+    **legacy,
 ) -> PolicyLossOutput:
-    """Policy loss over packed tokens: one objective per token, then an aggregation.
+    """Policy loss over packed tokens: one objective per token, then an aggregation, plus the entropy bonus.
 
-    All inputs are ``[T]``; ``mask`` (``m``) marks the tokens that count (completion tokens). Computed
+    All inputs are ``[T]``; ``mask`` (``m``) marks the tokens that count (completion tokens); ``o`` is
+    ``objective`` (``bcr_kernels.Objective``; the old keyword form ``**legacy`` is deprecated). Computed
     sequence by sequence (``cu_seqlens``), per token ``t`` with advantage ``A``:
 
     1. log-ratio ``lr = logp - old_logp`` and importance weight ``r = exp(lw)``; ``lw`` by
-       ``importance_sampling_level``: ``token``: ``lr``; ``sequence`` (GSPO): the ``m``-mean of ``lr``
+       ``o.importance_sampling_level``: ``token``: ``lr``; ``sequence`` (GSPO): the ``m``-mean of ``lr``
        over the sequence; ``instance`` (BCR): the ``m``-mean of ``lr`` over the tokens of the same problem
        segment (``segment_ids``, instance index inside the sequence); shared tokens (segment -1: a
        preamble, separators) take the sequence's value, so ``instance`` equals ``sequence`` on a
        completion without problem segments.
-    2. rollout weights ``w_is`` (``importance_sampling_mode``, TRL's vLLM correction): from
+    2. rollout weights ``w_is`` (``o.importance_sampling_mode``, TRL's vLLM correction): from
        ``d = (old_logp - sampling_logp) * m`` (NaN -> 0): ``token_*``: ``exp(d_t)``; ``sequence_*``:
        ``exp(sum of d over the sequence)``; ``instance_*``: ``exp(sum of d over the segment)`` (shared
        tokens: the sequence's sum). ``*_truncate`` clamps them to ``[clip_min, clip_max]``; ``*_mask``
        zeroes those outside it. Constants (no gradient).
-    3. the objective (``sg`` = no gradient):
+    3. the objective ``o.kind`` (``sg`` = no gradient):
        ``clip``: ``-min(c1 * A, clamp(r, 1 - epsilon, 1 + epsilon_high) * A)``, ``c1 = min(r, delta)``
        with ``delta`` (two-sided clipping) else ``r``;
        ``cispo``: ``-sg(min(r, epsilon_high)) * A * logp``;
@@ -198,20 +305,27 @@ def policy_loss(
        over the sequence (the segment at the ``instance`` level) of ``m * (clamp(lr, -20, 20) +
        clamp(log w_is, log 1e-8, 20))``, clamped to ``[log 1e-8, 20]``; ``k, lam`` = ``vespo_k_pos,
        vespo_lambda_pos`` if ``A >= 0`` else the ``_neg`` pair (``lam >= 1e-4``); non-finite phi -> 0.
-    4. the off-policy mask (``off_policy_mask_threshold`` = delta): the objective is zeroed where
+    4. the off-policy mask (``o.off_policy_mask_threshold`` = delta): the objective is zeroed where
        ``A < 0`` and the ``m``-mean over the sequence of ``sampling_logp - sg(logp)`` (default
-       ``sampling_logp``: ``old_logp``) exceeds delta; then times ``w_is`` (not for ``vespo``).
+       ``sampling_logp``: ``old_logp``) exceeds delta; then times the entropy mask (step 6), then times
+       ``w_is`` (not for ``vespo``).
     5. ``+ beta * kl`` with ``kl = exp(ref - logp) - (ref - logp) - 1`` (times ``r`` with
        ``use_bias_correction_kl``), when ``beta != 0`` and ``ref_logp`` is given.
+    6. the entropy terms (``entropy`` ``[T]``, needed by both): ``o.top_entropy_quantile`` = rho < 1
+       keeps (mask 1) the loss tokens whose entropy is at least the ``1 - rho`` quantile (linear
+       interpolation) of the entropies of every loss token of the call (TRL: of its micro-batch), and
+       zeroes the objective of the others (step 4); ``o.entropy_coef`` adds the bonus
+       ``-entropy_coef * entropy_weight * sum(entropy * e) / max(sum(e), 1)`` with ``e = m`` (times the
+       entropy mask with rho < 1), outside the aggregation below, differentiable in ``entropy``.
 
-    Aggregation (``reduction``; TRL's ``loss_type`` names in brackets):
+    Aggregation (``o.reduction``; TRL's ``loss_type`` names in brackets):
 
     - ``token_mean``: ``sum(l * m) / D`` with ``D = sum(m)`` (TRL ``bnpo``; ``dapo``, ``cispo``,
       ``vespo`` pass the global token count of the whole batch as ``normalizer``);
     - ``seq_mean_token_mean``: ``sum_s(sum(l * m)_s / max(sum(m)_s, 1)) / D`` with ``D = S`` (TRL
       ``grpo``, ``sapo``);
     - ``seq_mean_token_sum_norm``: ``sum(l * m) / D`` with ``D = S * max_completion_length`` (Dr. GRPO;
-      ``max_completion_length`` defaults to the longest masked sequence);
+      ``o.max_completion_length`` defaults to the longest masked sequence);
     - ``seq_mean_token_sum``: ``sum(l * m) / D`` with ``D = S`` (TRL ``luspo``).
 
     ``normalizer`` replaces ``D`` (for gradient accumulation over micro-batches). Returns
@@ -219,120 +333,40 @@ def policy_loss(
     ``clip_ratio/low_mean`` (``r < 1 - epsilon`` and ``A < 0``; ``clip`` only),
     ``clip_ratio/high_mean`` (``r > 1 + epsilon_high`` and ``A > 0``; for ``cispo``: ``r > epsilon_high``
     and ``A > 0``; 0 for ``sapo`` / ``vespo``), ``clip_ratio/region_mean`` (their sum), ``ratio_mean``
-    (of ``r``) and ``kl`` (after the bias correction).
+    (of ``r``) and ``kl`` (after the bias correction); where the objective reads entropies also
+    ``entropy/kept_fraction`` (``sum(e) / sum(m)``) and ``entropy/kept_mean`` (``sum(entropy * e) /
+    max(sum(e), 1)``).
     """
-    check_reduction(reduction)
-    eps_high = epsilon if epsilon_high is None else epsilon_high
-    S = cu_seqlens.numel() - 1
+    o = resolve(objective, legacy, "reference.policy_loss")
+    if o.uses_entropy and entropy is None:
+        raise ValueError("top_entropy_quantile < 1 and entropy_coef need the tokens' entropy: pass entropy=")
     bounds = cu_seqlens.tolist()
     m_all = mask.float()
-    dev = logp.device
-    pieces, ratios, kls, lows, highs = [], [], [], [], []
-    for s in range(S):
-        a0, b0 = bounds[s], bounds[s + 1]
-        n = b0 - a0
+    keep = None if o.top_entropy_quantile >= 1.0 else _top_entropy_keep(entropy, m_all, bounds, o.top_entropy_quantile)
+    e_all = torch.zeros_like(m_all)  # the entropy terms' tokens: m (times the entropy mask) in the sequences
+    seq_sums, seq_cnts, parts = [], [], []
+    for a0, b0 in zip(bounds[:-1], bounds[1:]):
         lp = logp[a0:b0].float()
         old = old_logp[a0:b0].float().detach()
-        a = advantages[a0:b0].float().detach()
         m = m_all[a0:b0]
         seg = None if segment_ids is None else segment_ids[a0:b0].long()
-        lr = lp - old
-        if importance_sampling_level == "token":
-            lw = lr
-        else:
-            lw = _unit_value(lr, m, seg, importance_sampling_level, n, mean=True)
-        r = torch.exp(lw)
-        w_is = None
-        if importance_sampling_mode is not None:
-            smp = old if sampling_logp is None else sampling_logp[a0:b0].float()
-            d = torch.nan_to_num((old - smp) * m, nan=0.0)
-            unit = importance_sampling_mode.split("_")[0]
-            log_is = d if unit == "token" else _unit_value(d, torch.ones_like(m), seg, unit, n, mean=False)
-            w_is = torch.exp(log_is)
-            lo_is = -float("inf") if importance_sampling_clip_min is None else importance_sampling_clip_min
-            hi_is = float("inf") if importance_sampling_clip_max is None else importance_sampling_clip_max
-            if importance_sampling_mode.endswith("truncate"):
-                w_is = torch.clamp(w_is, min=lo_is, max=hi_is)
-            else:
-                w_is = torch.where((w_is < lo_is) | (w_is > hi_is), torch.zeros_like(w_is), w_is)
-        low = high = torch.zeros(n, device=dev)
-        if objective == "clip":
-            c1 = r if delta is None else torch.clamp(r, max=delta)
-            loss = -torch.minimum(c1 * a, torch.clamp(r, 1 - epsilon, 1 + eps_high) * a)
-            low = ((r < 1 - epsilon) & (a < 0)).float()
-            high = ((r > 1 + eps_high) & (a > 0)).float()
-        elif objective == "cispo":
-            loss = -torch.clamp(r, max=eps_high).detach() * a * lp
-            high = ((r > eps_high) & (a > 0)).float()
-        elif objective == "sapo":
-            tau = torch.where(a > 0, sapo_temperature_pos, sapo_temperature_neg)
-            loss = -torch.sigmoid(tau * (r - 1)) * 4 / tau * a
-        elif objective == "vespo":
-            x = torch.clamp(lr.detach(), -20.0, 20.0)
-            if w_is is not None:
-                x = x + torch.clamp(torch.log(w_is), math.log(1e-8), 20.0)
-            level = "instance" if importance_sampling_level == "instance" else "sequence"
-            log_w = torch.clamp(_unit_value(x, m, seg, level, n, mean=False), math.log(1e-8), 20.0)
-            k = torch.where(a >= 0, vespo_k_pos, vespo_k_neg)
-            lam = torch.where(a >= 0, vespo_lambda_pos, vespo_lambda_neg).clamp(min=1e-4)
-            phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
-            loss = -phi * a * lp
-        else:
-            raise ValueError(f"unknown objective {objective!r}")
-        if off_policy_mask_threshold is not None:
-            smp = old if sampling_logp is None else sampling_logp[a0:b0].float()
-            kl_seq = (torch.nan_to_num(smp - lp.detach(), nan=0.0) * m).sum() / m.sum().clamp(min=1.0)
-            keep = (a >= 0) | (kl_seq <= off_policy_mask_threshold)
-            loss = loss * keep.float()
-        if w_is is not None and objective != "vespo":
-            loss = loss * w_is
-        kl = torch.zeros(n, device=dev)
-        if beta != 0.0 and ref_logp is not None:
-            dk = ref_logp[a0:b0].float() - lp
-            kl = torch.exp(dk) - dk - 1
-            if use_bias_correction_kl:
-                kl = kl * r
-            loss = loss + beta * kl
-        pieces.append(loss)
-        ratios.append(r.detach())
-        kls.append(kl.detach())
-        lows.append(low)
-        highs.append(high)
-
-    seq_sums = [(p * m_all[bounds[s] : bounds[s + 1]]).sum() for s, p in enumerate(pieces)]
-    seq_cnts = [m_all[bounds[s] : bounds[s + 1]].sum() for s in range(S)]
-    zero = logp.float().sum() * 0.0  # keeps the graph when there are no sequences
-    total = sum(seq_sums, zero)
-    if reduction == "token_mean":
-        denom = m_all.sum().clamp(min=1.0) if normalizer is None else normalizer
-        loss = total / denom
-    elif reduction == "seq_mean_token_mean":
-        denom = max(S, 1) if normalizer is None else normalizer
-        loss = sum((x / c.clamp(min=1.0) for x, c in zip(seq_sums, seq_cnts)), zero) / denom
-    elif reduction == "seq_mean_token_sum":
-        denom = max(S, 1) if normalizer is None else normalizer
-        loss = total / denom
-    else:
-        if normalizer is None:
-            if max_completion_length is None:
-                max_completion_length = max([int(c) for c in seq_cnts] + [1])
-            denom = max(S, 1) * max_completion_length
-        else:
-            denom = normalizer
-        loss = total / denom
-    with torch.no_grad():
-        cat = (lambda xs: torch.cat(xs) if xs else torch.zeros(0, device=dev))  # noqa: E731
-        mm = torch.cat([m_all[bounds[s] : bounds[s + 1]] for s in range(S)]) if S else torch.zeros(0, device=dev)
-        n = mm.sum().clamp(min=1.0)
-        low, high = cat(lows), cat(highs)
-        metrics = {
-            "clip_ratio/low_mean": (low * mm).sum() / n,
-            "clip_ratio/high_mean": (high * mm).sum() / n,
-            "clip_ratio/region_mean": ((low + high) * mm).sum() / n,
-            "ratio_mean": (cat(ratios) * mm).sum() / n,
-            "kl": (cat(kls) * mm).sum() / n,
-        }
-    return PolicyLossOutput(loss, metrics)
+        smp = old if sampling_logp is None else sampling_logp[a0:b0].float()
+        ref = None if ref_logp is None else ref_logp[a0:b0].float()
+        k = None if keep is None else keep[a0:b0]
+        loss, r, kl, low, high = _sequence_loss(lp, old, advantages[a0:b0].float().detach(), m, seg, smp, ref, k, o)
+        seq_sums.append((loss * m).sum())
+        seq_cnts.append(m.sum())
+        parts.append((r, kl, low, high))
+        e_all[a0:b0] = m if k is None else m * k
+    loss = _aggregate(seq_sums, seq_cnts, m_all, o, normalizer, logp.float().sum() * 0.0)  # 0 keeps the graph
+    kept = None
+    if o.uses_entropy:
+        h_sum = (entropy.float() * e_all).sum()
+        if o.entropy_coef != 0.0:
+            loss = loss - o.entropy_coef * entropy_weight * h_sum / e_all.sum().clamp(min=1.0)
+        kept = (e_all.sum(), h_sum.detach())
+    mm = torch.cat([m_all[a0:b0] for a0, b0 in zip(bounds[:-1], bounds[1:])]) if parts else m_all[:0]
+    return PolicyLossOutput(loss, _metrics(parts, mm, kept))
 
 
 def varlen_attention(

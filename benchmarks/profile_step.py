@@ -4,6 +4,7 @@
     python -m benchmarks.profile_step --preset tiny --repeats 1     # seconds; what the smoke test runs
     python -m benchmarks.profile_step --preset qwen2.5-1.5b         # on a GPU (bf16)
     python -m benchmarks.profile_step --preset cpu-small --objectives  # one row per policy objective
+    python -m benchmarks.profile_step --preset cpu-small --objectives packed-entropy-bonus,packed-top-entropy
 
 A *step* is what ``bcr.rl.trainer.BCRTrainer.update`` does for one batch of rollouts with
 ``num_iterations=1``: build the batch tensors from token lists, forward, completion-token log-probs,
@@ -51,9 +52,12 @@ Variants (each in a FRESH subprocess: 1+ untimed warm-up steps, then ``--repeats
 
 ``--objectives`` runs ``packed`` (dapo, token level) and then ``packed`` once per row of ``OBJECTIVES``:
 every other TRL loss type, two-sided clipping, the sequence (GSPO) and instance (BCR) ratios, the
-rollout correction (samples carrying engine log-probs) and the off-policy mask; their ratios are
-against ``packed``. Rows whose gradient needs per-segment sums of the log-probs (the rollout correction,
-the off-policy mask) run the fused head twice (``fused_linear_policy_loss``'s ``two_pass`` plan).
+rollout correction (samples carrying engine log-probs), the off-policy mask and TRL's entropy controls
+(the entropy bonus, constant and adaptive, and ``top_entropy_quantile``); their ratios are against
+``packed``. Rows whose gradient needs per-segment sums of the log-probs (the rollout correction, the
+off-policy mask) or every token's entropy (``top_entropy_quantile``) run the fused head twice
+(``fused_linear_policy_loss``'s ``two_pass`` plan). ``--objectives NAME,NAME`` runs ``packed`` and those
+rows only.
 
 Phases (wall clock; ``torch.cuda.synchronize`` at every boundary on CUDA; each region is also a
 ``torch.profiler.record_function`` so ``--trace DIR`` writes a Chrome trace of the last step):
@@ -106,7 +110,7 @@ from bcr.rl.packing import Sample, pack_samples
 from bcr.task.synthetic import make_arithmetic_problems
 from bcr.models.tiny import build_tokenizer
 from bcr.rl.trainer import BCRTrainer, RolloutSample
-from bcr_kernels import fused_linear_logprobs, policy_loss, scatter_instance_advantages
+from bcr_kernels import Objective, fused_linear_logprobs, policy_loss, scatter_instance_advantages
 from bcr_kernels import packed_model_kwargs
 
 from . import harness
@@ -132,6 +136,13 @@ OBJECTIVES = {
     "packed-is-instance_mask": ({"vllm_importance_sampling_correction": True,
                                  "vllm_importance_sampling_mode": "instance_mask"}, True),
     "packed-off-policy-mask": ({"off_policy_mask_threshold": 0.5}, False),
+    # TRL's entropy controls: the bonus (entropies and their gradient per chunk, one pass), the same under
+    # adaptive control (a target above any entropy: applied from the second update), and the entropy
+    # mask (every entropy before any gradient: two passes)
+    "packed-entropy-bonus": ({"entropy_coef": 0.01}, False),
+    "packed-entropy-adaptive": ({"entropy_coef": 0.01, "use_adaptive_entropy": True, "entropy_target": 100.0}, False),
+    "packed-top-entropy": ({"top_entropy_quantile": 0.2}, False),
+    "packed-top-entropy-bonus": ({"top_entropy_quantile": 0.2, "entropy_coef": 0.01}, False),
 }
 PHASES = ("prepare", "forward", "logprobs", "loss", "backward", "optimizer")
 EPSILON = 0.2
@@ -527,8 +538,7 @@ def kernel_policy_loss(logp, adv, cu_seqlens, normalizer):
         adv,
         torch.ones_like(logp),
         cu_seqlens,
-        epsilon=EPSILON,
-        reduction="token_mean",
+        Objective(epsilon=EPSILON, reduction="token_mean"),
         normalizer=float(normalizer),
     )
     return loss
@@ -929,9 +939,9 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--variants", default=",".join(v for v in VARIANTS if v != "packed-shared"),
                    help=f"comma-separated subset of {tuple(VARIANTS)} (default: all but packed-shared, which "
                    "needs --group-size > 1 to differ from packed)")
-    p.add_argument("--objectives", action="store_true",
-                   help=f"run packed and one packed row per policy objective {tuple(OBJECTIVES)}, with packed (dapo) "
-                   "as the baseline of the ratios (replaces --variants)")
+    p.add_argument("--objectives", nargs="?", const="all", default=None, metavar="NAMES",
+                   help=f"run packed and one packed row per policy objective {tuple(OBJECTIVES)} (or only the "
+                   "comma-separated NAMES), with packed (dapo) as the baseline of the ratios (replaces --variants)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: the preset's)")
     p.add_argument("--num-completions", type=int, default=None)
@@ -971,7 +981,11 @@ def parse_args(argv) -> argparse.Namespace:
     args.variant_list = [v.strip() for v in args.variants.split(",") if v.strip()]
     args.baseline = BASELINE
     if args.objectives:
-        args.variant_list, args.baseline = ["packed", *OBJECTIVES], "packed"
+        rows = list(OBJECTIVES) if args.objectives == "all" else [v.strip() for v in args.objectives.split(",")]
+        unknown = [v for v in rows if v not in OBJECTIVES]
+        if unknown:
+            p.error(f"unknown objective rows {unknown}; choose from {tuple(OBJECTIVES)}")
+        args.variant_list, args.baseline = ["packed", *rows], "packed"
     for v in args.variant_list:
         if v in RENAMED:
             p.error(f"variant {v!r} was renamed: use {RENAMED[v]}")

@@ -13,6 +13,7 @@ raises ``ConfigError`` naming the field and the fix.
 from __future__ import annotations
 
 import dataclasses
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from typing import Any
 import yaml
 
 from bcr.runtime.dataclass_cli import ConfigError, check_fields, load_dataclass
+from bcr_kernels.objective import IS_MODES, LEVELS, Objective, ObjectiveError, check_rollout_correction  # noqa: F401 (IS_MODES: re-exported)
 
 # TRL loss_type -> (objective, reduction) of bcr_kernels.policy_loss (see its docstring).
 LOSS_TYPES = {
@@ -34,8 +36,7 @@ LOSS_TYPES = {
     "luspo": ("clip", "seq_mean_token_sum"),  # token sum per sequence, mean over sequences
     "vespo": ("vespo", "token_mean"),  # Gamma weight of the sequence ratio times A log p; normalised as dapo
 }
-IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence", "instance")
-IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask", "instance_truncate", "instance_mask")
+IMPORTANCE_SAMPLING_LEVELS = LEVELS  # the loss options' allowed values and checks live in bcr_kernels.objective
 TRUNCATED_SCOPES = ("unanswered", "completion")
 SCHEDULERS = ("constant", "linear", "cosine")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -49,13 +50,17 @@ DISTRIBUTED_STRATEGIES = ("auto", "fsdp2", "ddp")
 REPORT_TO = ("tensorboard", "wandb")
 MODEL_DTYPES = ("auto", "float32", "bfloat16")  # bcr.models.loading.DTYPES
 REWARD_EXTRACTIONS = ("strict", "flexible")  # bcr.task.scoring.EXTRACTIONS
-CHOICES = {"loss_type": LOSS_TYPES, "importance_sampling_level": IMPORTANCE_SAMPLING_LEVELS,
-           "vllm_importance_sampling_mode": IS_MODES, "mask_truncated_scope": TRUNCATED_SCOPES,
+CHOICES = {"loss_type": LOSS_TYPES, "mask_truncated_scope": TRUNCATED_SCOPES,
            "lr_scheduler_type": SCHEDULERS, "scale_rewards": SCALE_REWARDS,
            "advantage_mode": ADVANTAGE_MODES, "shared_advantage": SHARED_ADVANTAGES,
            "rollout_engine": ROLLOUT_ENGINES, "vllm_mode": VLLM_MODES, "vllm_dtype": VLLM_DTYPES,
            "distributed_strategy": DISTRIBUTED_STRATEGIES,
            "model_dtype": MODEL_DTYPES, "shared_prompt": SHARED_PROMPT, "reward_extraction": REWARD_EXTRACTIONS}
+# bcr_kernels.Objective's field -> the BCRConfig option it comes from (the same name where absent)
+OBJECTIVE_NAMES = {"kind": "loss_type", "reduction": "loss_type",
+                   "importance_sampling_mode": "vllm_importance_sampling_mode",
+                   "importance_sampling_clip_min": "vllm_importance_sampling_clip_min",
+                   "importance_sampling_clip_max": "vllm_importance_sampling_clip_max"}
 POSITIVE_INTS = ("num_generations", "max_completion_length", "bundles_per_step", "gradient_accumulation_steps",
                  "num_iterations", "logging_steps", "lora_r")
 OPTIONAL_POSITIVE_INTS = ("max_prompt_length", "max_tokens_per_microbatch", "chunk_tokens", "generation_batch_size",
@@ -66,7 +71,8 @@ OPTIONAL_POSITIVE_INTS = ("max_prompt_length", "max_tokens_per_microbatch", "chu
 # non-finite-weights check names the step).
 MAX_LEARNING_RATE = 1e20
 # Range checks of one field: name -> (holds, what the message says). Types (and NaN/inf) are
-# checked before, from the annotations (``bcr.runtime.dataclass_cli.check_fields``).
+# checked before, from the annotations (``bcr.runtime.dataclass_cli.check_fields``). The loss options
+# are checked by ``bcr_kernels.Objective`` (see ``BCRConfig.policy_objective``).
 RANGES = {
     "distributed_timeout": (lambda v: v > 0, "must be > 0 seconds"),
     "learning_rate": (lambda v: 0 <= v <= MAX_LEARNING_RATE,
@@ -82,19 +88,8 @@ RANGES = {
     "temperature": (lambda v: v > 0, "must be > 0 (sampling needs a positive temperature)"),
     "top_p": (lambda v: 0 < v <= 1, "must lie in (0, 1]"),
     "top_k": (lambda v: v >= 0, "must be >= 0 (0: no top-k filtering)"),
-    "beta": (lambda v: v >= 0, "must be >= 0 (0.0 disables the KL term and the reference model)"),
-    "epsilon": (lambda v: v >= 0, "must be >= 0"),
-    "epsilon_high": (lambda v: v is None or v >= 0, "must be >= 0 (None: epsilon)"),
-    "delta": (lambda v: v is None or v > 0, "must be > 0 (None: one-sided clipping; INTELLECT-2 uses > 1 + epsilon)"),
-    "sapo_temperature_pos": (lambda v: v > 0, "must be > 0"),
-    "sapo_temperature_neg": (lambda v: v > 0, "must be > 0"),
-    "vespo_k_pos": (lambda v: v >= 0, "must be >= 0"),
-    "vespo_lambda_pos": (lambda v: v >= 0, "must be >= 0"),
-    "vespo_k_neg": (lambda v: v >= 0, "must be >= 0"),
-    "vespo_lambda_neg": (lambda v: v >= 0, "must be >= 0"),
-    "vllm_importance_sampling_clip_max": (lambda v: v is None or v > 0, "must be > 0 (None: no upper bound)"),
-    "vllm_importance_sampling_clip_min": (lambda v: v is None or v >= 0, "must be >= 0 (None: no lower bound)"),
-    "off_policy_mask_threshold": (lambda v: v is None or v >= 0, "must be >= 0 (None: no off-policy mask)"),
+    "entropy_coef_delta": (lambda v: v >= 0, "must be >= 0"),
+    "entropy_target": (lambda v: v >= 0, "must be >= 0 nats"),
     "save_steps": (lambda v: v >= 0, "must be >= 0 (0: save only at the end)"),
     "eval_steps": (lambda v: v >= 0, "must be >= 0 (0: never)"),
     "vllm_gpu_memory_utilization": (lambda v: 0 < v <= 1, "must lie in (0, 1]"),
@@ -269,6 +264,23 @@ class BCRConfig:
         "lower bound C_min of the rollout-correction weight (None: none)", default=None)
     vllm_importance_sampling_cap: float | None = _help(
         "deprecated in TRL: sets vllm_importance_sampling_clip_max", default=None)
+    top_entropy_quantile: float = _help(
+        "keep in the policy loss only the tokens whose entropy is in this top quantile of a micro-batch's loss "
+        "tokens (Beyond the 80/20 Rule recommends 0.2; 1.0: every token; 0.0: the highest only)", default=1.0)
+    entropy_coef: float = _help(
+        "entropy bonus: the loss minus entropy_coef x the mean entropy of the tokens the policy loss keeps, the "
+        "same for every loss_type (0: off); with use_adaptive_entropy the starting coefficient", default=0.0)
+    use_adaptive_entropy: bool = _help(
+        "Skywork-OR1's adaptive entropy control: after each optimizer update entropy_coef moves by "
+        "entropy_coef_delta (up when the update's mean entropy is <= entropy_target, else down), within "
+        "[entropy_coef_min, entropy_coef_max]; the bonus applies only while the last update's entropy was <= "
+        "entropy_target", default=False)
+    entropy_coef_min: float = _help("lower bound of the adaptive entropy coefficient", default=0.0)
+    entropy_coef_max: float = _help("upper bound of the adaptive entropy coefficient", default=1.0)
+    entropy_coef_delta: float = _help("step of the adaptive entropy coefficient per optimizer update", default=0.005)
+    entropy_target: float = _help(
+        "the mean entropy (nats, over the tokens the policy loss keeps) below which adaptive control applies and "
+        "raises the bonus; set it near the entropy of early training (the 'entropy' metric)", default=0.2)
     scale_rewards: str = _help("normalise rewards by the std of the 'group', the 'batch', or 'none'", default="group")
 
     # --- efficiency -----------------------------------------------------------------------------
@@ -355,15 +367,22 @@ class BCRConfig:
             fail("num_generations", "GRPO needs at least 2 completions per prompt to compare; set num_generations >= 2")
         if self.max_steps == -1 and self.num_train_epochs <= 0:
             fail("num_train_epochs", "must be > 0 when max_steps = -1")
-        lo, hi = self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max
-        if lo is not None and hi is not None and lo >= hi:
-            fail("vllm_importance_sampling_clip_min", f"must be < vllm_importance_sampling_clip_max ({hi})")
-        mode = self.vllm_importance_sampling_mode
-        if mode.endswith("truncate") and lo is None and hi is None:
-            fail("vllm_importance_sampling_mode", "a *_truncate mode needs vllm_importance_sampling_clip_min or _max")
-        if self.loss_type == "vespo" and self.rollout_correction and not mode.startswith("token"):
-            fail("vllm_importance_sampling_mode", "loss_type=vespo takes 'token_truncate' or 'token_mask' (VESPO puts "
-                 "per-token weights into its sequence weight)")
+        if self.entropy_coef_min > self.entropy_coef_max:
+            fail("entropy_coef_min", f"must be <= entropy_coef_max ({self.entropy_coef_max})")
+        self._check_loss_options()
+
+    def _check_loss_options(self) -> None:
+        """The loss options, by ``bcr_kernels.Objective``'s own checks (the rollout correction's even where
+        it is off), with this config's names in the message."""
+        try:
+            check_rollout_correction(self.vllm_importance_sampling_mode, self.vllm_importance_sampling_clip_min,
+                                     self.vllm_importance_sampling_clip_max)
+            self.policy_objective()
+        except ObjectiveError as err:
+            name = OBJECTIVE_NAMES.get(err.field, err.field)
+            reason = re.sub(r"\bimportance_sampling_(mode|clip_min|clip_max)\b", r"vllm_importance_sampling_\1",
+                            err.reason)
+            raise ConfigError(f"{name}={getattr(self, name)!r}: {reason}") from None
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -383,9 +402,33 @@ class BCRConfig:
             return self.rollout_engine == "vllm"
         return self.vllm_importance_sampling_correction
 
+    def policy_objective(self) -> Objective:
+        """The ``bcr_kernels.Objective`` of this config's loss options (the rollout correction only where
+        ``rollout_correction``; ``entropy_coef`` is the starting one under ``use_adaptive_entropy``)."""
+        correction = self.rollout_correction
+        return Objective(
+            kind=self.objective, reduction=self.reduction, max_completion_length=self.max_completion_length,
+            epsilon=self.epsilon, epsilon_high=self.epsilon_high, delta=self.delta,
+            importance_sampling_level=self.importance_sampling_level,
+            sapo_temperature_pos=self.sapo_temperature_pos, sapo_temperature_neg=self.sapo_temperature_neg,
+            vespo_k_pos=self.vespo_k_pos, vespo_lambda_pos=self.vespo_lambda_pos, vespo_k_neg=self.vespo_k_neg,
+            vespo_lambda_neg=self.vespo_lambda_neg, beta=self.beta, use_bias_correction_kl=self.use_bias_correction_kl,
+            importance_sampling_mode=self.vllm_importance_sampling_mode if correction else None,
+            importance_sampling_clip_min=self.vllm_importance_sampling_clip_min,
+            importance_sampling_clip_max=self.vllm_importance_sampling_clip_max,
+            off_policy_mask_threshold=self.off_policy_mask_threshold,
+            top_entropy_quantile=self.top_entropy_quantile, entropy_coef=self.entropy_coef,
+        )
+
+    @property
+    def entropy_bonus(self) -> bool:
+        """Whether the loss has the entropy bonus (a coefficient, or adaptive control, which may raise it)."""
+        return self.entropy_coef != 0.0 or self.use_adaptive_entropy
+
     def policy_loss_kwargs(self) -> dict:
-        """The options of ``bcr_kernels.policy_loss`` / ``fused_linear_policy_loss`` this config sets
-        (the rollout correction only where ``rollout_correction``; the trainer adds the tensors)."""
+        """Deprecated: the old keyword form of :meth:`policy_objective` (``FutureWarning``)."""
+        warnings.warn("BCRConfig.policy_loss_kwargs() is deprecated: pass BCRConfig.policy_objective() to the loss "
+                      "ops", FutureWarning, stacklevel=2)
         return {
             "objective": self.objective, "reduction": self.reduction, "beta": self.beta, "epsilon": self.epsilon,
             "epsilon_high": self.epsilon_high, "delta": self.delta,

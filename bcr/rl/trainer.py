@@ -13,7 +13,8 @@ Each training step (:meth:`BCRTrainer.training_step`):
 4. pack prompt + completion tokens of all samples into padding-free rows, run the model backbone with
    varlen attention, and compute log-probs of the completion tokens only with the fused LM-head
    kernel; scatter each instance's advantage onto its tokens; the policy loss of ``loss_type`` at
-   ``importance_sampling_level`` (+ KL, rollout correction, masks; see ``BCRConfig.policy_loss_kwargs``);
+   ``importance_sampling_level`` (+ KL, rollout correction, masks, entropy terms: one
+   ``bcr_kernels.Objective``, ``BCRConfig.policy_objective``);
 5. backward (micro-batches share one global normaliser), clip the gradient norm, AdamW, LR schedule;
 6. metrics, computed from what was scored and from the update.
 
@@ -57,6 +58,7 @@ from bcr.rl.checkpoint import (
     save_trainer_checkpoint,
 )
 from bcr.rl.config import BCRConfig
+from bcr.rl.entropy_control import EntropyControl
 from bcr.rl.packing import COMPLETION_MULTIPLE, PackedBatch, Sample, pack_samples
 from bcr.rl.rewards import compute_advantages, instance_rewards
 from bcr.models.rollout import Generation, derive_seed, make_engine
@@ -155,7 +157,8 @@ def completion_policy_loss(model, batch: PackedBatch, *, temperature: float = 1.
                            return_entropy: bool = False, attn_implementation: str = "sdpa",
                            **loss_kwargs) -> FusedPolicyLossOutput:
     """``completion_logprobs`` with the policy loss at ratio 1 fused into the LM head
-    (``fused_linear_policy_loss``; ``loss_kwargs`` are its arguments after ``targets``, by name)."""
+    (``fused_linear_policy_loss``; ``loss_kwargs`` are its arguments after ``targets``, by name: the
+    tensors, ``objective`` and the per-call keywords)."""
     hidden, weight, bias = _completion_head_inputs(model, batch, attn_implementation)
     return fused_linear_policy_loss(hidden, weight, batch.completion_targets, bias=bias, temperature=temperature,
                                     chunk_tokens=chunk_tokens, return_entropy=return_entropy, **loss_kwargs)
@@ -219,6 +222,15 @@ def _loss_mask(sample: Sample) -> list[float]:
     return [1.0] * len(sample.completion_ids) if mask is None else list(mask)
 
 
+def _bonus_entropy(objective, metrics: dict, entropy: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
+    """(tokens, summed entropy) of one row over the tokens the entropy bonus acts on: the loss tokens, or
+    those the entropy mask kept (from the loss's ``entropy/kept_*`` metrics)."""
+    if objective.top_entropy_quantile >= 1.0:
+        return float(mask.sum()), float((entropy.detach() * mask).sum())
+    kept = float(metrics["entropy/kept_fraction"]) * max(float(mask.sum()), 1.0)
+    return kept, float(metrics["entropy/kept_mean"]) * max(kept, 1.0)
+
+
 def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
     """Multiplier of the peak learning rate after ``update`` optimizer updates."""
 
@@ -258,6 +270,7 @@ class Microbatches:
     unshared_tokens: int = 0  # the tokens of the real rows had no prompt been shared
     masks: list[torch.Tensor | None] | None = None  # per row: fp32 [C], 0 where masked (None: no token is)
     sampling: list[torch.Tensor | None] | None = None  # per row: the rollout engine's log-probs [C], or None
+    loss_tokens: float = 0.0  # the loss tokens of all ranks / world size (the entropy bonus's shares)
 
 
 @dataclass
@@ -392,6 +405,8 @@ class BCRTrainer:
             self.engine = make_engine(cfg.rollout_engine, self.model, self.tokenizer, **self._engine_kwargs(bf16))
         self.weights_version = 0  # optimizer updates (and resumes) so far; the engine serves _served_version
         self._served_version = 0  # vLLM starts from the weights as they are now
+        self.objective = cfg.policy_objective()  # the loss's options (bcr_kernels.Objective), built once
+        self.entropy_control = EntropyControl.from_config(cfg)  # the bonus's coefficient (None: no bonus)
         self.step = 0  # completed training steps
         self.last_metrics: dict = {}
         self._updating = False  # True while the parameters are between two step boundaries
@@ -608,6 +623,7 @@ class BCRTrainer:
                                 torch.tensor([x for xs in smp for x in xs] + pad, dtype=torch.float32,
                                              device=self.device))
         normalizer = self._normalizer(samples)
+        loss_tokens = self._loss_tokens(samples) if self.entropy_control is not None else 0.0
         shared = cfg.shared_advantage if cfg.advantage_mode == "instance" else "mean"
         advantages = [scatter_instance_advantages(r.instance_advantages, r.completion_segment_ids,
                                                   r.completion_cu_seqlens, num_instances=r.num_instances,
@@ -616,7 +632,7 @@ class BCRTrainer:
         unshared = sum(len(s.prompt_ids) + len(s.completion_ids) for s in samples)
         return Microbatches([r for r, *_ in padded], [a for _, a, *_ in padded], normalizer, real=len(rows),
                             unshared_tokens=unshared, masks=[m for _, _, m, _ in padded],
-                            sampling=[x for *_, x in padded])
+                            sampling=[x for *_, x in padded], loss_tokens=loss_tokens)
 
     def _normalizer(self, samples: list[Sample]) -> float:
         """The loss denominator of the whole global batch, per rank (gradients are averaged over ranks):
@@ -632,6 +648,11 @@ class BCRTrainer:
         if cfg.loss_type in ("grpo", "sapo", "luspo"):
             return max(g_seqs, 1.0) / self.world_size
         return max(g_seqs, 1.0) * cfg.max_completion_length / self.world_size  # dr_grpo
+
+    def _loss_tokens(self, samples: list[Sample]) -> float:
+        """The loss tokens of the global batch per rank (the sum over ranks / world size)."""
+        tokens = sum(sum(_loss_mask(s)) for s in samples)
+        return max(all_reduce_sum([tokens], self.device)[0], 1.0) / self.world_size
 
     def _logprobs(self, root: torch.nn.Module, row: PackedBatch, fn=completion_logprobs, **kwargs):
         """``fn`` (``completion_logprobs`` or ``completion_policy_loss``) of ``root``'s model on ``row``."""
@@ -669,7 +690,9 @@ class BCRTrainer:
         stats.add("tokens/saved_by_shared_prompt", batch.unshared_tokens - processed, 1.0 / self.world_size)
         for _ in range(cfg.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
-            finite, total_loss = self._backward(batch, old, ref, stats)
+            window = [0.0, 0.0]  # the update's entropy over the bonus's tokens, and their count
+            finite, total_loss = self._backward(batch, old, ref, stats, self._update_objective(), window)
+            self._update_entropy_control(window, stats)
             grad_norm = self.scale.reduce_and_clip(self.params, cfg.max_grad_norm)
             finite = bool(all_reduce_sum([float(not finite)], self.device)[0] == 0) and math.isfinite(grad_norm)
             stats.add("learning_rate", self.scheduler.get_last_lr()[0])
@@ -689,17 +712,23 @@ class BCRTrainer:
                 self.scheduler.step()
         return stats
 
-    def _backward(self, batch: Microbatches, old: list, ref: list, stats: StepStats) -> tuple[bool, float]:
-        """Accumulate the gradients of every micro-batch; -> (all losses finite, summed loss).
+    def _backward(self, batch: Microbatches, old: list, ref: list, stats: StepStats, objective=None,
+                  entropy_window: list | None = None) -> tuple[bool, float]:
+        """Accumulate the gradients of every micro-batch; -> (all losses finite, summed loss). Adds each
+        real row's entropy sum and token count over the bonus's tokens to ``entropy_window``.
 
         Padding rows, and every row after a non-finite loss, run backward with weight 0, so each rank
         runs the same forwards and backwards (FSDP2 gathers and reduce-scatters in them)."""
+        objective = self.objective if objective is None else objective
         finite, total_loss, last = True, 0.0, len(batch.rows) - 1
         masks = batch.masks or [None] * len(batch.rows)
         sampling = batch.sampling or [None] * len(batch.rows)
         for i, (row, adv, old_logp, ref_logp) in enumerate(zip(batch.rows, batch.advantages, old, ref)):
             self.scale.set_gradient_sync(self.policy, i == last)
-            loss, metrics, entropy = self._loss(row, adv, old_logp, ref_logp, batch.normalizer, masks[i], sampling[i])
+            mask = row.completion_weights(adv) if masks[i] is None else masks[i]
+            share = float(mask.sum()) / batch.loss_tokens if self.entropy_control is not None else 1.0
+            loss, metrics, entropy = self._loss(row, adv, old_logp, ref_logp, batch.normalizer, mask, sampling[i],
+                                                objective=objective, entropy_weight=share)
             if i < batch.real and not torch.isfinite(loss):
                 finite = False
             if i >= batch.real or not finite:
@@ -714,27 +743,48 @@ class BCRTrainer:
                     stats.add_max(name, float(value))
                 else:
                     stats.add(name, float(value) * c, c)
+            if entropy_window is not None and self.entropy_control is not None:
+                kept, entropy_sum = _bonus_entropy(objective, metrics, entropy, mask)
+                entropy_window[0] += entropy_sum
+                entropy_window[1] += kept
         return finite, total_loss
 
+    def _update_objective(self):
+        """The objective of the next optimizer update: the config's, with the entropy coefficient it applies."""
+        control = self.entropy_control
+        if control is None or control.applied() == self.objective.entropy_coef:
+            return self.objective
+        return dataclasses.replace(self.objective, entropy_coef=control.applied())
+
+    def _update_entropy_control(self, window: list, stats: StepStats) -> None:
+        """After an update: adaptive control reads its entropy (over every rank); ``entropy_coef`` is logged."""
+        control = self.entropy_control
+        if control is None:
+            return
+        entropy_sum, tokens = all_reduce_sum(window, self.device)
+        control.update(entropy_sum, tokens)
+        stats.add("entropy_coef", control.coef)
+
     def _loss(self, row: PackedBatch, adv: torch.Tensor, old_logp, ref_logp, normalizer: float,
-              mask: torch.Tensor | None = None, sampling: torch.Tensor | None = None):
-        """Policy loss (+ KL) of one row -> (loss, metrics, entropy). Without old log-probs (ratio 1)
-        the loss is fused into the LM head, whose gradients come with the forward."""
-        cfg = self.config
+              mask: torch.Tensor | None = None, sampling: torch.Tensor | None = None, *, objective=None,
+              entropy_weight: float = 1.0):
+        """Policy loss (+ KL, + entropy bonus) of one row -> (loss, metrics, entropy). Without old log-probs
+        (ratio 1) the loss is fused into the LM head, whose gradients come with the forward."""
         if mask is None:
             mask = row.completion_weights(adv)  # 0 at the padding entries of the completion fields
-        loss_kwargs = cfg.policy_loss_kwargs()
-        if sampling is None:  # no engine log-probs: nothing to correct
-            loss_kwargs["importance_sampling_mode"] = None
-        loss_kwargs.update(ref_logp=ref_logp, max_completion_length=cfg.max_completion_length, normalizer=normalizer,
-                           segment_ids=row.completion_segment_ids, sampling_logp=sampling)
+        o = self.objective if objective is None else objective
+        if sampling is None and o.importance_sampling_mode is not None:  # no engine log-probs: nothing to correct
+            o = dataclasses.replace(o, importance_sampling_mode=None)
+        per_call = {"ref_logp": ref_logp, "segment_ids": row.completion_segment_ids, "sampling_logp": sampling,
+                    "normalizer": normalizer, "entropy_weight": entropy_weight}
         if old_logp is None:
-            fused = {"advantages": adv, "mask": mask, "cu_seqlens": row.completion_cu_seqlens, **loss_kwargs}
-            out = self._logprobs(self.policy, row, completion_policy_loss, return_entropy=True, **fused)
+            out = self._logprobs(self.policy, row, completion_policy_loss, return_entropy=True, advantages=adv,
+                                 mask=mask, cu_seqlens=row.completion_cu_seqlens, objective=o, **per_call)
             return out.loss, {**out.metrics, **_sampling_gap(out.logp, sampling, mask)}, out.entropy
-        logp, entropy = self._logprobs(self.policy, row, return_entropy=True)
-        loss, metrics = policy_loss(logp, old_logp, adv, mask, row.completion_cu_seqlens, **loss_kwargs)
-        return loss, {**metrics, **_sampling_gap(old_logp, sampling, mask)}, entropy
+        logp, entropy = self._logprobs(self.policy, row, return_entropy=True)  # both differentiable
+        loss, metrics = policy_loss(logp, old_logp, adv, mask, row.completion_cu_seqlens, o,
+                                    entropy=entropy if o.uses_entropy else None, **per_call)
+        return loss, {**metrics, **_sampling_gap(old_logp, sampling, mask)}, entropy.detach()
 
     # ------------------------------------------------------------------------------------------
     # Metrics
@@ -849,10 +899,13 @@ class BCRTrainer:
     # Saving and resuming
     # ------------------------------------------------------------------------------------------
     def _state(self) -> dict:
-        return {"step": self.step, "epoch": self.bundles.epoch_progress(self.step),
-                "bundle_position": self.step * self.config.bundles_per_step, "world_size": self.world_size,
-                "total_steps": self.total_steps, "config": self.config.to_dict(), "metrics": self.last_metrics,
-                "run_id": self.run_id}
+        state = {"step": self.step, "epoch": self.bundles.epoch_progress(self.step),
+                 "bundle_position": self.step * self.config.bundles_per_step, "world_size": self.world_size,
+                 "total_steps": self.total_steps, "config": self.config.to_dict(), "metrics": self.last_metrics,
+                 "run_id": self.run_id}
+        if self.entropy_control is not None:
+            state["entropy_control"] = self.entropy_control.state()
+        return state
 
     def save_checkpoint(self) -> Path | None:
         """``output_dir/checkpoint-<step>``; every rank must call it. Rank 0 writes the HF directory
@@ -876,6 +929,8 @@ class BCRTrainer:
                               f"{saved[key]!r}; the data order will differ from the original run", stacklevel=2)
         self.step = int(state["step"])
         self.weights_version += 1  # the loaded weights: the engine gets them before it generates
+        if self.entropy_control is not None and "entropy_control" in state:
+            self.entropy_control.load(state["entropy_control"])
 
     def save(self, path: str | Path | None = None) -> Path:
         """Save the model and tokenizer as an HF directory (default: ``output_dir``). Every rank must

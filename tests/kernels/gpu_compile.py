@@ -103,28 +103,30 @@ LOSS_VARIANTS = [("token_mean", False), ("token_mean", True), ("seq_mean_token_m
 
 
 def spec_fused_linear_policy_loss() -> None:
-    from bcr_kernels import fused_linear_policy_loss
+    from bcr_kernels import Objective, fused_linear_policy_loss
 
     for tokens in (ROW_TOKENS, ROW_TOKENS - 1):
-        for reduction, kl in LOSS_VARIANTS:
+        # the loss variants, and the entropy bonus (its gradient runs through the log-softmax backward)
+        for reduction, kl, bonus in [(r, k, 0.0) for r, k in LOSS_VARIANTS] + [("token_mean", False, 0.01)]:
             hidden = meta(tokens, HIDDEN, dtype=torch.bfloat16).requires_grad_()
             weight = meta(VOCAB, HIDDEN, dtype=torch.bfloat16).requires_grad_()
+            objective = Objective(reduction=reduction, beta=0.04 if kl else 0.0, max_completion_length=1024,
+                                  entropy_coef=bonus)
             out = fused_linear_policy_loss(
-                hidden, weight, meta(tokens, dtype=torch.long), **_loss_inputs(tokens), reduction=reduction,
-                ref_logp=meta(tokens) if kl else None, beta=0.04 if kl else 0.0, max_completion_length=1024,
-                normalizer=float(tokens), return_entropy=True)
+                hidden, weight, meta(tokens, dtype=torch.long), **_loss_inputs(tokens), objective=objective,
+                ref_logp=meta(tokens) if kl else None, normalizer=float(tokens), return_entropy=True)
             out.loss.backward()
 
 
 def spec_policy_loss() -> None:
-    from bcr_kernels import policy_loss
+    from bcr_kernels import Objective, policy_loss
 
     for tokens in (ROW_TOKENS, ROW_TOKENS - 1):  # a row padded to a multiple of 16, and one that is not
         for reduction, kl in LOSS_VARIANTS:
             logp = meta(tokens).requires_grad_()
-            out = policy_loss(logp, meta(tokens), **_loss_inputs(tokens), reduction=reduction,
-                              ref_logp=meta(tokens) if kl else None, beta=0.04 if kl else 0.0,
-                              max_completion_length=1024, normalizer=float(tokens))
+            objective = Objective(reduction=reduction, beta=0.04 if kl else 0.0, max_completion_length=1024)
+            out = policy_loss(logp, meta(tokens), **_loss_inputs(tokens), objective=objective,
+                              ref_logp=meta(tokens) if kl else None, normalizer=float(tokens))
             out.loss.backward()
 
 

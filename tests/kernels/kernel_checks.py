@@ -1,4 +1,5 @@
-"""Recorders for kernel tests: Triton launches and their device guard, GEMM operand dtypes.
+"""Helpers of the kernel tests: Triton launches and their device guard, GEMM operand dtypes, and
+``with_objective`` (the policy-loss options of a test case as one ``bcr_kernels.Objective``).
 
 ``LaunchRecorder``: which kernel ran, under which ``device_guard``, on which tensors. Every Triton launch of bcr_kernels must run inside ``bcr_kernels._common.device_guard(t)`` for the
 tensors it reads, so a launch on ``cuda:1`` does not run on the current device (``cuda:0``). On the CPU
@@ -13,7 +14,17 @@ import contextlib
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bcr_kernels import _common
+from bcr_kernels import Objective, _common
+
+_FIELDS = set(Objective.__dataclass_fields__)
+
+
+def with_objective(kw: dict) -> dict:
+    """``kw`` with its ``Objective`` options (``objective="sapo"`` is its ``kind``) gathered into one
+    ``Objective`` under ``objective``; the per-call keywords (tensors, ``normalizer``, ...) stay."""
+    options = {("kind" if k == "objective" else k): v for k, v in kw.items() if k in _FIELDS or k == "objective"}
+    rest = {k: v for k, v in kw.items() if k not in _FIELDS and k != "objective"}
+    return {**rest, "objective": Objective(**options)}
 
 
 class LaunchRecorder:

@@ -41,15 +41,17 @@ def _make(T, H, V, *, dtype=torch.float32, bias=False, ignore=(), seed=0, lead=N
     return cast[0], cast[1], cast[2], targets, upstream
 
 
-def _run(fn, hidden, weight, bias, targets, upstream, **kw):
+def _run(fn, hidden, weight, bias, targets, upstream, upstream_entropy=None, **kw):
     leaves = [t for t in (hidden, weight, bias) if t is not None and t.requires_grad]
     for t in leaves:
         t.grad = None
     out = fn(hidden, weight, targets, bias=bias, **kw)
     assert isinstance(out, LogprobsOutput)
-    logp = out.logp
+    loss = (out.logp * upstream).sum()
+    if upstream_entropy is not None:  # an entropy bonus: its gradient goes through the head too
+        loss = loss + (out.entropy * upstream_entropy).sum()
     if leaves:
-        (logp * upstream).sum().backward()
+        loss.backward()
     grads = [None if t is None or t.grad is None else t.grad.clone() for t in (hidden, weight, bias)]
     for t in leaves:
         t.grad = None
@@ -106,7 +108,19 @@ def test_temperature_ignored_and_entropy(backend, temperature):
     ignored = t == IGN
     assert torch.all(logp[ignored] == 0) and torch.all(ent[ignored] == 0)
     assert torch.all(grads[0][ignored] == 0)  # ignored tokens send no gradient to their hidden
-    assert not ent.requires_grad
+    assert ent.requires_grad
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_entropy_gradient(backend, chunk):
+    """An upstream gradient on the entropies as well as on the log-probs (bias, temperature, ignored
+    targets): the head's gradients match the reference's autograd; the entropy term is a real share."""
+    h, w, b, t, g = _make(30, 16, 777, bias=True, ignore=(0, 7, 29), seed=2)
+    u = torch.randn(30, generator=torch.Generator().manual_seed(3))
+    _, with_entropy = _check(h, w, b, t, g, upstream_entropy=u, chunk_tokens=chunk, temperature=0.7,
+                             return_entropy=True)
+    _, without = _check(h, w, b, t, g, chunk_tokens=chunk, temperature=0.7, return_entropy=True)
+    assert (with_entropy[1] - without[1]).norm() > 0.1 * without[1].norm()
 
 
 def test_all_targets_ignored(backend):

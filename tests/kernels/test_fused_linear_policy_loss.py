@@ -1,7 +1,7 @@
 """fused_linear_policy_loss against the reference composition, values, metrics and gradients:
 
     logp = reference.fused_linear_logprobs(hidden, weight, targets, bias=..., temperature=...).logp
-    loss, metrics = reference.policy_loss(logp, logp.detach(), advantages, mask, cu_seqlens, reduction=...)
+    loss, metrics = reference.policy_loss(logp, logp.detach(), advantages, mask, cu_seqlens, Objective(...))
 
 Every test runs on the chunked PyTorch path (``BCR_KERNEL_BACKEND=torch``) and on the Triton path
 (``auto`` dispatch under ``TRITON_INTERPRET=1`` or on CUDA; skipped where dispatch would not pick it).
@@ -12,9 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bcr_kernels import FusedPolicyLossOutput, fused_linear_policy_loss, reference
+from bcr_kernels import FusedPolicyLossOutput, Objective, fused_linear_policy_loss, reference
 from bcr_kernels import _token_logprobs as tlp_mod
-from kernel_checks import GemmRecorder, LaunchRecorder
+from kernel_checks import GemmRecorder, LaunchRecorder, with_objective
 
 IGN = -100
 REDUCTIONS = reference.REDUCTIONS
@@ -49,7 +49,8 @@ def _reference(leaves, targets, adv, mask, cu, *, ref=None, beta=0.0, temperatur
     hidden, weight, bias = leaves
     logp, ent = reference.fused_linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
                                                 return_entropy=True)
-    loss, metrics = reference.policy_loss(logp, logp.detach(), adv, mask, cu, ref_logp=ref, beta=beta, **kw)
+    loss, metrics = reference.policy_loss(logp, logp.detach(), adv, mask, cu,
+                                          **with_objective({"ref_logp": ref, "beta": beta, **kw}))
     (loss * upstream).backward()
     return loss.detach(), metrics, logp.detach(), ent, _grads(leaves)
 
@@ -58,8 +59,8 @@ def _fused(leaves, targets, adv, mask, cu, *, ref=None, beta=0.0, temperature=1.
            **kw):
     hidden, weight, bias = leaves
     out = fused_linear_policy_loss(
-        hidden, weight, targets, adv, mask, cu, bias=bias, ref_logp=ref, beta=beta, temperature=temperature,
-        chunk_tokens=chunk, return_entropy=True, **kw,
+        hidden, weight, targets, adv, mask, cu, bias=bias, temperature=temperature, chunk_tokens=chunk,
+        return_entropy=True, **with_objective({"ref_logp": ref, "beta": beta, **kw}),
     )
     assert isinstance(out, FusedPolicyLossOutput)
     loss, metrics, logp, ent = out
@@ -152,8 +153,8 @@ def test_bf16_close_to_fp32(backend):
     leaves, targets, adv, mask, ref, cu = _make([7, 5], seed=6, bias=True)
     want = _reference(leaves, targets, adv, mask, cu, ref=ref, beta=0.1)
     low = [t.detach().to(torch.bfloat16).requires_grad_() for t in leaves]
-    loss, *_ = fused_linear_policy_loss(low[0], low[1], targets, adv, mask, cu, bias=low[2], ref_logp=ref,
-                                             beta=0.1, chunk_tokens=5)
+    loss, *_ = fused_linear_policy_loss(low[0], low[1], targets, adv, mask, cu, Objective(beta=0.1), bias=low[2],
+                                        ref_logp=ref, chunk_tokens=5)
     loss.backward()
     assert low[1].grad.dtype == torch.bfloat16 and low[2].grad.dtype == torch.bfloat16
     torch.testing.assert_close(loss.detach(), want[0], atol=5e-2, rtol=5e-2)
@@ -168,11 +169,11 @@ def test_empty_and_errors(backend):
     assert float(loss.detach()) == 0.0 and logp.shape == (0,) and leaves[1].grad.abs().sum() == 0
     leaves, targets, adv, mask, _ref, cu = _make([4], seed=7)
     with pytest.raises(ValueError, match="reduction"):
-        fused_linear_policy_loss(leaves[0], leaves[1], targets, adv, mask, cu, reduction="nope")
+        fused_linear_policy_loss(leaves[0], leaves[1], targets, adv, mask, cu, Objective(reduction="nope"))
     with pytest.raises(ValueError, match="advantages"):
         fused_linear_policy_loss(leaves[0], leaves[1], targets, adv[:3], mask, cu)
     with pytest.raises(ValueError, match="epsilon"):
-        fused_linear_policy_loss(leaves[0], leaves[1], targets, adv, mask, cu, epsilon=-0.1)
+        fused_linear_policy_loss(leaves[0], leaves[1], targets, adv, mask, cu, Objective(epsilon=-0.1))
     loss, *_ = fused_linear_policy_loss(leaves[0], leaves[1], targets, adv, mask, cu)
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="once"):

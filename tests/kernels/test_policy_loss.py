@@ -14,7 +14,7 @@ import bcr_kernels
 from bcr_kernels import _policy_loss as loss_mod
 from bcr_kernels import reference
 from bcr_kernels._dispatch import interpreting
-from kernel_checks import LaunchRecorder, two_gpus
+from kernel_checks import LaunchRecorder, two_gpus, with_objective
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TRITON_OK = torch.cuda.is_available() or interpreting()
@@ -63,7 +63,7 @@ def _inputs(lengths, seed=0, spread=0.3, p_mask=0.8, same_frac=0.0, dtype=torch.
 
 def _run(fn, logp, *args, **kw):
     lp = logp.detach().clone().requires_grad_(True)
-    loss, metrics = fn(lp, *args, **kw)
+    loss, metrics = fn(lp, *args, **with_objective(kw))
     loss.backward()
     grad = lp.grad if lp.grad is not None else torch.zeros_like(lp)
     return loss.detach(), grad, metrics
@@ -252,8 +252,8 @@ def test_multi_block(backend):
 
 def test_argument_errors(backend):
     logp, old, adv, mask, _ref, cu = _inputs([3, 2])
-    with pytest.raises(ValueError, match="reduction must be one of"):
-        bcr_kernels.policy_loss(logp, old, adv, mask, cu, reduction="dapo")
+    with pytest.raises(ValueError, match="reduction='dapo': must be one of"):
+        bcr_kernels.policy_loss(logp, old, adv, mask, cu, bcr_kernels.Objective(reduction="dapo"))
     with pytest.raises(ValueError, match=r"advantages must be \[T\] = \[5\]"):
         bcr_kernels.policy_loss(logp, old, adv[:4], mask, cu)
 
@@ -283,7 +283,7 @@ def test_backward_is_once_differentiable(backend):
         pytest.skip("the PyTorch path is plain autograd (twice differentiable)")
     logp, old, adv, mask, ref, cu = _inputs([6, 3], seed=3)
     lp = logp.clone().requires_grad_(True)
-    loss, _ = bcr_kernels.policy_loss(lp, old, adv, mask, cu, ref_logp=ref, beta=0.1)
+    loss, _ = bcr_kernels.policy_loss(lp, old, adv, mask, cu, bcr_kernels.Objective(beta=0.1), ref_logp=ref)
     w = torch.tensor(1.5, device=DEVICE, requires_grad=True)  # an upstream gradient that has a graph
     (g,) = torch.autograd.grad(loss * w, lp, create_graph=True)
     # d2 loss / d logp2 is not zero (the KL term): a clear error, not a silently missing term
@@ -360,8 +360,9 @@ def test_matches_trl_formula_in_padded_layout(backend, trl_loss_type):
     kernel_type, uses_norm = _TRL_MAP[trl_loss_type]
     lp = logp.clone().requires_grad_(True)
     loss, _ = bcr_kernels.policy_loss(
-        lp, old, adv_tok, mask, cu, ref_logp=ref, beta=0.04, epsilon=0.2, epsilon_high=0.28,
-        reduction=kernel_type, max_completion_length=max_len, normalizer=n_items if uses_norm else None,
+        lp, old, adv_tok, mask, cu, ref_logp=ref, normalizer=n_items if uses_norm else None,
+        **with_objective(dict(beta=0.04, epsilon=0.2, epsilon_high=0.28, reduction=kernel_type,
+                              max_completion_length=max_len)),
     )
     loss.backward()
     lp_pad = _pad(logp, lengths).requires_grad_(True)
@@ -413,8 +414,8 @@ def test_matches_installed_trl_compute_loss(backend):
         }
         trl_loss = fn(fake, None, inputs)  # TRL 1.16 (the dev pin); every loss type: tests/rl/test_trl_parity.py
         ours, _ = bcr_kernels.policy_loss(
-            logp, old, adv_tok, mask, cu, epsilon=0.2, epsilon_high=0.28, reduction=kernel_type,
-            max_completion_length=L, normalizer=float(mask.sum()) if trl_loss_type == "dapo" else None,
+            logp, old, adv_tok, mask, cu, normalizer=float(mask.sum()) if trl_loss_type == "dapo" else None,
+            **with_objective(dict(epsilon=0.2, epsilon_high=0.28, reduction=kernel_type, max_completion_length=L)),
         )
         torch.testing.assert_close(ours, trl_loss.float(), atol=1e-6, rtol=1e-5, msg=trl_loss_type)
 

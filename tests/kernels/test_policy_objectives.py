@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import bcr_kernels
-from bcr_kernels import _objectives, fused_linear_policy_loss, reference
+from bcr_kernels import Objective, fused_linear_policy_loss, reference
+from bcr_kernels._fused_linear_policy_loss import _plan
 
 LENGTHS = [5, 0, 1, 9, 4]  # an empty and a one-token sequence
 # segment ids per sequence: shared text (-1), a one-token segment, a problem with no tokens (2 in seq 3)
@@ -22,9 +23,9 @@ CASES = {
     "clip": {},
     "clip_delta": {"delta": 1.1},
     "clip_bias_kl": {"use_bias_correction_kl": True},
-    "cispo": {"objective": "cispo", "epsilon_high": 1.05},
-    "sapo": {"objective": "sapo"},
-    "vespo": {"objective": "vespo"},
+    "cispo": {"kind": "cispo", "epsilon_high": 1.05},
+    "sapo": {"kind": "sapo"},
+    "vespo": {"kind": "vespo"},
     "luspo": {"reduction": "seq_mean_token_sum"},
 }
 LEVELS = ["token", "sequence", "instance"]
@@ -50,9 +51,8 @@ def _tokens(seed=0, spread=0.4):
 
 
 def _kw(case, level, **extra):
-    kw = {"importance_sampling_level": level, "beta": 0.05, **CASES[case], **extra}
-    kw.setdefault("reduction", "token_mean")
-    return kw
+    """The Objective of a case at a level (``extra``: more of its options)."""
+    return Objective(**{"importance_sampling_level": level, "beta": 0.05, **CASES[case], **extra})
 
 
 def _close(a, b, msg=""):
@@ -60,19 +60,20 @@ def _close(a, b, msg=""):
     torch.testing.assert_close(a, b, atol=2e-6 * max(scale, 1.0), rtol=2e-5, msg=msg)
 
 
-def _check_policy_loss(kw, seed=0):
+def _check_policy_loss(o, seed=0, normalizer=None):
     logp, old, adv, mask, ref, sampling, seg, cu = _tokens(seed)
-    kw = {"ref_logp": ref, "segment_ids": seg, "sampling_logp": sampling, **kw}
+    kw = {"ref_logp": ref, "segment_ids": seg, "sampling_logp": sampling, "normalizer": normalizer}
     a = logp.clone().requires_grad_(True)
-    want, want_m = reference.policy_loss(a, old, adv, mask, cu, **kw)
+    want, want_m = reference.policy_loss(a, old, adv, mask, cu, o, **kw)
     want.backward()
     b = logp.clone().requires_grad_(True)
-    got, got_m = bcr_kernels.policy_loss(b, old, adv, mask, cu, **kw)
+    got, got_m = bcr_kernels.policy_loss(b, old, adv, mask, cu, o, **kw)
     got.backward()
-    _close(got.detach(), want.detach(), f"loss {kw}")
-    _close(b.grad, a.grad, f"grad {kw}")
+    _close(got.detach(), want.detach(), f"loss {o}")
+    _close(b.grad, a.grad, f"grad {o}")
+    assert set(got_m) == set(want_m)
     for k in want_m:
-        _close(got_m[k], want_m[k], f"{k} {kw}")
+        _close(got_m[k], want_m[k], f"{k} {o}")
     assert a.grad.abs().sum() > 0  # the case exercises a gradient
 
 
@@ -94,7 +95,7 @@ def test_policy_loss_rollout_correction_and_off_policy_mask(backend, mode):
 @pytest.mark.parametrize("reduction", ["seq_mean_token_mean", "seq_mean_token_sum_norm", "seq_mean_token_sum"])
 def test_policy_loss_reductions_with_new_objectives(backend, reduction):
     for case in ("sapo", "vespo", "clip_delta"):
-        _check_policy_loss(_kw(case, "sequence", reduction=reduction, normalizer=None), seed=3)
+        _check_policy_loss(_kw(case, "sequence", reduction=reduction), seed=3)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -113,26 +114,25 @@ def _head(seed=0, H=8, V=37):
     return hidden, weight, bias, targets
 
 
-def _check_fused(kw, seed=0, chunk=4):
+def _check_fused(o, seed=0, chunk=4, temperature=0.8):
     _, _, adv, mask, ref, sampling, seg, cu = _tokens(seed)
     hidden, weight, bias, targets = _head(seed)
-    kw = {"ref_logp": ref, "segment_ids": seg, "sampling_logp": sampling, "temperature": 0.8, **kw}
+    kw = {"ref_logp": ref, "segment_ids": seg, "sampling_logp": sampling}
     leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
-    lp = reference.fused_linear_logprobs(leaves[0], leaves[1], targets, bias=leaves[2],
-                                         temperature=kw["temperature"]).logp
-    ref_kw = {k: v for k, v in kw.items() if k != "temperature"}
-    want, want_m = reference.policy_loss(lp, lp.detach(), adv, mask, cu, **ref_kw)
+    lp = reference.fused_linear_logprobs(leaves[0], leaves[1], targets, bias=leaves[2], temperature=temperature).logp
+    want, want_m = reference.policy_loss(lp, lp.detach(), adv, mask, cu, o, **kw)
     want.backward()
     mine = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
-    out = fused_linear_policy_loss(mine[0], mine[1], targets, adv, mask, cu, bias=mine[2], chunk_tokens=chunk,
-                                   **kw)
+    out = fused_linear_policy_loss(mine[0], mine[1], targets, adv, mask, cu, o, bias=mine[2], chunk_tokens=chunk,
+                                   temperature=temperature, **kw)
     out.loss.backward()
-    _close(out.loss.detach(), want.detach(), f"loss {kw}")
+    _close(out.loss.detach(), want.detach(), f"loss {o}")
     _close(out.logp, lp.detach(), "logp")
     for x, y, name in zip(mine, leaves, ("hidden", "weight", "bias")):
-        _close(x.grad, y.grad, f"grad {name} {kw}")
+        _close(x.grad, y.grad, f"grad {name} {o}")
+    assert set(out.metrics) == set(want_m)
     for k in want_m:
-        _close(out.metrics[k], want_m[k], f"{k} {kw}")
+        _close(out.metrics[k], want_m[k], f"{k} {o}")
 
 
 @pytest.mark.parametrize("level", LEVELS)
@@ -155,13 +155,15 @@ def test_fused_rollout_correction_and_off_policy_mask(backend, mode):
 
 
 def test_fused_plans():
-    o = _objectives.Objective
-    assert bcr_kernels._fused_linear_policy_loss._plan(o(level="instance"), has_ref=False) == "upfront"
-    assert bcr_kernels._fused_linear_policy_loss._plan(o(), has_ref=True) == "chunk"
-    assert bcr_kernels._fused_linear_policy_loss._plan(o(level="sequence"), has_ref=True) == "two_pass"
-    assert bcr_kernels._fused_linear_policy_loss._plan(o(is_mode="token_mask"), has_ref=False) == "chunk"
-    assert bcr_kernels._fused_linear_policy_loss._plan(o(is_mode="sequence_mask"), has_ref=False) == "two_pass"
-    assert bcr_kernels._fused_linear_policy_loss._plan(o(off_policy_mask_threshold=0.1), has_ref=False) == "two_pass"
+    o = Objective
+    assert _plan(o(importance_sampling_level="instance"), has_ref=False) == "upfront"
+    assert _plan(o(), has_ref=True) == "chunk"
+    assert _plan(o(importance_sampling_level="sequence"), has_ref=True) == "two_pass"
+    assert _plan(o(importance_sampling_mode="token_mask"), has_ref=False) == "chunk"
+    assert _plan(o(importance_sampling_mode="sequence_mask"), has_ref=False) == "two_pass"
+    assert _plan(o(off_policy_mask_threshold=0.1), has_ref=False) == "two_pass"
+    assert _plan(o(entropy_coef=0.01), has_ref=False) == "upfront"  # the bonus's tokens are the loss tokens
+    assert _plan(o(top_entropy_quantile=0.5), has_ref=False) == "two_pass"  # the mask needs every entropy
 
 
 def test_fused_two_pass_runs_the_head_twice(monkeypatch):
@@ -193,14 +195,13 @@ def test_instance_ratio_by_hand():
     seg = torch.tensor([-1, 0, 0, 1, -1])
     adv = torch.ones(5)
     cu = _cu([5])
-    out = reference.policy_loss(lr, old, adv, torch.ones(5), cu, objective="sapo", importance_sampling_level="instance",
-                                segment_ids=seg)
+    o = Objective(kind="sapo", importance_sampling_level="instance")
+    out = reference.policy_loss(lr, old, adv, torch.ones(5), cu, o, segment_ids=seg)
     r_seq, r0, r1 = math.exp(0.18), math.exp(0.3), math.exp(-0.3)
     want = sum(-torch.sigmoid(torch.tensor(r - 1.0)) * 4 for r in (r_seq, r0, r0, r1, r_seq)) / 5
     _close(out.loss, want)
     _close(out.metrics["ratio_mean"], torch.tensor((2 * r_seq + 2 * r0 + r1) / 5))
-    fast = bcr_kernels.policy_loss(lr, old, adv, torch.ones(5), cu, objective="sapo",
-                                   importance_sampling_level="instance", segment_ids=seg)
+    fast = bcr_kernels.policy_loss(lr, old, adv, torch.ones(5), cu, o, segment_ids=seg)
     _close(fast.loss, want)
 
 
@@ -208,16 +209,13 @@ def test_instance_level_equals_sequence_level_without_problem_segments(backend):
     logp, old, adv, mask, ref, _, seg, cu = _tokens(4)
     shared = torch.full_like(seg, -1)
     for case in ("clip", "sapo", "vespo"):
-        kw = _kw(case, "instance")
-        a = bcr_kernels.policy_loss(logp, old, adv, mask, cu, ref_logp=ref, segment_ids=shared, **kw).loss
-        kw["importance_sampling_level"] = "sequence"
-        b = bcr_kernels.policy_loss(logp, old, adv, mask, cu, ref_logp=ref, **kw).loss
+        a = bcr_kernels.policy_loss(logp, old, adv, mask, cu, _kw(case, "instance"), ref_logp=ref,
+                                    segment_ids=shared).loss
+        b = bcr_kernels.policy_loss(logp, old, adv, mask, cu, _kw(case, "sequence"), ref_logp=ref).loss
         _close(a, b)
     # and it differs from it when there are segments (the test can fail)
-    kw = _kw("clip", "instance")
-    a = bcr_kernels.policy_loss(logp, old, adv, mask, cu, segment_ids=seg, **kw).loss
-    kw["importance_sampling_level"] = "sequence"
-    assert not torch.allclose(a, bcr_kernels.policy_loss(logp, old, adv, mask, cu, **kw).loss)
+    a = bcr_kernels.policy_loss(logp, old, adv, mask, cu, _kw("clip", "instance"), segment_ids=seg).loss
+    assert not torch.allclose(a, bcr_kernels.policy_loss(logp, old, adv, mask, cu, _kw("clip", "sequence")).loss)
 
 
 def test_on_policy_rollout_correction_is_identity(backend):
@@ -225,23 +223,12 @@ def test_on_policy_rollout_correction_is_identity(backend):
     logp, old, adv, mask, _, _, seg, cu = _tokens(5)
     base = bcr_kernels.policy_loss(logp, old, adv, mask, cu, segment_ids=seg).loss
     for mode in IS_MODES:
-        got = bcr_kernels.policy_loss(logp, old, adv, mask, cu, segment_ids=seg, sampling_logp=old.clone(),
-                                      importance_sampling_mode=mode, importance_sampling_clip_min=0.5).loss
+        o = Objective(importance_sampling_mode=mode, importance_sampling_clip_min=0.5)
+        got = bcr_kernels.policy_loss(logp, old, adv, mask, cu, o, segment_ids=seg, sampling_logp=old.clone()).loss
         _close(got, base, mode)
 
 
-def test_bad_options_name_the_option():
+def test_instance_level_needs_segment_ids():
     logp, old, adv, mask, _, _, seg, cu = _tokens()
-    bad = [({"objective": "ppo"}, "objective"), ({"importance_sampling_level": "bundle"}, "importance_sampling_level"),
-           ({"importance_sampling_mode": "seq"}, "importance_sampling_mode"),
-           ({"importance_sampling_mode": "token_truncate", "importance_sampling_clip_max": None}, "clip_min"),
-           ({"objective": "vespo", "importance_sampling_mode": "sequence_mask"}, "vespo"),
-           ({"sapo_temperature_pos": 0.0}, "sapo_temperature_pos"), ({"epsilon": -0.1}, "epsilon")]
-    for kw, word in bad:
-        with pytest.raises(ValueError, match=word):
-            bcr_kernels.policy_loss(logp, old, adv, mask, cu, **kw)
-        with pytest.raises(ValueError, match=word):
-            hidden, weight, _, targets = _head()
-            fused_linear_policy_loss(hidden, weight, targets, adv, mask, cu, **kw)
     with pytest.raises(ValueError, match="segment_ids"):
-        bcr_kernels.policy_loss(logp, old, adv, mask, cu, importance_sampling_level="instance")
+        bcr_kernels.policy_loss(logp, old, adv, mask, cu, Objective(importance_sampling_level="instance"))

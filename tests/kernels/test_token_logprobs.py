@@ -79,7 +79,7 @@ def _compare(logits, targets, *, val_tol=None, grad_tol=None, ent_tol=None, **kw
     logp, ent = out
     rlogp, rent = ref
     assert logp.dtype == torch.float32 and logp.shape == targets.shape
-    assert ent.dtype == torch.float32 and not ent.requires_grad
+    assert ent.dtype == torch.float32 and ent.requires_grad  # differentiable: test_entropy_gradient
     torch.testing.assert_close(logp, rlogp, atol=va, rtol=vr)
     torch.testing.assert_close(ent, rent, atol=ea, rtol=er)
     g = torch.randn(targets.shape[0], device=logits.device)
@@ -88,6 +88,31 @@ def _compare(logits, targets, *, val_tol=None, grad_tol=None, ent_tol=None, **kw
     assert a.grad.dtype == logits.dtype and a.grad.shape == logits.shape
     torch.testing.assert_close(a.grad.float(), b.grad.float(), atol=ga, rtol=gr)
     return logp, a.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_entropy_gradient(backend, small_blocks, dtype):
+    """d (sum g * logp + sum u * entropy) / d logits against the reference's autograd, with a temperature,
+    an ignored row and a row with -inf logits (probability 0: no NaN); a bonus on the entropy alone works."""
+    gen = torch.Generator().manual_seed(11)
+    T, V = 6, 1000
+    x = torch.randn(T, V, generator=gen) * 3
+    x[2, :100] = float("-inf")
+    y = _targets(T, V, ignored=(4,), gen=gen)
+    y[2] = 500  # a target of finite probability in the -inf row
+    g, u = torch.randn(T, generator=gen).to(DEVICE), torch.randn(T, generator=gen).to(DEVICE)
+    grads = []
+    for fn, logits in ((token_logprobs, x), (R.token_logprobs, x.clamp(min=-1e4))):  # exp(-1e4) is 0 as well
+        for both in (True, False):  # both outputs; the entropy alone (no log-prob gradient reaches the op)
+            leaf = logits.to(DEVICE, dtype).requires_grad_(True)
+            logp, ent = fn(leaf, y, temperature=0.8, return_entropy=True)
+            ((logp * g).sum() + (ent * u).sum() if both else ent.sum()).backward()
+            grads.append(leaf.grad.float())
+    ga, gr = GRAD_TOL[dtype]
+    for got, want in ((grads[0], grads[2]), (grads[1], grads[3])):
+        assert torch.isfinite(got).all() and got[4].abs().sum() == 0 and got[2, :100].abs().sum() == 0
+        torch.testing.assert_close(got, want, atol=ga, rtol=gr)
+    assert grads[1].abs().sum() > 0.1 * grads[0].abs().sum()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -33,25 +33,52 @@ def test_defaults_follow_trl():
 def test_loss_type_maps_to_kernel_modes(loss_type, objective, mode):
     c = BCRConfig(loss_type=loss_type)
     assert (c.objective, c.reduction) == (objective, mode)
-    kw = c.policy_loss_kwargs()
-    assert (kw["objective"], kw["reduction"]) == (objective, mode)
+    o = c.policy_objective()
+    assert (o.kind, o.reduction) == (objective, mode)
 
 
-def test_policy_loss_kwargs_are_the_kernels():
-    """Every option the config hands the loss is a keyword of both loss ops (and means the same)."""
-    import inspect
-
-    import bcr_kernels
+def test_policy_objective_is_the_kernels():
+    """The config hands the loss one bcr_kernels.Objective with its options under the kernels' names."""
+    from bcr_kernels import Objective
 
     c = BCRConfig(loss_type="sapo", importance_sampling_level="instance", delta=1.4, off_policy_mask_threshold=0.3,
                   vllm_importance_sampling_correction=True, vllm_importance_sampling_mode="instance_truncate",
-                  vllm_importance_sampling_clip_min=0.5)
-    kw = c.policy_loss_kwargs()
-    for op in (bcr_kernels.policy_loss, bcr_kernels.fused_linear_policy_loss):
-        assert set(kw) <= set(inspect.signature(op).parameters), op.__name__
-    assert kw["importance_sampling_mode"] == "instance_truncate" and kw["importance_sampling_clip_min"] == 0.5
-    assert kw["delta"] == 1.4 and kw["off_policy_mask_threshold"] == 0.3
-    assert BCRConfig().policy_loss_kwargs()["importance_sampling_mode"] is None  # hf: no correction
+                  vllm_importance_sampling_clip_min=0.5, beta=0.04, max_completion_length=64,
+                  top_entropy_quantile=0.2, entropy_coef=0.01)
+    o = c.policy_objective()
+    assert isinstance(o, Objective)
+    assert (o.kind, o.reduction, o.importance_sampling_level, o.max_completion_length) == (
+        "sapo", "seq_mean_token_mean", "instance", 64)
+    assert o.importance_sampling_mode == "instance_truncate" and o.importance_sampling_clip_min == 0.5
+    assert (o.delta, o.off_policy_mask_threshold, o.beta, o.use_bias_correction_kl) == (1.4, 0.3, 0.04, True)
+    assert (o.top_entropy_quantile, o.entropy_coef) == (0.2, 0.01)
+    assert BCRConfig().policy_objective().importance_sampling_mode is None  # hf: no correction
+
+
+def test_policy_loss_kwargs_still_works_with_a_warning():
+    import bcr_kernels
+
+    c = BCRConfig(loss_type="cispo", epsilon_high=4.0, beta=0.1)
+    with pytest.warns(FutureWarning, match="policy_objective"):
+        kw = c.policy_loss_kwargs()
+    with pytest.warns(FutureWarning):
+        old = bcr_kernels.objective.resolve(None, kw, "policy_loss")
+    assert old == dataclasses.replace(c.policy_objective(), max_completion_length=None)
+
+
+def test_the_loss_checks_live_in_the_kernels():
+    """One home for the loss options' values and checks: bcr_kernels.objective (the config has no copy)."""
+    import bcr.rl.config as config
+    from bcr_kernels import objective
+
+    assert config.IS_MODES is objective.IS_MODES and config.IMPORTANCE_SAMPLING_LEVELS is objective.LEVELS
+    kernel_fields = set(objective.Objective.__dataclass_fields__) | set(config.OBJECTIVE_NAMES.values())
+    assert not kernel_fields & (set(config.RANGES) | set(config.CHOICES) - {"loss_type"})
+    with pytest.raises(objective.ObjectiveError) as kernel:
+        objective.Objective(delta=0.0)
+    with pytest.raises(ConfigError) as ours:
+        BCRConfig(delta=0.0)
+    assert str(ours.value) == str(kernel.value)
 
 
 @pytest.mark.parametrize("field,value", [
@@ -63,7 +90,9 @@ def test_policy_loss_kwargs_are_the_kernels():
     ("importance_sampling_level", "bundle"), ("delta", 0.0), ("sapo_temperature_neg", 0.0), ("vespo_k_pos", -1.0),
     ("vllm_importance_sampling_mode", "sequence"), ("vllm_importance_sampling_clip_max", 0.0),
     ("off_policy_mask_threshold", -0.5), ("mask_truncated_scope", "tail"),
-    ("vllm_importance_sampling_correction", "maybe"),
+    ("vllm_importance_sampling_correction", "maybe"), ("top_entropy_quantile", 1.5), ("top_entropy_quantile", -0.1),
+    ("entropy_coef", math.nan), ("entropy_coef_delta", -0.1), ("entropy_target", -1.0),
+    ("use_adaptive_entropy", "maybe"), ("epsilon", -0.1), ("vllm_importance_sampling_clip_min", -1.0),
 ])
 def test_bad_values_name_the_field(field, value):
     with pytest.raises(ConfigError, match=field):
@@ -73,12 +102,14 @@ def test_bad_values_name_the_field(field, value):
 def test_cross_field_checks_name_the_field_and_the_fix():
     with pytest.raises(ConfigError, match="vllm_importance_sampling_clip_min.*must be < vllm_importance_sampling_clip_max"):
         BCRConfig(vllm_importance_sampling_clip_min=3.0)
-    with pytest.raises(ConfigError, match="vllm_importance_sampling_mode.*clip_min or _max"):
+    with pytest.raises(ConfigError, match="vllm_importance_sampling_mode.*clip_min or vllm_importance_sampling_clip_max"):
         BCRConfig(vllm_importance_sampling_mode="token_truncate", vllm_importance_sampling_clip_max=None)
     with pytest.raises(ConfigError, match="vespo.*token_truncate"):
         BCRConfig(loss_type="vespo", vllm_importance_sampling_correction=True)
     BCRConfig(loss_type="vespo", vllm_importance_sampling_correction=True, vllm_importance_sampling_mode="token_mask")
     BCRConfig(loss_type="vespo")  # hf without correction: the mode does not apply
+    with pytest.raises(ConfigError, match="entropy_coef_min=0.5: must be <= entropy_coef_max"):
+        BCRConfig(use_adaptive_entropy=True, entropy_coef_min=0.5, entropy_coef_max=0.1)
 
 
 def test_n_problems_forms():
