@@ -122,13 +122,11 @@ def test_bench_policy_loss_fwd_bwd(benchmark, impl, reduction, T):
     mask = (torch.rand(T, generator=gen) < 0.9).to(DEVICE)
     logp = logp0.clone().requires_grad_(True)
     beta, eps, eps_high = 0.04, 0.2, 0.28
+    objective = bcr_kernels.Objective(reduction=reduction, beta=beta, epsilon=eps, epsilon_high=eps_high)
 
     if impl == "bcr":
         def step():
-            loss, _ = bcr_kernels.policy_loss(
-                logp, old, adv, mask, cu, ref_logp=ref, beta=beta, epsilon=eps, epsilon_high=eps_high,
-                reduction=reduction,
-            )
+            loss, _ = bcr_kernels.policy_loss(logp, old, adv, mask, cu, objective, ref_logp=ref)
             loss.backward()
             logp.grad = None
             _sync()
@@ -146,10 +144,7 @@ def test_bench_policy_loss_fwd_bwd(benchmark, impl, reduction, T):
             return loss.detach()
 
         # the baseline computes the same loss as the op
-        expected, _ = bcr_kernels.reference.policy_loss(
-            logp0, old, adv, mask, cu, ref_logp=ref, beta=beta, epsilon=eps, epsilon_high=eps_high,
-            reduction=reduction,
-        )
+        expected, _ = bcr_kernels.reference.policy_loss(logp0, old, adv, mask, cu, objective, ref_logp=ref)
         torch.testing.assert_close(step(), expected, rtol=1e-4, atol=1e-6)
 
     step()  # warm-up: compilation / autotuning outside the timing

@@ -7,7 +7,7 @@ import torch
 
 from bcr.rl.packing import Sample, pack_row, pack_samples
 from bcr.rl.trainer import completion_logprobs, training_attention
-from bcr_kernels import policy_loss, scatter_instance_advantages
+from bcr_kernels import Objective, policy_loss, scatter_instance_advantages
 
 
 def test_alignment_on_a_hand_example():
@@ -124,6 +124,8 @@ def test_packed_loss_and_grads_equal_padded(tiny_tokenizer, tiny_qwen2, loss_typ
         assert len(rows) > 1
     normalizer = {"token_mean": sum(len(s.completion_ids) for s in samples), "seq_mean_token_mean": len(samples),
                   "seq_mean_token_sum_norm": len(samples) * kw["max_completion_length"]}[loss_type]
+    objective = Objective(reduction=loss_type, beta=kw["beta"], epsilon=kw["epsilon"],
+                          epsilon_high=kw["epsilon_high"], max_completion_length=kw["max_completion_length"])
 
     model.zero_grad()
     total = 0.0
@@ -133,10 +135,8 @@ def test_packed_loss_and_grads_equal_padded(tiny_tokenizer, tiny_qwen2, loss_typ
         adv = scatter_instance_advantages(row.instance_advantages, row.completion_segment_ids,
                                           row.completion_cu_seqlens, num_instances=row.num_instances, shared="mean")
         loss, _ = policy_loss(logp, torch.tensor([x for i in idx for x in old[i]]), adv, torch.ones_like(logp),
-                              row.completion_cu_seqlens, ref_logp=torch.tensor([x for i in idx for x in ref[i]]),
-                              beta=kw["beta"], epsilon=kw["epsilon"], epsilon_high=kw["epsilon_high"],
-                              reduction=loss_type, max_completion_length=kw["max_completion_length"],
-                              normalizer=normalizer)
+                              row.completion_cu_seqlens, objective,
+                              ref_logp=torch.tensor([x for i in idx for x in ref[i]]), normalizer=normalizer)
         loss.backward()
         total += float(loss.detach())
     packed_grads = {n: p.grad.clone() for n, p in model.named_parameters()}

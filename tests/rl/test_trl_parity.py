@@ -4,7 +4,7 @@ The loss alone, for every loss type and importance-sampling level TRL has, with 
 (delta, the KL bias correction, the off-policy mask, the vLLM importance-sampling correction): TRL's
 method runs on a stub trainer holding only the attributes it reads, in TRL's padded ``[B, L]`` layout
 with one advantage per sequence and given log-probs; ours runs ``bcr_kernels.policy_loss`` on the
-packed tokens with the options ``BCRConfig.policy_loss_kwargs`` maps the same TRL names to, and the
+packed tokens with the ``Objective`` that ``BCRConfig.policy_objective`` maps the same TRL names to, and the
 normaliser of a real one-process ``BCRTrainer`` (its own ``_normalizer``).
 
 The trainer's own paths (the second half): one update of ``BCRTrainer`` on a tiny Qwen2 (its
@@ -158,13 +158,11 @@ def _compare(normalizer, cfg: BCRConfig, seed=0, on_policy=False):
     theirs = GRPOTrainer._compute_loss(_stub(cfg, logps, use_vllm), None, inputs)
     theirs.backward()
 
-    kw = cfg.policy_loss_kwargs()
-    kw["normalizer"] = normalizer(cfg, mask)
     cu = torch.tensor([0, *torch.tensor(LENGTHS).cumsum(0).tolist()], dtype=torch.int32)
     adv_tok = torch.repeat_interleave(seq_adv, torch.tensor(LENGTHS))
     lp = logp.clone().requires_grad_(True)
-    ours, _ = bcr_kernels.policy_loss(lp, old, adv_tok, mask, cu, ref_logp=ref, sampling_logp=sampling,
-                                      max_completion_length=cfg.max_completion_length, **kw)
+    ours, _ = bcr_kernels.policy_loss(lp, old, adv_tok, mask, cu, cfg.policy_objective(), ref_logp=ref,
+                                      sampling_logp=sampling, normalizer=normalizer(cfg, mask))
     ours.backward()
     what = f"{cfg.loss_type} level={cfg.importance_sampling_level} delta={cfg.delta} beta={cfg.beta} " \
            f"is={use_vllm and cfg.vllm_importance_sampling_mode} opm={cfg.off_policy_mask_threshold}"
