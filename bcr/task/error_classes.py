@@ -22,10 +22,9 @@ Precedence, when several apply (each rule is tried in this order, the first that
 1. ``right`` whatever the work looks like (the sweep scores the answer only);
 2. ``format`` (a malformed section has no steps to judge);
 3. the **earliest faulty step** decides: the steps are walked in order and the first step that
-   differs from the problem's decides the class, since a later step builds on it (a step j > 1 is
-   judged against the model's *own* previous result, so one slip is counted once). Within a step,
-   its first operand is checked, then its operand, then its operator, then its result
-   (``arithmetic``);
+   differs from the problem's decides the class, since a later step builds on it (one slip is
+   counted once, whatever follows from it). Within a step, its first operand is checked, then its
+   operand, then its operator, then its result (``arithmetic``);
 4. a wrong value found at another place of the problem itself is ``wrong_place`` even when another
    problem also holds it at that place (the nearer source);
 5. a step count that differs from the operations (all written steps right), then ``answer_copy``.

@@ -99,11 +99,12 @@ def test_precedence_the_problem_itself_before_another_problem():
 def test_precedence_the_earliest_faulty_step_decides():
     # step 1 takes its operand from the wrong place, step 2 then also adds up wrong: one cause, step 1's
     assert _label(1, ["Step 1: 7 + 3 = 10", "Step 2: 10 - 3 = 6"], "6") == "wrong_place"
-    # step 1 adds up wrong; step 2 carries that result on: judged against the model's own result
+    # step 1 adds up wrong; step 2 carries that result on (its first operand is not 12): step 1's cause
     assert _label(1, ["Step 1: 7 + 5 = 11", "Step 2: 11 - 3 = 8"], "8") == "arithmetic"
 
 
 def test_check_lines_are_skipped_and_a_right_answer_is_right_whatever_the_work():
+    assert _label(1, ["Step 1: 7 + 5 = 12", "Check: 7 + 5 = 12. Correct.", "Step 2: 12 - 3 = 9"], "12") == "answer_copy"
     assert _label(1, ["Step 1: 7 + 5 = 12", "Check: 7 + 5 = 13. Correct.", "Step 2: 12 - 3 = 9"], "9") == "right"
     assert _label(1, ["Step 1: 7 + 8 = 15", "Step 2: 15 - 6 = 9"], "9") == "right"
 
