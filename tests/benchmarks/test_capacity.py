@@ -38,14 +38,16 @@ def _section(k: int, problem, kind: str) -> str:
 
 def _write_run(root, name: str, parameters: int, wrong_at_4: dict[int, str]) -> None:
     """A run folder: capacity.json and a sweep whose answers are all right except, at N = 4, the
-    problems (by index in the held-out list) of ``wrong_at_4`` with their planted error."""
+    problems (by index in the held-out list) of ``wrong_at_4`` with their planted error, and at
+    N = 2 problem 0 (a format error: N = 2 is no stand-in for N = 1)."""
     cfg = load_dataclass(DemoConfig, overrides=TASK)
     _, evals = make_task(cfg)
     records = []
     for n in NS:
         for b in range(len(evals) // n):
             bundle = list(range(b * n, (b + 1) * n))
-            kinds = [wrong_at_4.get(i, "right") if n == 4 else "right" for i in bundle]
+            wrong = wrong_at_4 if n == 4 else {0: "format"} if n == 2 else {}
+            kinds = [wrong.get(i, "right") for i in bundle]
             text = "\n\n".join(_section(k, evals[i], kind) for k, (i, kind) in enumerate(zip(bundle, kinds), 1))
             records.append({"model": "sft", "n_problems": n, "bundle_index": b, "sample_index": 0, "n_actual": n,
                             "problem_ids": [evals[i].id for i in bundle], "completion": text,
@@ -87,7 +89,7 @@ def test_accuracy_ratio_and_verdict_per_run(curve):
     assert [r["run"] for r in result["runs"]] == ["small", "middle", "large"]  # by size
     for name, (parameters, wrong) in PLANS.items():
         r = runs[name]
-        assert r["accuracy"]["1"][0] == 1.0 and r["accuracy"]["2"][0] == 1.0
+        assert r["accuracy"]["1"][0] == 1.0 and r["accuracy"]["2"][0] == pytest.approx(11 / 12)
         acc4, lo, hi = r["accuracy"]["4"]
         assert acc4 == pytest.approx(1 - len(wrong) / 12) and lo <= acc4 <= hi
         assert r["ratio"] == pytest.approx(1 - len(wrong) / 12)
@@ -147,3 +149,26 @@ def test_tokens_trained_is_the_token_count_of_the_sft_stream():
     tokenizer, _ = build_tokenizer_and_model(cfg, train)
     expected = sum(len(ids) for batch in itertools.islice(sft_batches(train, tokenizer, cfg), 5) for ids, _ in batch)
     assert capacity.tokens_trained(cfg, tokenizer, 5) == expected
+
+
+def test_the_placebo_matches_against_the_next_bundle_of_the_same_n():
+    from bcr.data.problems import Problem
+
+    def problem(pid, start, ops):
+        answer = solve_steps(start, ops)[-1][3]
+        return Problem(id=pid, problem=pid, answer=str(answer), meta={"start": start, "operations": [list(o) for o in ops]})
+
+    # p1 copies p2's second operand (8) into its step 2; the next bundle (q1, q2) has no 8 there
+    problems = {p.id: p for p in [problem("p1", 7, [("+", 5), ("-", 3)]), problem("p2", 5, [("-", 1), ("+", 8)]),
+                                  problem("q1", 2, [("+", 2), ("+", 4)]), problem("q2", 3, [("+", 1), ("-", 2)])]}
+    copied = "### Problem 1\nStep 1: 7 + 5 = 12\nStep 2: 12 - 8 = 4\nAnswer 1: \\boxed{4}\n\n### Problem 2\n" \
+             "Step 1: 5 - 1 = 4\nStep 2: 4 + 8 = 12\nAnswer 2: \\boxed{12}"
+    right = "### Problem 1\nStep 1: 2 + 2 = 4\nStep 2: 4 + 4 = 8\nAnswer 1: \\boxed{8}\n\n### Problem 2\n" \
+            "Step 1: 3 + 1 = 4\nStep 2: 4 - 2 = 2\nAnswer 2: \\boxed{2}"
+    records = [{"n_problems": 2, "bundle_index": 0, "problem_ids": ["p1", "p2"], "completion": copied,
+                "truncated": False, "correct": [False, True]},
+               {"n_problems": 2, "bundle_index": 1, "problem_ids": ["q1", "q2"], "completion": right,
+                "truncated": False, "correct": [True, True]}]
+    assert capacity.error_counts(records, problems)[2]["other_problem"] == 1
+    placebo = capacity.error_counts(records, problems, placebo=True)[2]
+    assert placebo["other_problem"] == 0 and placebo["other"] == 1 and placebo["right"] == 3
