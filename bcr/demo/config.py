@@ -214,15 +214,17 @@ class DemoConfig:
     length_baseline: bool = _help("also train the explicit length-penalty RL baseline like for like (stage 'length'); "
                                   "length_baseline=false skips it", default=True)
     progress: bool = _help("show rich progress bars", default=True)
-    threads: int | None = _help("torch CPU threads (None: torch's default) of the SFT stage, and of the RL seeds "
-                                "when rl_workers=1", default=None)
+    threads: int | None = _help("torch CPU threads of the SFT stage (None: torch's default); the RL seeds' stages "
+                                "run at one thread each (see rl_workers)", default=None)
     rl_seeds: list[int] | None = _help(
         "seeds of the RL stages (bcr, length) and of their sweeps, all from the one SFT model of seed (None: "
         "seed, seed + 1, seed + 2); the demo's seed writes bcr/, length/, eval/, any other s bcr-s<s>/, "
         "length-s<s>/, eval-s<s>/, and the closing table pools them (mean and range over the seeds)",
         default=None)
-    rl_workers: int = _help("processes that run the RL seeds' stages side by side, one torch thread each "
-                            "(1: one after the other in this process, with `threads` threads)", default=2)
+    rl_workers: int | None = _help(
+        "processes that run the RL seeds' stages side by side (None: one per CPU core, at most one per stage "
+        "that can run at once; 1: one after the other in this process). Every such stage runs at one torch "
+        "thread wherever it runs, so the number of workers changes the time, not the numbers", default=None)
     task: TaskConfig = _help("the synthetic task", default_factory=TaskConfig)
     model: ModelConfig = _help("the tokenizer and the tiny model", default_factory=ModelConfig)
     sft: SFTConfig = _help("stage 1: SFT warm-up (the verbose reasoner)", default_factory=SFTConfig)
@@ -244,7 +246,7 @@ class DemoConfig:
             if not seeds or len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
                 raise ConfigError(f"rl_seeds={self.rl_seeds!r}: give distinct seeds >= 0, at least one (or None)")
             self.rl_seeds = seeds
-        if self.rl_workers < 1:
+        if self.rl_workers is not None and self.rl_workers < 1:
             raise ConfigError(f"rl_workers={self.rl_workers!r}: must be >= 1")
         if self.rl.max_steps < 1:
             raise ConfigError(f"rl.max_steps={self.rl.max_steps}: the demo's RL stages run a fixed number of "

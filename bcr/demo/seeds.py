@@ -6,11 +6,12 @@ RL seed of ``DemoConfig.seeds()`` from it, each seed's models are swept with tha
 the closing table's numbers are those of every seed's completions together (mean over the seeds),
 with the range over the seeds beside them, so a claim can be judged on more than one RL run.
 
-With ``rl_workers`` > 1 the units (first every seed's ``bcr`` and ``length``, then every seed's
-``eval``) run in that many worker processes (spawned, one torch thread each, no progress bars); the
-tiny models use one thread as well as two, so two workers on two cores do about twice the work of
-one two-thread process. A unit in a worker computes exactly what it computes in this process at one
-thread (tested), so ``rl_workers`` changes the time, not the numbers (at ``threads=1``).
+The units (first every seed's ``bcr`` and ``length``, then every seed's ``eval``) run at one torch
+thread each: with ``rl_workers`` > 1 (default: one per CPU core) in that many spawned worker
+processes (no progress bars), with ``rl_workers=1`` one after the other in this process. A tiny model's
+RL step gains little from a second thread (and loses much when the cores are shared with other
+work), so two one-thread workers on two cores do more than one two-thread process. A unit computes
+the same in a worker as in this process (tested), so ``rl_workers`` changes the time, not the numbers.
 """
 
 from __future__ import annotations
@@ -41,13 +42,18 @@ from .task import make_task
 SEED_GROUPS = (("bcr", "length"), ("eval",))
 SEED_STAGES = {"bcr": run_bcr, "length": run_length, "eval": run_eval}
 POOLED_DIR = "pooled"
+#: environment variables that pin CPU float kernels (ATen's vector code, MKL's code path); recorded, not set
+FLOAT_PINS = ("ATEN_CPU_CAPABILITY", "MKL_CBWR")
 
 
-def _run_unit(cfg: DemoConfig, stage: str, seed: int, threads: int | None) -> dict:
-    """One stage of one RL seed (the worker processes' entry point)."""
-    if threads:
+def _run_unit(cfg: DemoConfig, stage: str, seed: int) -> dict:
+    """One stage of one RL seed at one torch thread (also the worker processes' entry point)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return SEED_STAGES[stage](cfg, Console(), seed=seed)
+    finally:
         torch.set_num_threads(threads)
-    return SEED_STAGES[stage](cfg, Console(), seed=seed)
 
 
 def run_seed_stages(cfg: DemoConfig, stages: list[str], console: Console) -> dict[str, dict]:
@@ -56,33 +62,34 @@ def run_seed_stages(cfg: DemoConfig, stages: list[str], console: Console) -> dic
     groups = [[(stage, s) for s in cfg.seeds() for stage in group if stage in stages] for group in SEED_GROUPS]
     groups = [units for units in groups if units]
     records: dict[str, dict] = {}
-    workers = min(cfg.rl_workers, max((len(units) for units in groups), default=1))
+    workers = min(cfg.rl_workers or os.cpu_count() or 1, max((len(units) for units in groups), default=1))
     if workers == 1:
         for units in groups:
             for stage, seed in units:
-                records[seed_stage(cfg, stage, seed)] = _run_unit(cfg, stage, seed, None)
+                records[seed_stage(cfg, stage, seed)] = _run_unit(cfg, stage, seed)
         return records
     quiet = dataclasses.replace(cfg, progress=False)
     console.print(f"running {sum(map(len, groups))} RL-seed stages in {workers} processes of one torch thread each")
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         for units in groups:
-            futures = [(stage, seed, pool.submit(_run_unit, quiet, stage, seed, 1)) for stage, seed in units]
+            futures = [(stage, seed, pool.submit(_run_unit, quiet, stage, seed)) for stage, seed in units]
             for stage, seed, future in futures:
                 records[seed_stage(cfg, stage, seed)] = future.result()
     return records
 
 
 def machine() -> dict:
-    """The machine the numbers came from: CPU, cores, torch and the float kernels ATen chose."""
+    """The machine the numbers came from: CPU, cores, torch, the float kernels ATen chose and the
+    pins of :data:`FLOAT_PINS` in the environment (None: unset)."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
+    pins = {name: os.environ.get(name) for name in FLOAT_PINS}
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "ATEN_CPU_CAPABILITY": os.environ.get("ATEN_CPU_CAPABILITY")}
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), **pins}
 
 
 def _collapses(cfg: DemoConfig) -> dict[str, dict[int, dict]]:

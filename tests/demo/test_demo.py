@@ -91,6 +91,7 @@ def test_every_stage_writes_its_outputs(demo_run):
         assert m["n"] == cfg.eval.n_values and len(m["tokens_per_problem"]) == len(cfg.eval.n_values)
     assert set(summary["models"]["bcr"]["collapse"]) == {"0", "1"}
     assert summary["machine"]["cores"] >= 1 and summary["machine"]["torch"]
+    assert {"cpu_capability", "ATEN_CPU_CAPABILITY", "MKL_CBWR"} <= set(summary["machine"])
     assert (out / "pooled" / "report.md").is_file() and list((out / "pooled").glob("*.png"))
 
 
@@ -118,8 +119,8 @@ def test_the_rl_seeds_train_apart_and_pool_to_their_mean(demo_run):
 
 
 def test_worker_processes_compute_what_one_process_computes(demo_run, tmp_path):
-    """rl_workers=2 (spawned processes, one torch thread each) gives the models and sweeps of the
-    fixture's one-process run (one torch thread, tests/conftest.py)."""
+    """rl_workers=2 (spawned processes) gives the models and sweeps of the fixture's run in the test's
+    process (rl_workers=1); each RL-seed stage runs at one torch thread either way."""
     import shutil
 
     cfg, out, records = demo_run
@@ -230,7 +231,7 @@ def test_the_stage_configs_of_the_defaults():
     assert (cfg.task.styles, cfg.task.problem_steps, cfg.sft.steps, cfg.sft.style_steps) == (
         {"steps": 3.0, "direct": 1.0}, [2, 2], 3000, 500)
     # three RL seeds, two at a time; the demo's seed in the plain folders, the others in -s<seed> ones
-    assert (cfg.seeds(), cfg.rl_workers) == ([0, 1, 2], 2)
+    assert (cfg.seeds(), cfg.rl_workers) == ([0, 1, 2], None)  # None: one worker per core
     assert [seed_stage(cfg, "bcr", s) for s in cfg.seeds()] == ["bcr", "bcr-s1", "bcr-s2"]
     assert rl_config(cfg, Path("x"), "m", seed=2).seed == 2 and eval_config(cfg, Path("x"), 2).seed == 2
     other = load_dataclass(DemoConfig, overrides=["seed=5", "rl_seeds=[5, 0]"])
