@@ -208,7 +208,8 @@ class DemoConfig:
     """Every knob of the demo; ``bcr demo key=value section.key=value`` overrides any of them."""
 
     output_dir: str = _help("run directory; each stage writes <output_dir>/<stage>/", default="runs/demo")
-    seed: int = _help("seeds the problems, the tokenizer corpus, model init, SFT order and every rollout", default=0)
+    seed: int = _help("seeds the problems, the tokenizer corpus, model init and SFT order, and is the first "
+                      "RL seed unless rl_seeds says otherwise", default=0)
     from_stage: str = _help("first stage to run (sft, bcr, length, eval); earlier stages are reused", default="sft")
     stop_after: str = _help("last stage to run (sft, bcr, length, eval)", default="eval")
     length_baseline: bool = _help("also train the explicit length-penalty RL baseline like for like (stage 'length'); "
