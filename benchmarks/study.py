@@ -39,6 +39,7 @@ from rich.console import Console
 
 from bcr.demo.config import SET_BY_DEMO, DemoConfig
 from bcr.demo.stages import STAGE_FILE, _fresh_dir, eval_config, read_stage, run_bcr, run_length, run_sft
+from bcr.demo.summary import collapse, moving_average  # the collapse rule, shared with the demo's RL seeds
 from bcr.demo.task import make_task
 from bcr.eval.sweep import evaluate_scaling
 from bcr.runtime.dataclass_cli import ConfigError, check_fields, parse_cli
@@ -143,33 +144,6 @@ def study_help(prog: str = "python -m benchmarks.study") -> str:
                   if s.name not in skip]
     lines += ["", f"set by the study for each unit: {', '.join('demo.' + k for k in SET_BY_STUDY)}"]
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------
-# The collapse rule
-# ----------------------------------------------------------------------------------------------
-def moving_average(values: Sequence[float], window: int) -> list[float]:
-    """Trailing means over every full window of ``window`` values."""
-    out, total = [], 0.0
-    for i, v in enumerate(values):
-        total += v
-        if i >= window:
-            total -= values[i - window]
-        if i >= window - 1:
-            out.append(total / window)
-    return out
-
-
-def collapse(accuracy: Sequence[float]) -> dict:
-    """Did a run collapse? Its training accuracy, as a moving average over ``max(1, steps // 10)``
-    steps, fell below half of its peak moving average and is still below half of it at the last
-    step. A run that never rises above 0 has no peak to fall from and does not collapse."""
-    values = [float(a) for a in accuracy if isinstance(a, (int, float)) and a == a]
-    window = max(1, len(values) // 10)
-    smooth = moving_average(values, window)
-    peak = max(smooth, default=0.0)
-    final = smooth[-1] if smooth else 0.0
-    return {"collapsed": peak > 0 and final < peak / 2, "peak": peak, "final": final, "window": window}
 
 
 # ----------------------------------------------------------------------------------------------

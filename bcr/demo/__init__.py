@@ -47,6 +47,14 @@ merged, direct); ``task.styles={steps: 1}`` is the steps-only task of the demo's
 eval.max_completion_length=140``, its settings). The model is a Llama-architecture one (``model.arch=qwen2`` works too: tokenizers
 are loaded with ``bcr.models.loading.load_tokenizer``, and the SFT stage checks the round trip).
 
+RL seeds: ``bcr``, ``length`` and ``eval`` run once per seed of ``rl_seeds`` (default ``seed``,
+``seed + 1``, ``seed + 2``), all from the one SFT model; the demo's own seed writes ``bcr/``,
+``length/``, ``eval/``, any other seed ``s`` ``bcr-s<s>/``, ``length-s<s>/``, ``eval-s<s>/``
+(``rl_workers`` processes of one torch thread run them side by side). The closing table, the law
+verdict and the free lunch are those of all seeds' sweeps pooled (``output_dir/demo_summary.json``,
+``output_dir/pooled/``), printed with the range over the seeds and each RL run's collapse
+(:mod:`.seeds`), so a claim rests on more than one RL run.
+
 ``from_stage=bcr`` (or ``--from-stage bcr``) reuses the checkpoints of the stages before it and
 re-runs that stage and the ones after; ``stop_after=sft`` stops early. Every stage writes
 ``<stage>/stage.json`` (its wall time and key numbers) when it finishes; a stage is reused only when
@@ -54,8 +62,9 @@ that file exists.
 
 The package: :mod:`.config` (``DemoConfig``: its ``rl`` section is a ``BCRConfig``, its ``eval``
 section an ``EvalConfig``), :mod:`.task` (problems, tokenizer, tiny model), :mod:`.sft` (the SFT loop), :mod:`.stages` (one
-function per stage), :mod:`.summary` (the verdicts and the closing table), :mod:`.pipeline` (the
-stage order and ``bcr demo``).
+function per stage), :mod:`.seeds` (the RL seeds: side by side, pooled), :mod:`.summary` (the
+verdicts, the pooling of the seeds' numbers and the closing table), :mod:`.pipeline` (the stage
+order and ``bcr demo``).
 """
 
 from __future__ import annotations

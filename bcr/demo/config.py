@@ -208,13 +208,24 @@ class DemoConfig:
     """Every knob of the demo; ``bcr demo key=value section.key=value`` overrides any of them."""
 
     output_dir: str = _help("run directory; each stage writes <output_dir>/<stage>/", default="runs/demo")
-    seed: int = _help("seeds the problems, the tokenizer corpus, model init, SFT order and every rollout", default=0)
+    seed: int = _help("seeds the problems, the tokenizer corpus, model init and SFT order, and is the first "
+                      "RL seed unless rl_seeds says otherwise", default=0)
     from_stage: str = _help("first stage to run (sft, bcr, length, eval); earlier stages are reused", default="sft")
     stop_after: str = _help("last stage to run (sft, bcr, length, eval)", default="eval")
     length_baseline: bool = _help("also train the explicit length-penalty RL baseline like for like (stage 'length'); "
                                   "length_baseline=false skips it", default=True)
     progress: bool = _help("show rich progress bars", default=True)
-    threads: int | None = _help("torch CPU threads (None: torch's default)", default=None)
+    threads: int | None = _help("torch CPU threads of the SFT stage (None: torch's default); the RL seeds' stages "
+                                "run at one thread each (see rl_workers)", default=None)
+    rl_seeds: list[int] | None = _help(
+        "seeds of the RL stages (bcr, length) and of their sweeps, all from the one SFT model of seed (None: "
+        "seed, seed + 1, seed + 2); the demo's seed writes bcr/, length/, eval/, any other s bcr-s<s>/, "
+        "length-s<s>/, eval-s<s>/, and the closing table pools them (mean and range over the seeds)",
+        default=None)
+    rl_workers: int | None = _help(
+        "processes that run the RL seeds' stages side by side (None: one per CPU core, at most one per stage "
+        "that can run at once; 1: one after the other in this process). Every such stage runs at one torch "
+        "thread wherever it runs, so the number of workers changes the time, not the numbers", default=None)
     task: TaskConfig = _help("the synthetic task", default_factory=TaskConfig)
     model: ModelConfig = _help("the tokenizer and the tiny model", default_factory=ModelConfig)
     sft: SFTConfig = _help("stage 1: SFT warm-up (the verbose reasoner)", default_factory=SFTConfig)
@@ -231,6 +242,13 @@ class DemoConfig:
         if STAGES.index(self.stop_after) < STAGES.index(self.from_stage):
             raise ConfigError(f"stop_after={self.stop_after!r} comes before from_stage={self.from_stage!r}")
         self._check_set_by_demo()
+        if self.rl_seeds is not None:
+            seeds = [self.rl_seeds] if isinstance(self.rl_seeds, int) else list(self.rl_seeds)
+            if not seeds or len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
+                raise ConfigError(f"rl_seeds={self.rl_seeds!r}: give distinct seeds >= 0, at least one (or None)")
+            self.rl_seeds = seeds
+        if self.rl_workers is not None and self.rl_workers < 1:
+            raise ConfigError(f"rl_workers={self.rl_workers!r}: must be >= 1")
         if self.rl.max_steps < 1:
             raise ConfigError(f"rl.max_steps={self.rl.max_steps}: the demo's RL stages run a fixed number of "
                               "steps; give one >= 1")
@@ -255,6 +273,10 @@ class DemoConfig:
     def template(self) -> PromptTemplate:
         """The prompt template of every stage (SFT data, RL prompts, the sweep)."""
         return PromptTemplate(numbered_single=self.task.numbered_single)
+
+    def seeds(self) -> list[int]:
+        """The RL seeds (``rl_seeds``, or seed, seed + 1, seed + 2)."""
+        return list(self.rl_seeds) if self.rl_seeds is not None else [self.seed, self.seed + 1, self.seed + 2]
 
     def stages(self) -> list[str]:
         """The stages this run executes, in order."""

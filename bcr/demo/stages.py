@@ -2,7 +2,10 @@
 
 Every stage starts from an empty ``output_dir/<stage>/`` and ends by writing ``<stage>/stage.json``
 (its wall time and key numbers); a later stage reads the checkpoints it needs from there
-(:func:`read_stage`), so any stage can be re-run alone.
+(:func:`read_stage`), so any stage can be re-run alone. The RL stages and the sweep run once per RL
+seed (``seed=``, default the demo's own ``seed``): the demo's seed writes ``bcr/``, ``length/`` and
+``eval/``, any other seed ``s`` writes ``bcr-s<s>/``, ``length-s<s>/`` and ``eval-s<s>/``
+(:func:`seed_stage`), each from the one SFT model.
 """
 
 from __future__ import annotations
@@ -39,6 +42,12 @@ MODEL_NAMES = {"sft": "verbose-sft", "bcr": "bcr", "length": "length-penalty"}
 # ----------------------------------------------------------------------------------------------
 def stage_dir(cfg: DemoConfig, stage: str) -> Path:
     return Path(cfg.output_dir) / stage
+
+
+def seed_stage(cfg: DemoConfig, stage: str, seed: int | None = None) -> str:
+    """The directory of ``stage`` for RL seed ``seed``: ``stage`` for the demo's own seed (or None),
+    ``<stage>-s<seed>`` for any other."""
+    return stage if seed is None or seed == cfg.seed else f"{stage}-s{seed}"
 
 
 def read_stage(cfg: DemoConfig, stage: str) -> dict:
@@ -111,10 +120,11 @@ def run_sft(cfg: DemoConfig, console: Console | None = None) -> dict:
 # Stages 2 and 3: RL with the real BCRTrainer
 # ----------------------------------------------------------------------------------------------
 def rl_config(cfg: DemoConfig, out: Path, model: str, **changes) -> BCRConfig:
-    """``cfg.rl`` with the fields the demo sets for a stage (see ``SET_BY_DEMO``), then ``changes``."""
-    return dataclasses.replace(cfg.rl, model=model, output_dir=str(out), seed=cfg.seed,
-                               numbered_single=cfg.task.numbered_single, disable_progress_bar=not cfg.progress,
-                               logging_steps=max(1, cfg.rl.max_steps // 10), **changes)
+    """``cfg.rl`` with the fields the demo sets for a stage (see ``SET_BY_DEMO``; the seed is the
+    demo's unless ``changes`` gives one), then ``changes``."""
+    fields = {"model": model, "output_dir": str(out), "seed": cfg.seed, "numbered_single": cfg.task.numbered_single,
+              "disable_progress_bar": not cfg.progress, "logging_steps": max(1, cfg.rl.max_steps // 10)}
+    return dataclasses.replace(cfg.rl, **{**fields, **changes})
 
 
 def _first_and_final(history: list[dict]) -> tuple[dict, int]:
@@ -149,17 +159,18 @@ def _run_rl(cfg: DemoConfig, stage: str, console: Console, config: BCRConfig, re
     return _finish_stage(cfg, stage, time.perf_counter() - t0, info)
 
 
-def run_bcr(cfg: DemoConfig, console: Console | None = None) -> dict:
+def run_bcr(cfg: DemoConfig, console: Console | None = None, *, seed: int | None = None) -> dict:
     """Stage 2: BCR from the SFT model: N problems share one completion budget; the reward is
-    per-instance accuracy only (no length term)."""
+    per-instance accuracy only (no length term). ``seed``: the RL seed (default: the demo's)."""
     console = console or Console()
     sft = read_stage(cfg, "sft")
-    out = _fresh_dir(stage_dir(cfg, "bcr"))
-    config = rl_config(cfg, out, sft["model"])
-    console.print(f"[bold]stage bcr[/]: N in {config.n_values}, shared budget {config.max_completion_length} tokens, "
+    stage = seed_stage(cfg, "bcr", seed)
+    out = _fresh_dir(stage_dir(cfg, stage))
+    config = rl_config(cfg, out, sft["model"], seed=cfg.seed if seed is None else seed)
+    console.print(f"[bold]stage {stage}[/] (seed {config.seed}): N in {config.n_values}, shared budget {config.max_completion_length} tokens, "
                   f"G={config.num_generations}, {config.bundles_per_step} prompts x {config.max_steps} steps, "
                   "reward = per-problem accuracy (no length term)")
-    return _run_rl(cfg, "bcr", console, config)
+    return _run_rl(cfg, stage, console, config)
 
 
 def length_penalty_reward(num_generations: int, *, method: str = "kimi", weight: float = 1.0, budget: int = 1):
@@ -182,16 +193,19 @@ def length_penalty_reward(num_generations: int, *, method: str = "kimi", weight:
     return reward
 
 
-def run_length(cfg: DemoConfig, console: Console | None = None, *, stage: str = "length") -> dict:
+def run_length(cfg: DemoConfig, console: Console | None = None, *, stage: str | None = None,
+               seed: int | None = None) -> dict:
     """Stage 3 (``length_baseline=true``): the explicit length-penalty baseline, like for like with
     stage 2 (same N mix, budget, steps and settings), reward = accuracy + the length term of
-    ``cfg.length``; written to ``output_dir/<stage>/`` (the seed study names one directory per setting)."""
+    ``cfg.length``; written to ``output_dir/<stage>/`` (default :func:`seed_stage` of ``seed``; the
+    seed study names one directory per setting)."""
     console = console or Console()
     sft = read_stage(cfg, "sft")
+    stage = stage or seed_stage(cfg, "length", seed)
     out = _fresh_dir(stage_dir(cfg, stage))
     budget = cfg.length.max_completion_length or cfg.rl.max_completion_length
-    config = rl_config(cfg, out, sft["model"], max_completion_length=budget)
-    console.print(f"[bold]stage {stage}[/]: N in {config.n_values}, shared budget {budget} tokens, "
+    config = rl_config(cfg, out, sft["model"], max_completion_length=budget, seed=cfg.seed if seed is None else seed)
+    console.print(f"[bold]stage {stage}[/] (seed {config.seed}): N in {config.n_values}, shared budget {budget} tokens, "
                   f"{config.max_steps} steps, reward = accuracy + {cfg.length.penalty_weight} x "
                   f"{LENGTH_METHODS[cfg.length.method]}")
     reward = length_penalty_reward(config.num_generations, method=cfg.length.method, weight=cfg.length.penalty_weight,
@@ -202,10 +216,12 @@ def run_length(cfg: DemoConfig, console: Console | None = None, *, stage: str = 
 # ----------------------------------------------------------------------------------------------
 # Stage 4: the task-scaling sweep
 # ----------------------------------------------------------------------------------------------
-def eval_config(cfg: DemoConfig, out: Path) -> EvalConfig:
-    """``cfg.eval`` with the fields the demo sets (see ``SET_BY_DEMO``)."""
-    return dataclasses.replace(cfg.eval, output_dir=str(out), seed=cfg.seed, baseline=MODEL_NAMES["sft"],
-                               numbered_single=cfg.task.numbered_single, resume=False, progress=cfg.progress)
+def eval_config(cfg: DemoConfig, out: Path, seed: int | None = None) -> EvalConfig:
+    """``cfg.eval`` with the fields the demo sets (see ``SET_BY_DEMO``; ``seed``: the sweep's sampling
+    seed, default the demo's)."""
+    return dataclasses.replace(cfg.eval, output_dir=str(out), seed=cfg.seed if seed is None else seed,
+                               baseline=MODEL_NAMES["sft"], numbered_single=cfg.task.numbered_single, resume=False,
+                               progress=cfg.progress)
 
 
 def _budget_text(config: EvalConfig) -> str:
@@ -214,24 +230,32 @@ def _budget_text(config: EvalConfig) -> str:
     return f"shared budget {config.max_completion_length} tokens per prompt"
 
 
-def run_eval(cfg: DemoConfig, console: Console | None = None) -> dict:
-    """Stage 4: ``evaluate_scaling`` over N = 1..6 for every trained model; writes the demo summary."""
-    console = console or Console()
-    t0 = time.perf_counter()
-    out = _fresh_dir(stage_dir(cfg, "eval"))
-    _, evals = make_task(cfg)
-    models = {MODEL_NAMES[s]: read_stage(cfg, s)["model"] for s in ("sft", "bcr", "length")
-              if s != "length" or cfg.length_baseline}
-    config = eval_config(cfg, out)
-    console.print(f"[bold]stage eval[/]: N = {config.n_values} on {len(evals)} held-out problems, "
-                  f"{_budget_text(config)}, models {list(models)}")
-    summary = evaluate_scaling(models, evals, config=config)
-    records = read_results(out / "results.jsonl")
+def sweep_summary(summary: dict, records: list[dict], evals) -> dict:
+    """:func:`.summary.demo_summary` of a sweep (its ``evaluate_scaling`` summary and records), with
+    the checks, budget use and styles counted in the records (per difficulty when the task has several)."""
     difficulty = {p.id: difficulty_label(p) for p in evals}
     by_difficulty = style_mix(records, difficulty) if len(set(difficulty.values())) > 1 else None
-    result = demo_summary(summary, check_lines(records), budget_use(records), style_mix(records), by_difficulty)
-    if by_difficulty:
+    return demo_summary(summary, check_lines(records), budget_use(records), style_mix(records), by_difficulty)
+
+
+def run_eval(cfg: DemoConfig, console: Console | None = None, *, seed: int | None = None) -> dict:
+    """Stage 4: ``evaluate_scaling`` over N = 1..6 of the SFT model and RL seed ``seed``'s models
+    (default: the demo's seed), sampled with that seed; writes the seed's demo summary into its
+    directory (``demo_summary.json``; the pipeline pools the seeds into ``output_dir``'s)."""
+    console = console or Console()
+    t0 = time.perf_counter()
+    stage = seed_stage(cfg, "eval", seed)
+    out = _fresh_dir(stage_dir(cfg, stage))
+    _, evals = make_task(cfg)
+    models = {MODEL_NAMES[s]: read_stage(cfg, s if s == "sft" else seed_stage(cfg, s, seed))["model"]
+              for s in ("sft", "bcr", "length") if s != "length" or cfg.length_baseline}
+    config = eval_config(cfg, out, seed)
+    console.print(f"[bold]stage {stage}[/] (seed {config.seed}): N = {config.n_values} on {len(evals)} held-out "
+                  f"problems, {_budget_text(config)}, models {list(models)}")
+    summary = evaluate_scaling(models, evals, config=config)
+    result = sweep_summary(summary, read_results(out / "results.jsonl"), evals)
+    if any(m.get("styles_by_difficulty") for m in result["models"].values()):
         write_adaptive_plot(result, out / "adaptive.png")
-    atomic_write_json(Path(cfg.output_dir) / "demo_summary.json", result, default=str)
-    return _finish_stage(cfg, "eval", time.perf_counter() - t0,
-                         {"report": str(out / "report.md"), "summary": result})
+    atomic_write_json(out / "demo_summary.json", result, default=str)
+    return _finish_stage(cfg, stage, time.perf_counter() - t0,
+                         {"report": str(out / "report.md"), "summary": result, "seed": config.seed})

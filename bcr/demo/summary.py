@@ -4,10 +4,15 @@
 tokens per problem and accuracy for each N and whether tokens fall monotonically, and the N = 1
 "free lunch" of every model against the verbose SFT baseline with the demo's acceptance thresholds
 (at least 15 % fewer tokens, accuracy within 3 points), and the task-scaling-law verdict of
-:func:`law_check`. :func:`print_summary` prints it.
+:func:`law_check`. :func:`pool_seeds` adds, to the summary of several RL seeds' sweeps pooled, each
+seed's numbers and their range and the :func:`collapse` of every RL run. :func:`print_summary`
+prints it.
 """
 
 from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
 
 from rich.console import Console
 from rich.table import Table
@@ -102,6 +107,61 @@ def law_check(model: dict, baseline: dict | None) -> dict:
     return out
 
 
+def moving_average(values: Sequence[float], window: int) -> list[float]:
+    """Trailing means over every full window of ``window`` values."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        if i >= window - 1:
+            out.append(total / window)
+    return out
+
+
+def collapse(accuracy: Sequence[float]) -> dict:
+    """Did an RL run collapse? Its training accuracy, as a moving average over ``max(1, steps // 10)``
+    steps, fell below half of its peak moving average and is still below half of it at the last
+    step. A run that never rises above 0 has no peak to fall from and does not collapse."""
+    values = [float(a) for a in accuracy if isinstance(a, (int, float)) and a == a]
+    window = max(1, len(values) // 10)
+    smooth = moving_average(values, window)
+    peak = max(smooth, default=0.0)
+    final = smooth[-1] if smooth else 0.0
+    return {"collapsed": peak > 0 and final < peak / 2, "peak": peak, "final": final, "window": window}
+
+
+def _spread(per_seed: list[list[float]]) -> list[list[float]]:
+    """Per position, ``[min, max]`` over the seeds' lists."""
+    return [[min(v), max(v)] for v in zip(*per_seed)]
+
+
+def pool_seeds(pooled: dict, per_seed: dict[int, dict], collapses: dict | None = None) -> dict:
+    """``pooled`` (the :func:`demo_summary` of every RL seed's sweep records together) with the seeds'
+    own numbers added: per model ``per_seed`` (tokens per problem, accuracy and law verdict of each
+    seed) and, per N, ``tokens_per_problem_range`` / ``accuracy_range`` (``[min, max]`` over the
+    seeds); per free-lunch comparison its ``per_seed`` token reduction and accuracy difference; per RL
+    model ``collapse`` (``collapses[model][seed]``, of :func:`collapse`); and ``rl_seeds``."""
+    out = copy.deepcopy(pooled)
+    for name, m in out["models"].items():
+        seeds = {s: r["models"][name] for s, r in sorted(per_seed.items()) if name in r["models"]}
+        if any(sm["n"] != m["n"] for sm in seeds.values()):
+            raise ValueError(f"the seeds' sweeps of {name!r} cover other N than the pooled one ({m['n']})")
+        m["per_seed"] = {s: {"tokens_per_problem": sm["tokens_per_problem"], "accuracy": sm["accuracy"],
+                             "law_passes": sm.get("law", {}).get("passes")} for s, sm in seeds.items()}
+        m["tokens_per_problem_range"] = _spread([sm["tokens_per_problem"] for sm in seeds.values()])
+        m["accuracy_range"] = _spread([sm["accuracy"] for sm in seeds.values()])
+        if collapses and name in collapses:
+            m["collapse"] = dict(sorted(collapses[name].items()))
+    for c in out["free_lunch_n1"]:
+        c["per_seed"] = {s: {"token_reduction_pct": lunch["token_reduction_pct"],
+                             "accuracy_diff_points": lunch["accuracy_diff_points"]}
+                         for s, r in sorted(per_seed.items()) for lunch in r["free_lunch_n1"]
+                         if lunch["model"] == c["model"]}
+    out["rl_seeds"] = sorted(per_seed)
+    return out
+
+
 def _per_model(rows: list[dict], checks: dict, use: dict, styles: dict, by_difficulty: dict) -> dict:
     models: dict = {}
     for row in rows:
@@ -174,13 +234,13 @@ def _several_styles(result: dict) -> bool:
                for m in result["models"].values() for styles in m.get("styles", []))
 
 
-def _scaling_table(result: dict) -> Table:
+def _scaling_table(result: dict, prefix: str = "") -> Table:
     """Tokens per problem (accuracy %) [Check lines per problem] and the steps/merged/direct shares
     of the work, one row per N, one column per model."""
     names = list(result["models"])
     ns = result["models"][names[0]]["n"] if names else []
     show_styles = _several_styles(result)
-    table = Table(title="task-scaling law: tokens per problem (accuracy %) [Check lines per problem]"
+    table = Table(title=prefix + "task-scaling law: tokens per problem (accuracy %) [Check lines per problem]"
                         + (" steps/merged/direct %" if show_styles else ""))
     table.add_column("N", justify="right")
     for name in names:
@@ -198,6 +258,35 @@ def _scaling_table(result: dict) -> Table:
                 cells.append("-")
         table.add_row(str(n), *cells)
     return table
+
+
+def _range_table(result: dict) -> Table:
+    """Per N and model, the range over the RL seeds: tokens per problem min-max (accuracy % min-max)."""
+    names = [name for name, m in result["models"].items() if m.get("tokens_per_problem_range")]
+    table = Table(title=f"range over the RL seeds {result['rl_seeds']}: tokens per problem min-max (accuracy % min-max)")
+    table.add_column("N", justify="right")
+    for name in names:
+        table.add_column(name, justify="right")
+    for i, n in enumerate(result["models"][names[0]]["n"] if names else []):
+        cells = []
+        for name in names:
+            (tlo, thi), (alo, ahi) = (result["models"][name][k][i] for k in ("tokens_per_problem_range", "accuracy_range"))
+            cells.append(f"{tlo:.1f}-{thi:.1f} ({100 * alo:.1f}-{100 * ahi:.1f})")
+        table.add_row(str(n), *cells)
+    return table
+
+
+def _seed_notes(m: dict) -> list[str]:
+    """The per-seed parts of a model's lines: its law verdicts and the collapses of its RL runs."""
+    notes = []
+    verdicts = [("PASS" if v["law_passes"] else "FAIL") for v in m.get("per_seed", {}).values()]
+    if len(verdicts) > 1:
+        notes.append("law per seed: " + ", ".join(verdicts))
+    if m.get("collapse"):
+        hit = [s for s, c in m["collapse"].items() if c["collapsed"]]
+        notes.append(f"training collapsed in {len(hit)} of {len(m['collapse'])} RL runs"
+                     + (f" (seed {', '.join(map(str, hit))})" if hit else ""))
+    return notes
 
 
 def _adaptive_cell(mix: dict | None) -> str:
@@ -252,25 +341,45 @@ def law_verdict(law: dict) -> str:
     return ("PASS" if law["passes"] else "FAIL") + ": " + "; ".join(parts)
 
 
-def print_summary(result: dict, stage_seconds: dict | None = None, console: Console | None = None) -> None:
-    """The demo's closing table: tokens/problem and accuracy per N per model, then the free lunch."""
+def _lunch_seeds(c: dict) -> str:
+    """`` (per seed: 5.1..9.3% fewer, +18.3..+25.0 points)`` over a comparison's seeds (empty for one)."""
+    seeds = list(c.get("per_seed", {}).values())
+    if len(seeds) < 2:
+        return ""
+    cut = [v["token_reduction_pct"] for v in seeds]
+    diff = [v["accuracy_diff_points"] for v in seeds]
+    return f" (per seed: {min(cut):.1f}..{max(cut):.1f}% fewer, {min(diff):+.1f}..{max(diff):+.1f} points)"
+
+
+def print_summary(result: dict, stage_seconds: dict | None = None, console: Console | None = None,
+                  wall_seconds: float | None = None) -> None:
+    """The demo's closing table: tokens/problem and accuracy per N per model, then the free lunch;
+    with several RL seeds the pooled numbers, then their range over the seeds, and per-seed notes."""
     console = console or Console()
-    console.print(_scaling_table(result))
+    seeds = result.get("rl_seeds") or []
+    console.print(_scaling_table(result, f"pooled over the RL seeds {seeds}: " if len(seeds) > 1 else ""))
+    if len(seeds) > 1:
+        console.print(_range_table(result))
     adaptive = adaptive_table(result)
     if adaptive is not None:
         console.print(adaptive)
     for name, m in result["models"].items():
         console.print(f"  {name}: tokens per problem fall monotonically with N: {monotonic_verdict(m)}")
         if "law" in m:
-            console.print(f"  {name}: task-scaling law: {law_verdict(m['law'])}")
+            notes = _seed_notes(m)
+            console.print(f"  {name}: task-scaling law: {law_verdict(m['law'])}" + (f" ({'; '.join(notes)})" if notes else ""))
     for c in result["free_lunch_n1"]:
         console.print(
             f"  free lunch at N = 1, {c['model']} vs {result['baseline']}: {c['tokens_per_problem']:.1f} vs "
             f"{c['baseline_tokens_per_problem']:.1f} tokens/problem = {c['token_reduction_pct']:.1f}% fewer "
             f"(95% CI {c['token_reduction_ci'][0]:.1f}..{c['token_reduction_ci'][1]:.1f}); accuracy "
             f"{100 * c['accuracy']:.1f}% vs {100 * c['baseline_accuracy']:.1f}% "
-            f"({c['accuracy_diff_points']:+.1f} points)")
+            f"({c['accuracy_diff_points']:+.1f} points)" + _lunch_seeds(c))
+    if result.get("machine"):
+        mach = result["machine"]
+        console.print(f"  machine: {mach['cpu']}, {mach['cores']} cores, torch {mach['torch']} "
+                      f"({mach['cpu_capability']} kernels)")
     if stage_seconds:
         total = sum(stage_seconds.values())
         console.print("  stage times: " + ", ".join(f"{s} {t:.0f} s" for s, t in stage_seconds.items())
-                      + f" (total {total:.0f} s)")
+                      + f" (sum {total:.0f} s" + (f", wall {wall_seconds:.0f} s)" if wall_seconds else ")"))

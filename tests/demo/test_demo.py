@@ -1,4 +1,5 @@
-"""The embedded demo in miniature: every stage runs on tiny sizes, writes its outputs, and
+"""The embedded demo in miniature: every stage runs on tiny sizes (two RL seeds), writes its outputs,
+the seeds' sweeps pool to their mean, worker processes compute what one process computes, and
 ``from_stage`` reuses the checkpoints of the stages before it."""
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import pytest
 from bcr.runtime.dataclass_cli import ConfigError, load_dataclass, parse_cli
 from bcr.demo import STAGE_FILE, DemoConfig, demo_summary, run_demo
 from bcr.demo.plots import write_adaptive_plot
-from bcr.demo.summary import adaptive_table, budget_use, difficulty_label, law_verdict, style_mix
+from bcr.demo.summary import (adaptive_table, budget_use, difficulty_label, law_verdict, pool_seeds, print_summary,
+                              style_mix)
 
 pytestmark = pytest.mark.slow  # end to end: a whole pipeline, a process group or a child script
 
@@ -35,39 +37,104 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+SEEDS = ["rl_seeds=[0, 1]", "rl_workers=1"]  # two RL seeds, one after the other in the test's process
+STAGE_DIRS = ["sft", "bcr", "length", "bcr-s1", "length-s1", "eval", "eval-s1"]  # in the order they run
+MODELS = ("verbose-sft", "bcr", "length-penalty")
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    cfg = _tiny(f"output_dir={out}")
+    cfg = _tiny(f"output_dir={out}", *SEEDS)
     records = run_demo(cfg)
     return cfg, out, records
 
 
+def _records(path: Path) -> list[dict]:
+    """A sweep's records without their timing (the part that may differ between equal runs)."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "timing"} for r in rows]
+
+
+def _training_log(stage_dir: Path) -> list[dict]:
+    """An RL stage's metrics without the timings (which differ between equal runs)."""
+    rows = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith("time/") and k != "tokens_per_second"} for r in rows]
+
+
 def test_every_stage_writes_its_outputs(demo_run):
     cfg, out, records = demo_run
-    assert list(records) == ["sft", "bcr", "length", "eval"]
-    for stage in records:
+    assert list(records) == [*STAGE_DIRS, "pooled"]
+    for stage in STAGE_DIRS:
         state = json.loads((out / stage / STAGE_FILE).read_text())
         assert state["stage"] == stage and state["seconds"] > 0
     # models are HF directories with their tokenizer
-    for stage in ("sft", "bcr", "length"):
+    for stage in ("sft", "bcr", "length", "bcr-s1", "length-s1"):
         model_dir = Path(records[stage]["model"])
         assert (model_dir / "config.json").is_file() and (model_dir / "tokenizer.json").is_file()
     assert (out / "tokenizer" / "tokenizer.json").is_file()
     assert (out / "sft" / "metrics.jsonl").read_text().count("\n") == cfg.sft.steps + cfg.sft.style_steps
-    assert (out / "bcr" / "metrics.jsonl").read_text().count("\n") == cfg.rl.max_steps
-    # the sweep: results for every model and N, a report, plots and the demo summary
-    ev = out / "eval"
-    assert (ev / "report.md").is_file() and (ev / "summary.json").is_file()
-    assert list(ev.glob("*.png"))
-    results = [json.loads(line) for line in (ev / "results.jsonl").read_text().splitlines()]
-    assert {(r["model"], r["n_problems"]) for r in results} == {
-        (m, n) for m in ("verbose-sft", "bcr", "length-penalty") for n in cfg.eval.n_values}
+    for stage in ("bcr", "bcr-s1", "length-s1"):
+        assert (out / stage / "metrics.jsonl").read_text().count("\n") == cfg.rl.max_steps
+    # each seed's sweep: results for every model and N, a report, plots and the seed's demo summary
+    for ev in (out / "eval", out / "eval-s1"):
+        assert (ev / "report.md").is_file() and (ev / "summary.json").is_file() and (ev / "demo_summary.json").is_file()
+        assert list(ev.glob("*.png"))
+        assert {(r["model"], r["n_problems"]) for r in _records(ev / "results.jsonl")} == {
+            (m, n) for m in MODELS for n in cfg.eval.n_values}
+    # the pooled summary, its report and plots
     summary = json.loads((out / "demo_summary.json").read_text())
-    assert set(summary["models"]) == {"verbose-sft", "bcr", "length-penalty"}
+    assert summary == json.loads(json.dumps(records["pooled"]["summary"], default=str))
+    assert set(summary["models"]) == set(MODELS) and summary["rl_seeds"] == [0, 1]
     assert [c["model"] for c in summary["free_lunch_n1"]] == ["bcr", "length-penalty"]
     for m in summary["models"].values():
         assert m["n"] == cfg.eval.n_values and len(m["tokens_per_problem"]) == len(cfg.eval.n_values)
+    assert set(summary["models"]["bcr"]["collapse"]) == {"0", "1"}
+    assert summary["machine"]["cores"] >= 1 and summary["machine"]["torch"]
+    assert {"cpu_capability", "ATEN_CPU_CAPABILITY", "MKL_CBWR"} <= set(summary["machine"])
+    assert (out / "pooled" / "report.md").is_file() and list((out / "pooled").glob("*.png"))
+
+
+def test_the_rl_seeds_train_apart_and_pool_to_their_mean(demo_run):
+    cfg, out, records = demo_run
+    # each seed's RL run draws its own bundles and rollouts (one tiny step may leave the weights as they were)
+    for stage in ("bcr", "length"):
+        assert _training_log(out / stage) != _training_log(out / f"{stage}-s1")
+    seeds = {r["seed"] for r in _records(out / "eval" / "results.jsonl")} & {
+        r["seed"] for r in _records(out / "eval-s1" / "results.jsonl")}
+    assert not seeds  # each seed's sweep samples with its own seeds
+    pooled = records["pooled"]["summary"]
+    per_seed = [records["eval"]["summary"], records["eval-s1"]["summary"]]
+    for name in MODELS:
+        m = pooled["models"][name]
+        for i in range(len(m["n"])):
+            # the same problems and samples per seed: the pooled numbers are the seeds' mean
+            for key in ("accuracy", "tokens_per_problem"):
+                values = [s["models"][name][key][i] for s in per_seed]
+                assert m[key][i] == pytest.approx(sum(values) / 2)
+                assert m[f"{key}_range"][i] == [min(values), max(values)]
+                assert [m["per_seed"][s][key][i] for s in (0, 1)] == values
+    lunch = pooled["free_lunch_n1"][0]
+    assert set(lunch["per_seed"]) == {0, 1}
+
+
+def test_worker_processes_compute_what_one_process_computes(demo_run, tmp_path):
+    """rl_workers=2 (spawned processes) gives the models and sweeps of the fixture's run in the test's
+    process (rl_workers=1); each RL-seed stage runs at one torch thread either way."""
+    import shutil
+
+    cfg, out, records = demo_run
+    for name in ("sft", "tokenizer"):
+        shutil.copytree(out / name, tmp_path / name)
+    sft = json.loads((out / "sft" / STAGE_FILE).read_text())
+    sft["model"] = str(tmp_path / "sft" / "model")
+    (tmp_path / "sft" / STAGE_FILE).write_text(json.dumps(sft))
+    again = run_demo(dataclasses.replace(cfg, output_dir=str(tmp_path), from_stage="bcr", rl_workers=2))
+    for stage in ("bcr", "length", "bcr-s1", "length-s1"):
+        assert _digest(tmp_path / stage / "model.safetensors") == _digest(out / stage / "model.safetensors")
+    for ev in ("eval", "eval-s1"):
+        assert _records(tmp_path / ev / "results.jsonl") == _records(out / ev / "results.jsonl")
+    assert again["pooled"]["summary"]["models"] == records["pooled"]["summary"]["models"]
 
 
 def test_every_stage_uses_the_numbered_format_at_n1(demo_run):
@@ -101,13 +168,15 @@ def test_from_stage_reuses_earlier_checkpoints(demo_run):
     eval_stat = (eval_file.stat().st_ino, eval_file.stat().st_mtime_ns)
 
     again = run_demo(cfg, from_stage="eval")
-    assert list(again) == ["sft", "bcr", "length", "eval"]
-    assert again["sft"] == records["sft"] and again["bcr"] == records["bcr"]  # read back, not re-run
+    assert list(again) == [*STAGE_DIRS, "pooled"]
+    for stage in ("sft", "bcr", "length", "bcr-s1", "length-s1"):
+        assert again[stage] == records[stage]  # read back, not re-run
     assert {p: (_digest(p), p.stat().st_mtime_ns) for p in before} == before
     # the eval stage did run again: its stage file was written anew (its text may be equal: same seconds)
     assert (eval_file.stat().st_ino, eval_file.stat().st_mtime_ns) != eval_stat
-    # the same seeds and checkpoints give the same sweep
+    # the same seeds and checkpoints give the same sweeps
     assert again["eval"]["summary"] == records["eval"]["summary"]
+    assert again["pooled"]["summary"] == records["pooled"]["summary"]
 
 
 def test_from_stage_without_checkpoint_fails_clearly(tmp_path):
@@ -148,7 +217,7 @@ def test_nested_options_keep_the_demo_defaults():
 
 def test_the_stage_configs_of_the_defaults():
     """The numbers README reports come from these settings."""
-    from bcr.demo.stages import eval_config, rl_config
+    from bcr.demo.stages import eval_config, rl_config, seed_stage
 
     cfg = DemoConfig()
     bcr = rl_config(cfg, Path("runs/demo/bcr"), "runs/demo/sft/model")
@@ -161,6 +230,13 @@ def test_the_stage_configs_of_the_defaults():
             ev.resume, ev.baseline) == ([1, 2, 3, 4, 5, 6], 100, "per_problem", 1.0, 1.0, 32, False, "verbose-sft")
     assert (cfg.task.styles, cfg.task.problem_steps, cfg.sft.steps, cfg.sft.style_steps) == (
         {"steps": 3.0, "direct": 1.0}, [2, 2], 3000, 500)
+    # three RL seeds, two at a time; the demo's seed in the plain folders, the others in -s<seed> ones
+    assert (cfg.seeds(), cfg.rl_workers) == ([0, 1, 2], None)  # None: one worker per core
+    assert [seed_stage(cfg, "bcr", s) for s in cfg.seeds()] == ["bcr", "bcr-s1", "bcr-s2"]
+    assert rl_config(cfg, Path("x"), "m", seed=2).seed == 2 and eval_config(cfg, Path("x"), 2).seed == 2
+    other = load_dataclass(DemoConfig, overrides=["seed=5", "rl_seeds=[5, 0]"])
+    assert other.seeds() == [5, 0] and [seed_stage(other, "eval", s) for s in other.seeds()] == ["eval", "eval-s0"]
+    assert load_dataclass(DemoConfig, overrides=["seed=5"]).seeds() == [5, 6, 7]
 
 
 @pytest.mark.parametrize("option, message", [
@@ -179,6 +255,9 @@ def test_the_stage_configs_of_the_defaults():
     ("task.held_out_every=1", "task.held_out_every=1: must be >= 2"),
     ("task.phrasings=0", "task.phrasings=0: must be >= 1"),
     ("task.phrasings=13", "task.phrasings=13: there are 12 wordings"),
+    ("rl_seeds=[1, 1]", r"rl_seeds=\[1, 1\]: give distinct seeds"),
+    ("rl_seeds=[]", "rl_seeds=.*at least one"),
+    ("rl_workers=0", "rl_workers=0: must be >= 1"),
 ])
 def test_bad_nested_options_fail_clearly(option, message):
     with pytest.raises(ConfigError, match=message):
@@ -331,3 +410,43 @@ def test_difficulty_label_counts_the_operations():
 
     one, two = (make_arithmetic_problems(1, steps=(k, k))[0] for k in (1, 2))
     assert difficulty_label(one) == "1 op" and difficulty_label(two) == "2 ops"
+
+
+def _seed_summary(tokens: list[float], accs: list[float], bcr_cut: float) -> dict:
+    """A demo summary of one seed's sweep (SFT fixed, BCR's numbers given) at N = 1, 2."""
+    rows = _law_rows("verbose-sft", [40, 40], [0.8, 0.5]) + _law_rows("bcr", tokens, accs)
+    lunch = {"baseline": "verbose-sft", "comparisons": [{
+        "model": "bcr", "tokens_per_problem": tokens[0], "baseline_tokens_per_problem": 40.0,
+        "token_reduction_pct": bcr_cut, "token_reduction_ci_low": 0.0, "token_reduction_ci_high": 0.0,
+        "accuracy": accs[0], "baseline_accuracy": 0.8, "accuracy_diff": accs[0] - 0.8,
+        "accuracy_diff_ci_low": 0.0, "accuracy_diff_ci_high": 0.0}]}
+    return demo_summary({"rows": rows, "free_lunch": lunch}, use={})
+
+
+def test_pool_seeds_adds_each_seeds_numbers_their_range_and_the_collapses():
+    from rich.console import Console
+
+    seeds = {0: _seed_summary([36.0, 30.0], [0.9, 0.8], 10.0), 1: _seed_summary([34.0, 26.0], [0.7, 0.7], 15.0)}
+    pooled_in = _seed_summary([35.0, 28.0], [0.8, 0.75], 12.5)
+    collapses = {"bcr": {0: {"collapsed": False}, 1: {"collapsed": True}}}
+    pooled = pool_seeds(pooled_in, seeds, collapses)
+    assert pooled_in["models"]["bcr"].get("per_seed") is None  # the input is left as it was
+    bcr = pooled["models"]["bcr"]
+    assert bcr["tokens_per_problem_range"] == [[34.0, 36.0], [26.0, 30.0]]
+    assert bcr["accuracy_range"] == [[0.7, 0.9], [0.7, 0.8]]
+    assert bcr["per_seed"][1] == {"tokens_per_problem": [34.0, 26.0], "accuracy": [0.7, 0.7],
+                                  "law_passes": seeds[1]["models"]["bcr"]["law"]["passes"]}
+    assert bcr["collapse"] == collapses["bcr"] and "collapse" not in pooled["models"]["verbose-sft"]
+    assert pooled["free_lunch_n1"][0]["per_seed"] == {0: {"token_reduction_pct": 10.0, "accuracy_diff_points": pytest.approx(10.0)},
+                                                      1: {"token_reduction_pct": 15.0, "accuracy_diff_points": pytest.approx(-10.0)}}
+    assert pooled["rl_seeds"] == [0, 1]
+    console = Console(record=True, width=400)
+    print_summary(pooled, {"sft": 1.0, "bcr": 2.0}, console, wall_seconds=2.5)
+    text = console.export_text()
+    assert "pooled over the RL seeds [0, 1]" in text and "range over the RL seeds [0, 1]" in text
+    assert "34.0-36.0 (70.0-90.0)" in text
+    assert "training collapsed in 1 of 2 RL runs (seed 1)" in text and "law per seed: " in text
+    assert "(per seed: 10.0..15.0% fewer, -10.0..+10.0 points)" in text
+    assert "(sum 3 s, wall 2 s)" in text or "(sum 3 s, wall 3 s)" in text
+    with pytest.raises(ValueError, match="other N"):
+        pool_seeds(pooled_in, {0: _seed_summary([36.0, 30.0, 20.0], [0.9, 0.8, 0.7], 1.0)})
