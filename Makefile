@@ -44,8 +44,14 @@ install-vllm: $(VLLM_VENV)/.installed
 # fixtures such as the tiny demo run once); each test uses one torch thread (tests/conftest.py).
 PYTEST_WORKERS ?= 2
 
-test: install install-vllm
-	$(PYTEST_ENV) $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --ignore=tests/with_vllm $(PYTEST_ARGS)
+# The vLLM venv is built in the background while the main suite runs (its install is mostly download
+# and unpacking); its log goes to $(VLLM_VENV).install.log and is shown if the install fails.
+test: install
+	@$(MAKE) --no-print-directory install-vllm > $(VLLM_VENV).install.log 2>&1 & vllm_install=$$!; \
+	$(PYTEST_ENV) $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --ignore=tests/with_vllm $(PYTEST_ARGS); \
+	suite=$$?; \
+	if ! wait $$vllm_install; then cat $(VLLM_VENV).install.log; echo "make install-vllm failed"; exit 1; fi; \
+	exit $$suite
 	$(MAKE) --no-print-directory test-vllm
 
 # The vLLM test group (tests/with_vllm) in .venv-vllm, against a real vLLM; a skip there is a failure.
@@ -76,4 +82,4 @@ lint: install
 	$(BIN)/ruff check bcr bcr_kernels tests benchmarks
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) $(VLLM_VENV).install.log .pytest_cache build *.egg-info
