@@ -179,7 +179,8 @@ def default_rl() -> BCRConfig:
     """The demo's BCR stage: N in 1..6, a 100-token shared budget, sequence advantages."""
     return BCRConfig(n_problems={n: 1.0 for n in range(1, 7)}, max_steps=100, max_completion_length=100,
                      num_generations=4, bundles_per_step=8, learning_rate=1e-4, temperature=1.0,
-                     loss_type="dapo", beta=0.0, advantage_mode="sequence", save_steps=0, save_total_limit=1)
+                     loss_type="dapo", beta=0.0, advantage_mode="sequence", save_steps=0, save_total_limit=1,
+                     rollout_engine="hf")
 
 
 def default_eval() -> EvalConfig:

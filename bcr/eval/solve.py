@@ -76,7 +76,6 @@ percentage points of its accuracy at N = 1.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import sys
@@ -103,6 +102,7 @@ from bcr.eval.sweep import (
     bundle_seed,
 )
 from bcr.models.loading import DTYPES, resolve_model_source
+from bcr.models.rollout import default_engine
 from bcr.models.served import is_served
 from bcr.runtime.dataclass_cli import ConfigError, check_fields, parse_cli
 from bcr.runtime.io import check_output_dir
@@ -175,8 +175,8 @@ class SolveConfig:
     temperature: float = field(default=0.6, metadata=_help("sampling temperature"))
     top_p: float = field(default=0.95, metadata=_help("nucleus sampling top-p"))
     seed: int = field(default=0, metadata=_help("sampling seed; same seed, same answers"))
-    engine: str = field(default="auto", metadata=_help("generation engine: auto (vllm where installed with a GPU, "
-                                                       "else hf), hf or vllm"))
+    engine: str = field(default="auto", metadata=_help("generation engine: auto (vllm where installed and the "
+                                                       "model is a path, else hf), hf or vllm"))
     engine_kwargs: dict = field(default_factory=dict, metadata=_help("extra keyword arguments for make_engine"))
     batch_size: int = field(default=8, metadata=_help("bundles (prompts) per generate call"))
     retry: bool = field(default=True, metadata=_help("ask a problem again alone when it has no strict answer"))
@@ -359,10 +359,11 @@ def _chunks(items: Iterable, size: int) -> Iterator[list]:
 
 
 def engine_name(model, cfg: SolveConfig) -> str:
-    """``cfg.engine`` with ``auto`` resolved: vLLM for a model path where vLLM and a GPU are present, else hf."""
+    """``cfg.engine`` with ``auto`` resolved: ``bcr.models.rollout.default_engine`` for a model path (vLLM
+    where installed), hf for a model object."""
     if cfg.engine != "auto":
         return cfg.engine
-    return "vllm" if _vllm_usable() and isinstance(model, (str, os.PathLike)) else "hf"
+    return default_engine() if isinstance(model, (str, os.PathLike)) else "hf"
 
 
 def open_engine(model, tokenizer, cfg: SolveConfig):
@@ -644,14 +645,6 @@ def solve(model=None, input=None, *, output: str | os.PathLike | None = None, co
     return {"output": str(plan.output), "n": plan.n, "n_auto": plan.choice, "budget": plan.budget_line,
             **tally.summary(), "answered_now": answered_now, "seconds": round(seconds, 3),
             "problems_per_s": answered_now / seconds if answered_now and seconds > 0 else None}
-
-
-def _vllm_usable() -> bool:
-    if importlib.util.find_spec("vllm") is None:
-        return False
-    import torch
-
-    return torch.cuda.is_available()
 
 
 # ----------------------------------------------------------------------------- CLI

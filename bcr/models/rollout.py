@@ -383,6 +383,18 @@ def _cut_at_eos(ids: list[int], eos_ids: list[int]) -> tuple[list[int], bool]:
     return ids, True
 
 
+def default_engine() -> str:
+    """What ``rollout_engine="auto"`` (the trainer's default) and ``bcr solve``'s ``engine=auto`` mean:
+    ``"vllm"`` where the vllm package is installed, else ``"hf"``. Why (``benchmarks/RESULTS.md``, 2-core
+    CPU, 256 new tokens): vLLM generated 3.7-6.7x the HF engine's tokens per second for SmolLM2-135M at
+    batch 8-64, and 4.5-5.4x for the demo's 0.55M model at batch 32-64 (a tie at batch 8); its start-up
+    (7-15 s) and syncs (0.03-2 s a step) are repaid within a training run's first steps. On a GPU
+    nothing is measured here; vLLM is there only if the user installed it."""
+    import importlib.util
+
+    return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
+
+
 def make_engine(name: str, model, tokenizer, **kw) -> RolloutEngine:
     """``"hf"`` -> ``HFEngine``; ``"vllm"`` -> :class:`bcr.models.vllm_engine.VLLMEngine` (one clear
     ImportError without a working vllm); ``"served"``, or a model given as an ``http(s)://`` URL ->

@@ -42,7 +42,7 @@ SCHEDULERS = ("constant", "linear", "cosine")
 SCALE_REWARDS = ("group", "batch", "none")
 ADVANTAGE_MODES = ("instance", "sequence")
 SHARED_ADVANTAGES = ("mean", "zero")
-ROLLOUT_ENGINES = ("hf", "vllm")
+ROLLOUT_ENGINES = ("auto", "hf", "vllm")
 VLLM_MODES = ("colocate",)  # TRL's "server" mode: a served model is evaluated (bcr eval / solve), not trained
 VLLM_DTYPES = ("auto", "float32", "bfloat16", "float16")
 SHARED_PROMPT = ("auto", "true", "false")
@@ -169,8 +169,9 @@ class BCRConfig:
     top_k: int = _help("sample from the k most likely tokens only (0: all); with top_p < 1 or top_k the engine's "
                        "log-probs are those of the truncated distribution (the rollout correction's denominator)",
                        default=0)
-    rollout_engine: str = _help("'hf' (the trainer's own model) or 'vllm' (vLLM in this process, fed the weights after "
-                                "every update; needs vllm, see the README)", default="hf")
+    rollout_engine: str = _help("'hf' (the trainer's own model), 'vllm' (vLLM in this process, fed the weights after "
+                                "every update; needs vllm, see the README) or 'auto' (vllm where it is installed, "
+                                "else hf; resolved when the config is made)", default="auto")
     generation_batch_size: int | None = _help("rows per generate call of the hf engine (None: all at once)", default=None)
     vllm_mode: str = _help("'colocate' (vLLM in the trainer's process; TRL's 'server' mode is not supported)",
                            default="colocate")
@@ -341,6 +342,10 @@ class BCRConfig:
                           "vllm_importance_sampling_clip_max", FutureWarning, stacklevel=3)
             self.vllm_importance_sampling_clip_max = self.vllm_importance_sampling_cap
         self.n_problems = _normalise_n_problems(self.n_problems)
+        if self.rollout_engine == "auto":
+            from bcr.models.rollout import default_engine
+
+            self.rollout_engine = default_engine()
         self._validate()
 
     # ------------------------------------------------------------------------------------------

@@ -16,7 +16,20 @@ def test_defaults_follow_trl():
     c = BCRConfig()
     assert (c.beta, c.epsilon, c.epsilon_high, c.loss_type, c.scale_rewards) == (0.0, 0.2, None, "dapo", "group")
     assert c.reduction == "token_mean"
-    assert c.advantage_mode == "instance" and c.shared_advantage == "mean" and c.rollout_engine == "hf"
+    assert c.advantage_mode == "instance" and c.shared_advantage == "mean"
+
+
+def test_rollout_engine_auto_is_hf_without_vllm():
+    """``auto`` (the default) resolves when the config is made: hf where vllm is not installed (this
+    venv; tests/with_vllm checks the other side), and the explicit names stay as given."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here; tests/with_vllm/test_vllm_cli.py checks auto -> vllm")
+    assert BCRConfig().rollout_engine == "hf" and BCRConfig(rollout_engine="auto").rollout_engine == "hf"
+    assert BCRConfig(rollout_engine="vllm").rollout_engine == "vllm"
+    with pytest.raises(ConfigError, match="rollout_engine"):
+        BCRConfig(rollout_engine="sglang")
     trl_names = {"num_generations", "max_prompt_length", "max_completion_length", "learning_rate", "beta", "epsilon",
                  "epsilon_high", "loss_type", "temperature", "top_p", "num_iterations", "gradient_accumulation_steps",
                  "logging_steps", "save_steps", "save_total_limit", "output_dir", "seed", "max_steps",

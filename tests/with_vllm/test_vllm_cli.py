@@ -60,3 +60,15 @@ def test_bcr_solve_on_vllm_writes_the_hf_engines_answers(tmp_path, model_dir, da
     assert [r["id"] for r in vllm] == [json.loads(line)["id"] for line in data.read_text().splitlines()]
     assert [{k: v for k, v in r.items() if k != "engine"} for r in vllm] == \
            [{k: v for k, v in r.items() if k != "engine"} for r in hf]
+
+
+def test_auto_means_vllm_where_it_is_installed(tmp_path, model_dir, tiny_tokenizer):
+    """The defaults the engine benchmark chose: the trainer's rollout_engine="auto" and bcr solve's
+    engine=auto resolve to vLLM here (it is installed); solve keeps HF for a model object."""
+    from bcr.eval.solve import SolveConfig, engine_name
+    from bcr.rl.config import BCRConfig
+
+    assert BCRConfig(output_dir=str(tmp_path)).rollout_engine == "vllm"
+    cfg = SolveConfig(model=str(model_dir), input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "out.jsonl"))
+    assert engine_name(str(model_dir), cfg) == "vllm"
+    assert engine_name(tiny_model(tiny_tokenizer, arch="llama", hidden_size=128, num_heads=4, seed=0), cfg) == "hf"
