@@ -7,7 +7,10 @@ accuracy at N = 1..6 with the demo's sweep (per-problem budget of 100 tokens: no
 this task is cut off), ``--samples`` samples per bundle. The peak learning rate is the demo's
 ``4e-3`` scaled by ``128 / hidden_size`` (Adam's step in a wider matrix moves its output more; the
 rule was fixed before the runs). Writes ``<run>/capacity.json`` (size, parameters, wall and CPU
-seconds, tokens trained, accuracy per N) next to the demo's ``sft/`` and the sweep's files.
+seconds, tokens trained, accuracy per N) next to the demo's ``sft/`` and the sweep's files. The SFT
+saves its state every ``--checkpoint-every`` steps: a run that is killed continues when the same
+command runs again, and its recorded seconds add the work its checkpoints kept (steps redone after
+the kill count again).
 
     python -m benchmarks.capacity run runs/capacity/h320L5-s0 --hidden 320 --layers 5 --heads 10 --kv-heads 2
 
@@ -53,7 +56,7 @@ def overrides(args) -> list[str]:
             f"threads={args.threads}", STEPS_ONLY, f"model.hidden_size={args.hidden}",
             f"model.num_layers={args.layers}", f"model.num_heads={args.heads}",
             f"model.num_kv_heads={args.kv_heads}", f"sft.learning_rate={learning_rate(args.hidden):.6g}",
-            f"sft.steps={args.steps}", *args.overrides]
+            f"sft.steps={args.steps}", f"sft.checkpoint_every={args.checkpoint_every}", *args.overrides]
 
 
 def cpu_seconds() -> float:
@@ -66,13 +69,16 @@ def run(args) -> dict:
 
     from bcr.demo.config import DemoConfig
     from bcr.demo.pipeline import run_demo
+    from bcr.demo.sft import checkpoint_seconds
     from bcr.demo.stages import eval_config, read_stage
     from bcr.demo.task import make_task
     from bcr.eval.sweep import evaluate_scaling
     from bcr.runtime.dataclass_cli import load_dataclass
 
     cfg = load_dataclass(DemoConfig, overrides=overrides(args))
-    t0, c0 = time.perf_counter(), cpu_seconds()
+    folder = Path(args.run) / "sft-checkpoints"  # a killed attempt's kept work (bcr.demo.stages.sft_checkpoints)
+    before = checkpoint_seconds(folder) if folder.exists() else {"wall": 0.0, "cpu": 0.0}
+    t0, c0 = time.perf_counter() - before["wall"], cpu_seconds() - before["cpu"]
     if args.measure_only:
         sft = read_stage(cfg, "sft")
     else:
@@ -432,6 +438,8 @@ def main(argv=None) -> int:
     r.add_argument("--steps", type=int, default=3000, help="SFT steps (the stopping rule: this many for every size)")
     r.add_argument("--samples", type=int, default=4, help="samples per bundle in the measurement")
     r.add_argument("--threads", type=int, default=1, help="torch threads (1: two sizes can train side by side)")
+    r.add_argument("--checkpoint-every", type=int, default=200,
+                   help="SFT checkpoint interval: a killed run started again continues (sft.checkpoint_every)")
     r.add_argument("--measure-only", action="store_true", help="measure an already trained sft stage")
     r.add_argument("overrides", nargs="*", help="further demo settings (key=value)")
     p = sub.add_parser("report", help="the curve of every finished run: tables, figure, error classes, extrapolation")

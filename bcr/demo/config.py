@@ -139,6 +139,10 @@ class SFTConfig:
                          "varlen attention, log-probs of the target tokens only; equal loss, no faster at the "
                          "demo's size, a different model after 3000 steps); false: padded batches and the "
                          "model's own loss (the README's tables)", default=False)
+    checkpoint_every: int = _help("save the SFT loop's state every this many steps (and at each phase's end) in "
+                                  "output_dir/sft-checkpoints, and continue from there when the stage is run "
+                                  "again with the same settings (a killed run loses at most this many steps); "
+                                  "removed when the stage finishes; 0: none", default=0)
 
     def __post_init__(self) -> None:
         check_fields(self)  # types from the annotations: whole ints, finite floats, no list for a scalar
@@ -146,7 +150,7 @@ class SFTConfig:
         for name in ("learning_rate", "style_learning_rate"):
             if not 0 <= getattr(self, name) <= MAX_LEARNING_RATE:
                 raise ConfigError(f"sft.{name}={getattr(self, name)!r} must lie in [0, {MAX_LEARNING_RATE:g}]")
-        for name in ("style_steps", "direct_steps"):
+        for name in ("style_steps", "direct_steps", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"sft.{name}={getattr(self, name)!r} must be >= 0")
         if self.weight_decay < 0:

@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
+import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 
@@ -147,18 +150,57 @@ def sft_step(model, optimizer, scheduler, loss_fn: LossFn, examples: list[Exampl
 
 
 def train_sft(model, batches: Iterator[list[Example]], sft: SFTConfig, *, pad_token_id: int, seed: int,
-              progress: bool) -> list[dict]:
-    """The plain AdamW loop of stage 1; returns one ``{"step", "loss", "lr"}`` row per step."""
+              progress: bool, checkpoint: Path | None = None) -> list[dict]:
+    """The plain AdamW loop of stage 1; returns one ``{"step", "loss", "lr"}`` row per step.
+
+    With ``checkpoint`` (a file) and ``sft.checkpoint_every``: the loop's whole state (weights,
+    AdamW, schedule, torch's RNG, the log so far, the seconds spent) is saved there every that many
+    steps and at the end, and a loop that finds the file continues from it (the batches before it
+    are drawn and dropped), so a run killed and started again trains the same model as one that was
+    not (``tests/demo/test_sft_checkpoint.py``). The caller makes sure the file is this run's."""
     torch.manual_seed(seed)
     optimizer, scheduler = make_optimizer(model, sft)
+    log: list[dict] = []
+    spent = {"wall": 0.0, "cpu": 0.0}
+    if checkpoint is not None and checkpoint.is_file():
+        state = torch.load(checkpoint, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        log, spent = state["log"], state["spent"]
+        for _ in range(len(log)):
+            next(batches)
+    every = sft.checkpoint_every if checkpoint is not None else 0
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+
+    def save() -> None:
+        now = {"wall": spent["wall"] + time.perf_counter() - wall0, "cpu": spent["cpu"] + time.process_time() - cpu0}
+        tmp = checkpoint.with_name(checkpoint.name + ".tmp")
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "log": log, "spent": now}, tmp)
+        os.replace(tmp, checkpoint)
+
     model.train()
-    log, smooth = [], None
+    smooth = log[-1]["loss"] if log else None
     with sft_loss(model, sft, pad_token_id) as loss_fn, progress_bar(progress) as bar:
-        task = bar.add_task("sft", total=sft.steps, info="")
-        for step in range(sft.steps):
+        task = bar.add_task("sft", total=sft.steps, completed=len(log), info="")
+        for step in range(len(log), sft.steps):
             value = sft_step(model, optimizer, scheduler, loss_fn, next(batches))
             smooth = value if smooth is None else 0.9 * smooth + 0.1 * value
             log.append({"step": step + 1, "loss": value, "lr": scheduler.get_last_lr()[0]})
             bar.update(task, advance=1, info=f"loss {smooth:.3f}")
+            if every and ((step + 1) % every == 0 or step + 1 == sft.steps):
+                save()
     model.eval()
     return log
+
+
+def checkpoint_seconds(folder: Path) -> dict[str, float]:
+    """Wall and CPU seconds of training kept in the SFT checkpoints of ``folder`` (work done by
+    earlier, killed attempts of the stage; the steps after their last save are not counted)."""
+    total = {"wall": 0.0, "cpu": 0.0}
+    for path in sorted(Path(folder).glob("*.pt")):
+        spent = torch.load(path, weights_only=False)["spent"]
+        total = {k: total[k] + spent[k] for k in total}
+    return total

@@ -76,6 +76,25 @@ def _fresh_dir(path: Path) -> Path:
 # ----------------------------------------------------------------------------------------------
 # Stage 1: SFT warm-up (the verbose reasoner)
 # ----------------------------------------------------------------------------------------------
+def sft_checkpoints(cfg: DemoConfig, console: Console) -> Path | None:
+    """``output_dir/sft-checkpoints`` when ``sft.checkpoint_every`` is set (None otherwise), holding only
+    checkpoints of this very SFT: the settings that decide it are recorded there, and checkpoints
+    made with other settings are removed (with a line saying so)."""
+    if not cfg.sft.checkpoint_every:
+        return None
+    folder = Path(cfg.output_dir) / "sft-checkpoints"
+    settings = repr((cfg.seed, cfg.threads, cfg.task, cfg.model, dataclasses.replace(cfg.sft, checkpoint_every=0)))
+    record = folder / "settings.txt"
+    if folder.exists() and (not record.is_file() or record.read_text() != settings):
+        console.print(f"  {folder} holds checkpoints of other settings: removed, the SFT starts afresh")
+        shutil.rmtree(folder)
+    if folder.exists() and any(folder.glob("*.pt")):
+        console.print(f"  continuing from the checkpoints in {folder}")
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(record, settings)
+    return folder
+
+
 def run_sft(cfg: DemoConfig, console: Console | None = None) -> dict:
     """Stage 1: build the tokenizer and the tiny model, fine-tune it on verbose worked solutions, then
     (``sft.direct_steps``) on the direct answers alone, then (when ``task.styles`` holds shorter
@@ -89,21 +108,22 @@ def run_sft(cfg: DemoConfig, console: Console | None = None) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     console.print(f"[bold]stage sft[/]: tokenizer of {len(tokenizer)} tokens, {cfg.model.arch} model of "
                   f"{n_params / 1e6:.2f}M parameters, {len(train)} training problems")
+    checkpoints = sft_checkpoints(cfg, console)
     log = train_sft(model, sft_batches(train, tokenizer, cfg), cfg.sft, pad_token_id=tokenizer.pad_token_id,
-                    seed=cfg.seed, progress=cfg.progress)
+                    seed=cfg.seed, progress=cfg.progress, checkpoint=checkpoints and checkpoints / "steps.pt")
     styled, _ = make_task(cfg) if has_shorter_styles(cfg) else (train, None)
     if cfg.sft.direct_steps:
         direct = [p for p in styled if p.meta["style"] == "direct"]
         console.print(f"  then {cfg.sft.direct_steps} steps on the direct answers of {len(direct)} problems alone")
         phase = dataclasses.replace(cfg.sft, steps=cfg.sft.direct_steps, learning_rate=cfg.sft.style_learning_rate)
         more = train_sft(model, sft_batches(direct, tokenizer, cfg), phase, pad_token_id=tokenizer.pad_token_id,
-                         seed=cfg.seed, progress=cfg.progress)
+                         seed=cfg.seed, progress=cfg.progress, checkpoint=checkpoints and checkpoints / "direct.pt")
         log += [{**r, "step": r["step"] + len(log), "phase": "direct"} for r in more]
     if has_shorter_styles(cfg) and cfg.sft.style_steps:
         console.print(f"  then {cfg.sft.style_steps} steps on the styles {cfg.task.styles}")
         phase = dataclasses.replace(cfg.sft, steps=cfg.sft.style_steps, learning_rate=cfg.sft.style_learning_rate)
         more = train_sft(model, sft_batches(styled, tokenizer, cfg), phase, pad_token_id=tokenizer.pad_token_id,
-                         seed=cfg.seed, progress=cfg.progress)
+                         seed=cfg.seed, progress=cfg.progress, checkpoint=checkpoints and checkpoints / "styles.pt")
         log += [{**r, "step": r["step"] + len(log), "phase": "styles"} for r in more]
         train = styled
     model.save_pretrained(out / "model")
@@ -112,6 +132,8 @@ def run_sft(cfg: DemoConfig, console: Console | None = None) -> dict:
     atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in log))
     final = sum(r["loss"] for r in log[-20:]) / len(log[-20:])
     console.print(f"  sft done: final loss {final:.3f}")
+    if checkpoints:
+        shutil.rmtree(checkpoints)
     return _finish_stage(cfg, "sft", time.perf_counter() - t0,
                          {"model": str(out / "model"), "final_loss": final, "parameters": n_params})
 
