@@ -114,7 +114,7 @@ def _env() -> dict:
 
 def _bcr(*args) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "bcr", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=_env())
+                            stderr=subprocess.PIPE, text=True, env={**_env(), "PYTHONFAULTHANDLER": "1"})
 
 
 def _assert_one_line_error(rc: int, stderr: str, status: int, *needles: str) -> None:
@@ -192,14 +192,23 @@ def test_ctrl_c_is_status_130_without_a_traceback(tmp_path, cli_files):
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.2)
         proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=600)
+        try:
+            _, stderr = proc.communicate(timeout=180)
+        except subprocess.TimeoutExpired:  # seen once in a loaded full run (not reproduced in 25 tries):
+            proc.send_signal(signal.SIGABRT)  # every thread's stack, from the child's faulthandler
+            pytest.fail("no exit 180 s after Ctrl-C; the child's stacks:\n" + proc.communicate(timeout=60)[1][-20000:])
     finally:
         proc.kill()
     assert proc.returncode == 130, stderr
     # after the run's own output (loading bars, warnings): the trainer's note and the boundary's line
     *_, note, last = stderr.strip().splitlines()
     assert "Traceback" not in stderr and last == "interrupted", stderr
-    assert note.startswith("interrupted: resumable checkpoint written to"), stderr
+    # between steps a checkpoint is written; inside a step's update none is (its weights are half-moved)
+    if note.startswith("interrupted during the update of step"):
+        assert not list(out.glob("checkpoint-*")), stderr
+    else:
+        assert note.startswith("interrupted: resumable checkpoint written to"), stderr
+        assert (out / note.split()[5]).is_dir(), stderr
 
 
 def test_other_user_errors_in_process(tmp_path, capsys):

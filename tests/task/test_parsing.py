@@ -384,11 +384,12 @@ ADVERSARIAL_200K = {
 @pytest.mark.parametrize("name", list(ADVERSARIAL_200K))
 def test_adversarial_200k_parses_fast(name):
     """A generous bound against quadratic behaviour (which takes minutes to hours on these inputs);
-    the speed target itself is measured by benchmarks/bench_parser.py."""
+    the speed target itself is measured by benchmarks/bench_parser.py. CPU time of this process, so that
+    other work on the machine does not count (2.18 s of wall time was seen beside a loaded CI-sized run)."""
     text, n = ADVERSARIAL_200K[name]
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     pc = parse_completion(text, n, truncated=True)
-    assert time.perf_counter() - t0 < 2.0
+    assert time.process_time() - t0 < 2.0
     check_invariants(text, pc, n)
 
 

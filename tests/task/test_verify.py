@@ -38,6 +38,10 @@ FILES = [
 ]
 SAMPLED = {"math_train/train.jsonl": 300, "gsm8k/train.jsonl": 300}
 PERTURB_TIMEOUT = 1.0
+# A check that runs out of time is tried once more with this much more time before it counts against the
+# file: the timeouts are wall-clock, and a machine busy with other work (CI's two test workers, a training
+# run) gives a check a fraction of a core. A real slowdown of every check still fails.
+RETRY_FACTOR = 4
 # Known math-verify false positives on perturbed references (investigated; see the report):
 # "N=n" vs "N=n+1" — latex2sympy folds the symbol case, so the gold becomes the tautology Eq(n, n);
 # "\frac{1}{2004!}" vs "\frac{2}{2004!}" (math_train, full run only) — both round to 0 in
@@ -76,13 +80,18 @@ def test_reference_answers(name, record_property):
         if got is None or not answers_match(got, ref):
             e2e_fail.append((ref, got))
         if len(ref) <= MAX_VERIFY_CHARS and not _compare_with_alarm(ref, ref, 2.0):
-            mv_fail.append(ref)
+            if not _compare_with_alarm(ref, ref, 2.0 * RETRY_FACTOR):
+                mv_fail.append(ref)
         bad = perturb(ref)
-        t0 = time.monotonic()
-        matched = answers_match(bad, ref, timeout=PERTURB_TIMEOUT)
+        for timeout in (PERTURB_TIMEOUT, PERTURB_TIMEOUT * RETRY_FACTOR):
+            t0 = time.monotonic()
+            matched = answers_match(bad, ref, timeout=timeout)
+            timed_out = not matched and time.monotonic() - t0 >= timeout * 0.95
+            if not timed_out:
+                break
         if matched:
             false_match.append((ref, bad))
-        elif time.monotonic() - t0 >= PERTURB_TIMEOUT * 0.95:
+        elif timed_out:
             inconclusive.append(ref)
     n = len(rows)
     summary = (
