@@ -63,7 +63,7 @@ bench: install
 	$(BIN)/pip install -q -e ".[bench]"
 	$(PYTEST_ENV) $(BIN)/python -m pytest benchmarks --benchmark-only -q $(PYTEST_ARGS)
 
-# The embedded CPU demo (about 14 minutes on 2 cores): SFT a tiny verbose reasoner, BCR-train it, sweep N.
+# The embedded CPU demo (21 minutes on 2 idle cores with its 3 RL seeds): SFT a tiny verbose reasoner, BCR-train it, sweep N.
 # Pass options through DEMO_ARGS, e.g. make demo DEMO_ARGS="length_baseline=true" or "--from-stage eval".
 demo: install
 	$(BIN)/python -m bcr demo $(DEMO_ARGS)
