@@ -183,6 +183,10 @@ def load_model(source, *, dtype: str | torch.dtype = "auto", gguf_file: str | No
               **_source_kwargs(resolved)}
     if resolved.kind == "gguf":
         kwargs.update(_dequantize_kwargs())
+    if kwargs.get("local_files_only"):
+        # transformers (5.25) looks for a PEFT adapter_config.json without forwarding local_files_only, so
+        # a cached Hub id with no network would wait out huggingface_hub's retries (~23 s) first.
+        kwargs["adapter_kwargs"] = {"local_files_only": True}
     try:
         model = AutoModelForCausalLM.from_pretrained(resolved.location, **kwargs)
     except Exception as err:  # noqa: BLE001 - a truncated GGUF raises struct.error, a bad config KeyError, ...

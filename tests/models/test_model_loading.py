@@ -185,6 +185,7 @@ def test_cached_hub_id_loads_offline(model_dir, tmp_path, tiny_tokenizer):
            "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
+    assert "Retrying" not in out.stderr, out.stderr[-2000:]  # no request to the Hub at all, so no retries
     assert out.stdout.split()[0] == "llama"
     assert out.stdout.strip().endswith(str(tiny_tokenizer(TEXT)["input_ids"]))
 
