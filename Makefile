@@ -41,14 +41,15 @@ $(VLLM_VENV)/.installed: pyproject.toml
 install-vllm: $(VLLM_VENV)/.installed
 
 # The suite runs on PYTEST_WORKERS processes (pytest-xdist), one test file per worker at a time (module
-# fixtures such as the tiny demo run once); each test uses one torch thread (tests/conftest.py).
+# fixtures such as the tiny demo run once), the longest files first (tests/conftest.py LONG_FILES); each
+# test uses one torch thread.
 PYTEST_WORKERS ?= 2
 
 # The vLLM venv is built in the background while the main suite runs (its install is mostly download
 # and unpacking); its log goes to $(VLLM_VENV).install.log and is shown if the install fails.
 test: install
 	@$(MAKE) --no-print-directory install-vllm > $(VLLM_VENV).install.log 2>&1 & vllm_install=$$!; \
-	$(PYTEST_ENV) $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --ignore=tests/with_vllm $(PYTEST_ARGS); \
+	$(PYTEST_ENV) $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder --ignore=tests/with_vllm $(PYTEST_ARGS); \
 	suite=$$?; \
 	if ! wait $$vllm_install; then cat $(VLLM_VENV).install.log; echo "make install-vllm failed"; exit 1; fi; \
 	exit $$suite
@@ -56,7 +57,7 @@ test: install
 
 # The vLLM test group (tests/with_vllm) in .venv-vllm, against a real vLLM; a skip there is a failure.
 test-vllm: install-vllm
-	BCR_REQUIRE_VLLM=1 TRITON_INTERPRET=1 $(VLLM_BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile \
+	BCR_REQUIRE_VLLM=1 TRITON_INTERPRET=1 $(VLLM_BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder \
 		-W ignore::FutureWarning tests/with_vllm $(PYTEST_ARGS)
 
 bench: install

@@ -18,6 +18,23 @@ SHARED_DATA = Path(os.environ.get("BCR_DATA_DIR", REPO.parent / "shared" / "data
 # Tiny models decode several times faster on one thread than on two contended ones (CI has 2 cores).
 torch.set_num_threads(1)
 
+# The files that take longest, longest first (seconds on one test worker, 2026-12-07: 197, 90, 89, 77, 60,
+# 49, 47, 36, 33 for the main suite; 70, 60, 29 for tests/with_vllm). `make test` hands whole files to its
+# two workers in collection order (pytest-xdist --dist loadfile --no-loadscope-reorder): these go first,
+# so that neither worker is left alone with one of them at the end (xdist's own order, most tests first,
+# put them last: one worker ran alone for the last ~200 s of a 700 s run).
+LONG_FILES = (
+    "rl/test_distributed.py", "models/test_real_model.py", "rl/test_trainer.py", "task/test_verify.py",
+    "demo/test_demo.py", "cli/test_cli_plumbing.py", "eval/test_solve.py", "benchmarks/test_solve_memory.py",
+    "rl/test_shared_prompts.py",
+    "with_vllm/test_vllm_trainer.py", "with_vllm/test_served.py", "with_vllm/test_bench_engines.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {REPO / "tests" / name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path, len(rank)))  # stable: the rest keep their order
+
 
 @pytest.fixture(autouse=True)
 def _deterministic_torch():
