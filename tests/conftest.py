@@ -42,6 +42,19 @@ def _deterministic_torch():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _pytorch_ops_outside_the_kernel_tests(request, monkeypatch):
+    """Outside tests/kernels the ops take their PyTorch path (BCR_KERNEL_BACKEND=torch, which child processes
+    inherit) unless the caller chose a backend: under TRITON_INTERPRET=1 the interpreted kernels made a tiny
+    trainer test 17x slower (16.5 s against 0.95 s) and tests/{rl,demo,eval,models,cli,benchmarks} 1.5x (596 s
+    against 407 s on one worker). The kernels are checked against their references in tests/kernels; the
+    trainer on the Triton kernels is checked by the tests that pick them (BCR_KERNEL_BACKEND=auto):
+    tests/rl/test_trl_parity.py (the ``auto`` backend, test_trainer_update_with_triton_kernels),
+    tests/rl/test_trl_parity_entropy.py and tests/demo/test_sft.py."""
+    if not request.node.path.is_relative_to(REPO / "tests" / "kernels") and "BCR_KERNEL_BACKEND" not in os.environ:
+        monkeypatch.setenv("BCR_KERNEL_BACKEND", "torch")
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     from bcr.models.tiny import build_tokenizer
