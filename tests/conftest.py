@@ -42,17 +42,22 @@ def _deterministic_torch():
     yield
 
 
-@pytest.fixture(autouse=True)
-def _pytorch_ops_outside_the_kernel_tests(request, monkeypatch):
+@pytest.fixture(autouse=True, scope="module")
+def _pytorch_ops_outside_the_kernel_tests(request):
     """Outside tests/kernels the ops take their PyTorch path (BCR_KERNEL_BACKEND=torch, which child processes
     inherit) unless the caller chose a backend: under TRITON_INTERPRET=1 the interpreted kernels made a tiny
     trainer test 17x slower (16.5 s against 0.95 s) and tests/{rl,demo,eval,models,cli,benchmarks} 1.5x (596 s
     against 407 s on one worker). The kernels are checked against their references in tests/kernels; the
     trainer on the Triton kernels is checked by the tests that pick them (BCR_KERNEL_BACKEND=auto):
     tests/rl/test_trl_parity.py (the ``auto`` backend, test_trainer_update_with_triton_kernels),
-    tests/rl/test_trl_parity_entropy.py and tests/demo/test_sft.py."""
-    if not request.node.path.is_relative_to(REPO / "tests" / "kernels") and "BCR_KERNEL_BACKEND" not in os.environ:
-        monkeypatch.setenv("BCR_KERNEL_BACKEND", "torch")
+    tests/rl/test_trl_parity_entropy.py and tests/demo/test_sft.py. Module-scoped, so that a module's own
+    fixtures (a tiny demo run, a reference training run) take the same path as its tests."""
+    if request.node.path.is_relative_to(REPO / "tests" / "kernels") or "BCR_KERNEL_BACKEND" in os.environ:
+        yield
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("BCR_KERNEL_BACKEND", "torch")
+        yield
 
 
 @pytest.fixture(scope="session")
