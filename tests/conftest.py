@@ -18,15 +18,15 @@ SHARED_DATA = Path(os.environ.get("BCR_DATA_DIR", REPO.parent / "shared" / "data
 # Tiny models decode several times faster on one thread than on two contended ones (CI has 2 cores).
 torch.set_num_threads(1)
 
-# The files that take longest, longest first (seconds on one test worker, 2026-12-07: 197, 90, 89, 77, 60,
-# 49, 47, 36, 33 for the main suite; 70, 60, 29 for tests/with_vllm). `make test` hands whole files to its
-# two workers in collection order (pytest-xdist --dist loadfile --no-loadscope-reorder): these go first,
-# so that neither worker is left alone with one of them at the end (xdist's own order, most tests first,
-# put them last: one worker ran alone for the last ~200 s of a 700 s run).
+# The files that take longest, longest first (seconds on one test worker, 2026-12-07: 200, 83, 77, 55, 50,
+# 47, 36, 29, 27, 24 for the main suite; 70, 60, 29 for tests/with_vllm). `make test` hands whole files to
+# its two workers in collection order (pytest-xdist --dist loadfile --no-loadscope-reorder): these go
+# first, so that neither worker is left alone with one of them at the end (xdist's own order, most tests
+# first, put them last: one worker ran alone for the last ~200 s of a 700 s run).
 LONG_FILES = (
-    "rl/test_distributed.py", "models/test_real_model.py", "rl/test_trainer.py", "task/test_verify.py",
-    "demo/test_demo.py", "cli/test_cli_plumbing.py", "eval/test_solve.py", "benchmarks/test_solve_memory.py",
-    "rl/test_shared_prompts.py",
+    "rl/test_distributed.py", "models/test_real_model.py", "task/test_verify.py", "demo/test_demo.py",
+    "eval/test_solve.py", "cli/test_cli_plumbing.py", "benchmarks/test_solve_memory.py",
+    "demo/test_sft_checkpoint.py", "kernels/test_compile_gpu.py", "benchmarks/test_profile_scripts.py",
     "with_vllm/test_vllm_trainer.py", "with_vllm/test_served.py", "with_vllm/test_bench_engines.py",
 )
 
