@@ -52,7 +52,7 @@ def learning_rate(hidden: int) -> float:
 
 def overrides(args) -> list[str]:
     """The demo settings of one size: the steps-only task, the model shape, the scaled learning rate."""
-    return [f"output_dir={args.run}", f"seed={args.seed}", "stop_after=sft", "progress=false",
+    return [f"output_dir={args.run}", f"seed={args.seed}", "stop_after=sft", "progress=false", "train_sft=true",
             f"threads={args.threads}", STEPS_ONLY, f"model.hidden_size={args.hidden}",
             f"model.num_layers={args.layers}", f"model.num_heads={args.heads}",
             f"model.num_kv_heads={args.kv_heads}", f"sft.learning_rate={learning_rate(args.hidden):.6g}",

@@ -13,7 +13,10 @@ The pipeline, each stage seeded and checkpointed under ``output_dir/<stage>/``:
             ``task.styles`` (default: a quarter of the problems answered ``direct``ly, with no work: 13
             tokens instead of 30-63, and a guess for this model). A plain AdamW loop you can read top to
             bottom (:mod:`.sft`); ``sft.packed=true`` trains on the RL step's packed forward with the
-            fused LM head instead of padded batches (the same loss).
+            fused LM head instead of padded batches (the same loss). At the default ``seed``, ``task``,
+            ``model`` and ``sft`` settings the stage copies the SFT model shipped with bcr instead
+            (:mod:`.shipped`: this stage's own output, trained once, 12-13 minutes on two cores);
+            ``train_sft=true`` trains it here.
 ``bcr``     BCR RL with :class:`bcr.rl.trainer.BCRTrainer` from the SFT model: N in ``rl.n_problems``
             (default 1..6) problems per prompt, one shared completion budget
             ``rl.max_completion_length`` (default 100 tokens: the worked solutions of three problems fit,
@@ -61,8 +64,8 @@ re-runs that stage and the ones after; ``stop_after=sft`` stops early. Every sta
 that file exists.
 
 The package: :mod:`.config` (``DemoConfig``: its ``rl`` section is a ``BCRConfig``, its ``eval``
-section an ``EvalConfig``), :mod:`.task` (problems, tokenizer, tiny model), :mod:`.sft` (the SFT loop), :mod:`.stages` (one
-function per stage), :mod:`.seeds` (the RL seeds: side by side, pooled), :mod:`.summary` (the
+section an ``EvalConfig``), :mod:`.task` (problems, tokenizer, tiny model), :mod:`.sft` (the SFT loop), :mod:`.shipped` (the
+shipped SFT model), :mod:`.stages` (one function per stage), :mod:`.seeds` (the RL seeds: side by side, pooled), :mod:`.summary` (the
 verdicts, the pooling of the seeds' numbers and the closing table), :mod:`.pipeline` (the stage
 order and ``bcr demo``).
 """

@@ -95,10 +95,28 @@ def sft_checkpoints(cfg: DemoConfig, console: Console) -> Path | None:
     return folder
 
 
+def _shipped_sft(cfg: DemoConfig, out: Path, tokenizer, console: Console) -> dict | None:
+    """The shipped SFT model copied into ``out`` when it is this stage's model (its provenance), else
+    None with a line saying why the stage trains."""
+    from . import shipped  # here, so that ``python -m bcr.demo.shipped`` finds it not yet imported
+
+    reason = shipped.why_not_shipped(cfg)
+    record = shipped.install(out, tokenizer) if reason is None else None
+    if reason is None and record is None:
+        reason = "the tokenizer this code builds is not the shipped model's"
+    if record is None:
+        console.print(f"[bold]stage sft[/]: training here: {reason}")
+        return None
+    console.print(f"[bold]stage sft[/]: the SFT model shipped with bcr ({record['note']}; {record['seconds']:.0f} s "
+                  f"of training, final loss {record['final_loss']:.3f}); train_sft=true trains it here")
+    return record
+
+
 def run_sft(cfg: DemoConfig, console: Console | None = None) -> dict:
     """Stage 1: build the tokenizer and the tiny model, fine-tune it on verbose worked solutions, then
     (``sft.direct_steps``) on the direct answers alone, then (when ``task.styles`` holds shorter
-    styles) on the task's mix of styles for ``sft.style_steps``."""
+    styles) on the task's mix of styles for ``sft.style_steps``. At the settings of the SFT model
+    shipped with bcr (:mod:`.shipped`) the stage copies that model instead, unless ``cfg.train_sft``."""
     console = console or Console()
     t0 = time.perf_counter()
     out = _fresh_dir(stage_dir(cfg, "sft"))
@@ -106,6 +124,11 @@ def run_sft(cfg: DemoConfig, console: Console | None = None) -> dict:
     tokenizer, model = build_tokenizer_and_model(cfg, train)
     tokenizer.save_pretrained(Path(cfg.output_dir) / "tokenizer")
     n_params = sum(p.numel() for p in model.parameters())
+    copied = None if cfg.train_sft else _shipped_sft(cfg, out, tokenizer, console)
+    if copied is not None:
+        return _finish_stage(cfg, "sft", time.perf_counter() - t0,
+                             {"model": str(out / "model"), "final_loss": copied["final_loss"], "parameters": n_params,
+                              "shipped": {k: copied[k] for k in ("note", "machine", "seconds")}})
     console.print(f"[bold]stage sft[/]: tokenizer of {len(tokenizer)} tokens, {cfg.model.arch} model of "
                   f"{n_params / 1e6:.2f}M parameters, {len(train)} training problems")
     checkpoints = sft_checkpoints(cfg, console)
