@@ -219,7 +219,7 @@ class DemoConfig:
     stop_after: str = _help("last stage to run (sft, bcr, length, eval)", default="eval")
     length_baseline: bool = _help("also train the explicit length-penalty RL baseline like for like (stage 'length'); "
                                   "length_baseline=false skips it", default=True)
-    train_sft: bool = _help("train stage sft here (11-13 minutes on two cores) even when the SFT model shipped with "
+    train_sft: bool = _help("train stage sft here (12-13 minutes on two cores) even when the SFT model shipped with "
                             "bcr is the one these settings train (bcr/demo/sft_model: the defaults' seed, task, model "
                             "and sft); with any other of those settings the stage trains anyway", default=False)
     progress: bool = _help("show rich progress bars", default=True)

@@ -1,6 +1,6 @@
 """The SFT model shipped with bcr: the demo's stage 1 at its default settings, trained once.
 
-Stage ``sft`` at the defaults takes 11-13 minutes on two cores, most of the demo's 15. Like a BCR user
+Stage ``sft`` at the defaults takes 12-13 minutes on two cores, most of the demo's 15. Like a BCR user
 who starts from a published checkpoint, the demo starts its RL stages from this one whenever the
 settings that decide it (``seed``, ``task``, ``model``, ``sft``) are the ones it was trained with, and
 trains stage 1 itself otherwise or with ``train_sft=true``.
