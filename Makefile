@@ -64,7 +64,8 @@ bench: install
 	$(BIN)/pip install -q -e ".[bench]"
 	$(PYTEST_ENV) $(BIN)/python -m pytest benchmarks --benchmark-only -q $(PYTEST_ARGS)
 
-# The embedded CPU demo (21 minutes on 2 idle cores with its 3 RL seeds): SFT a tiny verbose reasoner, BCR-train it, sweep N.
+# The embedded CPU demo (8 minutes on 2 idle cores with its 3 RL seeds): from the shipped tiny verbose reasoner
+# (bcr/demo/sft_model; train_sft=true trains it, 12 more minutes), BCR-train it, sweep N.
 # Pass options through DEMO_ARGS, e.g. make demo DEMO_ARGS="length_baseline=true" or "--from-stage eval".
 demo: install
 	$(BIN)/python -m bcr demo $(DEMO_ARGS)

@@ -1,7 +1,9 @@
 """Stability over seeds: BCR vs explicit length penalties, each trained from the same SFT model.
 
 ``python -m benchmarks.study [key=value ...] [demo.<section>.<key>=value ...]`` (``--help`` lists
-the options). For every seed it trains (or reuses) the demo's SFT model of that seed, then every
+the options). For every seed it trains (or reuses) the demo's SFT model of that seed (at the shipped
+model's settings, seed 0 of the defaults, the demo's stage copies that model; ``demo.train_sft=true``
+trains it), then every
 method from it with the demo's own stage functions: ``bcr`` (accuracy only) and ``kimi@w`` /
 ``linear@w`` (accuracy + w x the length term, like for like with bcr: same N mix, budget, steps).
 After training it evaluates every final model, the SFT one included, at N = 1 on the seed's

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import bcr.demo.shipped as shipped
 from bcr.demo.config import DemoConfig
 from bcr.demo.pipeline import run_demo
+import bcr.demo.stages as stages
 from bcr.demo.stages import run_sft
 from bcr.demo.task import build_tokenizer_and_model, make_task, worked_only
 from bcr.models.rollout import make_engine
@@ -48,14 +49,20 @@ def test_the_shipped_model_is_stage_one_of_the_default_settings():
     assert set(record["sha256"]) >= {"model.safetensors", "config.json", "tokenizer.json", shipped.LOG}
 
 
-def test_the_tokenizer_this_code_builds_is_the_shipped_one():
+@pytest.fixture(scope="module")
+def built():
+    """The tokenizer and the untrained model this code builds for the default settings."""
     cfg = DemoConfig()
     train, _ = make_task(worked_only(cfg))
-    tokenizer, _ = build_tokenizer_and_model(cfg, train)
+    return build_tokenizer_and_model(cfg, train)
+
+
+def test_the_tokenizer_this_code_builds_is_the_shipped_one(built):
+    tokenizer, _ = built
     assert tokenizer.get_vocab() == AutoTokenizer.from_pretrained(shipped.SHIPPED_DIR).get_vocab()
 
 
-def test_the_shipped_model_is_trained():
+def test_the_shipped_model_is_trained(built):
     """Greedy answers to 24 held-out problems, one per prompt: a trained model gets most right (the
     README: 97 % of its worked solutions are right at N = 1); the random init of the same shape
     gets none (checked below, so the bar can fail)."""
@@ -74,12 +81,15 @@ def test_the_shipped_model_is_trained():
     model = AutoModelForCausalLM.from_pretrained(shipped.SHIPPED_DIR)
     assert sum(p.numel() for p in model.parameters()) == shipped.provenance()["parameters"]
     assert correct(model) >= 18
-    train, _ = make_task(worked_only(cfg))
-    _, untrained = build_tokenizer_and_model(cfg, train)
-    assert correct(untrained) <= 2
+    assert correct(built[1]) <= 2
 
 
-def test_the_default_sft_stage_copies_the_shipped_model(tmp_path):
+def _no_training(*args, **kwargs):
+    raise AssertionError("stage sft trained instead of copying the shipped model")
+
+
+def test_the_default_sft_stage_copies_the_shipped_model(tmp_path, monkeypatch):
+    monkeypatch.setattr(stages, "train_sft", _no_training)  # fail at once, not after 12 minutes of training
     record = run_sft(DemoConfig(output_dir=str(tmp_path), progress=False))
     model = tmp_path / "sft" / "model"
     assert record["shipped"]["seconds"] == shipped.provenance()["seconds"]
