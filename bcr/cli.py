@@ -16,6 +16,7 @@ import os
 import sys
 
 from bcr.runtime.dataclass_cli import ConfigError
+from bcr.runtime.interrupts import remember_interrupts
 
 COMMANDS = {
     "train": ("bcr.rl.train_cli", "train a model with BCR (rollout, per-instance rewards, packed update)"),
@@ -47,8 +48,9 @@ def run_command(name: str, argv: list[str]) -> int:
     """Run ``bcr <name> argv`` behind the error boundary; returns the exit status."""
     debug = os.environ.get("BCR_DEBUG", "") not in ("", "0")
     try:
-        module = importlib.import_module(COMMANDS[name][0])
-        return int(module.cli_main(argv) or 0)
+        with remember_interrupts():  # a Ctrl-C that some code swallows still stops a training run
+            module = importlib.import_module(COMMANDS[name][0])
+            return int(module.cli_main(argv) or 0)
     except KeyboardInterrupt:
         if debug:
             raise

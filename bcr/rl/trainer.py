@@ -72,6 +72,7 @@ from bcr.runtime.distributed import (
     make_strategy,
     maybe_inject_failure,
 )
+from bcr.runtime.interrupts import raise_if_interrupted
 from bcr.runtime.metrics import MetricsLogger, StepStats, TrainProgress
 from bcr.task.parsing import ParsedCompletion, completion_segment_ids, parse_completion
 from bcr.task.prompts import PromptTemplate, render_prompt
@@ -856,6 +857,7 @@ class BCRTrainer:
                     if cfg.save_steps and self.step % cfg.save_steps == 0:
                         self.save_checkpoint()
                         last_saved = self.step
+                    raise_if_interrupted()  # a Ctrl-C whose KeyboardInterrupt was swallowed mid-step
             if last_saved != self.step:
                 self.save_checkpoint()
             self.save()

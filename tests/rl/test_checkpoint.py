@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 
 import pytest
 import torch
@@ -20,6 +23,7 @@ from bcr.rl.config import BCRConfig
 from bcr.task.synthetic import make_arithmetic_problems
 from bcr.models.tiny import tiny_model
 from bcr.rl.trainer import BCRTrainer
+from bcr.runtime.interrupts import raise_if_interrupted, remember_interrupts
 
 
 def reward(completion_ids, n_problems, **kw):
@@ -155,6 +159,31 @@ def test_resume_continues_exactly_and_ctrl_c_writes_a_checkpoint(tmp_path, tiny_
             assert x[key] == pytest.approx(y[key], rel=1e-6), (x["step"], key)
     state = json.loads((tmp_path / "part" / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["step"] == 4 and state["bundle_position"] == 8 and state["config"]["n_problems"] == 2
+
+
+def test_a_swallowed_ctrl_c_still_stops_the_run_between_steps(tmp_path, tiny_tokenizer, problems):
+    """Under ``bcr``'s command line (:func:`remember_interrupts`), a Ctrl-C whose KeyboardInterrupt a
+    reward function swallows (a bare ``except``) stops the run after that step, with a resumable
+    checkpoint; it used to train on (tests/cli/test_cli_plumbing.py saw 2,500 more steps)."""
+    calls = {"n": 0}
+
+    def swallowing(**kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(5)  # the KeyboardInterrupt lands here ...
+            except:  # noqa: E722  # ... and a careless reward function drops it
+                pass
+        return reward(**kw)
+
+    model = tiny_model(tiny_tokenizer, seed=0)
+    with remember_interrupts(), pytest.raises(KeyboardInterrupt):
+        BCRTrainer(model, problems, _cfg(tmp_path), tokenizer=tiny_tokenizer, reward_fn=swallowing).train()
+    assert calls["n"] == 2
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["checkpoint-2"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    raise_if_interrupted()  # and nothing is left pending outside the block
 
 
 def test_resume_from_an_explicit_path(tmp_path, tiny_tokenizer, problems):
