@@ -5,7 +5,6 @@ the same path (:mod:`bcr.demo.shipped`)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 import pytest
@@ -31,10 +30,6 @@ TINY = ["task.num_train_problems=96", "task.num_eval_problems=8", "model.vocab_s
 
 def _tiny(out, *more: str) -> DemoConfig:
     return load_dataclass(DemoConfig, overrides=[*TINY, f"output_dir={out}", *more])
-
-
-def _digest(path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -93,7 +88,7 @@ def test_the_default_sft_stage_copies_the_shipped_model(tmp_path, monkeypatch):
     record = run_sft(DemoConfig(output_dir=str(tmp_path), progress=False))
     model = tmp_path / "sft" / "model"
     assert record["shipped"]["seconds"] == shipped.provenance()["seconds"]
-    assert _digest(model / "model.safetensors") == shipped.provenance()["sha256"]["model.safetensors"]
+    assert shipped.sha256(model / "model.safetensors") == shipped.provenance()["sha256"]["model.safetensors"]
     log = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert len(log) == DemoConfig().sft.steps + DemoConfig().sft.style_steps
     assert json.loads((tmp_path / "sft" / "stage.json").read_text())["shipped"]["note"]
@@ -102,7 +97,7 @@ def test_the_default_sft_stage_copies_the_shipped_model(tmp_path, monkeypatch):
 def test_other_settings_name_what_differs():
     reason = shipped.why_not_shipped(load_dataclass(DemoConfig, overrides=["sft.steps=10", "seed=3"]))
     assert "seed" in reason and "sft.steps" in reason
-    assert shipped.why_not_shipped(DemoConfig(sft=DemoConfig().sft.__class__(checkpoint_every=100))) is None
+    assert shipped.why_not_shipped(load_dataclass(DemoConfig, overrides=["sft.checkpoint_every=100"])) is None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -123,7 +118,7 @@ def test_package_records_the_run(packaged):
     assert record["settings"] == shipped.sft_settings(_tiny(run))
     assert record["note"] == "a tiny test run"
     assert record["seconds"] == json.loads((run / "sft" / "stage.json").read_text())["seconds"]
-    assert record["sha256"]["model.safetensors"] == _digest(run / "sft" / "model" / "model.safetensors")
+    assert record["sha256"]["model.safetensors"] == shipped.sha256(run / "sft" / "model" / "model.safetensors")
     assert shipped.provenance(folder) == record
 
 
@@ -132,8 +127,8 @@ def test_the_stage_copies_a_shipped_model_only_at_its_settings(packaged, tmp_pat
     monkeypatch.setattr(shipped, "SHIPPED_DIR", folder)
     record = run_sft(_tiny(tmp_path / "copy"))
     assert record["shipped"]["note"] == "a tiny test run"
-    assert _digest(tmp_path / "copy" / "sft" / "model" / "model.safetensors") == \
-        _digest(run / "sft" / "model" / "model.safetensors")
+    assert shipped.sha256(tmp_path / "copy" / "sft" / "model" / "model.safetensors") == \
+        shipped.sha256(run / "sft" / "model" / "model.safetensors")
     assert (tmp_path / "copy" / "sft" / "metrics.jsonl").read_text() == (run / "sft" / "metrics.jsonl").read_text()
     trained = run_sft(_tiny(tmp_path / "trained", "train_sft=true"))
     assert "shipped" not in trained
